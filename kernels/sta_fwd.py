@@ -1,0 +1,287 @@
+"""Sliding tile attention forward: one Triton launch for every batch, head and query block.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]`` (read through strides, never
+copied); ``_bhs`` = ``[batch, heads, seq]``.
+
+Where tokens sit is given by small int32 tables on the device, so one kernel serves the
+natural order, the tiled order, and a rank's own tiles plus its halo:
+
+- ``q_tiles [n_q_tiles, 4]``: per query tile ``(global tile id, base, stride_t, stride_h)``;
+  local token ``(lt, lh, lw)`` of the tile is row ``base + lt*stride_t + lh*stride_h + lw``.
+- ``kv_tiles [n_tiles, 3]``: the same ``(base, stride_t, stride_h)`` for every global tile
+  in ``k``/``v`` (entries of tiles that no window reaches are never read).
+- ``heads [H, 4]``: per query head ``(kt, kh, kw, kv_head)``, windows already clamped to
+  ``min(k, n)`` tiles.
+
+Program ``(pid, b*H + h)``: the first ``n_text_blocks`` pids are text query blocks (they
+attend every video key, so they are long and go first); the rest are ``BLOCKS_PER_TILE``
+blocks of each query tile, which walk the window's key tiles in one flat loop and then
+the valid text keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale,
+                  MASKED: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr):
+    """Load one key/value block and fold it into the running softmax."""
+    if MASKED:
+        kv_mask = key_valid[:, None]
+        if DMASK:
+            kv_mask = kv_mask & d_valid[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif DMASK:
+        k = tl.load(k_ptrs, mask=d_valid[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=d_valid[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * qk_scale
+    if MASKED:
+        qk = tl.where(key_valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = m_new
+    p = tl.math.exp2(qk - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs_d, d_valid, qk_scale,
+                  BLOCK_N: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr):
+    """Attend the contiguous key rows ``[start, start + count)``."""
+    for nb in range(0, count, BLOCK_N):
+        offs_n = nb + tl.arange(0, BLOCK_N)
+        rows = (start + offs_n).to(tl.int64)
+        k_ptrs = k_base + rows[:, None] * sks + offs_d[None, :]
+        v_ptrs = v_base + rows[:, None] * svs + offs_d[None, :]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < count, d_valid, qk_scale,
+                                      True, DMASK, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _sta_fwd_kernel(
+    Q, K, V, O, LSE, Q_TILES, KV_TILES, HEADS,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
+    n_heads, grid_t, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
+    n_text_blocks, q_text_start, q_text_rows, q_text_valid,
+    kv_text_start, kv_text_for_video, kv_text_for_text, text_q_video_keys,
+    qk_scale,
+    TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+):
+    VOL: tl.constexpr = TT * TH * TW
+    BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
+    KEY_BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_N - 1) // BLOCK_N
+    DMASK: tl.constexpr = BLOCK_D != HEAD_DIM
+
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = bh % n_heads
+    kt = tl.load(HEADS + h * 4 + 0)
+    kh = tl.load(HEADS + h * 4 + 1)
+    kw = tl.load(HEADS + h * 4 + 2)
+    kvh = tl.load(HEADS + h * 4 + 3).to(tl.int64)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_base = Q + b * sqb + h.to(tl.int64) * sqh
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    o_base = O + b * sob + h.to(tl.int64) * soh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    if pid < n_text_blocks:
+        # Text queries: every video key of [0, text_q_video_keys), then the valid text keys.
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows_m = (q_text_start + offs_m).to(tl.int64)
+        store_m = offs_m < q_text_rows
+        attend_m = offs_m < q_text_valid
+        q = tl.load(q_base + rows_m[:, None] * sqs + offs_d[None, :],
+                    mask=attend_m[:, None] & d_valid[None, :], other=0.0)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, 0, text_q_video_keys, sks, svs,
+                                      offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_text,
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+        # Padding text rows attend nothing: zero output, LSE -inf.
+        l_i = tl.where(attend_m, l_i, 0.0)
+    else:
+        vid = pid - n_text_blocks
+        qi = vid // BLOCKS_PER_TILE
+        sub = vid % BLOCKS_PER_TILE
+        gid = tl.load(Q_TILES + qi * 4 + 0)
+        q_row0 = tl.load(Q_TILES + qi * 4 + 1)
+        q_st = tl.load(Q_TILES + qi * 4 + 2)
+        q_sh = tl.load(Q_TILES + qi * 4 + 3)
+        ct = gid // (grid_h * grid_w)
+        ch = (gid // grid_w) % grid_h
+        cw = gid % grid_w
+
+        offs_m = sub * BLOCK_M + tl.arange(0, BLOCK_M)
+        lt = offs_m // (TH * TW)
+        lh = (offs_m // TW) % TH
+        lw = offs_m % TW
+        rows_m = (q_row0 + lt * q_st + lh * q_sh + lw).to(tl.int64)
+        if EVEN:
+            store_m = offs_m < VOL
+        else:
+            store_m = ((offs_m < VOL) & (lt < tl.minimum(TT, canvas_t - ct * TT))
+                       & (lh < tl.minimum(TH, canvas_h - ch * TH)) & (lw < tl.minimum(TW, canvas_w - cw * TW)))
+        q = tl.load(q_base + rows_m[:, None] * sqs + offs_d[None, :],
+                    mask=store_m[:, None] & d_valid[None, :], other=0.0)
+
+        # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n.
+        st = tl.minimum(tl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
+        sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
+        sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
+        n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
+        for j in range(0, n_steps):
+            i = j // KEY_BLOCKS_PER_TILE
+            nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
+            wt = st + i // (kh * kw)
+            wh = sh + (i // kw) % kh
+            ww = sw + i % kw
+            kid = (wt * grid_h + wh) * grid_w + ww
+            k_row0 = tl.load(KV_TILES + kid * 3 + 0)
+            k_st = tl.load(KV_TILES + kid * 3 + 1)
+            k_sh = tl.load(KV_TILES + kid * 3 + 2)
+            offs_n = nb + tl.arange(0, BLOCK_N)
+            nt = offs_n // (TH * TW)
+            nh = (offs_n // TW) % TH
+            nw = offs_n % TW
+            rows_n = (k_row0 + nt * k_st + nh * k_sh + nw).to(tl.int64)
+            k_ptrs = k_base + rows_n[:, None] * sks + offs_d[None, :]
+            v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
+            if EVEN:
+                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < VOL, d_valid,
+                                              qk_scale, False, DMASK, IEEE)
+            else:
+                key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
+                             & (nh < tl.minimum(TH, canvas_h - wh * TH)) & (nw < tl.minimum(TW, canvas_w - ww * TW)))
+                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid,
+                                              qk_scale, True, DMASK, IEEE)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+
+    has_keys = l_i > 0.0
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
+    o_mask = store_m[:, None] & d_valid[None, :] if DMASK else store_m[:, None]
+    tl.store(o_base + rows_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
+    if STORE_LSE:
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(LSE + b * slb + h.to(tl.int64) * slh + rows_m, lse, mask=store_m)
+
+
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def pick_block(volume: int, cap: int) -> int:
+    """The block (16..cap, a power of two) that pads a tile's ``volume`` least; the larger
+    block on a tie (fewer, bigger matrix products)."""
+    sizes = [b for b in (128, 64, 32, 16) if b <= cap]
+    return min(sizes, key=lambda b: (-(-volume // b) * b, -b))
+
+
+def launch_config(volume: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Block sizes, warps and pipeline depth for a tile volume and head dim."""
+    wide = head_dim > 128 or dtype == torch.float32
+    block_m = pick_block(volume, 128)
+    block_n = pick_block(volume, 64 if wide else 128)
+    warps = 8 if block_m * block_n >= 128 * 64 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2 if wide else 3)
+
+
+def sta_fwd(
+    q_bshd: torch.Tensor,
+    k_bshd: torch.Tensor,
+    v_bshd: torch.Tensor,
+    q_tiles: torch.Tensor,
+    kv_tiles: torch.Tensor,
+    heads: torch.Tensor,
+    *,
+    canvas: tuple[int, int, int],
+    tile: tuple[int, int, int],
+    q_video: int,
+    q_text: int,
+    kv_video: int,
+    text_q_video_keys: int,
+    q_text_valid: int,
+    kv_text_for_video: int,
+    kv_text_for_text: int,
+    scale: float,
+    even: bool,
+    return_lse: bool = False,
+    config: dict | None = None,
+):
+    """Launch the kernel.
+
+    ``q_bshd [B, Sq, H, D]``, ``k_bshd``/``v_bshd [B, Skv, Hkv, D]`` (last dim contiguous),
+    ``q_tiles [n_q_tiles, 4]``, ``kv_tiles [n_tiles, 3]``, ``heads [H, 4]`` int32 tables on
+    the same device (module docstring). ``q`` rows ``[q_video, q_video + q_text)`` are text
+    queries; ``k``/``v`` rows from ``kv_video`` on are text keys. ``even`` promises full
+    tiles that the blocks divide (no key or query masking). Returns ``out_bshd`` (input
+    dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log).
+    """
+    B, Sq, H, D = q_bshd.shape
+    for name, x in (("q", q_bshd), ("k", k_bshd), ("v", v_bshd)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim, got stride {x.stride()}")
+    grid_shape = tuple(-(-c // t) for c, t in zip(canvas, tile))
+    volume = math.prod(tile)
+    cfg = dict(launch_config(volume, D, q_bshd.dtype), **(config or {}))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    out = torch.empty_like(q_bshd) if q_bshd.is_contiguous() else torch.empty(
+        q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
+    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out
+    n_text_blocks = triton.cdiv(q_text, block_m)
+    n_blocks = n_text_blocks + q_tiles.shape[0] * triton.cdiv(volume, block_m)
+    if n_blocks and B * H:
+        _sta_fwd_kernel[(n_blocks, B * H)](
+            q_bshd, k_bshd, v_bshd, out, lse, q_tiles, kv_tiles, heads,
+            q_bshd.stride(0), q_bshd.stride(1), q_bshd.stride(2),
+            k_bshd.stride(0), k_bshd.stride(1), k_bshd.stride(2),
+            v_bshd.stride(0), v_bshd.stride(1), v_bshd.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            H, *grid_shape, *canvas,
+            n_text_blocks, q_video, q_text, q_text_valid,
+            kv_video, kv_text_for_video, kv_text_for_text, text_q_video_keys,
+            scale * LOG2E,
+            TT=tile[0], TH=tile[1], TW=tile[2],
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
+            EVEN=even and volume % block_m == 0 and volume % block_n == 0,
+            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32,
+            **cfg,
+        )
+    return (out, lse) if return_lse else out

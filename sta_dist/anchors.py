@@ -1,0 +1,132 @@
+"""What sta_dist is measured against, run in the same process: FlexAttention with an STA
+block mask, and PyTorch SDPA dense attention (cuDNN, flash).
+
+FlexAttention gets its best case: tokens in tiled order, so a 6x8x8 tile is three whole
+128-token blocks and the block mask is exact. Inputs are ``[B, H, S, D]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import geometry
+from .geometry import Triple
+
+
+def _tile_coords_per_token(canvas: Triple, tile: Triple, pad_to: int, device) -> torch.Tensor:
+    """``[3, pad_to]`` tile coordinate of each token in tiled order (text/pad: -1)."""
+    pos = geometry.packed_positions(canvas, tile, range(geometry.num_tiles(geometry.grid_shape(canvas, tile))))
+    coords = torch.full((3, pad_to), -1, dtype=torch.long)
+    coords[:, : len(pos)] = (pos // torch.tensor(tile)).T
+    return coords.to(device)
+
+
+class FlexSTA:
+    """FlexAttention with an STA block mask for tiled-order ``q, k, v [B, H, S, D]``.
+
+    One compiled function and one ``mask_mod`` per problem shape; :meth:`set_windows`
+    changes the windows in place (no recompilation). With one window for all heads the
+    block mask broadcasts over heads unless ``per_head_mask``.
+    """
+
+    BLOCK = 128
+
+    def __init__(self, canvas: Triple, tile: Triple, text_len: int, text_valid: int, heads: int, device):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        self.canvas, self.tile, self.heads, self.device = canvas, tile, heads, device
+        self.grid = geometry.grid_shape(canvas, tile)
+        self.n_video = geometry.volume(canvas)
+        self.text_len, self.text_valid = text_len, text_valid
+        self.seq = self.n_video + text_len
+        self.coords = _tile_coords_per_token(canvas, tile, self.seq + 2 * self.BLOCK, device)
+        self.eff = torch.ones(3, heads, dtype=torch.long, device=device)  # [axis, head]
+        self.n_tiles = torch.tensor(self.grid, device=device)
+        self.compiled = torch.compile(flex_attention)
+        self.mask_mod = self._make_mask_mod()
+        self.block_mask = None
+
+    def _make_mask_mod(self):
+        coords, eff, n_tiles = self.coords, self.eff, self.n_tiles
+        n_video, text_valid = self.n_video, self.text_valid
+
+        def sta_mask_mod(b, h, q_idx, kv_idx):
+            inside = q_idx < n_video
+            for a in range(3):
+                k = eff[a][h]
+                start = torch.clamp(coords[a][q_idx] - (k - 1) // 2, min=0)
+                start = torch.minimum(start, n_tiles[a] - k)
+                inside = inside & (coords[a][kv_idx] >= start) & (coords[a][kv_idx] < start + k)
+            k_video = kv_idx < n_video
+            k_text = (kv_idx >= n_video) & (kv_idx < n_video + text_valid)
+            q_video = q_idx < n_video
+            q_text = (q_idx >= n_video) & (q_idx < n_video + text_valid)
+            return (q_video & ((inside & k_video) | k_text)) | (q_text & (k_video | k_text))
+
+        return sta_mask_mod
+
+    def set_windows(self, windows: Sequence[Triple], per_head_mask: bool | None = None) -> "FlexSTA":
+        per_head = len(set(windows)) > 1 if per_head_mask is None else per_head_mask
+        eff = [geometry.effective_window(w, self.grid) for w in windows]
+        self.eff.copy_(torch.tensor(eff if per_head else eff[:1] * self.heads).T)
+        self.block_mask = self._block_mask(eff, per_head)
+        return self
+
+    def _block_mask(self, eff, per_head: bool):
+        from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+        vol = geometry.volume(self.tile)
+        if vol % self.BLOCK or any(c % t for c, t in zip(self.canvas, self.tile)):
+            return create_block_mask(self.mask_mod, None, self.heads if per_head else None, self.seq, self.seq,
+                                     device=self.device, _compile=True)
+        # Whole tiles of whole blocks: every video block pair is full or empty; only the
+        # text blocks are partial. Built from the tile windows directly.
+        per_tile, n_tiles = vol // self.BLOCK, geometry.num_tiles(self.grid)
+        n_video_blocks = n_tiles * per_tile
+        n_text_blocks = -(-self.text_len // self.BLOCK)
+        n_valid_text_blocks = -(-self.text_valid // self.BLOCK)
+        heads = eff if per_head else eff[:1]
+        # Index rows as wide as there are kv blocks (what BlockMask expects).
+        text_width = n_video_blocks + n_text_blocks
+        f_num = torch.zeros(1, len(heads), n_video_blocks + n_text_blocks, dtype=torch.int32)
+        f_idx = torch.zeros(1, len(heads), n_video_blocks + n_text_blocks, text_width, dtype=torch.int32)
+        for h, window in enumerate(heads):
+            keys = torch.tensor([geometry.window_tiles(geometry.tile_coords(t, self.grid), window, self.grid)
+                                 for t in range(n_tiles)])
+            blocks = (keys[:, :, None] * per_tile + torch.arange(per_tile)).reshape(n_tiles, -1)
+            f_num[0, h, :n_video_blocks] = blocks.shape[1]
+            f_idx[0, h, :n_video_blocks, : blocks.shape[1]] = blocks.repeat_interleave(per_tile, 0)
+            f_num[0, h, n_video_blocks:] = n_video_blocks
+            f_idx[0, h, n_video_blocks:, :n_video_blocks] = torch.arange(n_video_blocks)
+        # Text key blocks are partial (valid length, padding): the mask_mod decides there.
+        p_num = torch.full_like(f_num, n_valid_text_blocks)
+        p_idx = torch.zeros(1, len(heads), n_video_blocks + n_text_blocks, text_width, dtype=torch.int32)
+        p_idx[..., :n_valid_text_blocks] = torch.arange(n_video_blocks, n_video_blocks + n_valid_text_blocks,
+                                                        dtype=torch.int32)
+        # Text query blocks whose rows are all padding attend nothing.
+        first_pad_q_block = n_video_blocks + self.text_valid // self.BLOCK + (1 if self.text_valid % self.BLOCK else 0)
+        f_num[..., first_pad_q_block:] = 0
+        p_num[..., first_pad_q_block:] = 0
+        to = dict(device=self.device)
+        return BlockMask.from_kv_blocks(p_num.to(**to), p_idx.to(**to), f_num.to(**to), f_idx.to(**to),
+                                        BLOCK_SIZE=self.BLOCK, mask_mod=self.mask_mod,
+                                        seq_lengths=(self.seq, self.seq))
+
+    def __call__(self, q, k, v):
+        return self.compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sdpa(backend: str) -> Callable:
+    """Dense attention through one SDPA backend: ``"cudnn"`` or ``"flash"``."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+    def run(q, k, v):
+        with sdpa_kernel(chosen):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return run

@@ -1,0 +1,109 @@
+"""The public single-call entry point and the backend choice.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import geometry
+from .config import WindowArg
+from .geometry import Triple
+from .local import LocalHeads, LocalLayout, LocalText
+from .torch_backend import sta_torch
+from .triton_backend import can_run_triton, sta_triton
+from .validation import check_call, check_layout
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """``"auto"`` takes the Triton kernel on a GPU and the torch backend elsewhere; an
+    explicit request is checked and refused with the reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    if backend == "auto":
+        return "triton" if q.is_cuda and can_run_triton(q) else "torch"
+    if backend == "triton":
+        can_run_triton(q, raise_error=True)
+    return backend
+
+
+def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+                    scale: float, backend: str = "auto", return_lse: bool = False):
+    """Run one local STA problem on the chosen backend (inputs already validated)."""
+    run = sta_triton if choose_backend(q_bshd, backend) == "triton" else sta_torch
+    return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(canvas: Triple, tile: Triple, text_len: int, order: str) -> LocalLayout:
+    return (LocalLayout.natural if order == "natural" else LocalLayout.tiled)(canvas, tile, text_len)
+
+
+def sliding_tile_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    canvas,
+    tile,
+    window: WindowArg,
+    text_length: Optional[int] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+    layout: str = "natural",
+    return_lse: bool = False,
+):
+    """Sliding tile attention on one device.
+
+    ``q [B, S, H, D]``, ``k, v [B, S, Hkv, D]`` with ``S = T*H*W + L``: the video tokens of
+    ``canvas = (T, H, W)`` then ``L`` text tokens, of which the first ``text_length``
+    (default ``L``) are valid. ``window`` is one ``(kt, kh, kw)`` in tiles of ``tile`` or
+    one per query head. ``layout="tiled"`` says the video tokens are already in tiled order
+    (see :func:`to_tiled`); the output comes back in the input's order.
+
+    Returns ``out [B, S, H, D]`` in the input dtype, and with ``return_lse`` also the
+    log-sum-exp ``[B, H, S]`` in float32.
+    """
+    cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
+    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
+    heads = LocalHeads.build(windows, cfg.grid, hkv)
+    return local_attention(q, k, v, local, heads, LocalText.single(text_length), scale, backend, return_lse)
+
+
+@functools.lru_cache(maxsize=64)
+def _permutation(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
+    return geometry.tiled_permutation(canvas, tile).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_permutation(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
+    return torch.argsort(_permutation(canvas, tile, device))
+
+
+def to_tiled(x: torch.Tensor, canvas, tile) -> torch.Tensor:
+    """Reorder the video tokens of ``x [B, S, ...]`` from natural to tiled order; text
+    tokens stay at the end."""
+    return _reorder(x, canvas, tile, _permutation)
+
+
+def to_natural(x: torch.Tensor, canvas, tile) -> torch.Tensor:
+    """Inverse of :func:`to_tiled`."""
+    return _reorder(x, canvas, tile, _inverse_permutation)
+
+
+def _reorder(x, canvas, tile, index_fn):
+    from .config import STAConfig
+
+    cfg = STAConfig(canvas=canvas, tile=tile)
+    if x.dim() < 2 or x.shape[1] < cfg.num_video:
+        raise ValueError(
+            f"x must be [B, S, ...] with S >= T*H*W = {cfg.num_video}, got x.shape={tuple(x.shape)}"
+        )
+    idx = index_fn(cfg.canvas, cfg.tile, x.device)
+    return torch.cat([x[:, idx], x[:, cfg.num_video:]], 1)

@@ -1,0 +1,209 @@
+"""The seed API, named as FastVideo's ``fastvideo.attention.backends.sliding_tile_attn``.
+
+Nothing is hard-coded: canvas, tile and text length come with the Impl or the metadata,
+windows come from the metadata (one timestep's ``[layer][head]`` windows) and the Impl's
+own ``layer_idx``. The hooks hold no state: what a call needs travels in the metadata.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .api import sliding_tile_attention, to_natural, to_tiled
+from .config import STAConfig
+from .geometry import Triple
+from .mask_strategy import MaskStrategy
+from .validation import SUPPORTED_HEAD_DIMS, check_causal, check_head_dim, check_scale
+
+logger = logging.getLogger("sta_dist")
+
+
+class RangeDict(dict):
+    """A dict whose int lookups also match ``(low, high)`` range keys, both inclusive.
+
+    An exact key wins over a range; among ranges the first inserted that holds the int wins.
+    """
+
+    def _resolve(self, key):
+        if super().__contains__(key) or isinstance(key, bool) or not isinstance(key, int):
+            return key
+        for candidate in self.keys():
+            if isinstance(candidate, tuple) and len(candidate) == 2 and candidate[0] <= key <= candidate[1]:
+                return candidate
+        return key
+
+    def __getitem__(self, key):
+        resolved = self._resolve(key)
+        if not super().__contains__(resolved):
+            raise KeyError(f"{key!r} matches no key or (low, high) range of {list(self.keys())}")
+        return super().__getitem__(resolved)
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(self._resolve(key))
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
+@dataclass
+class SlidingTileAttentionMetadata:
+    """What one attention call needs besides its tensors."""
+
+    current_timestep: int
+    STA_param: list = field(default_factory=list)
+    """This timestep's windows: ``[num_layers][num_heads] -> (kt, kh, kw)``."""
+    canvas: Optional[Triple] = None
+    """Video latent ``(T, H, W)``; defaults to the Impl's."""
+    tile: Optional[Triple] = None
+    """Tile ``(tt, th, tw)``; defaults to the Impl's."""
+    text_length: Optional[int] = None
+    """Valid text tokens; defaults to all of them."""
+
+
+class SlidingTileAttentionMetadataBuilder:
+    def __init__(self) -> None:
+        pass
+
+    def prepare(self) -> None:
+        pass
+
+    def build(self, STA_param, current_timestep: int, **kwargs: Any) -> SlidingTileAttentionMetadata:
+        """Select ``current_timestep``'s windows from ``STA_param`` (a :class:`MaskStrategy`
+        or FastVideo's nested ``[step][layer][head]`` list). ``kwargs`` may give
+        ``canvas``, ``tile`` and ``text_length``."""
+        unknown = set(kwargs) - {"canvas", "tile", "text_length"}
+        if unknown:
+            raise TypeError(f"build() got unexpected keyword arguments {sorted(unknown)}")
+        if STA_param is None:
+            layers: list = []
+        else:
+            steps = STA_param.sta_param() if isinstance(STA_param, MaskStrategy) else STA_param
+            if not 0 <= current_timestep < len(steps):
+                raise IndexError(
+                    f"current_timestep must be in [0, {len(steps)}) for this STA_param, "
+                    f"got current_timestep={current_timestep}"
+                )
+            layers = steps[current_timestep]
+        return SlidingTileAttentionMetadata(current_timestep=current_timestep, STA_param=layers, **kwargs)
+
+
+class SlidingTileAttentionImpl:
+    """STA for one attention layer.
+
+    ``extra_impl_args``: ``layer_idx`` (which row of the metadata's windows is this
+    layer's; may be left out when there is one layer), ``canvas``/``tile`` (defaults for
+    calls whose metadata gives none), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        causal: bool,
+        softmax_scale: Optional[float],
+        num_kv_heads: Optional[int] = None,
+        prefix: str = "",
+        **extra_impl_args: Any,
+    ) -> None:
+        check_causal(causal)
+        self.num_heads = num_heads
+        self.head_size = check_head_dim(head_size)
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if self.num_kv_heads < 1 or num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got num_heads={num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        self.softmax_scale = check_scale(softmax_scale, head_size)
+        self.prefix = prefix
+        unknown = set(extra_impl_args) - {"layer_idx", "canvas", "tile", "backend"}
+        if unknown:
+            raise TypeError(f"SlidingTileAttentionImpl got unexpected extra_impl_args {sorted(unknown)}")
+        self.layer_idx: Optional[int] = extra_impl_args.get("layer_idx")
+        self.canvas = extra_impl_args.get("canvas")
+        self.tile_size = extra_impl_args.get("tile")
+        self.backend = extra_impl_args.get("backend", "auto")
+
+    # -- layout helpers -------------------------------------------------------------
+    def _config(self, attn_metadata: Optional[SlidingTileAttentionMetadata] = None) -> STAConfig:
+        canvas = getattr(attn_metadata, "canvas", None) or self.canvas
+        tile = getattr(attn_metadata, "tile", None) or self.tile_size
+        if canvas is None or tile is None:
+            raise ValueError(
+                "canvas and tile must be given to the Impl (extra_impl_args) or in the metadata, "
+                f"got canvas={canvas!r}, tile={tile!r}"
+            )
+        return STAConfig(canvas=canvas, tile=tile)
+
+    def tile(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, S, ...]`` natural -> tiled order (text stays at the end)."""
+        cfg = self._config()
+        return to_tiled(x, cfg.canvas, cfg.tile)
+
+    def untile(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self._config()
+        return to_natural(x, cfg.canvas, cfg.tile)
+
+    def layer_windows(self, attn_metadata: SlidingTileAttentionMetadata) -> Sequence[Triple]:
+        layers = attn_metadata.STA_param
+        if not layers:
+            raise ValueError("attn_metadata.STA_param must hold this timestep's windows, got an empty list")
+        if self.layer_idx is None:
+            if len(layers) != 1:
+                raise ValueError(
+                    f"layer_idx must be given (extra_impl_args) when STA_param has several layers, "
+                    f"got layer_idx=None with {len(layers)} layers"
+                )
+            return layers[0]
+        if not 0 <= self.layer_idx < len(layers):
+            raise IndexError(f"layer_idx must be in [0, {len(layers)}), got layer_idx={self.layer_idx}")
+        return layers[self.layer_idx]
+
+    # -- the hooks and the call -------------------------------------------------------
+    def preprocess_qkv(self, qkv, attn_metadata: SlidingTileAttentionMetadata):
+        """Before ``forward``. On one device the kernel reads the natural order directly,
+        so nothing moves."""
+        return qkv
+
+    def postprocess_output(self, output: torch.Tensor, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
+        """After ``forward``. On one device nothing moves."""
+        return output
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
+        """``q [B, S, H, D]``, ``k, v [B, S, Hkv, D]`` natural order -> ``[B, S, H, D]``."""
+        cfg = self._config(attn_metadata)
+        return sliding_tile_attention(
+            q, k, v, canvas=cfg.canvas, tile=cfg.tile, window=self.layer_windows(attn_metadata),
+            text_length=attn_metadata.text_length, scale=self.softmax_scale, backend=self.backend,
+        )
+
+
+class SlidingTileAttentionBackend:
+    accept_output_buffer: bool = True
+
+    @staticmethod
+    def get_name() -> str:
+        return "SLIDING_TILE_ATTN"
+
+    @staticmethod
+    def get_supported_head_sizes() -> list[int]:
+        return list(SUPPORTED_HEAD_DIMS)
+
+    @staticmethod
+    def get_impl_cls() -> type[SlidingTileAttentionImpl]:
+        return SlidingTileAttentionImpl
+
+    @staticmethod
+    def get_metadata_cls() -> type[SlidingTileAttentionMetadata]:
+        return SlidingTileAttentionMetadata
+
+    @staticmethod
+    def get_builder_cls() -> type[SlidingTileAttentionMetadataBuilder]:
+        return SlidingTileAttentionMetadataBuilder

@@ -1,0 +1,261 @@
+"""``sta-dist bench kernel``: our kernel beside FlexAttention-STA and SDPA dense, each
+case checked against the reference in the same run; a table, JSON and a PNG.
+
+Effective TFLOP/s counts only attended score entries: ``4 * B * H * pairs * D``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import anchors, geometry
+from .api import sliding_tile_attention
+from .geometry import Triple
+from .mask_strategy import MaskStrategy
+from .testing import max_error, sampled_check
+
+HUNYUAN = (30, 48, 80)
+WAN_480 = (18, 48, 80)
+TILE = (6, 8, 8)
+FULL = (5, 6, 10)
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    name: str
+    canvas: Triple
+    windows: tuple[Triple, ...]
+    """One window per head."""
+    tile: Triple = TILE
+    text_len: int = 0
+    text_valid: int = 0
+    head_dim: int = 128
+    anchors: tuple[str, ...] = ("flex",)
+    weight: float = 1.0
+    """How many times the case occurs in a replay."""
+
+    @property
+    def heads(self) -> int:
+        return len(self.windows)
+
+    @property
+    def seq(self) -> int:
+        return geometry.volume(self.canvas) + self.text_len
+
+
+def uniform(name, canvas, window, heads=24, **kw) -> BenchCase:
+    return BenchCase(name, canvas, (window,) * heads, **kw)
+
+
+STANDARD_CASES = {
+    c.name: c
+    for c in [
+        uniform("hunyuan_333", HUNYUAN, (3, 3, 3)),
+        uniform("hunyuan_full", HUNYUAN, FULL, anchors=("flex", "cudnn", "flash")),
+        uniform("hunyuan_333_text", HUNYUAN, (3, 3, 3), text_len=256, text_valid=200),
+        BenchCase("hunyuan_mixed", HUNYUAN, ((3, 3, 3),) * 12 + (FULL,) * 12),
+        uniform("wan_335", WAN_480, (3, 3, 5)),
+        uniform("wan_3110", WAN_480, (3, 1, 10)),
+        uniform("wan_full", WAN_480, (3, 6, 10), anchors=("flex", "cudnn")),
+    ]
+}
+
+
+def replay_cases(strategy: MaskStrategy, canvas: Triple = HUNYUAN) -> list[BenchCase]:
+    """One case per distinct per-layer window set of a mask strategy, weighted by count."""
+    return [
+        BenchCase(f"replay_{i}", canvas, windows, weight=count, anchors=("flex",))
+        for i, (windows, count) in enumerate(sorted(strategy.layer_window_counts().items(), key=lambda x: -x[1]))
+    ]
+
+
+def attended_pairs(case: BenchCase) -> int:
+    """Attended (query, key) pairs summed over heads, for one batch element."""
+    grid = geometry.grid_shape(case.canvas, case.tile)
+    n_video = geometry.volume(case.canvas)
+    tile_tokens = [
+        geometry.volume(geometry.tile_extent(geometry.tile_coords(t, grid), case.canvas, case.tile))
+        for t in range(geometry.num_tiles(grid))
+    ]
+    total = 0
+    for window in case.windows:
+        for t, n_q in enumerate(tile_tokens):
+            keys = geometry.window_tiles(geometry.tile_coords(t, grid), window, grid)
+            total += n_q * (sum(tile_tokens[k] for k in keys) + case.text_valid)
+        total += case.text_valid * (n_video + case.text_valid)
+    return total
+
+
+def time_ms(fn: Callable, min_reps: int = 5) -> float:
+    """Median milliseconds of ``fn`` (device events, after a warm-up call)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    estimate = (time.perf_counter() - start) * 1e3
+    rep = min(max(100.0, estimate * min_reps), 4000.0)
+    return triton.testing.do_bench(fn, warmup=max(25.0, estimate), rep=rep, return_mode="median")
+
+
+@dataclass
+class CaseResult:
+    name: str
+    pairs: int
+    ours_ms: float
+    check: dict
+    anchors_ms: dict = field(default_factory=dict)
+    weight: float = 1.0
+
+    def tflops(self, ms: float, head_dim: int) -> float:
+        return 4 * self.pairs * head_dim / (ms * 1e-3) / 1e12
+
+
+def run_case(case: BenchCase, dtype=torch.bfloat16, seed: int = 0, with_anchors: bool = True) -> CaseResult:
+    device = "cuda"
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = (1, case.seq, case.heads, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
+    kw = dict(canvas=case.canvas, tile=case.tile, window=list(case.windows), text_length=case.text_valid)
+
+    def ours():
+        return sliding_tile_attention(q, k, v, **kw, backend="triton")
+
+    out = ours()
+    check = sampled_check(q, k, v, out, **kw, seed=seed)
+    result = CaseResult(case.name, attended_pairs(case), time_ms(ours), check, weight=case.weight)
+    del out
+    if with_anchors:
+        perm = geometry.tiled_permutation(case.canvas, case.tile).to(device)
+        n_video = geometry.volume(case.canvas)
+        for name in case.anchors:
+            if name == "flex":
+                fn = _flex(case.canvas, case.tile, case.text_len, case.text_valid, case.heads).set_windows(case.windows)
+                order = torch.cat([perm, torch.arange(n_video, case.seq, device=device)])
+                qt, kt, vt = (x[:, order].transpose(1, 2).contiguous() for x in (q, k, v))
+            else:
+                fn = anchors.sdpa(name)
+                qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+            result.anchors_ms[name] = time_ms(lambda: fn(qt, kt, vt))
+            del qt, kt, vt
+            torch.cuda.empty_cache()
+    return result
+
+
+def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> list[tuple[dict, float, bool]]:
+    """Time the kernel under each launch config (each output checked against the default)."""
+    from .config import STAConfig
+    from .local import LocalHeads, LocalLayout, LocalText
+    from .triton_backend import sta_triton
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shape = (1, case.seq, case.heads, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=g, device="cuda", dtype=dtype) for _ in range(3))
+    cfg = STAConfig(canvas=case.canvas, tile=case.tile, text_len=case.text_len)
+    layout = LocalLayout.natural(cfg.canvas, cfg.tile, cfg.text_len)
+    heads = LocalHeads.build(case.windows, cfg.grid, case.heads)
+    text = LocalText.single(case.text_valid)
+    scale = case.head_dim**-0.5
+    expected = sta_triton(q, k, v, layout, heads, text, scale)
+    rows = []
+    for config in configs:
+        try:
+            fn = functools.partial(sta_triton, q, k, v, layout, heads, text, scale, config=config)
+            same = max_error(fn(), expected) <= 2e-2
+            rows.append((config, time_ms(fn), same))
+        except Exception as err:  # a config the compiler cannot fit is reported, not fatal
+            rows.append((config, float("nan"), repr(err)[:80]))
+        print(f"sweep {case.name} {rows[-1]}", flush=True)
+    return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _flex(canvas, tile, text_len, text_valid, heads) -> anchors.FlexSTA:
+    """One FlexAttention anchor per problem shape, so window changes do not recompile."""
+    return anchors.FlexSTA(canvas, tile, text_len, text_valid, heads, "cuda")
+
+
+def format_table(results: Sequence[CaseResult], head_dim: int) -> str:
+    names = sorted({a for r in results for a in r.anchors_ms})
+    head = ["case", "ours ms", "TFLOP/s", *[f"{a} ms" for a in names], *[f"{a}/ours" for a in names], "err", "bound", "ok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r.name, f"{r.ours_ms:.2f}", f"{r.tflops(r.ours_ms, head_dim):.0f}"]
+        row += [f"{r.anchors_ms[a]:.2f}" if a in r.anchors_ms else "" for a in names]
+        row += [f"{r.anchors_ms[a] / r.ours_ms:.2f}x" if a in r.anchors_ms else "" for a in names]
+        row += [f"{r.check['error']:.2e}", f"{r.check['bound']:.2e}", "yes" if r.check["ok"] else "NO"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[CaseResult], path: str, head_dim: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r.name for r in results]
+    series = {"ours": [r.tflops(r.ours_ms, head_dim) for r in results]}
+    for a in sorted({a for r in results for a in r.anchors_ms}):
+        series[a] = [r.tflops(r.anchors_ms[a], head_dim) if a in r.anchors_ms else 0 for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 1.2), 4))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30, ha="right")
+    ax.set_ylabel("effective TFLOP/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment() -> dict:
+    import triton
+
+    return dict(
+        date=time.strftime("%Y-%m-%d"),
+        card=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        torch=torch.__version__,
+        triton=triton.__version__,
+    )
+
+
+def run_kernel_bench(case_names: Sequence[str], out_dir: str, replay: Optional[str] = None,
+                     with_anchors: bool = True) -> list[CaseResult]:
+    """Run the named cases (and a mask-strategy replay), print a table, write JSON + PNG."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("sta-dist bench kernel needs a CUDA device")
+    cases = [STANDARD_CASES[n] for n in case_names]
+    if replay:
+        cases += replay_cases(MaskStrategy.load(replay))
+    results = []
+    for case in cases:
+        results.append(run_case(case, with_anchors=with_anchors))
+        r = results[-1]
+        print(f"{r.name}: ours {r.ours_ms:.2f} ms, anchors {r.anchors_ms}, check {r.check}", flush=True)
+    hd = 128
+    table = format_table(results, hd)
+    print(table)
+    replayed = [r for r in results if r.name.startswith("replay_")]
+    summary = {}
+    if replayed:
+        for key in ["ours"] + sorted({a for r in replayed for a in r.anchors_ms}):
+            summary[key] = sum(r.weight * (r.ours_ms if key == "ours" else r.anchors_ms.get(key, float("nan")))
+                               for r in replayed)
+        print("replay totals (ms, weighted over 50 steps x 60 layers):", summary)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
+        json.dump(dict(env=environment(), results=[asdict(r) for r in results], replay_totals=summary), f, indent=1)
+    plot(results, os.path.join(out_dir, "kernel_bench.png"), hd)
+    return results

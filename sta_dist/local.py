@@ -1,0 +1,137 @@
+"""One local attention call, described for the backends: which query tiles to compute,
+where every tile's tokens sit in ``q`` and in ``k``/``v``, the heads, and the text.
+
+A single-device call, a head-parallel rank (all tokens, some heads) and a tile-parallel
+rank (own box of tiles plus a halo) are all the same problem to a backend; only this
+description changes. The Triton kernel and the torch backend both consume it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import geometry
+from .geometry import TileRows, Triple
+
+
+@dataclass(frozen=True, slots=True)
+class LocalLayout:
+    """Token placement of one local call (no heads, no text validity: those vary per call).
+
+    ``q`` holds ``q_video`` video rows then ``q_text`` text rows; ``k``/``v`` hold
+    ``kv_video`` video rows then the text rows.
+    """
+
+    canvas: Triple
+    tile: Triple
+    q_tiles: tuple[int, ...]
+    """Global ids of the video query tiles this call computes, in storage order."""
+    q_rows: tuple[TileRows, ...]
+    """Where each of ``q_tiles`` sits in ``q``."""
+    kv_rows: tuple[Optional[TileRows], ...]
+    """Per global tile id: where it sits in ``k``/``v``, ``None`` if it is not there."""
+    q_video: int
+    kv_video: int
+    q_text: int
+    text_q_video_keys: int
+    """Text queries attend the video key rows ``[0, text_q_video_keys)``."""
+
+    @property
+    def grid(self) -> Triple:
+        return geometry.grid_shape(self.canvas, self.tile)
+
+    @staticmethod
+    def natural(canvas: Triple, tile: Triple, text_len: int) -> "LocalLayout":
+        """The whole canvas in natural order, then the text."""
+        rows = tuple(geometry.natural_tile_rows(canvas, tile))
+        n = geometry.volume(canvas)
+        return LocalLayout(canvas, tile, tuple(range(len(rows))), rows, rows, n, n, text_len, n)
+
+    @staticmethod
+    def packed(
+        canvas: Triple,
+        tile: Triple,
+        text_len: int,
+        q_tiles: Sequence[int],
+        kv_tiles: Optional[Sequence[int]] = None,
+        text_q_video_keys: Optional[int] = None,
+    ) -> "LocalLayout":
+        """Query tiles packed in ``q``; key tiles (default: the query tiles) packed in
+        ``k``/``v``. With every tile in id order this is the tiled order."""
+        kv_tiles = q_tiles if kv_tiles is None else kv_tiles
+        grid = geometry.grid_shape(canvas, tile)
+        kv_rows: list[Optional[TileRows]] = [None] * geometry.num_tiles(grid)
+        for tid, rows in zip(kv_tiles, geometry.packed_tile_rows(canvas, tile, kv_tiles)):
+            kv_rows[tid] = rows
+        n_q = geometry.packed_token_count(canvas, tile, q_tiles)
+        n_kv = geometry.packed_token_count(canvas, tile, kv_tiles)
+        return LocalLayout(
+            canvas,
+            tile,
+            tuple(q_tiles),
+            tuple(geometry.packed_tile_rows(canvas, tile, q_tiles)),
+            tuple(kv_rows),
+            n_q,
+            n_kv,
+            text_len,
+            n_kv if text_q_video_keys is None else text_q_video_keys,
+        )
+
+    @staticmethod
+    def tiled(canvas: Triple, tile: Triple, text_len: int) -> "LocalLayout":
+        all_tiles = range(geometry.num_tiles(geometry.grid_shape(canvas, tile)))
+        return LocalLayout.packed(canvas, tile, text_len, all_tiles)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalHeads:
+    """Per query head of the local call: its effective window and its kv head."""
+
+    windows: tuple[Triple, ...]
+    """Already clamped to the grid: ``min(k_a, n_a)``."""
+    kv_heads: tuple[int, ...]
+
+    @staticmethod
+    def build(
+        windows: Sequence[Triple], grid: Triple, num_kv_heads: int, kv_heads=None
+    ) -> "LocalHeads":
+        """GQA default: query head ``h`` uses kv head ``h // (H // Hkv)``."""
+        group = len(windows) // num_kv_heads
+        kv = tuple(h // group for h in range(len(windows))) if kv_heads is None else tuple(kv_heads)
+        return LocalHeads(tuple(geometry.effective_window(w, grid) for w in windows), kv)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalText:
+    """How many text rows are valid, per role, in one local call."""
+
+    q_valid: int
+    """Text query rows ``< q_valid`` attend; the rest get zero output."""
+    kv_for_video_q: int
+    """Text key rows that video queries attend."""
+    kv_for_text_q: int
+    """Text key rows that text queries attend (0 on ranks whose partials must not count
+    the text keys twice)."""
+
+    @staticmethod
+    def single(text_length: int) -> "LocalText":
+        return LocalText(text_length, text_length, text_length)
+
+
+def tile_row_index(
+    layout_rows: Sequence[TileRows], tile_ids: Sequence[int], canvas: Triple, tile: Triple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of every token slot of the given tiles, ``[n, vol]`` long, and whether each
+    slot is a real token (partial tiles have fewer), ``[n, vol]`` bool."""
+    grid = geometry.grid_shape(canvas, tile)
+    local = torch.stack(torch.meshgrid(*[torch.arange(t) for t in tile], indexing="ij"), -1)
+    local = local.reshape(-1, 3)
+    ext = torch.tensor([geometry.tile_extent(geometry.tile_coords(t, grid), canvas, tile) for t in tile_ids])
+    ext = ext.reshape(-1, 3)
+    base = torch.tensor([[r.base, r.stride_t, r.stride_h] for r in layout_rows]).reshape(-1, 3)
+    rows = base[:, :1] + local[None, :, 0] * base[:, 1:2] + local[None, :, 1] * base[:, 2:3] + local[None, :, 2]
+    valid = (local[None, :, :] < ext[:, None, :]).all(-1)
+    return torch.where(valid, rows, 0), valid

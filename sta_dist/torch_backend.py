@@ -1,0 +1,93 @@
+"""Pure-torch sliding tile attention: gathers each query tile's window of key tiles and
+runs small dense attentions, in float32. Same semantics and the same
+:mod:`sta_dist.local` description as the Triton kernel; serves CPU runs.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhs`` = ``[batch, heads, seq]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import geometry
+from .local import LocalHeads, LocalLayout, LocalText, tile_row_index
+
+_CHUNK_BYTES = 1 << 28  # bound on one chunk's score tensor
+
+
+def _attend(q, k, v, key_ok, scale):
+    """Softmax attention of ``q [B, n, m, D]`` over ``k, v [B, n, j, D]``; ``key_ok`` is
+    ``[n, j]`` or ``[j]``. Returns output and natural-log LSE (``-inf`` where no key)."""
+    scores = torch.einsum("bnmd,bnjd->bnmj", q, k) * scale
+    mask = key_ok[:, None, :] if key_ok.dim() == 2 else key_ok[None, None, :]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return torch.einsum("bnmj,bnjd->bnmd", probs, v), lse
+
+
+def sta_torch(
+    q_bshd: torch.Tensor,
+    k_bshd: torch.Tensor,
+    v_bshd: torch.Tensor,
+    layout: LocalLayout,
+    heads: LocalHeads,
+    text: LocalText,
+    scale: float,
+    return_lse: bool = False,
+):
+    """Local STA described by ``layout``/``heads``/``text``. Returns ``out_bshd`` in the
+    input dtype (rows no query of this call covers stay zero), and with ``return_lse``
+    also ``lse_bhs`` in float32."""
+    B, Sq, H, D = q_bshd.shape
+    q32, k32, v32 = (x.float() for x in (q_bshd, k_bshd, v_bshd))
+    out = torch.zeros(B, Sq, H, D, dtype=torch.float32, device=q_bshd.device)
+    lse = torch.full((B, H, Sq), float("-inf"), dtype=torch.float32, device=q_bshd.device)
+    dev = q_bshd.device
+    grid = layout.grid
+
+    q_idx, q_ok = (t.to(dev) for t in tile_row_index(layout.q_rows, layout.q_tiles, layout.canvas, layout.tile))
+    present = [t for t, r in enumerate(layout.kv_rows) if r is not None]
+    kv_idx_p, kv_ok_p = tile_row_index([layout.kv_rows[t] for t in present], present, layout.canvas, layout.tile)
+    slot = {t: i for i, t in enumerate(present)}
+    text_keys = layout.kv_video + torch.arange(text.kv_for_video_q, device=dev)
+
+    keys_by_window: dict = {}
+    for window in set(heads.windows):
+        win = [
+            [slot[t] for t in geometry.window_tiles(geometry.tile_coords(qt, grid), window, grid)]
+            for qt in layout.q_tiles
+        ]
+        win_t = torch.tensor(win, dtype=torch.long).reshape(len(layout.q_tiles), -1)
+        idx = kv_idx_p[win_t].reshape(len(layout.q_tiles), -1).to(dev)
+        ok = kv_ok_p[win_t].reshape(len(layout.q_tiles), -1).to(dev)
+        idx = torch.cat([idx, text_keys.expand(len(layout.q_tiles), -1)], 1)
+        ok = torch.cat([ok, torch.ones_like(text_keys, dtype=torch.bool).expand(len(layout.q_tiles), -1)], 1)
+        keys_by_window[window] = (idx, ok)
+
+    n_q, vol = q_idx.shape
+    for h in range(H):
+        kvh = heads.kv_heads[h]
+        k_idx, k_ok = keys_by_window[heads.windows[h]]
+        chunk = max(1, _CHUNK_BYTES // max(1, B * vol * k_idx.shape[1] * 4))
+        for lo in range(0, n_q, chunk):
+            qi, qo, ki, ko = q_idx[lo : lo + chunk], q_ok[lo : lo + chunk], k_idx[lo : lo + chunk], k_ok[lo : lo + chunk]
+            o, l = _attend(q32[:, qi, h], k32[:, ki, kvh], v32[:, ki, kvh], ko, scale)
+            rows = qi[qo]
+            out[:, rows, h] = o[:, qo]
+            lse[:, h, rows] = l[:, qo]
+
+        if text.q_valid:
+            t_rows = layout.q_video + torch.arange(text.q_valid, device=dev)
+            keys = torch.cat(
+                [
+                    torch.arange(layout.text_q_video_keys, device=dev),
+                    layout.kv_video + torch.arange(text.kv_for_text_q, device=dev),
+                ]
+            )
+            ok = torch.ones(len(keys), dtype=torch.bool, device=dev)
+            o, l = _attend(q32[:, None, t_rows, h], k32[:, None, keys, kvh], v32[:, None, keys, kvh], ok, scale)
+            out[:, t_rows, h] = o[:, 0]
+            lse[:, h, t_rows] = l[:, 0]
+    out = out.to(q_bshd.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,125 @@
+"""Bad input gets a clear error naming the argument, the rule and the value."""
+
+import pytest
+import torch
+
+import sta_dist
+from sta_dist import SlidingTileAttentionImpl
+
+CANVAS, TILE = (2, 4, 4), (2, 2, 2)
+
+
+def qkv(S=32 + 4, H=2, Hkv=2, D=32, dtype=torch.float32, B=1):
+    return (torch.randn(B, S, H, D, dtype=dtype), torch.randn(B, S, Hkv, D, dtype=dtype),
+            torch.randn(B, S, Hkv, D, dtype=dtype))
+
+
+def call(q, k, v, **kw):
+    args = dict(canvas=CANVAS, tile=TILE, window=(1, 1, 1))
+    args.update(kw)
+    return sta_dist.sliding_tile_attention(q, k, v, **args)
+
+
+def test_wrong_rank():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q must be 4-D \[B, S, H, D\], got q.dim\(\)=3"):
+        call(q[0], k, v)
+
+
+def test_mismatched_shapes():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"k and v must have the same shape"):
+        call(q, k, v[:, :-1])
+    with pytest.raises(ValueError, match=r"k/v must be \[B, S, Hkv, D\] with q's B, S and D"):
+        call(q, k[:, :-1], v[:, :-1])
+
+
+def test_seq_len_not_canvas_plus_text():
+    q, k, v = qkv(S=20)
+    with pytest.raises(ValueError, match=r"S must be T\*H\*W \+ L with L >= 0: canvas=\(2, 4, 4\) has 32 video tokens, got S=20"):
+        call(q, k, v)
+
+
+def test_window_count_must_match_heads():
+    q, k, v = qkv(H=2)
+    with pytest.raises(ValueError, match=r"expected 2 windows, got len\(window\)=3"):
+        call(q, k, v, window=[(1, 1, 1)] * 3)
+
+
+def test_window_entry_below_one():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"window entries must all be >= 1, got window=\[1, 0, 1\]"):
+        call(q, k, v, window=[1, 0, 1])
+    with pytest.raises(ValueError, match=r"window\[1\] entries must all be >= 1"):
+        call(q, k, v, window=[(1, 1, 1), (1, -1, 1)])
+
+
+def test_gqa_heads_must_divide():
+    q, k, v = qkv(H=3, Hkv=2)
+    with pytest.raises(ValueError, match=r"H % Hkv == 0\), got H=3, Hkv=2"):
+        call(q, k, v)
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_text_length_range(bad):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=rf"text_length must be an int in \[0, L\] = \[0, 4\], got text_length={bad}"):
+        call(q, k, v, text_length=bad)
+
+
+def test_unsupported_head_dim():
+    q, k, v = qkv(D=48)
+    with pytest.raises(ValueError, match=r"head dim must be one of \(32, 64, 96, 128, 256\), got head_dim=48"):
+        call(q, k, v)
+    with pytest.raises(ValueError, match=r"got head_dim=80"):
+        SlidingTileAttentionImpl(2, 80, False, None)
+
+
+def test_causal_refused():
+    with pytest.raises(ValueError, match=r"causal=True is not supported"):
+        SlidingTileAttentionImpl(2, 64, True, None)
+
+
+def test_mismatched_dtypes():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"q, k, v must share one dtype, got q.dtype=torch.float16"):
+        call(q.half(), k, v)
+    with pytest.raises(TypeError, match=r"dtype must be one of float16, bfloat16, float32, got q.dtype=torch.float64"):
+        call(q.double(), k.double(), v.double())
+
+
+def test_mismatched_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q, k, v must be on one device, got q.device=meta"):
+        call(q.to("meta"), k, v)
+
+
+def test_bad_tile_and_canvas():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"tile entries must all be >= 1, got tile=\(0, 2, 2\)"):
+        call(q, k, v, tile=(0, 2, 2))
+    with pytest.raises(ValueError, match=r"canvas must be 3 ints \(t, h, w\), got canvas=\(2, 4\)"):
+        call(q, k, v, canvas=(2, 4))
+
+
+def test_bad_backend_and_layout():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got backend='cuda'"):
+        call(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"layout must be 'natural' or 'tiled', got layout='rows'"):
+        call(q, k, v, layout="rows")
+
+
+def test_bad_scale():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"scale must be a finite float > 0, got scale=-1.0"):
+        call(q, k, v, scale=-1.0)
+
+
+def test_triton_refused_with_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v = qkv()
+    if q.is_cuda:
+        pytest.skip("CPU tensors only")
+    with pytest.raises(RuntimeError, match=r"the triton backend needs CUDA tensors .* got q.device=cpu"):
+        call(q, k, v, backend="triton")
