@@ -10,7 +10,10 @@ from .backend import (
     logger,
 )
 from .config import STAConfig
+from .distributed import DistributedSlidingTileAttention
 from .mask_strategy import MaskStrategy
+from .parallel.env import DistEnv, init_distributed
+from .parallel.plan import ShardPlan
 
 __all__ = [
     "sliding_tile_attention",
@@ -19,6 +22,10 @@ __all__ = [
     "local_attention",
     "STAConfig",
     "MaskStrategy",
+    "ShardPlan",
+    "DistributedSlidingTileAttention",
+    "init_distributed",
+    "DistEnv",
     "RangeDict",
     "SlidingTileAttentionBackend",
     "SlidingTileAttentionImpl",

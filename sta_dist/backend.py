@@ -16,10 +16,21 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .api import sliding_tile_attention, to_natural, to_tiled
-from .config import STAConfig
+from .config import STAConfig, normalize_windows
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
-from .validation import SUPPORTED_HEAD_DIMS, check_causal, check_head_dim, check_scale
+from .parallel.comm import Comm
+from .parallel.plan import ShardPlan
+from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
+from .parallel.schedule import CallSchedule, call_schedule
+from .validation import (
+    SUPPORTED_HEAD_DIMS,
+    check_causal,
+    check_head_dim,
+    check_qkv,
+    check_scale,
+    check_text_length,
+)
 
 logger = logging.getLogger("sta_dist")
 
@@ -98,7 +109,13 @@ class SlidingTileAttentionImpl:
 
     ``extra_impl_args``: ``layer_idx`` (which row of the metadata's windows is this
     layer's; may be left out when there is one layer), ``canvas``/``tile`` (defaults for
-    calls whose metadata gives none), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``).
+    calls whose metadata gives none), ``backend`` (``"auto"``, ``"triton"``, ``"torch"``),
+    ``plan`` (a :class:`ShardPlan`: the call is distributed, its communication done in
+    the hooks) and ``group`` (the plan's process group, default the world).
+
+    With a plan, ``preprocess_qkv`` takes the rank's local ``(q, k, v)`` and returns the
+    box inputs, ``forward`` returns a partial output, ``postprocess_output`` returns the
+    rank's local output; nothing is stored on the Impl between them.
     """
 
     def __init__(
@@ -122,13 +139,40 @@ class SlidingTileAttentionImpl:
             )
         self.softmax_scale = check_scale(softmax_scale, head_size)
         self.prefix = prefix
-        unknown = set(extra_impl_args) - {"layer_idx", "canvas", "tile", "backend"}
+        unknown = set(extra_impl_args) - {"layer_idx", "canvas", "tile", "backend", "plan", "group"}
         if unknown:
             raise TypeError(f"SlidingTileAttentionImpl got unexpected extra_impl_args {sorted(unknown)}")
         self.layer_idx: Optional[int] = extra_impl_args.get("layer_idx")
-        self.canvas = extra_impl_args.get("canvas")
-        self.tile_size = extra_impl_args.get("tile")
+        self.plan: Optional[ShardPlan] = extra_impl_args.get("plan")
+        self.canvas = extra_impl_args.get("canvas") or (self.plan.canvas if self.plan else None)
+        self.tile_size = extra_impl_args.get("tile") or (self.plan.tile if self.plan else None)
         self.backend = extra_impl_args.get("backend", "auto")
+        self.comm: Optional[Comm] = None
+        if self.plan is not None:
+            self._setup_distributed(extra_impl_args.get("group"))
+
+    def _setup_distributed(self, group) -> None:
+        """Sub-groups of the plan's mesh, and a check that every rank agrees on the config."""
+        plan = self.plan
+        if not isinstance(plan, ShardPlan):
+            raise TypeError(f"plan must be a sta_dist.ShardPlan, got {type(plan).__name__}")
+        self.comm = Comm(group)
+        if self.comm.world_size != plan.world_size:
+            raise ValueError(
+                f"plan.world_size must equal the process group size {self.comm.world_size}, "
+                f"got plan.world_size={plan.world_size}"
+            )
+        groups = []
+        for r in range(plan.world_size):
+            for g in (plan.head_group(r), plan.tile_group(r)):
+                if g not in groups:
+                    groups.append(g)
+        self.comm.make_groups(groups)
+        self.comm.check_agreement(
+            "the attention config",
+            f"{plan!r} heads={self.num_heads} kv_heads={self.num_kv_heads} head_size={self.head_size} "
+            f"scale={self.softmax_scale} backend={self.backend}",
+        )
 
     # -- layout helpers -------------------------------------------------------------
     def _config(self, attn_metadata: Optional[SlidingTileAttentionMetadata] = None) -> STAConfig:
@@ -166,18 +210,49 @@ class SlidingTileAttentionImpl:
         return layers[self.layer_idx]
 
     # -- the hooks and the call -------------------------------------------------------
+    def _schedule(self, attn_metadata: SlidingTileAttentionMetadata) -> CallSchedule:
+        windows = normalize_windows(self.layer_windows(attn_metadata), self.num_heads)
+        return call_schedule(self.plan, windows, self.num_kv_heads, self.comm.rank)
+
+    def _text_length(self, attn_metadata: SlidingTileAttentionMetadata) -> int:
+        return check_text_length(attn_metadata.text_length, self.plan.text_len)
+
+    def _check_local(self, q, k, v) -> None:
+        _, S, H, Hkv, _ = check_qkv(q, k, v)
+        expected = self.plan.held_count(self.comm.rank) + self.plan.text_len
+        if (S, H, Hkv) != (expected, self.num_heads, self.num_kv_heads):
+            raise ValueError(
+                f"rank {self.comm.rank}'s q/k/v must be [B, {expected}, H={self.num_heads} "
+                f"(kv {self.num_kv_heads}), D]: its {self.plan.held_count(self.comm.rank)} video tokens "
+                f"plus {self.plan.text_len} text, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+            )
+
     def preprocess_qkv(self, qkv, attn_metadata: SlidingTileAttentionMetadata):
         """Before ``forward``. On one device the kernel reads the natural order directly,
-        so nothing moves."""
-        return qkv
+        so nothing moves. With a plan: the rank's local ``(q, k, v)`` (a tuple, or one
+        tensor ``[3B, ...]`` when q and k have the same heads) -> the head all-to-all and
+        the halo exchange -> the box inputs of this rank's heads."""
+        if self.plan is None:
+            return qkv
+        q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
+        self._check_local(q, k, v)
+        return exchange_in(q, k, v, self._schedule(attn_metadata), self.comm)
 
-    def postprocess_output(self, output: torch.Tensor, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
-        """After ``forward``. On one device nothing moves."""
-        return output
+    def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
+        """After ``forward``. On one device nothing moves. With a plan: the text rows'
+        exact merge and the inverse all-to-all -> this rank's tokens, all heads."""
+        if self.plan is None:
+            return output
+        return exchange_out(output, self._schedule(attn_metadata), self.comm, self.num_heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
-        """``q [B, S, H, D]``, ``k, v [B, S, Hkv, D]`` natural order -> ``[B, S, H, D]``."""
+                attn_metadata: SlidingTileAttentionMetadata):
+        """``q [B, S, H, D]``, ``k, v [B, S, Hkv, D]`` natural order -> ``[B, S, H, D]``.
+        With a plan, ``q, k, v`` are ``preprocess_qkv``'s box inputs and the result is the
+        partial output that ``postprocess_output`` finishes."""
+        if self.plan is not None:
+            return attend(BoxInputs(q, k, v), self._schedule(attn_metadata), self._text_length(attn_metadata),
+                          self.softmax_scale, self.backend)
         cfg = self._config(attn_metadata)
         return sliding_tile_attention(
             q, k, v, canvas=cfg.canvas, tile=cfg.tile, window=self.layer_windows(attn_metadata),

@@ -1,0 +1,121 @@
+"""Collectives with a byte count and clear failures.
+
+Every collective goes through :class:`Comm`, which counts the bytes this rank sends to
+other ranks (per step name) and turns a backend failure (dead peer, timeout) into a
+:class:`CollectiveError` that names the step, the ranks and the likely cause.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died, timed out, or the ranks disagree."""
+
+
+class Comm:
+    """The process group of one distributed attention, and its sub-groups.
+
+    ``groups`` maps a tuple of global ranks to a process group; sub-groups must be created
+    collectively (every rank, same order) before use: see :meth:`make_groups`.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.bytes_sent: collections.Counter = collections.Counter()
+        if not dist.is_initialized():
+            if group is not None:
+                raise RuntimeError("torch.distributed is not initialized: call sta_dist.init_distributed() first")
+            # One process without a process group: every group is this rank alone.
+            self.group, self.rank, self.world_size, self.global_ranks, self.backend = None, 0, 1, (0,), "none"
+            self.groups: dict = {(0,): None}
+            return
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self.global_ranks = tuple(dist.get_global_rank(self.group, r) for r in range(self.world_size))
+        self.backend = dist.get_backend(self.group)
+        self.groups = {tuple(range(self.world_size)): self.group}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+
+    def make_groups(self, rank_sets: Sequence[tuple[int, ...]]) -> None:
+        """Create sub-groups (ranks local to this Comm's group). Collective: every rank
+        must call it with the same sets in the same order."""
+        for ranks in rank_sets:
+            key = tuple(ranks)
+            if key in self.groups or len(key) == 1:
+                continue
+            pg = dist.new_group([self.global_ranks[r] for r in key])
+            self.groups[key] = pg
+
+    def _group(self, ranks: tuple[int, ...]) -> dist.ProcessGroup:
+        if ranks not in self.groups:
+            raise RuntimeError(f"no process group for ranks {ranks}: make_groups() was not called for it")
+        return self.groups[ranks]
+
+    def _fail(self, step: str, ranks, err: Exception) -> CollectiveError:
+        return CollectiveError(
+            f"rank {self.rank}: collective '{step}' over ranks {list(ranks)} failed: a peer died, timed out, "
+            f"or the ranks disagree on the call ({type(err).__name__}: {err})"
+        )
+
+    # -- collectives ---------------------------------------------------------------------
+    def all_to_all(self, step: str, ranks: tuple[int, ...], send: Sequence[torch.Tensor],
+                   recv_numels: Sequence[int]) -> list[torch.Tensor]:
+        """Send ``send[i]`` (any shape) to ``ranks[i]``; receive ``recv_numels[i]`` elements
+        from ``ranks[i]``, returned flat. One ``all_to_all_single`` with uneven splits."""
+        me = ranks.index(self.rank)
+        if len(ranks) == 1:
+            return [send[0].reshape(-1)]
+        flat = torch.cat([t.reshape(-1) for t in send])
+        out = flat.new_empty(sum(recv_numels))
+        try:
+            dist.all_to_all_single(out, flat, output_split_sizes=list(recv_numels),
+                                   input_split_sizes=[t.numel() for t in send], group=self._group(ranks))
+        except Exception as err:  # noqa: BLE001 - every backend error becomes one clear error
+            raise self._fail(step, ranks, err) from err
+        self.bytes_sent[step] += sum(t.numel() for i, t in enumerate(send) if i != me) * flat.element_size()
+        return list(out.split(list(recv_numels)))
+
+    def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's ``x`` (same shape everywhere), in ``ranks`` order."""
+        if len(ranks) == 1:
+            return [x]
+        x = x.contiguous()
+        out = [torch.empty_like(x) for _ in ranks]
+        try:
+            dist.all_gather(out, x, group=self._group(ranks))
+        except Exception as err:  # noqa: BLE001
+            raise self._fail(step, ranks, err) from err
+        self.bytes_sent[step] += x.numel() * x.element_size() * (len(ranks) - 1)
+        return out
+
+    def check_agreement(self, what: str, description: str) -> None:
+        """Raise on every rank if the ranks' ``description`` strings differ, naming them."""
+        if self.world_size == 1:
+            return
+        digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "little")
+        mine = torch.tensor([digest], dtype=torch.int64, device=self.device)
+        everyone = self.all_gather(f"check {what}", tuple(range(self.world_size)), mine)
+        if all(int(d) == digest for d in everyone):
+            return
+        descriptions: list = [None] * self.world_size
+        try:
+            dist.all_gather_object(descriptions, description, group=self.group)
+        except Exception as err:  # noqa: BLE001
+            raise self._fail(f"check {what}", range(self.world_size), err) from err
+        lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descriptions))
+        raise ValueError(f"ranks disagree on {what}: {lines}")
+
+
+def numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)

@@ -1,0 +1,267 @@
+"""The shard plan: which tokens each rank holds, on a (head axis x tile axis) mesh.
+
+Every mode is the same machine on a mesh ``(P_head, P_tile)``:
+
+- the tile axis splits the tile grid into ``P_tile`` boxes; ranks of one tile group
+  (same head index) exchange only halo tiles;
+- the head axis splits each box's tiles into ``P_head`` contiguous chunks; ranks of one
+  head group (same box) trade tokens for heads with an all-to-all.
+
+``mode="head"`` is the mesh ``(P, 1)`` (box = whole grid), ``"tile"`` is ``(1, P)``,
+``"hybrid"`` any ``(P_head, P_tile)``. Rank ``r`` sits at ``(r // P_tile, r % P_tile)``.
+Everything here is pure and deterministic, so it is the same on every rank.
+
+A rank holds its chunk's video tokens (packed order of its tiles) and then all ``L`` text
+tokens (text is replicated). ``order="natural"`` instead holds contiguous chunks of the
+natural order (FastVideo's sharding); that works in head mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .. import geometry
+from ..config import STAConfig, check_triple
+from ..geometry import Box, Triple
+
+MODES = ("head", "tile", "hybrid", "auto")
+ORDERS = ("tiled", "natural")
+
+
+def best_tile_split(grid: Triple, parts: int, windows: Sequence[Triple] = ((3, 3, 3),)) -> Optional[Triple]:
+    """The split of the grid into ``parts`` boxes that balances tiles best, then moves the
+    fewest halo tiles for ``windows``; ``None`` if the grid has fewer tiles than parts
+    along every split."""
+    best, best_key = None, None
+    for split in geometry.factorizations(parts):
+        if any(p > n for p, n in zip(split, grid)):
+            continue
+        boxes = geometry.rank_boxes(grid, split)
+        largest = max(b.num_tiles for b in boxes)
+        halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles for b in boxes)
+        key = (largest, halo, split)
+        if best_key is None or key < best_key:
+            best, best_key = split, key
+    return best
+
+
+def assign_heads(costs: Sequence[float], parts: int, kv_of: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Query heads to ``parts`` ranks by cost (longest first onto the least-loaded rank);
+    ties go to a rank already holding the head's kv head, then to fewer heads, then to the
+    lower rank. Returns each rank's heads, sorted."""
+    load = [0.0] * parts
+    heads: list[list[int]] = [[] for _ in range(parts)]
+    for h in sorted(range(len(costs)), key=lambda h: (-costs[h], h)):
+        r = min(range(parts), key=lambda r: (load[r], kv_of[h] not in {kv_of[x] for x in heads[r]}, len(heads[r]), r))
+        load[r] += costs[h]
+        heads[r].append(h)
+    return tuple(tuple(sorted(h)) for h in heads)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Which tokens each rank holds, and the mesh they are exchanged on.
+
+    ``ShardPlan(canvas=(T, H, W), tile=(tt, th, tw), text_len=L, mode=..., world_size=P)``;
+    ``mesh=(P_head, P_tile)`` for hybrid; ``tile_split=(pt, ph, pw)`` to choose the boxes
+    (default: the most balanced, then the smallest halo for ``windows``); ``windows`` is a
+    hint of the windows to expect, used by ``mode="auto"`` and the default split.
+    """
+
+    canvas: Triple
+    tile: Triple
+    text_len: int
+    mode: str
+    world_size: int
+    mesh: Optional[tuple[int, int]] = None
+    tile_split: Optional[Triple] = None
+    windows: Optional[tuple[Triple, ...]] = None
+    order: str = "tiled"
+    reason: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        cfg = STAConfig(canvas=self.canvas, tile=self.tile, text_len=self.text_len)
+        set_ = functools.partial(object.__setattr__, self)
+        set_("canvas", cfg.canvas)
+        set_("tile", cfg.tile)
+        set_("text_len", cfg.text_len)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got mode={self.mode!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got order={self.order!r}")
+        if int(self.world_size) != self.world_size or self.world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got world_size={self.world_size!r}")
+        if self.windows is not None:
+            set_("windows", tuple(check_triple("windows", w) for w in self.windows))
+        grid, P = cfg.grid, self.world_size
+        windows = self.windows or ((3, 3, 3),)
+        mode, mesh, reason = self.mode, self.mesh, self.reason
+        if mode == "auto":
+            mode, reason = self._choose_mode(grid, windows)
+        if self.order == "natural" and mode != "head":
+            raise ValueError(
+                f"order='natural' (FastVideo's contiguous chunks) works in head mode only; tile and hybrid "
+                f"modes need tile-aligned shards (order='tiled'), got mode={self.mode!r}"
+            )
+        if mode == "head":
+            mesh = (P, 1)
+        elif mode == "tile":
+            mesh = (1, P)
+        elif mesh is None:
+            raise ValueError(f"mode='hybrid' needs mesh=(P_head, P_tile), got mesh=None")
+        mesh = tuple(int(m) for m in mesh)  # type: ignore[assignment]
+        if len(mesh) != 2 or mesh[0] < 1 or mesh[1] < 1 or mesh[0] * mesh[1] != P:
+            raise ValueError(f"mesh must be (P_head, P_tile) with P_head * P_tile = world_size = {P}, got mesh={self.mesh!r}")
+        split = self.tile_split
+        if split is None:
+            split = best_tile_split(grid, mesh[1], windows)
+            if split is None:
+                raise ValueError(
+                    f"tile axis of {mesh[1]} ranks cannot split the tile grid {grid} with at least one tile "
+                    f"per rank; use mode='head' or fewer tile ranks"
+                )
+        else:
+            split = check_triple("tile_split", split)
+            if geometry.volume(split) != mesh[1] or any(p > n for p, n in zip(split, grid)):
+                raise ValueError(
+                    f"tile_split must multiply to the {mesh[1]} tile ranks and not exceed the grid {grid} "
+                    f"on any axis, got tile_split={split}"
+                )
+        set_("mode", mode)
+        set_("mesh", mesh)
+        set_("tile_split", split)
+        set_("reason", reason or f"mode={mode} as asked")
+
+    def _choose_mode(self, grid: Triple, windows) -> tuple[str, str]:
+        """Tile mode when its halo traffic is below head mode's all-to-all traffic."""
+        P = self.world_size
+        if P == 1:
+            return "head", "auto: one rank, nothing to shard"
+        split = best_tile_split(grid, P, windows)
+        if split is None:
+            return "head", f"auto: {P} ranks exceed the tiles along any split of grid {grid}"
+        boxes = geometry.rank_boxes(grid, split)
+        halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles for b in boxes)
+        held = max(b.num_tiles for b in boxes)
+        # per rank, in tiles x heads: tile mode moves the k/v halo; head mode moves q, k, v
+        # in and o out, (P - 1) / P of what it holds.
+        tile_cost, head_cost = 2 * halo, 4 * held * (P - 1) / P
+        if tile_cost < head_cost:
+            return "tile", f"auto: tile mode, halo {halo} tiles/rank vs {held} held (split {split})"
+        return "head", f"auto: head mode, halo {halo} tiles/rank would cost more than the all-to-all"
+
+    # -- geometry of the mesh ----------------------------------------------------------
+    @property
+    def config(self) -> STAConfig:
+        return STAConfig(canvas=self.canvas, tile=self.tile, text_len=self.text_len)
+
+    @property
+    def grid(self) -> Triple:
+        return geometry.grid_shape(self.canvas, self.tile)
+
+    def mesh_coords(self, rank: int) -> tuple[int, int]:
+        """``(head index, tile index)`` of a rank."""
+        self._check_rank(rank)
+        return rank // self.mesh[1], rank % self.mesh[1]
+
+    def head_group(self, rank: int) -> tuple[int, ...]:
+        """Ranks sharing ``rank``'s box (its head all-to-all group), by head index."""
+        t = self.mesh_coords(rank)[1]
+        return tuple(h * self.mesh[1] + t for h in range(self.mesh[0]))
+
+    def tile_group(self, rank: int) -> tuple[int, ...]:
+        """Ranks sharing ``rank``'s heads (its halo exchange group), by tile index."""
+        h = self.mesh_coords(rank)[0]
+        return tuple(h * self.mesh[1] + t for t in range(self.mesh[1]))
+
+    @functools.cached_property
+    def boxes(self) -> tuple[Box, ...]:
+        return tuple(geometry.rank_boxes(self.grid, self.tile_split))
+
+    def box(self, rank: int) -> Box:
+        return self.boxes[self.mesh_coords(rank)[1]]
+
+    @functools.cached_property
+    def _held_tiles(self) -> tuple[tuple[int, ...], ...]:
+        out = []
+        for rank in range(self.world_size):
+            h, _ = self.mesh_coords(rank)
+            tiles = self.box(rank).tile_ids(self.grid)
+            lo, hi = geometry.split_range(len(tiles), self.mesh[0])[h]
+            out.append(tuple(tiles[lo:hi]))
+        return tuple(out)
+
+    def held_tiles(self, rank: int) -> tuple[int, ...]:
+        """Tile ids ``rank`` holds, in its storage order (tiled order only)."""
+        self._check_rank(rank)
+        if self.order == "natural":
+            raise ValueError("order='natural' shards hold token ranges, not whole tiles")
+        return self._held_tiles[rank]
+
+    @functools.cached_property
+    def _natural_ranges(self) -> tuple[tuple[int, int], ...]:
+        return tuple(geometry.split_range(self.config.num_video, self.world_size))
+
+    def held_count(self, rank: int) -> int:
+        """Video tokens ``rank`` holds."""
+        self._check_rank(rank)
+        if self.order == "natural":
+            lo, hi = self._natural_ranges[rank]
+            return hi - lo
+        return geometry.packed_token_count(self.canvas, self.tile, self._held_tiles[rank])
+
+    def held_index(self, rank: int) -> torch.Tensor:
+        """Natural-order index of each video token ``rank`` holds, in storage order."""
+        self._check_rank(rank)
+        if self.order == "natural":
+            return torch.arange(*self._natural_ranges[rank])
+        return geometry.packed_natural_index(self.canvas, self.tile, self._held_tiles[rank])
+
+    def positions(self, rank: int) -> torch.Tensor:
+        """``(t, h, w)`` of each video token ``rank`` holds, ``[n, 3]`` long (for RoPE)."""
+        idx = self.held_index(rank)
+        c = self.canvas
+        return torch.stack([idx // (c[1] * c[2]), (idx // c[2]) % c[1], idx % c[2]], 1)
+
+    # -- shard / unshard -----------------------------------------------------------------
+    def shard(self, x_full: torch.Tensor, rank: int) -> torch.Tensor:
+        """``x_full [B, S, ...]`` (natural order) -> what ``rank`` holds: its video tokens,
+        then every text token."""
+        self._check_seq(x_full, "x_full")
+        idx = self.held_index(rank).to(x_full.device)
+        return torch.cat([x_full[:, idx], x_full[:, self.config.num_video:]], 1)
+
+    def unshard(self, x_locals: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Inverse of :meth:`shard` over all ranks (text taken from rank 0)."""
+        if len(x_locals) != self.world_size:
+            raise ValueError(f"unshard needs one tensor per rank ({self.world_size}), got {len(x_locals)}")
+        n_video = self.config.num_video
+        first = x_locals[0]
+        out = first.new_empty((first.shape[0], self.config.seq_len, *first.shape[2:]))
+        for rank, x in enumerate(x_locals):
+            n = self.held_count(rank)
+            if x.shape[1] != n + self.text_len:
+                raise ValueError(
+                    f"rank {rank}'s tensor must hold {n} video + {self.text_len} text tokens, got x.shape={tuple(x.shape)}"
+                )
+            out[:, self.held_index(rank).to(x.device)] = x[:, :n]
+        out[:, n_video:] = first[:, first.shape[1] - self.text_len:]
+        return out
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got rank={rank}")
+
+    def _check_seq(self, x: torch.Tensor, name: str) -> None:
+        if x.dim() < 2 or x.shape[1] != self.config.seq_len:
+            raise ValueError(
+                f"{name} must be [B, S, ...] with S = T*H*W + L = {self.config.seq_len}, got {name}.shape={tuple(x.shape)}"
+            )
+
+    def describe(self) -> str:
+        return (f"mode={self.mode} mesh(head x tile)={self.mesh} tile_split={self.tile_split} "
+                f"order={self.order} ({self.reason})")

@@ -1,0 +1,148 @@
+"""The three stages of a distributed STA call, driven by a :class:`CallSchedule`:
+
+1. :func:`exchange_in` (the Impl's ``preprocess_qkv``): the head all-to-all (tokens for
+   heads) over the head group, then the k/v halo exchange over the tile group;
+2. :func:`attend` (``forward``): the local kernel on own box + halo, with the log-sum-exp
+   of the text rows when they must be merged;
+3. :func:`exchange_out` (``postprocess_output``): the exact log-sum-exp merge of the text
+   rows over the tile group, then the inverse all-to-all back to the caller's tokens.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; a rank's local tensors hold its
+video tokens, then all ``L`` text tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import geometry
+from ..api import local_attention
+from ..local import LocalText
+from .comm import Comm
+from .schedule import CallSchedule, tile_rows
+
+
+class BoxInputs(NamedTuple):
+    """What the local kernel reads: own box (all its tokens) for this rank's heads; k/v
+    with the halo tiles appended after the box, then the text."""
+
+    q_bshd: torch.Tensor
+    k_bshd: torch.Tensor
+    v_bshd: torch.Tensor
+
+
+class PartialOutput(NamedTuple):
+    """The local kernel's output for the box (and text rows), with the text rows'
+    log-sum-exp ``[B, H_local, L]`` when they still have to be merged."""
+
+    out_bshd: torch.Tensor
+    text_lse: Optional[torch.Tensor]
+
+
+def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    if heads == tuple(range(x.shape[2])):
+        return x
+    return x[:, :, list(heads)]
+
+
+def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
+    """Steps 1 and 2: local shards -> box inputs of this rank's heads (plus halo)."""
+    n_held = q_bshd.shape[1] - sched.layout.q_text
+    me = sched.me_in_head_group
+    my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
+    B, D = q_bshd.shape[0], q_bshd.shape[3]
+
+    if len(sched.head_group) == 1:
+        q_box, k_box, v_box = _heads(q_bshd, my_q), _heads(k_bshd, my_kv), _heads(v_bshd, my_kv)
+    else:
+        send = []
+        for qh, kvh in zip(sched.q_heads, sched.kv_heads):
+            send.append(torch.cat([
+                _heads(q_bshd[:, :n_held], qh).reshape(-1),
+                _heads(k_bshd[:, :n_held], kvh).reshape(-1),
+                _heads(v_bshd[:, :n_held], kvh).reshape(-1),
+            ]))
+        sizes = [B * n * (len(my_q) + 2 * len(my_kv)) * D for n in sched.held_counts]
+        chunks = comm.all_to_all("head all-to-all", sched.head_group, send, sizes)
+        qs, ks, vs = [], [], []
+        for n, chunk in zip(sched.held_counts, chunks):
+            q_part, k_part, v_part = chunk.split([B * n * len(my_q) * D, B * n * len(my_kv) * D, B * n * len(my_kv) * D])
+            qs.append(q_part.view(B, n, len(my_q), D))
+            ks.append(k_part.view(B, n, len(my_kv), D))
+            vs.append(v_part.view(B, n, len(my_kv), D))
+        # text is replicated: this rank's heads of it are already here
+        q_box = torch.cat(qs + [_heads(q_bshd[:, n_held:], my_q)], 1)
+        k_box = torch.cat(ks + [_heads(k_bshd[:, n_held:], my_kv)], 1)
+        v_box = torch.cat(vs + [_heads(v_bshd[:, n_held:], my_kv)], 1)
+
+    if len(sched.tile_group) == 1:
+        return BoxInputs(q_box, k_box, v_box)
+
+    n_box = sched.box_tokens
+    box_tiles = sched.layout.q_tiles
+    h_kv = k_box.shape[2]
+    kv_video = torch.stack([k_box[:, :n_box], v_box[:, :n_box]])  # [2, B, n_box, Hkv_local, D]
+    send, sizes = [], []
+    for tiles_out, tiles_in in zip(sched.halo_send, sched.halo_recv):
+        rows = tile_rows(sched.layout.canvas, sched.layout.tile, box_tiles, tiles_out).to(kv_video.device)
+        send.append(kv_video.index_select(2, rows))
+        sizes.append(2 * B * geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, tiles_in) * h_kv * D)
+    chunks = comm.all_to_all("halo exchange", sched.tile_group, send, sizes)
+    halos = [c.view(2, B, -1, h_kv, D) for i, c in enumerate(chunks) if i != sched.me_in_tile_group]
+    k_kv = torch.cat([k_box[:, :n_box]] + [h[0] for h in halos] + [k_box[:, n_box:]], 1)
+    v_kv = torch.cat([v_box[:, :n_box]] + [h[1] for h in halos] + [v_box[:, n_box:]], 1)
+    return BoxInputs(q_box, k_kv, v_kv)
+
+
+def attend(inputs: BoxInputs, sched: CallSchedule, text_length: int, scale: float, backend: str) -> PartialOutput:
+    """Step 3: the local kernel. Text keys count on one rank of the tile group only, so
+    the merged text rows see each of them once."""
+    merge = len(sched.tile_group) > 1
+    text = LocalText(text_length, text_length, text_length if sched.counts_text_keys else 0)
+    result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge)
+    if merge:
+        out, lse = result
+        return PartialOutput(out, lse[:, :, sched.box_tokens:])
+    return PartialOutput(result, None)
+
+
+def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedule, comm: Comm) -> torch.Tensor:
+    """Exact softmax merge of the text rows' partial results over the tile group."""
+    n_box = sched.box_tokens
+    part = out_bshd[:, n_box:].float()  # [B, L, Hl, D]
+    packed = torch.cat([part, text_lse.transpose(1, 2)[..., None]], -1)  # [B, L, Hl, D + 1]
+    gathered = torch.stack(comm.all_gather("text merge", sched.tile_group, packed))
+    outs, lses = gathered[..., :-1], gathered[..., -1]  # [R, B, L, Hl, D], [R, B, L, Hl]
+    total = torch.logsumexp(lses, 0)
+    weights = torch.exp(lses - torch.where(torch.isinf(total), 0.0, total)).nan_to_num(0.0)
+    merged = (weights[..., None] * outs).sum(0)
+    return torch.cat([out_bshd[:, :n_box], merged.to(out_bshd.dtype)], 1)
+
+
+def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_heads: int) -> torch.Tensor:
+    """Steps 4 and 5: merged box output -> the caller's tokens, all heads."""
+    out = partial.out_bshd
+    if partial.text_lse is not None:
+        out = merge_text(out, partial.text_lse, sched, comm)
+    if len(sched.head_group) == 1:
+        return out
+    B, _, h_me, D = out.shape
+    n_box, L = sched.box_tokens, out.shape[1] - sched.box_tokens
+    text = out[:, n_box:]
+    send, start = [], 0
+    for n in sched.held_counts:
+        send.append(torch.cat([out[:, start:start + n].reshape(-1), text.reshape(-1)]))
+        start += n
+    me = sched.me_in_head_group
+    n_held = sched.held_counts[me]
+    sizes = [B * (n_held + L) * len(qh) * D for qh in sched.q_heads]
+    chunks = comm.all_to_all("output all-to-all", sched.head_group, send, sizes)
+    result = out.new_empty(B, n_held + L, num_heads, D)
+    for qh, chunk in zip(sched.q_heads, chunks):
+        if qh:
+            video, txt = chunk.split([B * n_held * len(qh) * D, B * L * len(qh) * D])
+            result[:, :n_held, list(qh)] = video.view(B, n_held, len(qh), D)
+            result[:, n_held:, list(qh)] = txt.view(B, L, len(qh), D)
+    return result

@@ -1,0 +1,148 @@
+"""One rank's communication schedule for one attention call: pure, cached, the same on
+every rank for the same plan and windows.
+
+For a call with per-head ``windows`` the schedule says which query/kv heads each member
+of the head group computes (by cost), which halo tiles go to and come from each member
+of the tile group, and the local problem (:mod:`sta_dist.local`) the kernel then solves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .. import geometry
+from ..geometry import Triple
+from ..local import LocalHeads, LocalLayout
+from .plan import ShardPlan, assign_heads
+
+logger = logging.getLogger("sta_dist")
+
+
+@dataclass(frozen=True)
+class CallSchedule:
+    rank: int
+    mode: str
+    """What this call does: "head", "tile", "hybrid", or "head (fallback)"."""
+    head_group: tuple[int, ...]
+    """Ranks of the head all-to-all, in exchange order (this rank included)."""
+    tile_group: tuple[int, ...]
+    """Ranks of the halo exchange, in exchange order (this rank included)."""
+    q_heads: tuple[tuple[int, ...], ...]
+    """Query heads each head-group member computes."""
+    kv_heads: tuple[tuple[int, ...], ...]
+    """Kv heads each head-group member needs."""
+    held_counts: tuple[int, ...]
+    """Video tokens each head-group member holds."""
+    halo_send: tuple[tuple[int, ...], ...]
+    """Per tile-group member: tile ids of this rank's box it needs (empty for self)."""
+    halo_recv: tuple[tuple[int, ...], ...]
+    """Per tile-group member: tile ids of its box this rank needs (empty for self)."""
+    layout: LocalLayout
+    heads: LocalHeads
+    counts_text_keys: bool
+    """Whether this rank's text queries attend the text keys (one rank per tile group,
+    so the merged log-sum-exp counts them once)."""
+
+    @property
+    def me_in_head_group(self) -> int:
+        return self.head_group.index(self.rank)
+
+    @property
+    def me_in_tile_group(self) -> int:
+        return self.tile_group.index(self.rank)
+
+    @property
+    def box_tokens(self) -> int:
+        return self.layout.q_video
+
+
+def whole_canvas_halo(plan: ShardPlan, windows: Sequence[Triple]) -> bool:
+    """Would some rank's windows reach every tile of the grid (so its halo is the rest
+    of the canvas)? Then tile parallelism only moves more bytes than head parallelism."""
+    if plan.mesh[1] == 1:
+        return False
+    n = geometry.num_tiles(plan.grid)
+    return any(len(geometry.key_tiles(box, windows, plan.grid)) == n for box in plan.boxes)
+
+
+@functools.lru_cache(maxsize=1024)
+def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, rank: int) -> CallSchedule:
+    """The schedule of ``rank`` for a call with one window per query head."""
+    grid = plan.grid
+    H = len(windows)
+    group = H // num_kv_heads
+    kv_of = [h // group for h in range(H)]
+    eff = [geometry.effective_window(w, grid) for w in windows]
+    costs = [geometry.volume(w) for w in eff]
+    fallback = whole_canvas_halo(plan, eff)
+    if fallback:
+        _warn_fallback(plan, tuple(eff))
+        head_group, tile_group = tuple(range(plan.world_size)), (rank,)
+    else:
+        head_group, tile_group = plan.head_group(rank), plan.tile_group(rank)
+
+    q_heads = assign_heads(costs, len(head_group), kv_of)
+    kv_heads = tuple(tuple(sorted({kv_of[h] for h in hs})) for hs in q_heads)
+    me = head_group.index(rank)
+    my_q, my_kv = q_heads[me], kv_heads[me]
+    heads = LocalHeads(tuple(eff[h] for h in my_q), tuple(my_kv.index(kv_of[h]) for h in my_q))
+    held_counts = tuple(plan.held_count(r) for r in head_group)
+
+    if plan.order == "natural":
+        layout = LocalLayout.natural(plan.canvas, plan.tile, plan.text_len)
+        empty = ((),) * len(tile_group)
+        return CallSchedule(rank, "head", head_group, tile_group, q_heads, kv_heads, held_counts, empty, empty,
+                            layout, heads, True)
+
+    box_tiles = [t for r in head_group for t in plan.held_tiles(r)]
+    my_windows = sorted({eff[h] for h in my_q})
+    boxes = {r: [t for m in plan.head_group(r) for t in plan.held_tiles(m)] for r in tile_group}
+    sends, recvs = [], []
+    for r in tile_group:
+        if r == rank or not my_windows:
+            sends.append(())
+            recvs.append(())
+            continue
+        theirs = boxes[r]
+        their_box = plan.box(r)
+        needs_from_me = set(geometry.key_tiles(their_box, my_windows, grid)) & set(box_tiles)
+        i_need = set(geometry.key_tiles(plan.box(rank), my_windows, grid)) & set(theirs)
+        sends.append(tuple(t for t in box_tiles if t in needs_from_me))
+        recvs.append(tuple(t for t in theirs if t in i_need))
+    kv_tiles = box_tiles + [t for tiles in recvs for t in tiles]
+    n_box = geometry.packed_token_count(plan.canvas, plan.tile, box_tiles)
+    layout = LocalLayout.packed(plan.canvas, plan.tile, plan.text_len, box_tiles, kv_tiles, text_q_video_keys=n_box)
+    if fallback:
+        mode = "head (fallback)"
+    elif len(tile_group) == 1:
+        mode = "head"
+    else:
+        mode = "tile" if len(head_group) == 1 else "hybrid"
+    return CallSchedule(rank, mode, head_group, tile_group, q_heads, kv_heads, held_counts, tuple(sends),
+                        tuple(recvs), layout, heads, tile_group.index(rank) == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_fallback(plan: ShardPlan, windows: tuple[Triple, ...]) -> None:
+    logger.warning(
+        "tile mode falls back to head mode for windows %s: some rank's windows reach the whole "
+        "canvas (grid %s), so its halo would be the whole canvas",
+        sorted(set(windows)), plan.grid,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...]) -> torch.Tensor:
+    """Row index, within a packed storage of the ``storage`` tiles, of the tokens of the
+    ``wanted`` tiles (in wanted order)."""
+    grid = geometry.grid_shape(canvas, tile)
+    base = {t: r.base for t, r in zip(storage, geometry.packed_tile_rows(canvas, tile, storage))}
+    size = {t: geometry.volume(geometry.tile_extent(geometry.tile_coords(t, grid), canvas, tile)) for t in wanted}
+    if not wanted:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(base[t], base[t] + size[t]) for t in wanted])

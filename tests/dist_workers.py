@@ -1,0 +1,88 @@
+"""Functions that run on every rank of a spawned process group (importable by spawn)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from sta_dist import DistributedSlidingTileAttention, ShardPlan
+from sta_dist.config import normalize_windows
+from sta_dist.parallel.runtime import PartialOutput, exchange_in, exchange_out
+from sta_dist.parallel.schedule import call_schedule
+from tests.cases import Case
+
+
+def full_inputs(case: Case, seed: int):
+    return case.tensors(torch.float32, seed=seed)
+
+
+def run_cases(rank, world, cases):
+    """Each (case, plan kwargs): the rank's local output, bytes sent per step, and mode."""
+    results = []
+    for i, (case, plan_kw) in enumerate(cases):
+        q, k, v = full_inputs(case, seed=i)
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+        out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
+                   text_length=case.text_length)
+        sched = call_schedule(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank)
+        results.append((out, dict(attn.comm.bytes_sent), sched.mode))
+    return results
+
+
+def round_trip(rank, world, case, plan_kw):
+    """exchange_in then exchange_out of the query part gives back the local q exactly."""
+    q, k, v = full_inputs(case, seed=3)
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+    attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+    windows = tuple([tuple(case.window)] * case.heads)
+    sched = call_schedule(plan, windows, case.kv_heads, rank)
+    q_local = plan.shard(q, rank)
+    box = exchange_in(q_local, plan.shard(k, rank), plan.shard(v, rank), sched, attn.comm)
+    text_rows = box.q_bshd[:, sched.box_tokens:]
+    back = exchange_out(PartialOutput(box.q_bshd, None), sched, attn.comm, case.heads)
+    return torch.equal(back, q_local), tuple(text_rows.shape)
+
+
+def disagreeing_plans(rank, world):
+    tile = (2, 2, 2) if rank == 0 else (2, 2, 3)
+    plan = ShardPlan(canvas=(4, 4, 6), tile=tile, text_len=0, mode="tile", world_size=world)
+    DistributedSlidingTileAttention(2, 32, plan)
+    return "constructed"
+
+
+def dying_peer(rank, world):
+    """Rank ``world - 1`` dies after the first call; the others keep calling."""
+    case = Case((4, 6, 6), (2, 2, 2), (1, 1, 1), 0, 0, 1, 2, 2, 32)
+    q, k, v = full_inputs(case, seed=0)
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=0, mode="tile", world_size=world)
+    attn = DistributedSlidingTileAttention(2, 32, plan)
+    local = [plan.shard(x, rank) for x in (q, k, v)]
+    attn(*local, window=(1, 1, 1))
+    if rank == world - 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        for _ in range(100):
+            attn(*local, window=(1, 1, 1))
+    except Exception as err:  # noqa: BLE001 - the test checks the message
+        return f"{type(err).__name__} after {time.monotonic() - start:.1f}s: {err}"
+    return "no error"
+
+
+def fake_world(rank, world, case, plan_kw):
+    """On the fake backend: one process plays rank FAKE_RANK of FAKE_WORLD_SIZE."""
+    fake_rank, fake_world_size = int(os.environ["FAKE_RANK"]), int(os.environ["FAKE_WORLD_SIZE"])
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=fake_world_size, **plan_kw)
+    attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+    n = plan.held_count(fake_rank) + case.text_len
+    q = torch.randn(case.batch, n, case.heads, case.head_dim)
+    k = torch.randn(case.batch, n, case.kv_heads, case.head_dim)
+    out = attn(q, k, k.clone(), window=case.window)
+    return tuple(out.shape), tuple(q.shape), plan.mode
+
+
+def sleep_forever(rank, world):
+    time.sleep(3600)
