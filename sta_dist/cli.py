@@ -33,9 +33,56 @@ def _bench(args) -> int:
     return 0
 
 
+def _run(args) -> int:
+    from . import run
+
+    return run.main(args.config, steps=args.steps, layers=args.layers, mode=args.mode, timeout_s=args.timeout)
+
+
+def _plan(args) -> int:
+    from . import geometry
+    from .parallel.plan import ShardPlan
+    from .parallel.schedule import call_schedule
+    from .run import RunConfig
+
+    cfg = RunConfig.load(args.config, mode=args.mode)
+    strategy = cfg.strategy()
+    windows = tuple(tuple(w) for w in strategy.layer_windows(args.step, args.layer))
+    plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=cfg.mode,
+                     world_size=args.world_size, mesh=cfg.mesh, windows=tuple(sorted(set(windows))))
+    print(f"config {cfg.name}: canvas {cfg.canvas}, tile {cfg.tile}, grid {plan.grid}, {cfg.heads} heads")
+    print(f"plan: {plan.describe()}")
+    print(f"windows at step {args.step}, layer {args.layer}: {sorted(set(windows))}")
+    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.dtype]
+    for rank in range(args.world_size):
+        s = call_schedule(plan, windows, cfg.kv_heads, rank)
+        halo = sum(geometry.packed_token_count(cfg.canvas, cfg.tile, t) for t in s.halo_recv)
+        print(f"rank {rank}: {plan.held_count(rank)} tokens held, box {plan.box(rank)}, mode {s.mode}, "
+              f"heads {s.q_heads[s.me_in_head_group]}, halo in {halo} tokens "
+              f"({halo * 2 * len(s.kv_heads[s.me_in_head_group]) * cfg.head_dim * cfg.batch * itemsize / 1e6:.1f} MB k+v)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sta-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="the main job: a multi-step, multi-layer workload, distributed and verified")
+    r.add_argument("--config", default="tiny_cpu", help="a name in configs/ (tiny_cpu, hunyuan_720p, wan21_480p, "
+                   "wan21_720p, stepvideo) or a JSON path")
+    r.add_argument("--steps", type=int, default=None, help="run only the first N steps")
+    r.add_argument("--layers", type=int, default=None, help="run only the first N layers of each step")
+    r.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"], help="override the config's mode")
+    r.add_argument("--timeout", type=float, default=600.0, help="seconds before a spawned CPU job is stopped")
+    r.set_defaults(func=_run)
+
+    p = sub.add_parser("plan", help="print the shard plan and each rank's halo for a config")
+    p.add_argument("--config", default="hunyuan_720p")
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
+    p.add_argument("--step", type=int, default=20)
+    p.add_argument("--layer", type=int, default=0)
+    p.set_defaults(func=_plan)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     bsub = b.add_subparsers(dest="what", required=True)

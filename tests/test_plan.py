@@ -1,0 +1,112 @@
+"""Shard plans and call schedules: pure, checked over every rank at world sizes up to 64."""
+
+import itertools
+
+import pytest
+import torch
+
+from sta_dist import ShardPlan, geometry
+from sta_dist.parallel.plan import assign_heads, best_tile_split
+from sta_dist.parallel.schedule import call_schedule
+
+HUNYUAN = dict(canvas=(30, 48, 80), tile=(6, 8, 8), text_len=256)
+
+
+@pytest.mark.parametrize("world, kw", [
+    (1, dict(mode="head")), (2, dict(mode="tile")), (3, dict(mode="head", order="natural")),
+    (4, dict(mode="hybrid", mesh=(2, 2))), (5, dict(mode="tile")), (7, dict(mode="head")),
+])
+def test_shard_unshard_round_trip_is_exact(world, kw):
+    plan = ShardPlan(canvas=(5, 7, 9), tile=(2, 3, 2), text_len=3, world_size=world, **kw)
+    x = torch.randn(2, 5 * 7 * 9 + 3, 3, 4)
+    locals_ = [plan.shard(x, r) for r in range(world)]
+    assert sum(l.shape[1] - 3 for l in locals_) == 5 * 7 * 9
+    assert torch.equal(plan.unshard(locals_), x)
+    for r in range(world):
+        pos = plan.positions(r)
+        assert torch.equal((pos[:, 0] * 7 + pos[:, 1]) * 9 + pos[:, 2], plan.held_index(r))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8, 16, 33, 64])
+@pytest.mark.parametrize("mode", ["head", "tile", "hybrid"])
+def test_schedules_agree_across_all_ranks(world, mode):
+    if mode == "hybrid":
+        mesh = next((m, world // m) for m in (4, 2, 1) if world % m == 0)
+    else:
+        mesh = None
+    tile_ranks = 1 if mode == "head" else (mesh or (1, world))[1]
+    if best_tile_split((5, 6, 10), tile_ranks) is None:  # e.g. 33 = 3 x 11 > 10 tiles on every axis
+        with pytest.raises(ValueError, match="cannot split the tile grid"):
+            ShardPlan(**HUNYUAN, mode=mode, world_size=world, mesh=mesh)
+        return
+    plan = ShardPlan(**HUNYUAN, mode=mode, world_size=world, mesh=mesh)
+    windows = tuple([(3, 3, 3)] * 8 + [(1, 6, 10)] * 8 + [(5, 3, 3)] * 8)
+    scheds = [call_schedule(plan, windows, 8, r) for r in range(world)]
+    n_tiles = geometry.num_tiles(plan.grid)
+    assert sorted(t for r in range(world) for t in plan.held_tiles(r)) == list(range(n_tiles))
+    for r, s in enumerate(scheds):
+        # every query head computed exactly once in each head group
+        assert sorted(itertools.chain(*s.q_heads)) == list(range(24))
+        assert s.held_counts == tuple(plan.held_count(m) for m in s.head_group)
+        for j, other in enumerate(s.tile_group):
+            o = scheds[other]
+            assert s.halo_send[j] == o.halo_recv[o.tile_group.index(r)]
+            assert o.q_heads == s.q_heads  # the tile group shares one head assignment
+        # the kv storage holds every key tile the rank's query tiles need, and nothing else
+        needed = set()
+        for h in s.q_heads[s.me_in_head_group]:
+            for qt in s.layout.q_tiles:
+                needed |= set(geometry.window_tiles(geometry.tile_coords(qt, plan.grid), windows[h], plan.grid))
+        present = {t for t, rows in enumerate(s.layout.kv_rows) if rows is not None}
+        if s.mode != "head (fallback)" and s.q_heads[s.me_in_head_group]:
+            assert needed == present
+        else:
+            assert needed <= present
+
+
+def test_heads_go_to_ranks_by_cost():
+    costs = [27.0] * 12 + [300.0] * 12  # 12 local heads, 12 dense heads
+    by_cost = assign_heads(costs, 2, list(range(24)))
+    loads = [sum(costs[h] for h in hs) for hs in by_cost]
+    assert max(loads) == min(loads)
+    contiguous = [sum(costs[:12]), sum(costs[12:])]
+    assert max(loads) < max(contiguous)
+    assert sorted(itertools.chain(*assign_heads([1.0] * 5, 3, list(range(5))))) == list(range(5))
+    assert [len(h) for h in assign_heads([1.0] * 5, 3, list(range(5)))] == [2, 2, 1]  # H % P != 0
+
+
+def test_auto_picks_and_says_why():
+    tile = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((3, 3, 3),))
+    assert tile.mode == "tile" and "halo" in tile.reason
+    dense = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((5, 6, 10),))
+    assert dense.mode == "head" and "cost more" in dense.reason
+    assert ShardPlan(**HUNYUAN, mode="auto", world_size=1).mode == "head"
+
+
+def test_plan_errors_are_clear():
+    with pytest.raises(ValueError, match=r"mode must be one of \('head', 'tile', 'hybrid', 'auto'\), got mode='ring'"):
+        ShardPlan(**HUNYUAN, mode="ring", world_size=2)
+    with pytest.raises(ValueError, match=r"mode='hybrid' needs mesh=\(P_head, P_tile\)"):
+        ShardPlan(**HUNYUAN, mode="hybrid", world_size=4)
+    with pytest.raises(ValueError, match=r"P_head \* P_tile = world_size = 4, got mesh=\(3, 2\)"):
+        ShardPlan(**HUNYUAN, mode="hybrid", world_size=4, mesh=(3, 2))
+    with pytest.raises(ValueError, match=r"order='natural' .* works in head mode only"):
+        ShardPlan(**HUNYUAN, mode="tile", world_size=2, order="natural")
+    with pytest.raises(ValueError, match=r"tile axis of 400 ranks cannot split the tile grid \(5, 6, 10\)"):
+        ShardPlan(**HUNYUAN, mode="tile", world_size=400)
+    with pytest.raises(ValueError, match=r"tile_split must multiply to the 4 tile ranks"):
+        ShardPlan(**HUNYUAN, mode="tile", world_size=4, tile_split=(1, 1, 2))
+    with pytest.raises(ValueError, match=r"world_size must be an int >= 1, got world_size=0"):
+        ShardPlan(**HUNYUAN, mode="head", world_size=0)
+    plan = ShardPlan(**HUNYUAN, mode="head", world_size=2)
+    with pytest.raises(ValueError, match=r"x_full must be \[B, S, ...\] with S = T\*H\*W \+ L = 115456"):
+        plan.shard(torch.zeros(1, 10, 2), 0)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\), got rank=2"):
+        plan.shard(torch.zeros(1, 115456, 1), 2)
+
+
+def test_halo_is_small_for_local_windows():
+    plan = ShardPlan(**HUNYUAN, mode="tile", world_size=2, windows=((3, 3, 3),))
+    s = call_schedule(plan, ((3, 3, 3),) * 24, 24, 0)
+    halo = sum(len(t) for t in s.halo_recv)
+    assert s.mode == "tile" and halo == 30  # one face of 5 x 6 tiles along the split
