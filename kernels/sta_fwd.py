@@ -10,10 +10,10 @@ natural order, the tiled order, and a rank's own tiles plus its halo:
   local token ``(lt, lh, lw)`` of the tile is row ``base + lt*stride_t + lh*stride_h + lw``.
 - ``kv_tiles [n_tiles, 3]``: the same ``(base, stride_t, stride_h)`` for every global tile
   in ``k``/``v`` (entries of tiles that no window reaches are never read).
-- ``heads [H, 4]``: per query head ``(kt, kh, kw, kv_head)``, windows already clamped to
-  ``min(k, n)`` tiles.
+- ``heads [n, 5]``: per computed query head ``(kt, kh, kw, kv_head, q_head)``, windows
+  already clamped to ``min(k, n)`` tiles; a launch may compute a subset of the heads.
 
-Program ``(pid, b*H + h)``: the first ``n_text_blocks`` pids are text query blocks (they
+Program ``(pid, b*n + i)``: the first ``n_text_blocks`` pids are text query blocks (they
 attend every video key, so they are long and go first); the rest are ``BLOCKS_PER_TILE``
 blocks of each query tile, which walk the window's key tiles in one flat loop and then
 the valid text keys.
@@ -32,8 +32,20 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _exp2_packed(x, FAST_EXP: tl.constexpr):
+    """``2**x`` of a bf16/fp16 tensor two lanes per instruction (``ex2.approx`` on packed
+    halves, sm_90): half the special-function work of float32 ``exp2``."""
+    if FAST_EXP == 1:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale,
-                  MASKED: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr):
+                  MASKED: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
     """Load one key/value block and fold it into the running softmax."""
     if MASKED:
         kv_mask = key_valid[:, None]
@@ -60,19 +72,24 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale
     else:
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = m_new
-    p = tl.math.exp2(qk - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-    else:
+    if FAST_EXP:
+        p = _exp2_packed(qk - m_use[:, None], FAST_EXP)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:
+        p = tl.math.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs_d, d_valid, qk_scale,
-                  BLOCK_N: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
     """Attend the contiguous key rows ``[start, start + count)``."""
     for nb in range(0, count, BLOCK_N):
         offs_n = nb + tl.arange(0, BLOCK_N)
@@ -80,7 +97,7 @@ def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs
         k_ptrs = k_base + rows[:, None] * sks + offs_d[None, :]
         v_ptrs = v_base + rows[:, None] * svs + offs_d[None, :]
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < count, d_valid, qk_scale,
-                                      True, DMASK, IEEE)
+                                      True, DMASK, IEEE, FAST_EXP)
     return acc, m_i, l_i
 
 
@@ -94,7 +111,8 @@ def _sta_fwd_kernel(
     qk_scale,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr,
+    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     VOL: tl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
@@ -104,11 +122,12 @@ def _sta_fwd_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    kt = tl.load(HEADS + h * 4 + 0)
-    kh = tl.load(HEADS + h * 4 + 1)
-    kw = tl.load(HEADS + h * 4 + 2)
-    kvh = tl.load(HEADS + h * 4 + 3).to(tl.int64)
+    row = bh % n_heads
+    kt = tl.load(HEADS + row * 5 + 0)
+    kh = tl.load(HEADS + row * 5 + 1)
+    kw = tl.load(HEADS + row * 5 + 2)
+    kvh = tl.load(HEADS + row * 5 + 3).to(tl.int64)
+    h = tl.load(HEADS + row * 5 + 4)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -130,9 +149,9 @@ def _sta_fwd_kernel(
         q = tl.load(q_base + rows_m[:, None] * sqs + offs_d[None, :],
                     mask=attend_m[:, None] & d_valid[None, :], other=0.0)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, 0, text_q_video_keys, sks, svs,
-                                      offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+                                      offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_text,
-                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
         # Padding text rows attend nothing: zero output, LSE -inf.
         l_i = tl.where(attend_m, l_i, 0.0)
     else:
@@ -165,7 +184,7 @@ def _sta_fwd_kernel(
         sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
         sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
         n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
-        for j in range(0, n_steps):
+        for j in tl.range(0, n_steps, warp_specialize=WARP_SPEC):
             i = j // KEY_BLOCKS_PER_TILE
             nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
             wt = st + i // (kh * kw)
@@ -184,14 +203,14 @@ def _sta_fwd_kernel(
             v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
             if EVEN:
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < VOL, d_valid,
-                                              qk_scale, False, DMASK, IEEE)
+                                              qk_scale, False, DMASK, IEEE, FAST_EXP)
             else:
                 key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
                              & (nh < tl.minimum(TH, canvas_h - wh * TH)) & (nw < tl.minimum(TW, canvas_w - ww * TW)))
                 acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid,
-                                              qk_scale, True, DMASK, IEEE)
+                                              qk_scale, True, DMASK, IEEE, FAST_EXP)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
-                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
 
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
@@ -243,12 +262,14 @@ def sta_fwd(
     even: bool,
     return_lse: bool = False,
     config: dict | None = None,
+    out: torch.Tensor | None = None,
 ):
     """Launch the kernel.
 
     ``q_bshd [B, Sq, H, D]``, ``k_bshd``/``v_bshd [B, Skv, Hkv, D]`` (last dim contiguous),
-    ``q_tiles [n_q_tiles, 4]``, ``kv_tiles [n_tiles, 3]``, ``heads [H, 4]`` int32 tables on
-    the same device (module docstring). ``q`` rows ``[q_video, q_video + q_text)`` are text
+    ``q_tiles [n_q_tiles, 4]``, ``kv_tiles [n_tiles, 3]``, ``heads [n, 5]`` int32 tables on
+    the same device (module docstring); only the ``n`` heads of ``heads`` are computed
+    (``out`` is allocated by the caller when it fills the other heads itself). ``q`` rows ``[q_video, q_video + q_text)`` are text
     queries; ``k``/``v`` rows from ``kv_video`` on are text keys. ``even`` promises full
     tiles that the blocks divide (no key or query masking). Returns ``out_bshd`` (input
     dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log).
@@ -261,27 +282,32 @@ def sta_fwd(
     volume = math.prod(tile)
     cfg = dict(launch_config(volume, D, q_bshd.dtype), **(config or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    out = torch.empty_like(q_bshd) if q_bshd.is_contiguous() else torch.empty(
-        q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
+    # Packed exp2 needs sm_90 PTX (not the interpreter): 1 = bf16x2, 2 = f16x2.
+    fast_exp = cfg.pop("FAST_EXP", False) and q_bshd.is_cuda and q_bshd.dtype != torch.float32
+    fast_exp = (1 if q_bshd.dtype == torch.bfloat16 else 2) if fast_exp else 0
+    warp_spec = cfg.pop("WARP_SPEC", False)
+    if out is None:
+        out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out
     n_text_blocks = triton.cdiv(q_text, block_m)
     n_blocks = n_text_blocks + q_tiles.shape[0] * triton.cdiv(volume, block_m)
-    if n_blocks and B * H:
-        _sta_fwd_kernel[(n_blocks, B * H)](
+    n_heads = heads.shape[0]
+    if n_blocks and B * n_heads:
+        _sta_fwd_kernel[(n_blocks, B * n_heads)](
             q_bshd, k_bshd, v_bshd, out, lse, q_tiles, kv_tiles, heads,
             q_bshd.stride(0), q_bshd.stride(1), q_bshd.stride(2),
             k_bshd.stride(0), k_bshd.stride(1), k_bshd.stride(2),
             v_bshd.stride(0), v_bshd.stride(1), v_bshd.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-            H, *grid_shape, *canvas,
+            n_heads, *grid_shape, *canvas,
             n_text_blocks, q_video, q_text, q_text_valid,
             kv_video, kv_text_for_video, kv_text_for_text, text_q_video_keys,
             scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2],
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
             EVEN=even and volume % block_m == 0 and volume % block_n == 0,
-            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32,
+            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, FAST_EXP=fast_exp, WARP_SPEC=warp_spec,
             **cfg,
         )
     return (out, lse) if return_lse else out

@@ -23,13 +23,22 @@ def _bench(args) -> int:
     cases = [c for c in args.cases.split(",") if c] if args.cases else list(bench.STANDARD_CASES)
     if args.sweep:
         configs = [
-            dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-            for bm, bn, w, s in itertools.product((128,), (64, 128), (4, 8), (2, 3, 4))
+            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=s, FAST_EXP=fe, WARP_SPEC=ws)
+            for s, fe, ws in itertools.product((2, 3), (False, True), (False, True))
         ]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)
         return 0
     bench.run_kernel_bench(cases, args.out, replay=replay, with_anchors=not args.no_anchors)
+    return 0
+
+
+def _bench_dist(args) -> int:
+    from .bench_dist import run_dist_bench
+
+    run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
+                   heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,
+                   reps=args.reps, modes=tuple(args.modes.split(",")))
     return 0
 
 
@@ -93,6 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--sweep", action="store_true", help="time launch configs instead")
     k.add_argument("--no-anchors", action="store_true", help="time our kernel only")
     k.set_defaults(func=_bench)
+    d = bsub.add_parser("dist", help="(under torchrun) one layer per mode vs one GPU and the Ulysses+Flex anchor")
+    d.add_argument("--canvas", type=int, nargs=3, default=[30, 48, 80])
+    d.add_argument("--tile", type=int, nargs=3, default=[6, 8, 8])
+    d.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
+    d.add_argument("--heads", type=int, default=24)
+    d.add_argument("--head-dim", type=int, default=128)
+    d.add_argument("--text-len", type=int, default=0)
+    d.add_argument("--text-valid", type=int, default=0)
+    d.add_argument("--reps", type=int, default=10)
+    d.add_argument("--modes", default="head,tile,hybrid")
+    d.add_argument("--out", default="out/bench")
+    d.set_defaults(func=_bench_dist)
     return parser
 
 

@@ -245,7 +245,7 @@ def main(config: str, steps: Optional[int] = None, layers: Optional[int] = None,
     """Entry of ``sta-dist run``; returns the exit code (1 if verification failed)."""
     cfg = RunConfig.load(config, mode=mode)
     env = detect_env()
-    if env.distributed:
+    if env.source != "single":
         init_distributed()
         summary = run_job(cfg, env.rank, env.world_size, steps, layers)
         if env.rank == 0:

@@ -48,23 +48,70 @@ def _layout_tables(layout: LocalLayout, device: torch.device):
 
 
 @functools.lru_cache(maxsize=256)
-def _head_table(heads: LocalHeads, device: torch.device) -> torch.Tensor:
-    rows = [[*w, kv] for w, kv in zip(heads.windows, heads.kv_heads)]
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4).to(device)
+def _head_table(heads: LocalHeads, subset: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    rows = [[*heads.windows[h], heads.kv_heads[h], h] for h in subset]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
+
+
+def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText) -> tuple[int, ...]:
+    """Heads that are plain dense attention here: their window is the whole grid, every
+    query and key tile is present and every text row sees the same keys as the video rows.
+    Those go to the best dense kernel (cuDNN through SDPA)."""
+    grid = layout.grid
+    complete = (len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
+                and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video
+                and text.kv_for_video_q == text.kv_for_text_q == text.q_valid)
+    if not complete:
+        return ()
+    return tuple(h for h, w in enumerate(heads.windows) if w == grid)
+
+
+def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+                subset: tuple[int, ...], scale: float, out: torch.Tensor) -> None:
+    """Dense attention of the ``subset`` heads into ``out``: keys are every video token and
+    the valid text; padding text rows are zero."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    H = q_bshd.shape[2]
+    n_keys = layout.kv_video + text.kv_for_video_q
+    everything = subset == tuple(range(H)) and heads.kv_heads == tuple(range(H))
+    q = q_bshd if everything else q_bshd[:, :, list(subset)]
+    kv_idx = [heads.kv_heads[h] for h in subset]
+    k = k_bshd[:, :n_keys] if everything else k_bshd[:, :n_keys, kv_idx]
+    v = v_bshd[:, :n_keys] if everything else v_bshd[:, :n_keys, kv_idx]
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    valid_rows = layout.q_video + text.q_valid
+    if everything:
+        out.copy_(o.transpose(1, 2))
+        out[:, valid_rows:] = 0
+    else:
+        out[:, :, list(subset)] = o.transpose(1, 2)
+        out[:, valid_rows:, list(subset)] = 0
 
 
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-               scale: float, return_lse: bool = False, config: dict | None = None):
-    """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`."""
+               scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True):
+    """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
+    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for."""
     from .kernels.sta_fwd import sta_fwd
 
+    H = q_bshd.shape[2]
+    dense = dense_heads(layout, heads, text) if route_dense and q_bshd.is_cuda and not return_lse else ()
+    sparse = tuple(h for h in range(H) if h not in dense)
+    out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
+    if dense:
+        _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)
+    if not sparse:
+        return out
     q_tiles, kv_tiles = _layout_tables(layout, q_bshd.device)
     even = all(c % t == 0 for c, t in zip(layout.canvas, layout.tile))
     return sta_fwd(
-        q_bshd, k_bshd, v_bshd, q_tiles, kv_tiles, _head_table(heads, q_bshd.device),
+        q_bshd, k_bshd, v_bshd, q_tiles, kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,
         q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
         text_q_video_keys=layout.text_q_video_keys,
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
-        scale=scale, even=even, return_lse=return_lse, config=config,
+        scale=scale, even=even, return_lse=return_lse, config=config, out=out,
     )

@@ -86,3 +86,12 @@ def fake_world(rank, world, case, plan_kw):
 
 def sleep_forever(rank, world):
     time.sleep(3600)
+
+
+def dist_bench(rank, world, out_dir):
+    """The 2-GPU benchmark's code path, on gloo with tiny shapes (the torch backend)."""
+    from sta_dist.bench_dist import run_dist_bench
+
+    result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
+                            text_len=5, text_valid=3, reps=2)
+    return {name: row.get("max_diff_vs_one_gpu") for name, row in result["rows"].items()}

@@ -150,3 +150,13 @@ def test_large_world_shapes_on_fake_backend(fake_world, fake_rank, plan_kw):
 def test_spawn_times_out_instead_of_hanging():
     with pytest.raises(SpawnError, match=r"did not finish within 3"):
         spawn_local(dist_workers.sleep_forever, 2, timeout_s=3)
+
+
+def test_dist_bench_runs_on_gloo(tmp_path):
+    results = spawn_local(dist_workers.dist_bench, 2, (str(tmp_path),), timeout_s=120)
+    diffs = results[0]
+    assert any("tile" in name for name in diffs) and any("head" in name for name in diffs)
+    for name, diff in diffs.items():
+        if diff is not None:
+            assert diff <= 1e-5, (name, diff)
+    assert (tmp_path / "dist_bench_2.json").exists()

@@ -50,10 +50,11 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> DistEnv:
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                      environ: Optional[Mapping[str, str]] = None) -> DistEnv:
-    """Initialise the default process group from the environment (no-op for a single
-    process or when already initialised). Backend: NCCL when CUDA is available, else gloo."""
+    """Initialise the default process group from the environment (no-op for a process no
+    launcher started, or when already initialised). Backend: NCCL when CUDA is available,
+    else gloo."""
     env = detect_env(environ)
-    if not env.distributed or dist.is_initialized():
+    if env.source == "single" or dist.is_initialized():
         return env
     use_cuda = torch.cuda.is_available() and backend != "gloo"
     if use_cuda:

@@ -1,0 +1,135 @@
+"""``sta-dist bench dist`` (under torchrun): one STA layer on every rank, per mode, beside
+one GPU running the whole layer and the Ulysses anchor (head all-to-all + FlexAttention
+with an STA block mask), all in one run; each mode's output checked against one GPU's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import anchors, geometry
+from .api import sliding_tile_attention
+from .bench import environment
+from .distributed import DistributedSlidingTileAttention
+from .parallel.env import init_distributed
+from .parallel.plan import ShardPlan
+from .parallel.schedule import call_schedule
+from .testing import max_error, sampled_check
+
+
+def _time_ms(fn, reps: int, device) -> float:
+    """Median over ``reps`` of the slowest rank's time: barrier, run, synchronize."""
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        t = torch.tensor([(time.perf_counter() - start) * 1e3], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        times.append(t.item())
+    return statistics.median(times)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ulysses_flex(q, k, v, canvas, tile, windows, world: int, rank: int, device):
+    """The anchor: tokens in tiled order split in equal contiguous chunks; all-to-all to
+    all tokens x H/P heads; FlexAttention-STA; all-to-all back. Returns (run, local_run)."""
+    H, P = q.shape[2], world
+    n_video = geometry.volume(canvas)
+    order = geometry.tiled_permutation(canvas, tile).to(device)
+    chunk = n_video // P
+    mine = order[rank * chunk:(rank + 1) * chunk]
+    local = [x[:, mine].contiguous() for x in (q, k, v)]  # [B, n, H, D]
+    flex = anchors.FlexSTA(canvas, tile, 0, 0, H // P, device).set_windows(windows[: H // P])
+
+    def to_heads(x):
+        B, n, _, D = x.shape
+        send = x.reshape(B, n, P, H // P, D).permute(2, 0, 1, 3, 4).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.permute(1, 3, 0, 2, 4).reshape(B, H // P, P * n, D)  # [B, H/P, S, D]
+
+    def to_tokens(o):
+        B, h, S, D = o.shape
+        send = o.reshape(B, h, P, S // P, D).permute(2, 0, 3, 1, 4).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        return recv.permute(1, 2, 0, 3, 4).reshape(B, S // P, H, D)
+
+    heads_in = [to_heads(x) for x in local]
+
+    def run():
+        return to_tokens(flex(*[to_heads(x) for x in local]))
+
+    def local_run():
+        return flex(*heads_in)
+
+    return run, local_run
+
+
+def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
+                   head_dim: int = 128, text_len: int = 0, text_valid: int = 0, reps: int = 10,
+                   modes=("head", "tile", "hybrid"), with_anchor: bool = True) -> dict:
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    S = geometry.volume(canvas) + text_len
+    q, k, v = (torch.randn(1, S, heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(3))
+    windows = (tuple(window),) * heads
+    kw = dict(canvas=canvas, tile=tile, window=list(windows), text_length=text_valid)
+
+    one = sliding_tile_attention(q, k, v, **kw)
+    check = sampled_check(q, k, v, one, **kw) if rank == 0 else {}
+    rows = {"one GPU (ours, all heads)": dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))}
+    for mode in modes:
+        mesh = None
+        if mode == "hybrid":
+            mesh = (2, world // 2) if world % 2 == 0 and world >= 4 else (1, world)
+        plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world, mesh=mesh,
+                         windows=(tuple(window),))
+        attn = DistributedSlidingTileAttention(heads, head_dim, plan)
+        local = [plan.shard(x, rank) for x in (q, k, v)]
+        out = attn(*local, window=windows, text_length=text_valid)
+        diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        attn.comm.bytes_sent.clear()
+        ms = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
+        sent = {k_: v_ / reps for k_, v_ in attn.comm.bytes_sent.items()}
+        rows[f"sta_dist {mode} mesh={plan.mesh}"] = dict(
+            ms=ms, max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
+            call_mode=call_schedule(plan, windows, heads, rank).mode)
+        del out, local, attn
+    if with_anchor and device.type == "cuda" and heads % world == 0 and text_len == 0:
+        run, local_run = ulysses_flex(q, k, v, canvas, tile, windows, world, rank, device)
+        rows["Ulysses all-to-all + FlexAttention-STA (anchor)"] = dict(ms=_time_ms(run, reps, device))
+        rows["  of which the local FlexAttention-STA"] = dict(ms=_time_ms(local_run, reps, device))
+    result = dict(env=environment() if device.type == "cuda" else dict(card="cpu"), world_size=world,
+                  canvas=canvas, tile=tile, window=window, heads=heads, text_len=text_len,
+                  one_gpu_check=check, rows=rows)
+    if rank == 0:
+        one_ms = rows["one GPU (ours, all heads)"]["ms"]
+        print(f"| what ({world} ranks, {result['env'].get('card')}) | ms | speedup vs one GPU | max diff vs one GPU |")
+        print("|---|---|---|---|")
+        for name, r in rows.items():
+            diff = f"{r['max_diff_vs_one_gpu']:.2e}" if "max_diff_vs_one_gpu" in r else ""
+            print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} |")
+        print("one GPU output vs fp32 reference:", check)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"dist_bench_{world}.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    dist.barrier()
+    return result
