@@ -45,7 +45,8 @@ def _bench_dist(args) -> int:
 def _run(args) -> int:
     from . import run
 
-    return run.main(args.config, steps=args.steps, layers=args.layers, mode=args.mode, timeout_s=args.timeout)
+    return run.main(args.config, steps=args.steps, layers=args.layers, mode=args.mode, timeout_s=args.timeout,
+                    start_step=args.start_step)
 
 
 def _plan(args) -> int:
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "wan21_720p, stepvideo) or a JSON path")
     r.add_argument("--steps", type=int, default=None, help="run only the first N steps")
     r.add_argument("--layers", type=int, default=None, help="run only the first N layers of each step")
+    r.add_argument("--start-step", type=int, default=0, help="first denoising step to run")
     r.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"], help="override the config's mode")
     r.add_argument("--timeout", type=float, default=600.0, help="seconds before a spawned CPU job is stopped")
     r.set_defaults(func=_run)

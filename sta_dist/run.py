@@ -165,19 +165,23 @@ class Progress:
 
 
 def run_job(cfg: RunConfig, rank: int, world_size: int, steps: Optional[int] = None,
-            layers: Optional[int] = None) -> dict:
-    """Run the workload on this rank; every rank returns the same summary."""
+            layers: Optional[int] = None, start_step: int = 0) -> dict:
+    """Run the workload on this rank (steps ``start_step ..``); every rank returns the
+    same summary."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     strategy = cfg.strategy()
     steps, layers = steps or cfg.steps, layers or cfg.layers
-    hint = tuple(sorted({w for layer in strategy.windows[-1] for w in layer}))
+    # The plan's hint: the local windows of the last step (whole-canvas heads fall back per call).
+    grid = STAConfig(canvas=cfg.canvas, tile=cfg.tile).grid
+    local_windows = {w for layer in strategy.windows[-1] for w in layer if not all(k >= n for k, n in zip(w, grid))}
+    hint = tuple(sorted(local_windows)) or None
     plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=cfg.mode, world_size=world_size,
                      mesh=cfg.mesh, windows=hint)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     progress = Progress(steps * layers, enabled=rank == 0)
     step_ms, modes, worst = [], collections.Counter(), (0.0, 1.0)
     verified = True
-    for step in range(steps):
+    for step in range(start_step, start_step + steps):
         total_ms = 0.0
         for layer in range(layers):
             windows = tuple(tuple(w) for w in strategy.layer_windows(step % strategy.num_steps, layer % strategy.num_layers))
@@ -196,7 +200,8 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, steps: Optional[int] = N
                 verified &= err <= bound
                 if err / bound > worst[0] / worst[1]:
                     worst = (err, bound)
-            progress.update(f"step {step + 1}/{steps} layer {layer + 1}/{layers} [{modes.most_common(1)[0][0]}]")
+            progress.update(f"step {step + 1}/{start_step + steps} layer {layer + 1}/{layers} "
+                            f"[{modes.most_common(1)[0][0]}]")
         step_ms.append(total_ms)
     ok = _all_ranks_true(verified, device)
     sent = dict(attn.comm.bytes_sent)
@@ -236,18 +241,18 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _spawned_job(rank: int, world_size: int, cfg: RunConfig, steps, layers) -> dict:
-    return run_job(cfg, rank, world_size, steps, layers)
+def _spawned_job(rank: int, world_size: int, cfg: RunConfig, steps, layers, start_step) -> dict:
+    return run_job(cfg, rank, world_size, steps, layers, start_step)
 
 
 def main(config: str, steps: Optional[int] = None, layers: Optional[int] = None, mode: Optional[str] = None,
-         timeout_s: float = 600.0) -> int:
+         timeout_s: float = 600.0, start_step: int = 0) -> int:
     """Entry of ``sta-dist run``; returns the exit code (1 if verification failed)."""
     cfg = RunConfig.load(config, mode=mode)
     env = detect_env()
     if env.source != "single":
         init_distributed()
-        summary = run_job(cfg, env.rank, env.world_size, steps, layers)
+        summary = run_job(cfg, env.rank, env.world_size, steps, layers, start_step)
         if env.rank == 0:
             print(format_summary(summary), flush=True)
         dist.barrier()
@@ -258,6 +263,6 @@ def main(config: str, steps: Optional[int] = None, layers: Optional[int] = None,
         ranks = cfg.cpu_ranks if not torch.cuda.is_available() else 1
         print(f"no torchrun environment: spawning {ranks} local rank(s) "
               f"({'gloo on CPU' if not torch.cuda.is_available() else 'one GPU'})", flush=True)
-        summary = spawn_local(_spawned_job, ranks, (cfg, steps, layers), timeout_s=timeout_s)[0]
+        summary = spawn_local(_spawned_job, ranks, (cfg, steps, layers, start_step), timeout_s=timeout_s)[0]
         print(format_summary(summary), flush=True)
     return 0 if summary["verified"] else 1
