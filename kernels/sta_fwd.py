@@ -44,9 +44,8 @@ def _exp2_packed(x, FAST_EXP: tl.constexpr):
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale,
-                  MASKED: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
-    """Load one key/value block and fold it into the running softmax."""
+def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr, DMASK: tl.constexpr):
+    """One key/value block through pointers (gathered rows; masked where asked)."""
     if MASKED:
         kv_mask = key_valid[:, None]
         if DMASK:
@@ -59,6 +58,13 @@ def _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid, qk_scale
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    return k, v
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale,
+                    MASKED: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
+    """Fold one key/value block into the running softmax."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -96,14 +102,14 @@ def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs
         rows = (start + offs_n).to(tl.int64)
         k_ptrs = k_base + rows[:, None] * sks + offs_d[None, :]
         v_ptrs = v_base + rows[:, None] * svs + offs_d[None, :]
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < count, d_valid, qk_scale,
-                                      True, DMASK, IEEE, FAST_EXP)
+        k, v = _load_kv(k_ptrs, v_ptrs, offs_n < count, d_valid, True, DMASK)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < count, qk_scale, True, IEEE, FAST_EXP)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _sta_fwd_kernel(
-    Q, K, V, O, LSE, Q_TILES, KV_TILES, HEADS,
+    Q, K, V, O, LSE, Q_TILES, KV_TILES, HEADS, K_DESC, V_DESC, kv_rows,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
     n_heads, grid_t, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
     n_text_blocks, q_text_start, q_text_rows, q_text_valid,
@@ -112,7 +118,7 @@ def _sta_fwd_kernel(
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    WARP_SPEC: tl.constexpr, TMA: tl.constexpr,
 ):
     VOL: tl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
@@ -195,20 +201,29 @@ def _sta_fwd_kernel(
             k_st = tl.load(KV_TILES + kid * 3 + 1)
             k_sh = tl.load(KV_TILES + kid * 3 + 2)
             offs_n = nb + tl.arange(0, BLOCK_N)
-            nt = offs_n // (TH * TW)
-            nh = (offs_n // TW) % TH
-            nw = offs_n % TW
-            rows_n = (k_row0 + nt * k_st + nh * k_sh + nw).to(tl.int64)
-            k_ptrs = k_base + rows_n[:, None] * sks + offs_d[None, :]
-            v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
-            if EVEN:
-                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_n < VOL, d_valid,
-                                              qk_scale, False, DMASK, IEEE, FAST_EXP)
+            if TMA:
+                # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
+                k = K_DESC.load([b * kv_rows + k_row0 + nb, kvh * HEAD_DIM])
+                v = V_DESC.load([b * kv_rows + k_row0 + nb, kvh * HEAD_DIM])
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
             else:
-                key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
-                             & (nh < tl.minimum(TH, canvas_h - wh * TH)) & (nw < tl.minimum(TW, canvas_w - ww * TW)))
-                acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_valid, d_valid,
-                                              qk_scale, True, DMASK, IEEE, FAST_EXP)
+                nt = offs_n // (TH * TW)
+                nh = (offs_n // TW) % TH
+                nw = offs_n % TW
+                rows_n = (k_row0 + nt * k_st + nh * k_sh + nw).to(tl.int64)
+                k_ptrs = k_base + rows_n[:, None] * sks + offs_d[None, :]
+                v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
+                if EVEN:
+                    k, v = _load_kv(k_ptrs, v_ptrs, offs_n < VOL, d_valid, False, DMASK)
+                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE,
+                                                    FAST_EXP)
+                else:
+                    key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
+                                 & (nh < tl.minimum(TH, canvas_h - wh * TH))
+                                 & (nw < tl.minimum(TW, canvas_w - ww * TW)))
+                    k, v = _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, True, DMASK)
+                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE,
+                                                    FAST_EXP)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
                                       sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
 
@@ -260,6 +275,7 @@ def sta_fwd(
     kv_text_for_text: int,
     scale: float,
     even: bool,
+    packed: bool = False,
     return_lse: bool = False,
     config: dict | None = None,
     out: torch.Tensor | None = None,
@@ -271,7 +287,8 @@ def sta_fwd(
     the same device (module docstring); only the ``n`` heads of ``heads`` are computed
     (``out`` is allocated by the caller when it fills the other heads itself). ``q`` rows ``[q_video, q_video + q_text)`` are text
     queries; ``k``/``v`` rows from ``kv_video`` on are text keys. ``even`` promises full
-    tiles that the blocks divide (no key or query masking). Returns ``out_bshd`` (input
+    tiles that the blocks divide (no key or query masking); ``packed`` promises that every
+    k/v tile's rows are consecutive (tiled storage), which allows bulk copies. Returns ``out_bshd`` (input
     dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log).
     """
     B, Sq, H, D = q_bshd.shape
@@ -286,6 +303,16 @@ def sta_fwd(
     fast_exp = cfg.pop("FAST_EXP", False) and q_bshd.is_cuda and q_bshd.dtype != torch.float32
     fast_exp = (1 if q_bshd.dtype == torch.bfloat16 else 2) if fast_exp else 0
     warp_spec = cfg.pop("WARP_SPEC", False)
+    # Bulk tensor copies (TMA) for k/v blocks: packed whole tiles, contiguous [B, S, H, D].
+    tma = bool(cfg.pop("TMA", False)) and packed and even and volume % block_n == 0 and q_bshd.is_cuda
+    tma = tma and all(x.is_contiguous() for x in (k_bshd, v_bshd)) and triton.next_power_of_2(D) == D
+    k_desc = v_desc = None
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        Hkv = k_bshd.shape[2]
+        k_desc = TensorDescriptor.from_tensor(k_bshd.view(-1, Hkv * D), [block_n, D])
+        v_desc = TensorDescriptor.from_tensor(v_bshd.view(-1, Hkv * D), [block_n, D])
     if out is None:
         out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out
@@ -294,7 +321,7 @@ def sta_fwd(
     n_heads = heads.shape[0]
     if n_blocks and B * n_heads:
         _sta_fwd_kernel[(n_blocks, B * n_heads)](
-            q_bshd, k_bshd, v_bshd, out, lse, q_tiles, kv_tiles, heads,
+            q_bshd, k_bshd, v_bshd, out, lse, q_tiles, kv_tiles, heads, k_desc, v_desc, k_bshd.shape[1],
             q_bshd.stride(0), q_bshd.stride(1), q_bshd.stride(2),
             k_bshd.stride(0), k_bshd.stride(1), k_bshd.stride(2),
             v_bshd.stride(0), v_bshd.stride(1), v_bshd.stride(2),
@@ -308,6 +335,7 @@ def sta_fwd(
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
             EVEN=even and volume % block_m == 0 and volume % block_n == 0,
             STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, FAST_EXP=fast_exp, WARP_SPEC=warp_spec,
+            TMA=tma,
             **cfg,
         )
     return (out, lse) if return_lse else out

@@ -22,10 +22,11 @@ def _bench(args) -> int:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
     cases = [c for c in args.cases.split(",") if c] if args.cases else list(bench.STANDARD_CASES)
     if args.sweep:
-        configs = [
-            dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=s, FAST_EXP=fe, WARP_SPEC=ws)
-            for s, fe, ws in itertools.product((2, 3), (False, True), (False, True))
-        ]
+        base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+        configs = [dict(base, **extra) for extra in (
+            {}, dict(PERMUTE=True), dict(PERMUTE=True, TMA=True), dict(PERMUTE=True, TMA=True, num_stages=2),
+            dict(PERMUTE=True, TMA=True, FAST_EXP=True), dict(PERMUTE=True, TMA=True, BLOCK_N=64, num_stages=4),
+        )]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)
         return 0
