@@ -203,8 +203,10 @@ def _sta_fwd_kernel(
             offs_n = nb + tl.arange(0, BLOCK_N)
             if TMA:
                 # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
-                k = K_DESC.load([b * kv_rows + k_row0 + nb, kvh * HEAD_DIM])
-                v = V_DESC.load([b * kv_rows + k_row0 + nb, kvh * HEAD_DIM])
+                row = (b * kv_rows + k_row0 + nb).to(tl.int32)
+                col = (kvh * HEAD_DIM).to(tl.int32)
+                k = K_DESC.load([row, col])
+                v = V_DESC.load([row, col])
                 acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
             else:
                 nt = offs_n // (TH * TW)
