@@ -201,7 +201,16 @@ def _sta_fwd_kernel(
             k_st = tl.load(KV_TILES + kid * 3 + 1)
             k_sh = tl.load(KV_TILES + kid * 3 + 2)
             offs_n = nb + tl.arange(0, BLOCK_N)
-            if TMA:
+            if TMA == 2:
+                # Natural order, whole tiles: the block is BLOCK_N // (TH*TW) t-slices of the
+                # tile, a (t, h, w, d) box of a 4-D view of [B*T, H, W, Hkv*D].
+                SLICES: tl.constexpr = BLOCK_N // (TH * TW)
+                t0 = (b * canvas_t + wt * TT + nb // (TH * TW)).to(tl.int32)
+                col = (kvh * HEAD_DIM).to(tl.int32)
+                k = K_DESC.load([t0, (wh * TH).to(tl.int32), (ww * TW).to(tl.int32), col]).reshape(BLOCK_N, BLOCK_D)
+                v = V_DESC.load([t0, (wh * TH).to(tl.int32), (ww * TW).to(tl.int32), col]).reshape(BLOCK_N, BLOCK_D)
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
+            elif TMA:
                 # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
                 row = (b * kv_rows + k_row0 + nb).to(tl.int32)
                 col = (kvh * HEAD_DIM).to(tl.int32)
@@ -278,6 +287,7 @@ def sta_fwd(
     scale: float,
     even: bool,
     packed: bool = False,
+    natural: bool = False,
     return_lse: bool = False,
     config: dict | None = None,
     out: torch.Tensor | None = None,
@@ -290,7 +300,8 @@ def sta_fwd(
     (``out`` is allocated by the caller when it fills the other heads itself). ``q`` rows ``[q_video, q_video + q_text)`` are text
     queries; ``k``/``v`` rows from ``kv_video`` on are text keys. ``even`` promises full
     tiles that the blocks divide (no key or query masking); ``packed`` promises that every
-    k/v tile's rows are consecutive (tiled storage), which allows bulk copies. Returns ``out_bshd`` (input
+    k/v tile's rows are consecutive (tiled storage), ``natural`` that k/v are the whole
+    canvas in natural order; either allows bulk copies. Returns ``out_bshd`` (input
     dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log).
     """
     B, Sq, H, D = q_bshd.shape
@@ -305,16 +316,29 @@ def sta_fwd(
     fast_exp = cfg.pop("FAST_EXP", False) and q_bshd.is_cuda and q_bshd.dtype != torch.float32
     fast_exp = (1 if q_bshd.dtype == torch.bfloat16 else 2) if fast_exp else 0
     warp_spec = cfg.pop("WARP_SPEC", False)
-    # Bulk tensor copies (TMA) for k/v blocks: packed whole tiles, contiguous [B, S, H, D].
-    tma = bool(cfg.pop("TMA", False)) and packed and even and volume % block_n == 0 and q_bshd.is_cuda
-    tma = tma and all(x.is_contiguous() for x in (k_bshd, v_bshd)) and triton.next_power_of_2(D) == D
+    # Bulk tensor copies (TMA) of k/v blocks, for whole tiles in contiguous [B, S, H, D]:
+    # 1 = packed tiles (rows consecutive), 2 = natural order (a 4-D box per block).
+    want = cfg.pop("TMA", False)
+    tma = 0
+    if want and even and volume % block_n == 0 and q_bshd.is_cuda and triton.next_power_of_2(D) == D \
+            and all(x.is_contiguous() for x in (k_bshd, v_bshd)):
+        slices = block_n // (tile[1] * tile[2]) if block_n % (tile[1] * tile[2]) == 0 else 0
+        if packed:
+            tma = 1
+        elif natural and slices and tile[0] % slices == 0:
+            tma = 2
     k_desc = v_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        Hkv = k_bshd.shape[2]
-        k_desc = TensorDescriptor.from_tensor(k_bshd.view(-1, Hkv * D), [block_n, D])
-        v_desc = TensorDescriptor.from_tensor(v_bshd.view(-1, Hkv * D), [block_n, D])
+        Hkv, T, Hc, W = k_bshd.shape[2], *canvas
+        if tma == 1:
+            k_desc = TensorDescriptor.from_tensor(k_bshd.view(-1, Hkv * D), [block_n, D])
+            v_desc = TensorDescriptor.from_tensor(v_bshd.view(-1, Hkv * D), [block_n, D])
+        else:
+            box = [slices, tile[1], tile[2], D]
+            k_desc = TensorDescriptor.from_tensor(k_bshd[:, : T * Hc * W].reshape(-1, Hc, W, Hkv * D), box)
+            v_desc = TensorDescriptor.from_tensor(v_bshd[:, : T * Hc * W].reshape(-1, Hc, W, Hkv * D), box)
     if out is None:
         out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out

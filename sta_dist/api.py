@@ -106,4 +106,6 @@ def _reorder(x, canvas, tile, index_fn):
             f"x must be [B, S, ...] with S >= T*H*W = {cfg.num_video}, got x.shape={tuple(x.shape)}"
         )
     idx = index_fn(cfg.canvas, cfg.tile, x.device)
-    return torch.cat([x[:, idx], x[:, cfg.num_video:]], 1)
+    if x.shape[1] > cfg.num_video:  # one gather, text rows in place
+        idx = torch.cat([idx, torch.arange(cfg.num_video, x.shape[1], device=x.device)])
+    return x[:, idx]

@@ -24,8 +24,8 @@ def _bench(args) -> int:
     if args.sweep:
         base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         configs = [dict(base, **extra) for extra in (
-            {}, dict(PERMUTE=True), dict(PERMUTE=True, TMA=True), dict(PERMUTE=True, TMA=True, num_stages=2),
-            dict(PERMUTE=True, TMA=True, FAST_EXP=True), dict(PERMUTE=True, TMA=True, BLOCK_N=64, num_stages=4),
+            {}, dict(TMA=True), dict(TMA=True, FAST_EXP=True), dict(TMA=True, num_stages=4),
+            dict(PERMUTE=True), dict(PERMUTE=True, TMA=True),
         )]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)

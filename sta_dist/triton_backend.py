@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from . import geometry
 from .local import LocalHeads, LocalLayout, LocalText
 
 
@@ -129,4 +130,5 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         text_q_video_keys=layout.text_q_video_keys,
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
         scale=scale, even=even, packed=packed, return_lse=return_lse, config=config, out=out,
+        natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
     )
