@@ -203,12 +203,11 @@ def _sta_fwd_kernel(
             offs_n = nb + tl.arange(0, BLOCK_N)
             if TMA == 2:
                 # Natural order, whole tiles: the block is BLOCK_N // (TH*TW) t-slices of the
-                # tile, a (t, h, w, d) box of a 4-D view of [B*T, H, W, Hkv*D].
-                SLICES: tl.constexpr = BLOCK_N // (TH * TW)
-                t0 = (b * canvas_t + wt * TT + nb // (TH * TW)).to(tl.int32)
-                col = (kvh * HEAD_DIM).to(tl.int32)
-                k = K_DESC.load([t0, (wh * TH).to(tl.int32), (ww * TW).to(tl.int32), col]).reshape(BLOCK_N, BLOCK_D)
-                v = V_DESC.load([t0, (wh * TH).to(tl.int32), (ww * TW).to(tl.int32), col]).reshape(BLOCK_N, BLOCK_D)
+                # tile, a (1, t, h, w, d) box of the 5-D view [B, T, H, W, Hkv*D].
+                box = [b.to(tl.int32), (wt * TT + nb // (TH * TW)).to(tl.int32), (wh * TH).to(tl.int32),
+                       (ww * TW).to(tl.int32), (kvh * HEAD_DIM).to(tl.int32)]
+                k = K_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
+                v = V_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
                 acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
             elif TMA:
                 # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
@@ -249,6 +248,24 @@ def _sta_fwd_kernel(
 
 
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def _tma_mode(wanted: bool, k_bshd, v_bshd, tile, block_n: int, even: bool, packed: bool, natural: bool) -> int:
+    """Whether k/v blocks can be bulk-copied: 1 = packed tiles (consecutive rows), 2 =
+    natural order (a 5-D box per block), 0 = no (gathered rows through pointers). Needs a
+    GPU, whole tiles, a power-of-two head dim and each token's heads adjacent in memory."""
+    D = k_bshd.shape[3]
+    plane = tile[1] * tile[2]
+    ok = (wanted and even and k_bshd.is_cuda and triton.next_power_of_2(D) == D and math.prod(tile) % block_n == 0
+          and all(x.stride(3) == 1 and x.stride(2) == D and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
+                  and x.stride() == k_bshd.stride() for x in (k_bshd, v_bshd)))
+    if not ok:
+        return 0
+    if packed:
+        return 1
+    if natural and block_n % plane == 0 and tile[0] % (block_n // plane) == 0:
+        return 2
+    return 0
 
 
 def pick_block(volume: int, cap: int) -> int:
@@ -318,27 +335,21 @@ def sta_fwd(
     warp_spec = cfg.pop("WARP_SPEC", False)
     # Bulk tensor copies (TMA) of k/v blocks, for whole tiles in contiguous [B, S, H, D]:
     # 1 = packed tiles (rows consecutive), 2 = natural order (a 4-D box per block).
-    want = cfg.pop("TMA", False)
-    tma = 0
-    if want and even and volume % block_n == 0 and q_bshd.is_cuda and triton.next_power_of_2(D) == D \
-            and all(x.is_contiguous() for x in (k_bshd, v_bshd)):
-        slices = block_n // (tile[1] * tile[2]) if block_n % (tile[1] * tile[2]) == 0 else 0
-        if packed:
-            tma = 1
-        elif natural and slices and tile[0] % slices == 0:
-            tma = 2
+    tma = _tma_mode(cfg.pop("TMA", True), k_bshd, v_bshd, tile, block_n, even, packed, natural)
     k_desc = v_desc = None
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        Hkv, T, Hc, W = k_bshd.shape[2], *canvas
+        Hkv = k_bshd.shape[2]
         if tma == 1:
-            k_desc = TensorDescriptor.from_tensor(k_bshd.view(-1, Hkv * D), [block_n, D])
-            v_desc = TensorDescriptor.from_tensor(v_bshd.view(-1, Hkv * D), [block_n, D])
+            row_major = [[k_bshd.shape[0] * k_bshd.shape[1], Hkv * D], [k_bshd.stride(1), 1], [block_n, D]]
+            k_desc, v_desc = (TensorDescriptor(x, *row_major) for x in (k_bshd, v_bshd))
         else:
-            box = [slices, tile[1], tile[2], D]
-            k_desc = TensorDescriptor.from_tensor(k_bshd[:, : T * Hc * W].reshape(-1, Hc, W, Hkv * D), box)
-            v_desc = TensorDescriptor.from_tensor(v_bshd[:, : T * Hc * W].reshape(-1, Hc, W, Hkv * D), box)
+            T, Hc, W = canvas
+            five_d = [[k_bshd.shape[0], T, Hc, W, Hkv * D],
+                      [k_bshd.stride(0), Hc * W * k_bshd.stride(1), W * k_bshd.stride(1), k_bshd.stride(1), 1],
+                      [1, block_n // (tile[1] * tile[2]), tile[1], tile[2], D]]
+            k_desc, v_desc = (TensorDescriptor(x, *five_d) for x in (k_bshd, v_bshd))
     if out is None:
         out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out
