@@ -261,7 +261,7 @@ def _tma_mode(wanted: bool, k_bshd, v_bshd, tile, block_n: int, even: bool, pack
                   and x.stride() == k_bshd.stride() for x in (k_bshd, v_bshd)))
     if not ok:
         return 0
-    if packed:
+    if packed and k_bshd.stride(0) == k_bshd.shape[1] * k_bshd.stride(1):
         return 1
     if natural and block_n % plane == 0 and tile[0] % (block_n // plane) == 0:
         return 2
