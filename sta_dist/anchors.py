@@ -7,6 +7,7 @@ FlexAttention gets its best case: tokens in tiled order, so a 6x8x8 tile is thre
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -94,8 +95,7 @@ class FlexSTA:
         f_num = torch.zeros(1, len(heads), n_video_blocks + n_text_blocks, dtype=torch.int32)
         f_idx = torch.zeros(1, len(heads), n_video_blocks + n_text_blocks, text_width, dtype=torch.int32)
         for h, window in enumerate(heads):
-            keys = torch.tensor([geometry.window_tiles(geometry.tile_coords(t, self.grid), window, self.grid)
-                                 for t in range(n_tiles)])
+            keys = self._window_keys(window)
             blocks = (keys[:, :, None] * per_tile + torch.arange(per_tile)).reshape(n_tiles, -1)
             f_num[0, h, :n_video_blocks] = blocks.shape[1]
             f_idx[0, h, :n_video_blocks, : blocks.shape[1]] = blocks.repeat_interleave(per_tile, 0)
@@ -114,6 +114,12 @@ class FlexSTA:
         return BlockMask.from_kv_blocks(p_num.to(**to), p_idx.to(**to), f_num.to(**to), f_idx.to(**to),
                                         BLOCK_SIZE=self.BLOCK, mask_mod=self.mask_mod,
                                         seq_lengths=(self.seq, self.seq))
+
+    @functools.lru_cache(maxsize=64)
+    def _window_keys(self, window: Triple) -> torch.Tensor:
+        """``[n_tiles, n_window_tiles]`` key tile ids of every query tile."""
+        return torch.tensor([geometry.window_tiles(geometry.tile_coords(t, self.grid), window, self.grid)
+                             for t in range(geometry.num_tiles(self.grid))])
 
     def __call__(self, q, k, v):
         return self.compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])

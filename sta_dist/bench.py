@@ -6,6 +6,7 @@ Effective TFLOP/s counts only attended score entries: ``4 * B * H * pairs * D``.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
@@ -68,12 +69,13 @@ STANDARD_CASES = {
 }
 
 
-def replay_cases(strategy: MaskStrategy, canvas: Triple = HUNYUAN) -> list[BenchCase]:
-    """One case per distinct per-layer window set of a mask strategy, weighted by count."""
-    return [
-        BenchCase(f"replay_{i}", canvas, windows, weight=count, anchors=("flex",))
-        for i, (windows, count) in enumerate(sorted(strategy.layer_window_counts().items(), key=lambda x: -x[1]))
-    ]
+def replay_sets(strategy: MaskStrategy) -> list[tuple[tuple[Triple, ...], int]]:
+    """Distinct per-layer window sets of a mask strategy with their counts. A set is a
+    multiset over heads (sorted): head order changes no kernel's work."""
+    counts: collections.Counter = collections.Counter()
+    for windows, n in strategy.layer_window_counts().items():
+        counts[tuple(sorted(windows))] += n
+    return sorted(counts.items(), key=lambda x: -x[1])
 
 
 def attended_pairs(case: BenchCase) -> int:
@@ -93,7 +95,7 @@ def attended_pairs(case: BenchCase) -> int:
     return total
 
 
-def time_ms(fn: Callable, min_reps: int = 5) -> float:
+def time_ms(fn: Callable, min_reps: int = 5, min_rep_ms: float = 100.0) -> float:
     """Median milliseconds of ``fn`` (device events, after a warm-up call)."""
     import triton.testing
 
@@ -103,8 +105,8 @@ def time_ms(fn: Callable, min_reps: int = 5) -> float:
     fn()
     torch.cuda.synchronize()
     estimate = (time.perf_counter() - start) * 1e3
-    rep = min(max(100.0, estimate * min_reps), 4000.0)
-    return triton.testing.do_bench(fn, warmup=max(25.0, estimate), rep=rep, return_mode="median")
+    rep = min(max(min_rep_ms, estimate * min_reps), 4000.0)
+    return triton.testing.do_bench(fn, warmup=max(min(25.0, min_rep_ms), estimate), rep=rep, return_mode="median")
 
 
 @dataclass
@@ -232,31 +234,63 @@ def environment() -> dict:
     )
 
 
+def run_replay(strategy: MaskStrategy, canvas: Triple = HUNYUAN, heads: int = 24, head_dim: int = 128,
+               dtype=torch.bfloat16) -> dict:
+    """Replay a mask strategy: every distinct per-layer window set timed once (ours and
+    FlexAttention-STA with the windows in a per-head mask) and checked on sampled rows;
+    totals weighted by count; dense cuDNN timed once for all layers."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    S = geometry.volume(canvas)
+    q, k, v = (torch.randn(1, S, heads, head_dim, generator=g, device="cuda", dtype=dtype) for _ in range(3))
+    perm = geometry.tiled_permutation(canvas, TILE).to("cuda")
+    qt, kt, vt = (x[:, perm].transpose(1, 2).contiguous() for x in (q, k, v))
+    flex = _flex(canvas, TILE, 0, 0, heads)
+    sets = replay_sets(strategy)
+    rows, worst = [], 0.0
+    for i, (windows, count) in enumerate(sets):
+        kw = dict(canvas=canvas, tile=TILE, window=list(windows), text_length=0)
+        out = sliding_tile_attention(q, k, v, **kw, backend="triton")
+        check = sampled_check(q, k, v, out, **kw, n_rows=32, seed=i)
+        del out
+        ours = time_ms(lambda: sliding_tile_attention(q, k, v, **kw, backend="triton"), 3, 30.0)
+        flex.set_windows(windows, per_head_mask=True)
+        flex_ms = time_ms(lambda: flex(qt, kt, vt), 3, 30.0)
+        rows.append(dict(windows=windows, count=count, ours_ms=ours, flex_ms=flex_ms, ok=check["ok"]))
+        worst = max(worst, check["error"] / check["bound"])
+        if i % 50 == 0:
+            print(f"replay {i}/{len(sets)}: x{count} ours {ours:.1f} ms flex {flex_ms:.1f} ms ok={check['ok']}", flush=True)
+    del qt, kt, vt
+    dense = anchors.sdpa("cudnn")
+    qd, kd, vd = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    cudnn_ms = time_ms(lambda: dense(qd, kd, vd))
+    layers = sum(r["count"] for r in rows)
+    totals = dict(ours=sum(r["count"] * r["ours_ms"] for r in rows), flex=sum(r["count"] * r["flex_ms"] for r in rows),
+                  cudnn_dense=layers * cudnn_ms)
+    summary = dict(sets=len(rows), layers=layers, cudnn_dense_ms_per_layer=cudnn_ms, totals_ms=totals,
+                   ours_over_flex=totals["ours"] / totals["flex"], ours_over_cudnn=totals["ours"] / totals["cudnn_dense"],
+                   all_checked_ok=all(r["ok"] for r in rows), worst_error_over_bound=worst)
+    print("replay:", json.dumps(summary), flush=True)
+    return dict(summary=summary, rows=rows)
+
+
 def run_kernel_bench(case_names: Sequence[str], out_dir: str, replay: Optional[str] = None,
                      with_anchors: bool = True) -> list[CaseResult]:
     """Run the named cases (and a mask-strategy replay), print a table, write JSON + PNG."""
     if not torch.cuda.is_available():
         raise RuntimeError("sta-dist bench kernel needs a CUDA device")
-    cases = [STANDARD_CASES[n] for n in case_names]
-    if replay:
-        cases += replay_cases(MaskStrategy.load(replay))
     results = []
-    for case in cases:
-        results.append(run_case(case, with_anchors=with_anchors))
+    for name in case_names:
+        results.append(run_case(STANDARD_CASES[name], with_anchors=with_anchors))
         r = results[-1]
         print(f"{r.name}: ours {r.ours_ms:.2f} ms, anchors {r.anchors_ms}, check {r.check}", flush=True)
     hd = 128
-    table = format_table(results, hd)
-    print(table)
-    replayed = [r for r in results if r.name.startswith("replay_")]
-    summary = {}
-    if replayed:
-        for key in ["ours"] + sorted({a for r in replayed for a in r.anchors_ms}):
-            summary[key] = sum(r.weight * (r.ours_ms if key == "ours" else r.anchors_ms.get(key, float("nan")))
-                               for r in replayed)
-        print("replay totals (ms, weighted over 50 steps x 60 layers):", summary)
     os.makedirs(out_dir, exist_ok=True)
+    payload: dict = dict(env=environment(), results=[asdict(r) for r in results])
+    if results:
+        print(format_table(results, hd))
+        plot(results, os.path.join(out_dir, "kernel_bench.png"), hd)
+    if replay:
+        payload["replay"] = run_replay(MaskStrategy.load(replay))
     with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
-        json.dump(dict(env=environment(), results=[asdict(r) for r in results], replay_totals=summary), f, indent=1)
-    plot(results, os.path.join(out_dir, "kernel_bench.png"), hd)
+        json.dump(payload, f, indent=1)
     return results

@@ -20,7 +20,7 @@ def _bench(args) -> int:
     replay = None
     if args.replay:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
-    cases = [c for c in args.cases.split(",") if c] if args.cases else list(bench.STANDARD_CASES)
+    cases = [c for c in args.cases.split(",") if c] if args.cases else ([] if replay else list(bench.STANDARD_CASES))
     if args.sweep:
         base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         configs = [dict(base, **extra) for extra in (

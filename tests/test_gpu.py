@@ -46,3 +46,20 @@ def test_small_cases_on_gpu(seed, dtype):
     base = reference_attention(q, k, v, **case.kwargs(), compute_dtype=dtype)
     out = sta_dist.sliding_tile_attention(q, k, v, **case.kwargs(), backend="triton")
     assert max_error(out, ref) <= error_bound(max_error(base, ref), dtype, ref)
+
+
+@pytest.mark.parametrize("layout", ["natural", "tiled"])
+def test_bulk_copy_paths_batch_text_gqa(layout):
+    """Whole 6x8x8 tiles take the bulk-copy (TMA) path: natural order (5-D boxes, batch
+    stride past the text rows) and tiled order (consecutive rows); B=2, text, GQA."""
+    canvas, windows = (12, 16, 24), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
+    S = 12 * 16 * 24 + 40
+    q = randn((2, S, 4, 128), seed=1)
+    k, v = randn((2, S, 2, 128), seed=2), randn((2, S, 2, 128), seed=3)
+    args = [q, k, v] if layout == "natural" else [sta_dist.to_tiled(x, canvas, TILE) for x in (q, k, v)]
+    out = sta_dist.sliding_tile_attention(*args, canvas=canvas, tile=TILE, window=windows, text_length=33,
+                                          backend="triton", layout=layout)
+    if layout == "tiled":
+        out = sta_dist.to_natural(out, canvas, TILE)
+    check = sampled_check(q, k, v, out, canvas=canvas, tile=TILE, window=windows, text_length=33)
+    assert check["ok"], check
