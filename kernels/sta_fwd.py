@@ -28,19 +28,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def _exp2_packed(x, FAST_EXP: tl.constexpr):
-    """``2**x`` of a bf16/fp16 tensor two lanes per instruction (``ex2.approx`` on packed
-    halves, sm_90): half the special-function work of float32 ``exp2``."""
-    if FAST_EXP == 1:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
-                                         dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                         dtype=tl.float16, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -62,8 +49,7 @@ def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr, DMASK: tl
 
 
 @triton.jit
-def _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale,
-                    MASKED: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
+def _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
     """Fold one key/value block into the running softmax."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -79,23 +65,18 @@ def _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale,
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = m_new
     alpha = tl.math.exp2(m_i - m_use)
-    if FAST_EXP:
-        p = _exp2_packed(qk - m_use[:, None], FAST_EXP)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    p = tl.math.exp2(qk - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     else:
-        p = tl.math.exp2(qk - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs_d, d_valid, qk_scale,
-                  BLOCK_N: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DMASK: tl.constexpr, IEEE: tl.constexpr):
     """Attend the contiguous key rows ``[start, start + count)``."""
     for nb in range(0, count, BLOCK_N):
         offs_n = nb + tl.arange(0, BLOCK_N)
@@ -103,7 +84,7 @@ def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs
         k_ptrs = k_base + rows[:, None] * sks + offs_d[None, :]
         v_ptrs = v_base + rows[:, None] * svs + offs_d[None, :]
         k, v = _load_kv(k_ptrs, v_ptrs, offs_n < count, d_valid, True, DMASK)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < count, qk_scale, True, IEEE, FAST_EXP)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < count, qk_scale, True, IEEE)
     return acc, m_i, l_i
 
 
@@ -117,8 +98,7 @@ def _sta_fwd_kernel(
     qk_scale,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, FAST_EXP: tl.constexpr,
-    WARP_SPEC: tl.constexpr, TMA: tl.constexpr,
+    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
 ):
     VOL: tl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
@@ -128,12 +108,12 @@ def _sta_fwd_kernel(
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
-    row = bh % n_heads
-    kt = tl.load(HEADS + row * 5 + 0)
-    kh = tl.load(HEADS + row * 5 + 1)
-    kw = tl.load(HEADS + row * 5 + 2)
-    kvh = tl.load(HEADS + row * 5 + 3).to(tl.int64)
-    h = tl.load(HEADS + row * 5 + 4)
+    head_row = bh % n_heads
+    kt = tl.load(HEADS + head_row * 5 + 0)
+    kh = tl.load(HEADS + head_row * 5 + 1)
+    kw = tl.load(HEADS + head_row * 5 + 2)
+    kvh = tl.load(HEADS + head_row * 5 + 3).to(tl.int64)
+    h = tl.load(HEADS + head_row * 5 + 4)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_valid = offs_d < HEAD_DIM
@@ -155,9 +135,9 @@ def _sta_fwd_kernel(
         q = tl.load(q_base + rows_m[:, None] * sqs + offs_d[None, :],
                     mask=attend_m[:, None] & d_valid[None, :], other=0.0)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, 0, text_q_video_keys, sks, svs,
-                                      offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
+                                      offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_text,
-                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
         # Padding text rows attend nothing: zero output, LSE -inf.
         l_i = tl.where(attend_m, l_i, 0.0)
     else:
@@ -190,7 +170,7 @@ def _sta_fwd_kernel(
         sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
         sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
         n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
-        for j in tl.range(0, n_steps, warp_specialize=WARP_SPEC):
+        for j in range(0, n_steps):
             i = j // KEY_BLOCKS_PER_TILE
             nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
             wt = st + i // (kh * kw)
@@ -208,14 +188,14 @@ def _sta_fwd_kernel(
                        (ww * TW).to(tl.int32), (kvh * HEAD_DIM).to(tl.int32)]
                 k = K_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
                 v = V_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
             elif TMA:
                 # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
-                row = (b * kv_rows + k_row0 + nb).to(tl.int32)
+                k_row = (b * kv_rows + k_row0 + nb).to(tl.int32)
                 col = (kvh * HEAD_DIM).to(tl.int32)
-                k = K_DESC.load([row, col])
-                v = V_DESC.load([row, col])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE, FAST_EXP)
+                k = K_DESC.load([k_row, col])
+                v = V_DESC.load([k_row, col])
+                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
             else:
                 nt = offs_n // (TH * TW)
                 nh = (offs_n // TW) % TH
@@ -225,29 +205,24 @@ def _sta_fwd_kernel(
                 v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
                 if EVEN:
                     k, v = _load_kv(k_ptrs, v_ptrs, offs_n < VOL, d_valid, False, DMASK)
-                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE,
-                                                    FAST_EXP)
+                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
                 else:
                     key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
                                  & (nh < tl.minimum(TH, canvas_h - wh * TH))
                                  & (nw < tl.minimum(TW, canvas_w - ww * TW)))
                     k, v = _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, True, DMASK)
-                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE,
-                                                    FAST_EXP)
+                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
-                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE, FAST_EXP)
+                                      sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
 
     has_keys = l_i > 0.0
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l_i, 1.0)[:, None], 0.0)
     o_mask = store_m[:, None] & d_valid[None, :] if DMASK else store_m[:, None]
     tl.store(o_base + rows_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
     if STORE_LSE:
-        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453  # ln 2,
                        float("-inf"))
         tl.store(LSE + b * slb + h.to(tl.int64) * slh + rows_m, lse, mask=store_m)
-
-
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
 
 
 def _tma_mode(wanted: bool, k_bshd, v_bshd, tile, block_n: int, even: bool, packed: bool, natural: bool) -> int:
@@ -329,10 +304,6 @@ def sta_fwd(
     volume = math.prod(tile)
     cfg = dict(launch_config(volume, D, q_bshd.dtype), **(config or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    # Packed exp2 needs sm_90 PTX (not the interpreter): 1 = bf16x2, 2 = f16x2.
-    fast_exp = cfg.pop("FAST_EXP", False) and q_bshd.is_cuda and q_bshd.dtype != torch.float32
-    fast_exp = (1 if q_bshd.dtype == torch.bfloat16 else 2) if fast_exp else 0
-    warp_spec = cfg.pop("WARP_SPEC", False)
     # Bulk tensor copies (TMA) of k/v blocks, for whole tiles in contiguous [B, S, H, D]:
     # 1 = packed tiles (rows consecutive), 2 = natural order (a 4-D box per block).
     tma = _tma_mode(cfg.pop("TMA", True), k_bshd, v_bshd, tile, block_n, even, packed, natural)
@@ -371,8 +342,7 @@ def sta_fwd(
             TT=tile[0], TH=tile[1], TW=tile[2],
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
             EVEN=even and volume % block_m == 0 and volume % block_n == 0,
-            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, FAST_EXP=fast_exp, WARP_SPEC=warp_spec,
-            TMA=tma,
+            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, TMA=tma,
             **cfg,
         )
     return (out, lse) if return_lse else out

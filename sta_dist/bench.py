@@ -218,7 +218,7 @@ def plot(results: Sequence[CaseResult], path: str, head_dim: int) -> None:
         ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, rotation=30, ha="right")
     ax.set_ylabel("effective TFLOP/s")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -24,8 +24,8 @@ def _bench(args) -> int:
     if args.sweep:
         base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         configs = [dict(base, **extra) for extra in (
-            dict(TMA=False), {}, dict(num_stages=2), dict(BLOCK_N=64, num_stages=4), dict(BLOCK_N=64, num_stages=5),
-            dict(BLOCK_M=64, num_warps=4, num_stages=3), dict(num_warps=4),
+            dict(TMA=False), {}, dict(num_stages=2), dict(BLOCK_N=64, num_stages=4),
+            dict(BLOCK_M=64, num_warps=4), dict(num_warps=4),
         )]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)

@@ -98,19 +98,6 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for."""
     from .kernels.sta_fwd import sta_fwd
 
-    config = dict(config or {})
-    if config.pop("PERMUTE", False) and layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text):
-        # Natural -> tiled order first, so that every key tile is consecutive rows.
-        from .api import to_natural, to_tiled
-
-        tiled = LocalLayout.tiled(layout.canvas, layout.tile, layout.q_text)
-        q_t, k_t, v_t = (to_tiled(x, layout.canvas, layout.tile) for x in (q_bshd, k_bshd, v_bshd))
-        result = sta_triton(q_t, k_t, v_t, tiled, heads, text, scale, return_lse, config, route_dense)
-        if return_lse:
-            out, lse = result
-            return to_natural(out, layout.canvas, layout.tile), to_natural(lse.transpose(1, 2), layout.canvas,
-                                                                           layout.tile).transpose(1, 2)
-        return to_natural(result, layout.canvas, layout.tile)
     H = q_bshd.shape[2]
     dense = dense_heads(layout, heads, text) if route_dense and q_bshd.is_cuda and not return_lse else ()
     sparse = tuple(h for h in range(H) if h not in dense)

@@ -28,7 +28,8 @@ PLANS = {
         (MANY_HEADS, dict(mode="tile", tile_split=(1, 3, 1))), (EVEN_WIN, dict(mode="head"))],
     4: [(ODD, dict(mode="hybrid", mesh=(2, 2))), (ODD, dict(mode="tile", tile_split=(1, 2, 2))),
         (MANY_HEADS, dict(mode="hybrid", mesh=(2, 2))), (EVEN_WIN, dict(mode="head")),
-        (ODD, dict(mode="hybrid", mesh=(4, 1))), (MANY_HEADS, dict(mode="tile"))],
+        (ODD, dict(mode="hybrid", mesh=(4, 1))), (MANY_HEADS, dict(mode="tile")),
+        (EVEN_WIN, dict(mode="tile", tile_split=(1, 1, 4)))],  # non-neighbours exchange nothing
     8: [(Case((4, 6, 8), (2, 2, 2), [(1, 1, 1), (2, 3, 1)], 2, 2, 1, 2, 1, 32), dict(mode="tile")),
         (Case((4, 6, 8), (2, 2, 2), [(1, 1, 1), (2, 3, 1)], 2, 2, 1, 2, 1, 32), dict(mode="hybrid", mesh=(2, 4))),
         (Case((4, 6, 8), (2, 2, 2), (1, 1, 1), 2, 1, 1, 4, 2, 32), dict(mode="head"))],

@@ -69,21 +69,29 @@ class Comm:
         )
 
     # -- collectives ---------------------------------------------------------------------
-    def all_to_all(self, step: str, ranks: tuple[int, ...], send: Sequence[torch.Tensor],
+    def all_to_all(self, step: str, ranks: tuple[int, ...], send: Sequence[Sequence[torch.Tensor]],
                    recv_numels: Sequence[int]) -> list[torch.Tensor]:
-        """Send ``send[i]`` (any shape) to ``ranks[i]``; receive ``recv_numels[i]`` elements
-        from ``ranks[i]``, returned flat. One ``all_to_all_single`` with uneven splits."""
+        """Send the tensors ``send[i]`` (any shapes, packed back to back) to ``ranks[i]``;
+        receive ``recv_numels[i]`` elements from ``ranks[i]``, returned flat. Each tensor
+        is copied once, into the send buffer; one ``all_to_all_single`` with uneven splits."""
         me = ranks.index(self.rank)
+        sizes = [sum(t.numel() for t in parts) for parts in send]
+        first = next(t for parts in send for t in parts)
+        flat = first.new_empty(sum(sizes))
+        offset = 0
+        for parts in send:
+            for t in parts:
+                flat[offset:offset + t.numel()].view(t.shape).copy_(t)
+                offset += t.numel()
         if len(ranks) == 1:
-            return [send[0].reshape(-1)]
-        flat = torch.cat([t.reshape(-1) for t in send])
+            return [flat]
         out = flat.new_empty(sum(recv_numels))
         try:
-            dist.all_to_all_single(out, flat, output_split_sizes=list(recv_numels),
-                                   input_split_sizes=[t.numel() for t in send], group=self._group(ranks))
+            dist.all_to_all_single(out, flat, output_split_sizes=list(recv_numels), input_split_sizes=sizes,
+                                   group=self._group(ranks))
         except Exception as err:  # noqa: BLE001 - every backend error becomes one clear error
             raise self._fail(step, ranks, err) from err
-        self.bytes_sent[step] += sum(t.numel() for i, t in enumerate(send) if i != me) * flat.element_size()
+        self.bytes_sent[step] += sum(n for i, n in enumerate(sizes) if i != me) * flat.element_size()
         return list(out.split(list(recv_numels)))
 
     def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:

@@ -50,15 +50,19 @@ def best_tile_split(grid: Triple, parts: int, windows: Sequence[Triple] = ((3, 3
 
 
 def assign_heads(costs: Sequence[float], parts: int, kv_of: Sequence[int]) -> tuple[tuple[int, ...], ...]:
-    """Query heads to ``parts`` ranks by cost (longest first onto the least-loaded rank);
-    ties go to a rank already holding the head's kv head, then to fewer heads, then to the
-    lower rank. Returns each rank's heads, sorted."""
+    """Query heads to ``parts`` ranks by cost: longest first onto the least-loaded rank
+    (ties: a rank already holding the head's kv head, then fewer heads, then the lower
+    rank). Contiguous blocks when they balance just as well (uniform windows), since a
+    block of heads is a view, not a copy. Returns each rank's heads, sorted."""
     load = [0.0] * parts
     heads: list[list[int]] = [[] for _ in range(parts)]
     for h in sorted(range(len(costs)), key=lambda h: (-costs[h], h)):
         r = min(range(parts), key=lambda r: (load[r], kv_of[h] not in {kv_of[x] for x in heads[r]}, len(heads[r]), r))
         load[r] += costs[h]
         heads[r].append(h)
+    blocks = [tuple(range(lo, hi)) for lo, hi in geometry.split_range(len(costs), parts)]
+    if max(sum(costs[h] for h in b) for b in blocks) <= max(load):
+        return tuple(blocks)
     return tuple(tuple(sorted(h)) for h in heads)
 
 

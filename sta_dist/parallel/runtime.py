@@ -42,9 +42,17 @@ class PartialOutput(NamedTuple):
 
 
 def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
-    if heads == tuple(range(x.shape[2])):
-        return x
+    """The given heads of ``x [B, S, H, D]``: a view for a contiguous block, else a copy."""
+    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return x[:, :, heads[0]:heads[-1] + 1]
     return x[:, :, list(heads)]
+
+
+def _head_index(heads: tuple[int, ...]):
+    """An index for the head dim: a slice for a contiguous block (plain copies)."""
+    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return list(heads)
 
 
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
@@ -57,13 +65,8 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     if len(sched.head_group) == 1:
         q_box, k_box, v_box = _heads(q_bshd, my_q), _heads(k_bshd, my_kv), _heads(v_bshd, my_kv)
     else:
-        send = []
-        for qh, kvh in zip(sched.q_heads, sched.kv_heads):
-            send.append(torch.cat([
-                _heads(q_bshd[:, :n_held], qh).reshape(-1),
-                _heads(k_bshd[:, :n_held], kvh).reshape(-1),
-                _heads(v_bshd[:, :n_held], kvh).reshape(-1),
-            ]))
+        send = [[_heads(q_bshd[:, :n_held], qh), _heads(k_bshd[:, :n_held], kvh), _heads(v_bshd[:, :n_held], kvh)]
+                for qh, kvh in zip(sched.q_heads, sched.kv_heads)]
         sizes = [B * n * (len(my_q) + 2 * len(my_kv)) * D for n in sched.held_counts]
         chunks = comm.all_to_all("head all-to-all", sched.head_group, send, sizes)
         qs, ks, vs = [], [], []
@@ -83,14 +86,14 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     n_box = sched.box_tokens
     box_tiles = sched.layout.q_tiles
     h_kv = k_box.shape[2]
-    kv_video = torch.stack([k_box[:, :n_box], v_box[:, :n_box]])  # [2, B, n_box, Hkv_local, D]
     send, sizes = [], []
     for tiles_out, tiles_in in zip(sched.halo_send, sched.halo_recv):
-        rows = tile_rows(sched.layout.canvas, sched.layout.tile, box_tiles, tiles_out).to(kv_video.device)
-        send.append(kv_video.index_select(2, rows))
+        rows = tile_rows(sched.layout.canvas, sched.layout.tile, box_tiles, tiles_out).to(k_box.device)
+        send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
         sizes.append(2 * B * geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, tiles_in) * h_kv * D)
     chunks = comm.all_to_all("halo exchange", sched.tile_group, send, sizes)
-    halos = [c.view(2, B, -1, h_kv, D) for i, c in enumerate(chunks) if i != sched.me_in_tile_group]
+    halos = [c.view(2, B, geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, tiles), h_kv, D)
+             for i, (c, tiles) in enumerate(zip(chunks, sched.halo_recv)) if i != sched.me_in_tile_group]
     k_kv = torch.cat([k_box[:, :n_box]] + [h[0] for h in halos] + [k_box[:, n_box:]], 1)
     v_kv = torch.cat([v_box[:, :n_box]] + [h[1] for h in halos] + [v_box[:, n_box:]], 1)
     return BoxInputs(q_box, k_kv, v_kv)
@@ -133,7 +136,7 @@ def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_he
     text = out[:, n_box:]
     send, start = [], 0
     for n in sched.held_counts:
-        send.append(torch.cat([out[:, start:start + n].reshape(-1), text.reshape(-1)]))
+        send.append([out[:, start:start + n], text])
         start += n
     me = sched.me_in_head_group
     n_held = sched.held_counts[me]
@@ -143,6 +146,6 @@ def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_he
     for qh, chunk in zip(sched.q_heads, chunks):
         if qh:
             video, txt = chunk.split([B * n_held * len(qh) * D, B * L * len(qh) * D])
-            result[:, :n_held, list(qh)] = video.view(B, n_held, len(qh), D)
-            result[:, n_held:, list(qh)] = txt.view(B, L, len(qh), D)
+            result[:, :n_held, _head_index(qh)] = video.view(B, n_held, len(qh), D)
+            result[:, n_held:, _head_index(qh)] = txt.view(B, L, len(qh), D)
     return result
