@@ -220,8 +220,8 @@ def _sta_fwd_kernel(
     o_mask = store_m[:, None] & d_valid[None, :] if DMASK else store_m[:, None]
     tl.store(o_base + rows_m[:, None] * sos + offs_d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
     if STORE_LSE:
-        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453  # ln 2,
-                       float("-inf"))
+        ln2 = 0.6931471805599453
+        lse = tl.where(has_keys, (m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0))) * ln2, float("-inf"))
         tl.store(LSE + b * slb + h.to(tl.int64) * slh + rows_m, lse, mask=store_m)
 
 
