@@ -7,7 +7,6 @@ FlexAttention gets its best case: tokens in tiled order, so a 6x8x8 tile is thre
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Sequence
 
 import torch
@@ -49,6 +48,7 @@ class FlexSTA:
         self.compiled = torch.compile(flex_attention)
         self.mask_mod = self._make_mask_mod()
         self.block_mask = None
+        self._keys: dict = {}
 
     def _make_mask_mod(self):
         coords, eff, n_tiles = self.coords, self.eff, self.n_tiles
@@ -115,11 +115,12 @@ class FlexSTA:
                                         BLOCK_SIZE=self.BLOCK, mask_mod=self.mask_mod,
                                         seq_lengths=(self.seq, self.seq))
 
-    @functools.lru_cache(maxsize=64)
     def _window_keys(self, window: Triple) -> torch.Tensor:
-        """``[n_tiles, n_window_tiles]`` key tile ids of every query tile."""
-        return torch.tensor([geometry.window_tiles(geometry.tile_coords(t, self.grid), window, self.grid)
-                             for t in range(geometry.num_tiles(self.grid))])
+        """``[n_tiles, n_window_tiles]`` key tile ids of every query tile (memoised)."""
+        if window not in self._keys:
+            self._keys[window] = torch.tensor([geometry.window_tiles(geometry.tile_coords(t, self.grid), window, self.grid)
+                                               for t in range(geometry.num_tiles(self.grid))])
+        return self._keys[window]
 
     def __call__(self, q, k, v):
         return self.compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])

@@ -211,6 +211,13 @@ class SlidingTileAttentionImpl:
 
     # -- the hooks and the call -------------------------------------------------------
     def _schedule(self, attn_metadata: SlidingTileAttentionMetadata) -> CallSchedule:
+        for name in ("canvas", "tile"):
+            given = getattr(attn_metadata, name)
+            if given is not None and tuple(given) != getattr(self.plan, name):
+                raise ValueError(
+                    f"attn_metadata.{name} must match the plan's {name}={getattr(self.plan, name)} "
+                    f"(or be None), got {name}={tuple(given)}"
+                )
         windows = normalize_windows(self.layer_windows(attn_metadata), self.num_heads)
         return call_schedule(self.plan, windows, self.num_kv_heads, self.comm.rank)
 

@@ -20,7 +20,7 @@ from . import anchors, geometry
 from .api import sliding_tile_attention
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
-from .testing import max_error, sampled_check
+from .testing import sampled_check
 
 HUNYUAN = (30, 48, 80)
 WAN_480 = (18, 48, 80)

@@ -79,6 +79,27 @@ def ulysses_flex(q, k, v, canvas, tile, windows, world: int, rank: int, device):
     return run, local_run
 
 
+def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank, qkv, one,
+                  reps, device) -> tuple[str, dict]:
+    """One mode's layer: its output against one GPU's (max over ranks), then its time."""
+    mesh = None
+    if mode == "hybrid":
+        mesh = (2, world // 2) if world % 2 == 0 and world >= 4 else (1, world)
+    plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world, mesh=mesh,
+                     windows=(tuple(window),))
+    attn = DistributedSlidingTileAttention(heads, head_dim, plan)
+    windows = (tuple(window),) * heads
+    local = [plan.shard(x, rank) for x in qkv]
+    out = attn(*local, window=windows, text_length=text_valid)
+    diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    attn.comm.bytes_sent.clear()
+    ms = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
+    sent = {step: n / reps for step, n in attn.comm.bytes_sent.items()}
+    return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
+                                                     call_mode=call_schedule(plan, windows, heads, rank).mode)
+
+
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
                    head_dim: int = 128, text_len: int = 0, text_valid: int = 0, reps: int = 10,
                    modes=("head", "tile", "hybrid"), with_anchor: bool = True) -> dict:
@@ -96,23 +117,9 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
     check = sampled_check(q, k, v, one, **kw) if rank == 0 else {}
     rows = {"one GPU (ours, all heads)": dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))}
     for mode in modes:
-        mesh = None
-        if mode == "hybrid":
-            mesh = (2, world // 2) if world % 2 == 0 and world >= 4 else (1, world)
-        plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world, mesh=mesh,
-                         windows=(tuple(window),))
-        attn = DistributedSlidingTileAttention(heads, head_dim, plan)
-        local = [plan.shard(x, rank) for x in (q, k, v)]
-        out = attn(*local, window=windows, text_length=text_valid)
-        diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
-        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
-        attn.comm.bytes_sent.clear()
-        ms = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
-        sent = {k_: v_ / reps for k_, v_ in attn.comm.bytes_sent.items()}
-        rows[f"sta_dist {mode} mesh={plan.mesh}"] = dict(
-            ms=ms, max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
-            call_mode=call_schedule(plan, windows, heads, rank).mode)
-        del out, local, attn
+        name, row = _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank,
+                                  (q, k, v), one, reps, device)
+        rows[name] = row
     if with_anchor and device.type == "cuda" and heads % world == 0 and text_len == 0:
         run, local_run = ulysses_flex(q, k, v, canvas, tile, windows, world, rank, device)
         rows["Ulysses all-to-all + FlexAttention-STA (anchor)"] = dict(ms=_time_ms(run, reps, device))

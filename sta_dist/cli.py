@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import itertools
 import sys
 from typing import Optional, Sequence
 

@@ -112,3 +112,21 @@ def test_impl_needs_layer_idx_with_many_layers():
         impl.forward(q, q, q, meta)
     with pytest.raises(ValueError, match=r"canvas and tile must be given"):
         impl.forward(q, q, q, SlidingTileAttentionMetadata(current_timestep=0, STA_param=[[(1, 1, 1)]]))
+
+
+def test_impl_with_a_plan_on_one_process_and_metadata_checks():
+    """A plan of world size 1 needs no process group; the hooks run and match the reference."""
+    canvas, tile = (3, 4, 6), (1, 2, 3)
+    plan = sta_dist.ShardPlan(canvas=canvas, tile=tile, text_len=2, mode="tile", world_size=1)
+    impl = SlidingTileAttentionImpl(2, 32, False, None, plan=plan)
+    q, k, v = (torch.randn(1, 3 * 4 * 6 + 2, 2, 32) for _ in range(3))
+    meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[[(1, 1, 1), (2, 2, 2)]], text_length=1)
+    local = [plan.shard(x, 0) for x in (q, k, v)]
+    out = impl.postprocess_output(impl.forward(*impl.preprocess_qkv(tuple(local), meta), meta), meta)
+    ref = reference_attention(q, k, v, canvas=canvas, tile=tile, window=[(1, 1, 1), (2, 2, 2)], text_length=1)
+    assert max_error(plan.unshard([out]), ref) <= 1e-5
+    bad = SlidingTileAttentionMetadata(current_timestep=0, STA_param=meta.STA_param, canvas=(3, 4, 7))
+    with pytest.raises(ValueError, match=r"attn_metadata.canvas must match the plan's canvas=\(3, 4, 6\)"):
+        impl.preprocess_qkv(tuple(local), bad)
+    with pytest.raises(ValueError, match=r"rank 0's q/k/v must be \[B, 74, H=2"):
+        impl.preprocess_qkv((q[:, :-1], k[:, :-1], v[:, :-1]), meta)

@@ -116,7 +116,7 @@ class ShardPlan:
         elif mode == "tile":
             mesh = (1, P)
         elif mesh is None:
-            raise ValueError(f"mode='hybrid' needs mesh=(P_head, P_tile), got mesh=None")
+            raise ValueError("mode='hybrid' needs mesh=(P_head, P_tile), got mesh=None")
         mesh = tuple(int(m) for m in mesh)  # type: ignore[assignment]
         if len(mesh) != 2 or mesh[0] < 1 or mesh[1] < 1 or mesh[0] * mesh[1] != P:
             raise ValueError(f"mesh must be (P_head, P_tile) with P_head * P_tile = world_size = {P}, got mesh={self.mesh!r}")
