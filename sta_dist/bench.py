@@ -39,8 +39,6 @@ class BenchCase:
     text_valid: int = 0
     head_dim: int = 128
     anchors: tuple[str, ...] = ("flex",)
-    weight: float = 1.0
-    """How many times the case occurs in a replay."""
 
     @property
     def heads(self) -> int:
@@ -116,7 +114,6 @@ class CaseResult:
     ours_ms: float
     check: dict
     anchors_ms: dict = field(default_factory=dict)
-    weight: float = 1.0
 
     def tflops(self, ms: float, head_dim: int) -> float:
         return 4 * self.pairs * head_dim / (ms * 1e-3) / 1e12
@@ -134,7 +131,7 @@ def run_case(case: BenchCase, dtype=torch.bfloat16, seed: int = 0, with_anchors:
 
     out = ours()
     check = sampled_check(q, k, v, out, **kw, seed=seed)
-    result = CaseResult(case.name, attended_pairs(case), time_ms(ours), check, weight=case.weight)
+    result = CaseResult(case.name, attended_pairs(case), time_ms(ours), check)
     del out
     if with_anchors:
         perm = geometry.tiled_permutation(case.canvas, case.tile).to(device)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import geometry
 from .config import STAConfig, check_triple
 from .distributed import DistributedSlidingTileAttention
 from .geometry import Triple
@@ -173,7 +174,7 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, steps: Optional[int] = N
     steps, layers = steps or cfg.steps, layers or cfg.layers
     # The plan's hint: the local windows of the last step (whole-canvas heads fall back per call).
     grid = STAConfig(canvas=cfg.canvas, tile=cfg.tile).grid
-    local_windows = {w for layer in strategy.windows[-1] for w in layer if not all(k >= n for k, n in zip(w, grid))}
+    local_windows = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}
     hint = tuple(sorted(local_windows)) or None
     plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=cfg.mode, world_size=world_size,
                      mesh=cfg.mesh, windows=hint)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +36,24 @@ def can_run_triton(q: torch.Tensor, raise_error: bool = False) -> bool:
     return reason is None
 
 
+@dataclass(frozen=True)
+class _LayoutFacts:
+    """What the launch needs to know of a layout, computed once per (layout, device)."""
+
+    q_tiles: torch.Tensor
+    kv_tiles: torch.Tensor
+    even: bool
+    """Whole tiles only (the canvas divides by the tile)."""
+    packed: bool
+    """Every present k/v tile is consecutive rows (tiled storage)."""
+    natural: bool
+    """k/v hold the whole canvas in natural order."""
+    complete: bool
+    """Every query and key tile present, text queries see exactly the video keys."""
+
+
 @functools.lru_cache(maxsize=64)
-def _layout_tables(layout: LocalLayout, device: torch.device):
+def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
     q_tiles = torch.tensor(
         [[gid, r.base, r.stride_t, r.stride_h] for gid, r in zip(layout.q_tiles, layout.q_rows)],
         dtype=torch.int32,
@@ -45,7 +62,16 @@ def _layout_tables(layout: LocalLayout, device: torch.device):
         [[r.base, r.stride_t, r.stride_h] if r is not None else [0, 0, 0] for r in layout.kv_rows],
         dtype=torch.int32,
     ).reshape(-1, 3)
-    return q_tiles.to(device), kv_tiles.to(device)
+    th, tw = layout.tile[1], layout.tile[2]
+    return _LayoutFacts(
+        q_tiles.to(device),
+        kv_tiles.to(device),
+        even=all(c % t == 0 for c, t in zip(layout.canvas, layout.tile)),
+        packed=all(r is None or (r.stride_t == th * tw and r.stride_h == tw) for r in layout.kv_rows),
+        natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
+        complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
+                  and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -54,17 +80,13 @@ def _head_table(heads: LocalHeads, subset: tuple[int, ...], device: torch.device
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
 
 
-def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText) -> tuple[int, ...]:
-    """Heads that are plain dense attention here: their window is the whole grid, every
-    query and key tile is present and every text row sees the same keys as the video rows.
+def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText, complete: bool) -> tuple[int, ...]:
+    """Heads that are plain dense attention here: their window is the whole grid, the
+    layout is ``complete`` and every text row sees the same keys as the video rows.
     Those go to the best dense kernel (cuDNN through SDPA)."""
-    grid = layout.grid
-    complete = (len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
-                and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video
-                and text.kv_for_video_q == text.kv_for_text_q == text.q_valid)
-    if not complete:
+    if not (complete and text.kv_for_video_q == text.kv_for_text_q == text.q_valid):
         return ()
-    return tuple(h for h, w in enumerate(heads.windows) if w == grid)
+    return tuple(h for h, w in enumerate(heads.windows) if geometry.covers_grid(w, layout.grid))
 
 
 def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -99,23 +121,20 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     from .kernels.sta_fwd import sta_fwd
 
     H = q_bshd.shape[2]
-    dense = dense_heads(layout, heads, text) if route_dense and q_bshd.is_cuda and not return_lse else ()
+    facts = _layout_facts(layout, q_bshd.device)
+    dense = dense_heads(layout, heads, text, facts.complete) if route_dense and q_bshd.is_cuda and not return_lse else ()
     sparse = tuple(h for h in range(H) if h not in dense)
     out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     if dense:
         _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)
     if not sparse:
         return out
-    q_tiles, kv_tiles = _layout_tables(layout, q_bshd.device)
-    even = all(c % t == 0 for c, t in zip(layout.canvas, layout.tile))
-    th, tw = layout.tile[1], layout.tile[2]
-    packed = all(r is None or (r.stride_t == th * tw and r.stride_h == tw) for r in layout.kv_rows)
     return sta_fwd(
-        q_bshd, k_bshd, v_bshd, q_tiles, kv_tiles, _head_table(heads, sparse, q_bshd.device),
+        q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,
         q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
         text_q_video_keys=layout.text_q_video_keys,
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
-        scale=scale, even=even, packed=packed, return_lse=return_lse, config=config, out=out,
-        natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
+        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse,
+        config=config, out=out,
     )

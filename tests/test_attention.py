@@ -76,3 +76,22 @@ def test_padding_text_rows_are_zero():
         out = sta_dist.sliding_tile_attention(q, k, v, **case.kwargs(), backend=backend)
         assert torch.count_nonzero(out[:, 32 + 3 :]) == 0
         assert torch.count_nonzero(out[:, : 32 + 3]) == out[:, : 32 + 3].numel()
+
+
+def test_layout_facts_and_dense_routing_choice():
+    """What decides the GPU paths (bulk copies, whole-canvas heads to cuDNN), checked on CPU."""
+    from sta_dist.local import LocalHeads, LocalLayout, LocalText
+    from sta_dist.triton_backend import _layout_facts, dense_heads
+
+    canvas, tile, cpu = (4, 8, 12), (2, 4, 4), torch.device("cpu")
+    natural = _layout_facts(LocalLayout.natural(canvas, tile, 3), cpu)
+    assert (natural.natural, natural.packed, natural.even, natural.complete) == (True, False, True, True)
+    tiled = _layout_facts(LocalLayout.tiled(canvas, tile, 3), cpu)
+    assert (tiled.natural, tiled.packed, tiled.complete) == (False, True, True)
+    box = LocalLayout.packed(canvas, tile, 3, q_tiles=[0, 1], kv_tiles=[0, 1, 2], text_q_video_keys=64)
+    assert not _layout_facts(box, cpu).complete
+    assert not _layout_facts(LocalLayout.natural((5, 8, 12), tile, 0), cpu).even
+    heads = LocalHeads.build([(9, 9, 9), (1, 1, 1), (2, 2, 3)], (2, 2, 3), 3)
+    assert dense_heads(LocalLayout.natural(canvas, tile, 3), heads, LocalText.single(2), True) == (0, 2)
+    assert dense_heads(LocalLayout.natural(canvas, tile, 3), heads, LocalText(2, 2, 0), True) == ()
+    assert dense_heads(box, heads, LocalText.single(2), False) == ()

@@ -41,18 +41,16 @@ class PartialOutput(NamedTuple):
     text_lse: Optional[torch.Tensor]
 
 
-def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
-    """The given heads of ``x [B, S, H, D]``: a view for a contiguous block, else a copy."""
-    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
-        return x[:, :, heads[0]:heads[-1] + 1]
-    return x[:, :, list(heads)]
-
-
 def _head_index(heads: tuple[int, ...]):
-    """An index for the head dim: a slice for a contiguous block (plain copies)."""
+    """An index for the head dim: a slice for a contiguous block (views, plain copies)."""
     if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
         return slice(heads[0], heads[-1] + 1)
     return list(heads)
+
+
+def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
+    """The given heads of ``x [B, S, H, D]``: a view for a contiguous block, else a copy."""
+    return x[:, :, _head_index(heads)]
 
 
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
@@ -86,14 +84,14 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     n_box = sched.box_tokens
     box_tiles = sched.layout.q_tiles
     h_kv = k_box.shape[2]
-    send, sizes = [], []
-    for tiles_out, tiles_in in zip(sched.halo_send, sched.halo_recv):
-        rows = tile_rows(sched.layout.canvas, sched.layout.tile, box_tiles, tiles_out).to(k_box.device)
+    canvas, tile = sched.layout.canvas, sched.layout.tile
+    n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in sched.halo_recv]
+    send = []
+    for tiles_out in sched.halo_send:
+        rows = tile_rows(canvas, tile, box_tiles, tiles_out).to(k_box.device)
         send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
-        sizes.append(2 * B * geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, tiles_in) * h_kv * D)
-    chunks = comm.all_to_all("halo exchange", sched.tile_group, send, sizes)
-    halos = [c.view(2, B, geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, tiles), h_kv, D)
-             for i, (c, tiles) in enumerate(zip(chunks, sched.halo_recv)) if i != sched.me_in_tile_group]
+    chunks = comm.all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
+    halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, n_in)) if i != sched.me_in_tile_group]
     k_kv = torch.cat([k_box[:, :n_box]] + [h[0] for h in halos] + [k_box[:, n_box:]], 1)
     v_kv = torch.cat([v_box[:, :n_box]] + [h[1] for h in halos] + [v_box[:, n_box:]], 1)
     return BoxInputs(q_box, k_kv, v_kv)
