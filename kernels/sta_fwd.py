@@ -50,27 +50,28 @@ def _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, MASKED: tl.constexpr, DMASK: tl
 
 @triton.jit
 def _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
-    """Fold one key/value block into the running softmax."""
+    """Fold one key/value block into the running softmax. ``m_i`` is in scaled log2 units:
+    the row max is taken on raw scores and the scale applied in one multiply-add each."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(k))
-    qk = qk * qk_scale
     if MASKED:
         qk = tl.where(key_valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead (p = 0).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         m_use = m_new
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(qk - m_use[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
@@ -86,6 +87,60 @@ def _attend_range(acc, m_i, l_i, q, k_base, v_base, start, count, sks, svs, offs
         k, v = _load_kv(k_ptrs, v_ptrs, offs_n < count, d_valid, True, DMASK)
         acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < count, qk_scale, True, IEEE)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _token_rows(entry, offs, TH: tl.constexpr, TW: tl.constexpr):
+    """Rows of a tile's tokens ``offs`` (tile-local, t-major) from its table ``entry``
+    ``(base, stride_t, stride_h)``: ``(rows, lt, lh, lw)``."""
+    lt = offs // (TH * TW)
+    lh = (offs // TW) % TH
+    lw = offs % TW
+    rows = tl.load(entry) + lt * tl.load(entry + 1) + lh * tl.load(entry + 2) + lw
+    return rows.to(tl.int64), lt, lh, lw
+
+
+@triton.jit
+def _key_block(j, b, kvh, st, sh, sw, kh, kw, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
+               KV_TILES, K_DESC, V_DESC, kv_rows, k_base, v_base, sks, svs, offs_d, d_valid,
+               TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
+               DMASK: tl.constexpr):
+    """Key/value block ``j`` of a query tile's window (window starts ``st, sh, sw``, sizes
+    ``kh, kw`` in tiles): ``(k, v, key_valid)``. Keys outside the canvas are masked, and
+    only when not ``EVEN``."""
+    VOL: tl.constexpr = TT * TH * TW
+    KEY_BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_N - 1) // BLOCK_N
+    i = j // KEY_BLOCKS_PER_TILE
+    nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
+    wt = st + i // (kh * kw)
+    wh = sh + (i // kw) % kh
+    ww = sw + i % kw
+    kid = (wt * grid_h + wh) * grid_w + ww
+    offs_n = nb + tl.arange(0, BLOCK_N)
+    key_valid = offs_n < VOL
+    if TMA == 2:
+        # Natural order, whole tiles: the block is BLOCK_N // (TH*TW) t-slices of the
+        # tile, a (1, t, h, w, d) box of the 5-D view [B, T, H, W, Hkv*D].
+        box = [b.to(tl.int32), (wt * TT + nb // (TH * TW)).to(tl.int32), (wh * TH).to(tl.int32),
+               (ww * TW).to(tl.int32), (kvh * HEAD_DIM).to(tl.int32)]
+        k = K_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
+        v = V_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
+    elif TMA:
+        # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
+        k_row = (b * kv_rows + tl.load(KV_TILES + kid * 3 + 0) + nb).to(tl.int32)
+        col = (kvh * HEAD_DIM).to(tl.int32)
+        k = K_DESC.load([k_row, col])
+        v = V_DESC.load([k_row, col])
+    else:
+        rows_n, nt, nh, nw = _token_rows(KV_TILES + kid * 3, offs_n, TH, TW)
+        k_ptrs = k_base + rows_n[:, None] * sks + offs_d[None, :]
+        v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
+        if not EVEN:
+            key_valid = (key_valid & (nt < tl.minimum(TT, canvas_t - wt * TT))
+                         & (nh < tl.minimum(TH, canvas_h - wh * TH)) & (nw < tl.minimum(TW, canvas_w - ww * TW)))
+        k, v = _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, not EVEN, DMASK)
+    return k, v, key_valid
 
 
 @triton.jit
@@ -145,18 +200,11 @@ def _sta_fwd_kernel(
         qi = vid // BLOCKS_PER_TILE
         sub = vid % BLOCKS_PER_TILE
         gid = tl.load(Q_TILES + qi * 4 + 0)
-        q_row0 = tl.load(Q_TILES + qi * 4 + 1)
-        q_st = tl.load(Q_TILES + qi * 4 + 2)
-        q_sh = tl.load(Q_TILES + qi * 4 + 3)
         ct = gid // (grid_h * grid_w)
         ch = (gid // grid_w) % grid_h
         cw = gid % grid_w
-
         offs_m = sub * BLOCK_M + tl.arange(0, BLOCK_M)
-        lt = offs_m // (TH * TW)
-        lh = (offs_m // TW) % TH
-        lw = offs_m % TW
-        rows_m = (q_row0 + lt * q_st + lh * q_sh + lw).to(tl.int64)
+        rows_m, lt, lh, lw = _token_rows(Q_TILES + qi * 4 + 1, offs_m, TH, TW)
         if EVEN:
             store_m = offs_m < VOL
         else:
@@ -171,47 +219,10 @@ def _sta_fwd_kernel(
         sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
         n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
         for j in range(0, n_steps):
-            i = j // KEY_BLOCKS_PER_TILE
-            nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
-            wt = st + i // (kh * kw)
-            wh = sh + (i // kw) % kh
-            ww = sw + i % kw
-            kid = (wt * grid_h + wh) * grid_w + ww
-            k_row0 = tl.load(KV_TILES + kid * 3 + 0)
-            k_st = tl.load(KV_TILES + kid * 3 + 1)
-            k_sh = tl.load(KV_TILES + kid * 3 + 2)
-            offs_n = nb + tl.arange(0, BLOCK_N)
-            if TMA == 2:
-                # Natural order, whole tiles: the block is BLOCK_N // (TH*TW) t-slices of the
-                # tile, a (1, t, h, w, d) box of the 5-D view [B, T, H, W, Hkv*D].
-                box = [b.to(tl.int32), (wt * TT + nb // (TH * TW)).to(tl.int32), (wh * TH).to(tl.int32),
-                       (ww * TW).to(tl.int32), (kvh * HEAD_DIM).to(tl.int32)]
-                k = K_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
-                v = V_DESC.load(box).reshape(BLOCK_N, BLOCK_D)
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
-            elif TMA:
-                # Packed whole tiles: the block is BLOCK_N consecutive rows; one bulk copy each.
-                k_row = (b * kv_rows + k_row0 + nb).to(tl.int32)
-                col = (kvh * HEAD_DIM).to(tl.int32)
-                k = K_DESC.load([k_row, col])
-                v = V_DESC.load([k_row, col])
-                acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
-            else:
-                nt = offs_n // (TH * TW)
-                nh = (offs_n // TW) % TH
-                nw = offs_n % TW
-                rows_n = (k_row0 + nt * k_st + nh * k_sh + nw).to(tl.int64)
-                k_ptrs = k_base + rows_n[:, None] * sks + offs_d[None, :]
-                v_ptrs = v_base + rows_n[:, None] * svs + offs_d[None, :]
-                if EVEN:
-                    k, v = _load_kv(k_ptrs, v_ptrs, offs_n < VOL, d_valid, False, DMASK)
-                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, offs_n < VOL, qk_scale, False, IEEE)
-                else:
-                    key_valid = ((offs_n < VOL) & (nt < tl.minimum(TT, canvas_t - wt * TT))
-                                 & (nh < tl.minimum(TH, canvas_h - wh * TH))
-                                 & (nw < tl.minimum(TW, canvas_w - ww * TW)))
-                    k, v = _load_kv(k_ptrs, v_ptrs, key_valid, d_valid, True, DMASK)
-                    acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, key_valid, qk_scale, True, IEEE)
+            k, v, valid = _key_block(j, b, kvh, st, sh, sw, kh, kw, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
+                                     KV_TILES, K_DESC, V_DESC, kv_rows, k_base, v_base, sks, svs, offs_d,
+                                     d_valid, TT, TH, TW, HEAD_DIM, BLOCK_D, BLOCK_N, EVEN, TMA, DMASK)
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, valid, qk_scale, not EVEN, IEEE)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
                                       sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
 
