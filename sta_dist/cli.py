@@ -23,9 +23,11 @@ def _bench(args) -> int:
     if args.sweep:
         base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
         configs = [dict(base, **extra) for extra in (
-            dict(TMA=False), {}, dict(num_stages=2), dict(BLOCK_N=64, num_stages=4),
+            {}, dict(TMA=False), dict(num_stages=2), dict(BLOCK_N=64, num_stages=4),
             dict(BLOCK_M=64, num_warps=4), dict(num_warps=4),
         )]
+        if args.config is not None:
+            configs = [configs[args.config]]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)
         return 0
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--replay", default="", help="'hunyuan' or a mask strategy JSON to replay")
     k.add_argument("--out", default="out/bench", help="folder for kernel_bench.json and .png")
     k.add_argument("--sweep", action="store_true", help="time launch configs instead")
+    k.add_argument("--config", type=int, help="with --sweep: only the config of this index")
     k.add_argument("--no-anchors", action="store_true", help="time our kernel only")
     k.set_defaults(func=_bench)
     d = bsub.add_parser("dist", help="(under torchrun) one layer per mode vs one GPU and the Ulysses+Flex anchor")

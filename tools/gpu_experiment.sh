@@ -9,7 +9,11 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m pytest -q -x tests/test_gpu.py -k "real_shapes" 2>&1 | tail -n 4
-python3 -m sta_dist.cli bench kernel --sweep --cases ${SWEEP_CASES:-hunyuan_333} 2>&1 | grep -v Warn | tee "$OUT/sweep.log"
+# One process per config with a time limit: a config that hangs costs 120 s, not the call.
+for i in 0 1 2 3 4 5; do
+  timeout 120 python3 -m sta_dist.cli bench kernel --sweep --config "$i" --cases ${SWEEP_CASES:-hunyuan_333} 2>&1 \
+    | grep --line-buffered '^sweep' | tee -a "$OUT/sweep.log"
+done
 python3 -m sta_dist.cli bench kernel --out "$OUT" --cases ${CASES:-hunyuan_full} 2>&1 | grep -v Warn | tail -n 6
 torchrun --standalone --nproc-per-node 1 -m sta_dist.cli bench dist --reps 3 --out "$OUT" 2>&1 | grep -v Warn | tail -n 8
 for cache in fresh warm; do
