@@ -1,0 +1,171 @@
+"""Compile the Gluon STA kernel (``kernels/sta_fwd_gluon.py``) for Hopper (sm_90) without a
+GPU, at the HunyuanVideo shape (tile 6x8x8, head dim 128, bf16, 5-D boxes [1,2,8,8,128]),
+for a few configs, and report per config: registers, spills, shared memory, the TMA box
+metadata, and per loop of the SASS the tensor-core products (HGMMA), their waits
+(WARPGROUP.DEPBAR), exponentials (MUFU.EX2), CTA/named barriers (BAR.SYNC), and whether
+exponentials lie between an HGMMA issue and the wait that retires it (real overlap).
+
+    PYTHONPATH=/tmp/t36/lib/python3.11/site-packages:/work/main/.venv/lib/python3.11/site-packages \\
+        /tmp/t36/bin/python tools/gluon_compile_check.py [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "MUFU.EX2", "BAR.SYNC", "BAR.ARV", "SYNCS", "UTMALDG",
+         "STL", "LDL")
+CONFIGS = [
+    dict(STAGES=2, num_warps=8, PRODUCER_REGS=24),
+    dict(STAGES=3, num_warps=8, PRODUCER_REGS=24),
+    dict(STAGES=2, num_warps=8, PRODUCER_REGS=40),
+    dict(STAGES=2, num_warps=8, PRODUCER_REGS=24, STORE_LSE=True),
+]
+
+
+def load_module():
+    spec = importlib.util.spec_from_file_location("sta_fwd_gluon", ROOT / "kernels" / "sta_fwd_gluon.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
+    mod = load_module()
+    kernel = mod._sta_fwd_gluon_kernel
+    cfg = dict(cfg)
+    warps = cfg.pop("num_warps")
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], STAGES=cfg["STAGES"], STORE_LSE=cfg.get("STORE_LSE", False),
+                 PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=warps)
+    slices = mod.BLOCK // (tile[1] * tile[2])
+    layout = repr(mod.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5))
+    box = f"tensordesc<{dtype}[1,{slices},{tile[1]},{tile[2]},128],{layout}>"
+    types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32")
+    sig = {name: "constexpr" if name in const else box if name.endswith("_desc") else types.get(name, "i32")
+           for name in inspect.signature(kernel.fn).parameters}
+    src = GluonASTSource(kernel, sig, const)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    found = (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines())
+    return [(int(m.group(1), 16), m.group(2)) for m in found if m]
+
+
+def loops(code: list[tuple[int, str]]) -> list[tuple[int, int, list[str]]]:
+    """Bodies of backward branches: (start, end, instructions)."""
+    bodies = []
+    for addr, text in code:
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            bodies.append((start, addr, [t for a, t in code if start <= a <= addr]))
+    return bodies
+
+
+def overlap(body: list[str]) -> tuple[int, int]:
+    """Run the loop body twice (so products issued at the end of one trip and retired at
+    the top of the next count) and, in the second trip, count exponentials issued while
+    at least one HGMMA group is in flight, out of all exponentials. A group is the HGMMAs
+    up to the one marked ``gsb0``; ``WARPGROUP.DEPBAR.LE gsb0, N`` retires all but the
+    newest N groups."""
+    in_flight = 0
+    open_group = False
+    counted = total = 0
+    for trip in range(2):
+        for t in body:
+            if "HGMMA" in t:
+                open_group = True
+                if "gsb0" in t:
+                    in_flight += 1
+                    open_group = False
+            elif "WARPGROUP.DEPBAR" in t:
+                m = re.search(r"LE\s+gsb0,\s*0x([0-9a-f]+)", t)
+                in_flight = min(in_flight, int(m.group(1), 16) if m else 0)
+            elif "MUFU.EX2" in t and trip == 1:
+                total += 1
+                counted += in_flight > 0 or open_group
+    return counted, total
+
+
+def report(cfg: dict, dump: Path | None) -> None:
+    try:
+        compiled = compile_sm90(cfg)
+    except Exception as exc:  # report and go on with the next config
+        print(f"\n## {cfg}: COMPILE FAILED\n{type(exc).__name__}: {str(exc)[:3000]}")
+        return
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    name = "_".join(f"{k}{v}" for k, v in cfg.items())
+    out = dump or Path(os.environ.get("TMPDIR", "/tmp"))
+    out.mkdir(parents=True, exist_ok=True)
+    cubin = out / f"sta_fwd_gluon_{name}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    if dump:
+        for key in ("ttgir", "llir", "ptx"):
+            (out / f"sta_fwd_gluon_{name}.{key}").write_text(compiled.asm[key])
+    usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True)
+    sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    if dump:
+        (out / f"sta_fwd_gluon_{name}.sass").write_text(sass)
+    md = compiled.metadata
+    print(f"\n## {cfg}")
+    print(next((line.strip() for line in usage.stdout.splitlines() if "REG" in line), usage.stdout.strip()))
+    print(f"shared memory (metadata): {md.shared} bytes; num_warps {md.num_warps}; "
+          f"tensordesc_meta {getattr(md, 'tensordesc_meta', None)}")
+    ptx = compiled.asm["ptx"]
+    regs = sorted(set(f"{k} {n}" for k, n in re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)))
+    arrives = len(re.findall(r"mbarrier\.arrive", ptx))
+    waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)
+    print(f"ptx: setmaxnreg {regs}, mbarrier.arrive x{arrives}, wgmma.wait_group {waits}")
+    code = instructions(sass)
+    total = [sum(mark in t for _, t in code) for mark in MARKS]
+    print("| where | addr | instructions | " + " | ".join(MARKS) + " | EX2 with a product in flight |")
+    print("|---" * (len(MARKS) + 4) + "|")
+    print("| whole kernel | | " + str(len(code)) + " | " + " | ".join(map(str, total)) + " | |")
+    # Loops that issue products and exponentials; the smallest is the hot loop (larger
+    # ones are the mbarrier retry stubs at the end branching back into the code).
+    hot = sorted((b for b in loops(code) if any("HGMMA" in t for t in b[2]) and any("MUFU.EX2" in t for t in b[2])),
+                 key=lambda b: len(b[2]))
+    for i, (start, end, body) in enumerate(hot[:1]):
+        counts = [sum(mark in t for t in body) for mark in MARKS]
+        done, exps = overlap(body)
+        print(f"| hot loop | {start:#x}-{end:#x} | {len(body)} | " + " | ".join(map(str, counts))
+              + f" | {done} of {exps} |")
+    if hot:
+        done, exps = overlap(hot[0][2])
+        print(f"overlap: {'YES' if done else 'NO'} ({done} of {exps} exponentials of the hot loop issue while "
+              f"an HGMMA group is in flight)")
+    seq = []
+    for t in (hot[0][2] if hot else []):
+        for key in ("HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "SYNCS.ARRIVE", "SYNCS.PHASECHK"):
+            if key in t:
+                label = key + (" " + t.split()[-1] if key == "WARPGROUP.DEPBAR" else "")
+                if seq and seq[-1][0] == label:
+                    seq[-1][1] += 1
+                else:
+                    seq.append([label, 1])
+    print("hot loop order: " + ", ".join(f"{n}x {k}" for k, n in seq))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass per config here")
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, sm_90, Hunyuan shape (tile 6x8x8, D=128, bf16)")
+    for cfg in CONFIGS:
+        report(cfg, args.dump)
+
+
+if __name__ == "__main__":
+    main()
