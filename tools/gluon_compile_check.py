@@ -49,7 +49,7 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     const = dict(TT=tile[0], TH=tile[1], TW=tile[2], STAGES=cfg["STAGES"], STORE_LSE=cfg.get("STORE_LSE", False),
                  PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=warps)
     slices = mod.BLOCK // (tile[1] * tile[2])
-    layout = repr(mod.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5))
+    layout = repr(mod.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5))  # bf16 and fp16
     box = f"tensordesc<{dtype}[1,{slices},{tile[1]},{tile[2]},128],{layout}>"
     types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32")
     sig = {name: "constexpr" if name in const else box if name.endswith("_desc") else types.get(name, "i32")
@@ -165,6 +165,13 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90, Hunyuan shape (tile 6x8x8, D=128, bf16)")
     for cfg in CONFIGS:
         report(cfg, args.dump)
+    print("\n## other tiles and dtypes of the GPU tests (compile only)")
+    for tile, dtype in (((2, 8, 8), "bf16"), ((4, 4, 8), "bf16"), ((6, 8, 8), "fp16")):
+        try:
+            compiled = compile_sm90(CONFIGS[0], tile=tile, dtype=dtype)
+            print(f"tile {tile} {dtype}: compiles, {compiled.metadata.shared} bytes shared")
+        except Exception as exc:
+            print(f"tile {tile} {dtype}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[:500]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""GPU-only (Hopper, capability 9): the experimental Gluon kernel ``kernels/sta_fwd_gluon.py``
+against the dense float64/float32 reference, on whole-tile canvases in natural order with
+text rows that the kernel ignores (the reference gets ``text_length=0``: no text keys).
+
+Every test has a 120 s limit: a barrier-phase bug shows as a hang, not a stuck run."""
+
+import math
+
+import pytest
+import torch
+
+from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
+
+cuda_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs a CUDA device of capability 9 (Hopper)",
+)
+pytestmark = [cuda_hopper, pytest.mark.gpu]
+
+HUNYUAN, TILE = (30, 48, 80), (6, 8, 8)
+
+
+def _kernel():
+    from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+
+    return sta_fwd_gluon
+
+
+def randn(shape, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(shape, generator=g, device="cuda", dtype=dtype)
+
+
+def head_table(windows, canvas, tile, n_heads, n_kv):
+    grid = [c // t for c, t in zip(canvas, tile)]
+    rows = [[*(min(k, n) for k, n in zip(w, grid)), h // (n_heads // n_kv), h] for h, w in enumerate(windows)]
+    return torch.tensor(rows, dtype=torch.int32, device="cuda")
+
+
+def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, lse=False, config=None, fill=float("nan")):
+    """Run the kernel; ``out`` starts as ``fill`` (NaN shows rows it did not write; 0 for the
+    sampled checks, which also look at text rows, whose reference output is 0)."""
+    S = math.prod(canvas) + text
+    q = randn((batch, S, n_heads, 128), dtype, seed)
+    k = randn((batch, S, n_kv, 128), dtype, seed + 1)
+    v = randn((batch, S, n_kv, 128), dtype, seed + 2)
+    out = torch.full_like(q, fill)
+    lse_t = torch.full((batch, n_heads, S), float("nan"), device="cuda") if lse else None
+    _kernel()(q, k, v, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
+              scale=128**-0.5, config=config, lse=lse_t)
+    torch.cuda.synchronize()
+    return q, k, v, out, lse_t
+
+
+SMALL = [
+    # canvas, tile, per-head windows (tiles), heads, kv heads
+    ((6, 16, 16), (6, 8, 8), [(1, 1, 1), (1, 2, 2)], 2, 2),
+    ((12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)], 4, 2),
+    ((8, 24, 16), (2, 8, 8), [(3, 3, 3), (1, 3, 1), (4, 1, 2), (2, 2, 2)], 4, 1),
+    ((8, 8, 16), (4, 4, 8), [(2, 1, 1), (1, 2, 2)], 2, 2),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", range(len(SMALL)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_even_shapes(case, dtype):
+    canvas, tile, windows, n_heads, n_kv = SMALL[case]
+    q, k, v, out, lse = run(canvas, tile, windows, n_heads, n_kv, dtype, lse=True)
+    rows = torch.arange(math.prod(canvas))
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=0, rows=rows, scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=dtype)
+    err = max_error(out[:, rows.cuda()], ref)
+    assert err <= error_bound(max_error(base, ref), dtype, ref), (err, max_error(base, ref))
+    lse_err = max_error(lse[:, :, rows.cuda()], ref_lse)
+    assert lse_err <= 1e-3, lse_err
+    # Text rows of out are not touched.
+    assert torch.isnan(out[:, math.prod(canvas):]).all()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("config", [dict(STAGES=2), dict(STAGES=3)])
+def test_stages_and_batch(config):
+    canvas, tile = (12, 16, 24), (6, 8, 8)
+    windows = [(3, 1, 2), (2, 2, 3)]
+    q, k, v, out, _ = run(canvas, tile, windows, 2, 1, torch.bfloat16, batch=2, seed=3, config=config)
+    rows = torch.arange(math.prod(canvas))
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=0, rows=rows, scale=128**-0.5)
+    ref = reference_attention(q, k, v, **kw)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
+    err = max_error(out[:, rows.cuda()], ref)
+    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("windows", [[(3, 3, 3)] * 24,
+                                     [(3, 3, 3)] * 8 + [(5, 6, 10)] * 4 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4
+                                     + [(1, 1, 1)] * 4])
+def test_hunyuan_shape(windows):
+    q, k, v, out, _ = run(HUNYUAN, TILE, windows, 24, 24, torch.bfloat16, text=256, seed=5, fill=0.0)
+    check = sampled_check(q, k, v, out, canvas=HUNYUAN, tile=TILE, window=windows, text_length=0)
+    assert check["ok"], check
+
+
+@pytest.mark.timeout(120)
+def test_hunyuan_gqa():
+    windows = [(3, 3, 3)] * 12 + [(1, 6, 10)] * 12
+    q, k, v, out, _ = run(HUNYUAN, TILE, windows, 24, 4, torch.bfloat16, text=0, seed=7, fill=0.0)
+    check = sampled_check(q, k, v, out, canvas=HUNYUAN, tile=TILE, window=windows, text_length=0)
+    assert check["ok"], check

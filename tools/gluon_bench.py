@@ -1,0 +1,62 @@
+"""Time one STA forward implementation at the HunyuanVideo shape (canvas 30x48x80, tile
+6x8x8, window 3x3x3 for all 24 heads, head dim 128, bf16, B=1, no text) and print one
+line ``impl config ms TFLOP/s max_err_vs_triton``. One implementation per process, so
+the caller can put a time limit on each (``tools/gpu_gluon.sh``).
+
+    python3 tools/gluon_bench.py --impl triton
+    python3 tools/gluon_bench.py --impl gluon --stages 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+import sta_dist
+
+CANVAS, TILE, WINDOW, HEADS, D = (30, 48, 80), (6, 8, 8), (3, 3, 3), 24, 128
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", choices=["gluon", "triton"], required=True)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--producer-regs", type=int, default=24)
+    parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
+    args = parser.parse_args()
+
+    S = math.prod(CANVAS)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn((1, S, HEADS, D), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    scale = D**-0.5
+    if args.impl == "gluon":
+        from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+
+        heads = torch.tensor([[*WINDOW, h, h] for h in range(HEADS)], dtype=torch.int32, device="cuda")
+        out = torch.empty_like(q)
+        config = dict(STAGES=args.stages, PRODUCER_REGS=args.producer_regs)
+        fn = lambda: sta_fwd_gluon(q, k, v, heads, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
+        name = f"gluon stages={args.stages} producer_regs={args.producer_regs}"
+    else:
+        fn = lambda: sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW,  # noqa: E731
+                                                     text_length=0, backend="triton")
+        name = "triton (kernels/sta_fwd.py)"
+    res = fn()
+    torch.cuda.synchronize()
+    err = None
+    if args.check and args.impl == "gluon":
+        ref = sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW, text_length=0,
+                                              backend="triton")
+        err = (res.float() - ref.float()).abs().max().item()
+    ms = triton.testing.do_bench(fn, warmup=25, rep=200)
+    n_tiles = math.prod(c // t for c, t in zip(CANVAS, TILE))
+    flops = 4 * n_tiles * math.prod(WINDOW) * math.prod(TILE) ** 2 * D * HEADS
+    print(json.dumps(dict(impl=name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1), max_diff_vs_triton=err)))
+
+
+if __name__ == "__main__":
+    main()

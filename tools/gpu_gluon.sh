@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One GPU call for the experimental Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only:
+# install, its GPU tests (each test has a 120 s pytest limit; the whole run 600 s), then
+# the Hunyuan timing of the Gluon kernel (2 and 3 stages) against the Triton kernel, each
+# in its own process under `timeout 90` (a deadlocked config costs 90 s, not the call).
+# Outputs in $OUT.
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 600 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
+echo "pytest exit: ${PIPESTATUS[0]} (124 = the 600 s limit)"
+: >"$OUT/bench_gluon.jsonl"
+run() {
+  local label=$1; shift
+  local line
+  line=$(timeout 90 python3 tools/gluon_bench.py "$@" 2>"$OUT/bench_err_${label}.log" | tail -n 1)
+  local rc=$?
+  [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
+}
+run triton --impl triton
+run gluon_s2 --impl gluon --stages 2 --check
+run gluon_s3 --impl gluon --stages 3 --check
+python3 - "$OUT/bench_gluon.jsonl" <<'PY'
+import json, sys
+print("| impl | ms | TFLOP/s | max diff vs triton |")
+print("|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| {r['impl']} | {r.get('ms', r.get('error'))} | {r.get('tflops', '')} | {r.get('max_diff_vs_triton', '')} |")
+PY
