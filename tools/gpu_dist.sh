@@ -3,11 +3,9 @@
 # + FlexAttention-STA anchor, HunyuanVideo shape, bf16), the same with 256 text tokens, and
 # the main job under torchrun at real shapes. Outputs in $OUT.
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name --format=csv,noheader; nvidia-smi topo -m | head -n 4
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+source tools/gpu_setup.sh
+nvidia-smi topo -m | head -n 4
 NG=${NGPU:-2}
 torchrun --standalone --nproc-per-node $NG -m sta_dist.cli bench dist --reps 10 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist.log" | tail -n 12
 mv "$OUT/dist_bench_$NG.json" "$OUT/dist_bench_${NG}_notext.json"

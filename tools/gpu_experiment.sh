@@ -3,11 +3,7 @@
 # chosen bench cases, the distributed bench on one rank (code path), first-call compile
 # time with an empty and a warm cache. Outputs in $OUT.
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name --format=csv,noheader
+source tools/gpu_setup.sh
 python3 -m pytest -q -x tests/test_gpu.py -k "real_shapes" 2>&1 | tail -n 4
 # One process per config with a time limit: a config that hangs costs 120 s, not the call.
 for i in 0 1 2 3 4 5; do

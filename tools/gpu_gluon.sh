@@ -5,11 +5,7 @@
 # in its own process under `timeout 90` (a deadlocked config costs 90 s, not the call).
 # Outputs in $OUT.
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton-cache
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name --format=csv,noheader
+source tools/gpu_setup.sh
 timeout 600 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
 echo "pytest exit: ${PIPESTATUS[0]} (124 = the 600 s limit)"
 : >"$OUT/bench_gluon.jsonl"

@@ -3,12 +3,7 @@
 # + table). Outputs land in $OUT (or out/ when run elsewhere). Usage:
 #   bash tools/gpu_session.sh [bench args...]      e.g. --cases hunyuan_333,hunyuan_full
 set -uo pipefail
-OUT=${OUT:-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
-  || { cat "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+source tools/gpu_setup.sh
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
 fi
