@@ -13,8 +13,11 @@ Blocks. A query or key block is ``BLOCK // (TH*TW)`` consecutive t-slices of one
 (two slices of an 8x8 tile = 128 tokens): one TMA box ``[1, BLOCK//(TH*TW), TH, TW, D]`` of
 the 5-D view ``[B, T, H, W, heads*D]`` (strides ``(sB, H*W*sS, W*sS, sS, 1)``). In shared
 memory the box is reshaped (a memdesc view, no copy) to a ``[BLOCK, D]`` matrix with the
-same 128-byte NVMMA swizzle: the swizzle depends only on the shared address, and the
-flattened rows of the box are 256-byte rows in the same order as the 2-D tile's rows.
+same 128-byte NVMMA swizzle: the TMA writes the box as two 64-column halves (hardware
+boxes ``[1, slices, TH, TW, 64]``, the second 16 KiB after the first), each 128 rows of
+128 bytes in ``(t, h, w)`` order, swizzled by shared address; that is the layout of a 2-D
+``[128, 128]`` NVMMA tile (the wgmma descriptors and the output store use the same
+halves).
 
 Program ``(pid, b*n + i)``: query block ``pid`` (tile ``pid // BLOCKS_PER_TILE``, slice
 group ``pid % BLOCKS_PER_TILE``) of head row ``i`` of batch ``b``.

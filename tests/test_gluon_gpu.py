@@ -2,7 +2,9 @@
 against the dense float64/float32 reference, on whole-tile canvases in natural order with
 text rows that the kernel ignores (the reference gets ``text_length=0``: no text keys).
 
-Every test has a 120 s limit: a barrier-phase bug shows as a hang, not a stuck run."""
+Every test has a 120 s limit: a barrier-phase bug shows as a hang, not a stuck run. The
+limit uses the thread method (stack dump, then the process exits): a hung kernel blocks
+the main thread inside CUDA, where the signal method never fires."""
 
 import math
 
@@ -61,7 +63,7 @@ SMALL = [
 ]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("case", range(len(SMALL)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_small_even_shapes(case, dtype):
@@ -79,7 +81,7 @@ def test_small_even_shapes(case, dtype):
     assert torch.isnan(out[:, math.prod(canvas):]).all()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("config", [dict(STAGES=2), dict(STAGES=3)])
 def test_stages_and_batch(config):
     canvas, tile = (12, 16, 24), (6, 8, 8)
@@ -93,7 +95,26 @@ def test_stages_and_batch(config):
     assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("config", [dict(STAGES=2), dict(STAGES=3)])
+def test_short_windows(config):
+    """1, 2 and 8 key blocks per query block (fewer than STAGES included), batch 2, GQA,
+    fp16, LSE of both batches."""
+    canvas, tile = (8, 8, 16), (4, 4, 8)
+    windows = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 2)]
+    q, k, v, out, lse = run(canvas, tile, windows, 4, 2, torch.float16, batch=2, seed=11, lse=True, config=config)
+    rows = torch.arange(math.prod(canvas))
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=0, rows=rows, scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.float16)
+    err = max_error(out[:, rows.cuda()], ref)
+    assert err <= error_bound(max_error(base, ref), torch.float16, ref), (err, max_error(base, ref))
+    lse_err = max_error(lse[:, :, rows.cuda()], ref_lse)
+    assert lse_err <= 1e-3, lse_err
+    assert torch.isnan(out[:, math.prod(canvas):]).all() and torch.isnan(lse[:, :, math.prod(canvas):]).all()
+
+
+@pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("windows", [[(3, 3, 3)] * 24,
                                      [(3, 3, 3)] * 8 + [(5, 6, 10)] * 4 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4
                                      + [(1, 1, 1)] * 4])
@@ -103,7 +124,7 @@ def test_hunyuan_shape(windows):
     assert check["ok"], check
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120, method="thread")
 def test_hunyuan_gqa():
     windows = [(3, 3, 3)] * 12 + [(1, 6, 10)] * 12
     q, k, v, out, _ = run(HUNYUAN, TILE, windows, 24, 4, torch.bfloat16, text=0, seed=7, fill=0.0)

@@ -166,12 +166,14 @@ def main() -> None:
     for cfg in CONFIGS:
         report(cfg, args.dump)
     print("\n## other tiles and dtypes of the GPU tests (compile only)")
-    for tile, dtype in (((2, 8, 8), "bf16"), ((4, 4, 8), "bf16"), ((6, 8, 8), "fp16")):
+    lse3 = dict(CONFIGS[1], STORE_LSE=True)  # test_short_windows: fp16, 3 stages, LSE
+    for tile, dtype, cfg in (((2, 8, 8), "bf16", CONFIGS[0]), ((4, 4, 8), "bf16", CONFIGS[0]),
+                             ((6, 8, 8), "fp16", CONFIGS[0]), ((4, 4, 8), "fp16", lse3)):
         try:
-            compiled = compile_sm90(CONFIGS[0], tile=tile, dtype=dtype)
-            print(f"tile {tile} {dtype}: compiles, {compiled.metadata.shared} bytes shared")
+            compiled = compile_sm90(cfg, tile=tile, dtype=dtype)
+            print(f"tile {tile} {dtype} STAGES={cfg['STAGES']}: compiles, {compiled.metadata.shared} bytes shared")
         except Exception as exc:
-            print(f"tile {tile} {dtype}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[:500]}")
+            print(f"tile {tile} {dtype} STAGES={cfg['STAGES']}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[:500]}")
 
 
 if __name__ == "__main__":
