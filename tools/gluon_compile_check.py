@@ -12,18 +12,16 @@ exponentials lie between an HGMMA issue and the wait that retires it (real overl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 
-ROOT = Path(__file__).resolve().parents[1]
+from sass import cubin_text, instructions, load_kernel_module, loops
+
 MARKS = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "MUFU.EX2", "BAR.SYNC", "BAR.ARV", "SYNCS", "UTMALDG",
          "STL", "LDL")
 CONFIGS = [
@@ -34,15 +32,8 @@ CONFIGS = [
 ]
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("sta_fwd_gluon", ROOT / "kernels" / "sta_fwd_gluon.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
-    mod = load_module()
+    mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
@@ -56,22 +47,6 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
            for name in inspect.signature(kernel.fn).parameters}
     src = GluonASTSource(kernel, sig, const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-
-
-def instructions(sass: str) -> list[tuple[int, str]]:
-    found = (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines())
-    return [(int(m.group(1), 16), m.group(2)) for m in found if m]
-
-
-def loops(code: list[tuple[int, str]]) -> list[tuple[int, int, list[str]]]:
-    """Bodies of backward branches: (start, end, instructions)."""
-    bodies = []
-    for addr, text in code:
-        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr:
-            start = int(target.group(1), 16)
-            bodies.append((start, addr, [t for a, t in code if start <= a <= addr]))
-    return bodies
 
 
 def overlap(body: list[str]) -> tuple[int, int]:
@@ -105,22 +80,15 @@ def report(cfg: dict, dump: Path | None) -> None:
     except Exception as exc:  # report and go on with the next config
         print(f"\n## {cfg}: COMPILE FAILED\n{type(exc).__name__}: {str(exc)[:3000]}")
         return
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    name = "_".join(f"{k}{v}" for k, v in cfg.items())
-    out = dump or Path(os.environ.get("TMPDIR", "/tmp"))
-    out.mkdir(parents=True, exist_ok=True)
-    cubin = out / f"sta_fwd_gluon_{name}.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
+    name = "sta_fwd_gluon_" + "_".join(f"{k}{v}" for k, v in cfg.items())
+    usage, sass = cubin_text(compiled.asm["cubin"], name, dump)
     if dump:
         for key in ("ttgir", "llir", "ptx"):
-            (out / f"sta_fwd_gluon_{name}.{key}").write_text(compiled.asm[key])
-    usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True)
-    sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
-    if dump:
-        (out / f"sta_fwd_gluon_{name}.sass").write_text(sass)
+            (dump / f"{name}.{key}").write_text(compiled.asm[key])
+        (dump / f"{name}.sass").write_text(sass)
     md = compiled.metadata
     print(f"\n## {cfg}")
-    print(next((line.strip() for line in usage.stdout.splitlines() if "REG" in line), usage.stdout.strip()))
+    print(usage)
     print(f"shared memory (metadata): {md.shared} bytes; num_warps {md.num_warps}; "
           f"tensordesc_meta {getattr(md, 'tensordesc_meta', None)}")
     ptx = compiled.asm["ptx"]

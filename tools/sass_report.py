@@ -14,30 +14,19 @@ Shapes are HunyuanVideo's: tile 6x8x8, head dim 128, bf16, k/v as 5-D bulk copie
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
-import os
-import re
-import subprocess
-from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-ROOT = Path(__file__).resolve().parents[1]
+from sass import cubin_text, instructions, load_kernel_module, loops
+
 MARKS = ("HGMMA", "WARPGROUP.DEPBAR", "MUFU.EX2", "BAR.SYNC", "UTMALDG", "STL", "LDL")
 
 
-def load_kernel():
-    spec = importlib.util.spec_from_file_location("sta_fwd", ROOT / "kernels" / "sta_fwd.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module._sta_fwd_kernel
-
-
 def compile_sm90(block_m: int, block_n: int, warps: int, stages: int):
-    kernel = load_kernel()
+    kernel = load_kernel_module("sta_fwd")._sta_fwd_kernel
     plane = 64
     const = dict(TT=6, TH=8, TW=8, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=block_m, BLOCK_N=block_n, EVEN=True,
                  STORE_LSE=False, IEEE=False, TMA=2)
@@ -50,23 +39,6 @@ def compile_sm90(block_m: int, block_n: int, warps: int, stages: int):
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def instructions(sass: str) -> list[tuple[int, str]]:
-    found = (re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines())
-    return [(int(m.group(1), 16), m.group(2)) for m in found if m]
-
-
-def loops(code: list[tuple[int, str]]) -> list[list[str]]:
-    """Bodies of backward branches that issue tensor-core products."""
-    bodies = []
-    for addr, text in code:
-        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
-        if target and int(target.group(1), 16) < addr:
-            body = [t for a, t in code if int(target.group(1), 16) <= a <= addr]
-            if any("HGMMA" in t for t in body):
-                bodies.append(body)
-    return bodies
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block-m", type=int, default=128)
@@ -75,16 +47,12 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=3)
     args = parser.parse_args()
     compiled = compile_sm90(args.block_m, args.block_n, args.warps, args.stages)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "sta_fwd_sm90.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True, text=True)
-    sass = subprocess.run([tools / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    usage, sass = cubin_text(compiled.asm["cubin"], "sta_fwd_sm90")
     print(f"triton {triton.__version__}, sm_90, {vars(args)}")
-    print(next(line.strip() for line in usage.stdout.splitlines() if "REG" in line))
+    print(usage)
     print("| loop | instructions | " + " | ".join(MARKS) + " | exp2 between the first products and their wait |")
     print("|---" * (len(MARKS) + 3) + "|")
-    for i, body in enumerate(loops(instructions(sass))):
+    for i, body in enumerate(b for _, _, b in loops(instructions(sass)) if any("HGMMA" in t for t in b)):
         counts = [sum(mark in t for t in body) for mark in MARKS]
         first = next(j for j, t in enumerate(body) if "HGMMA" in t)
         wait = next((j for j, t in enumerate(body) if j > first and "WARPGROUP.DEPBAR" in t), len(body))
