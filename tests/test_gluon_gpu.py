@@ -34,9 +34,13 @@ def randn(shape, dtype, seed):
 
 
 def head_table(windows, canvas, tile, n_heads, n_kv):
-    grid = [c // t for c, t in zip(canvas, tile)]
-    rows = [[*(min(k, n) for k, n in zip(w, grid)), h // (n_heads // n_kv), h] for h, w in enumerate(windows)]
-    return torch.tensor(rows, dtype=torch.int32, device="cuda")
+    """The kernel's ``heads [n, 5]`` table, built as the Triton backend builds it."""
+    from sta_dist import geometry
+    from sta_dist.local import LocalHeads
+    from sta_dist.triton_backend import _head_table
+
+    heads = LocalHeads.build(windows, geometry.grid_shape(canvas, tile), n_kv)
+    return _head_table(heads, tuple(range(n_heads)), torch.device("cuda"))
 
 
 def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, lse=False, config=None, fill=float("nan")):

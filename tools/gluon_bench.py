@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
-import triton
 
 import sta_dist
+from sta_dist import geometry
+from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
 
-CANVAS, TILE, WINDOW, HEADS, D = (30, 48, 80), (6, 8, 8), (3, 3, 3), 24, 128
+CASE = STANDARD_CASES["hunyuan_333"]
+CANVAS, TILE, WINDOW, HEADS, D = CASE.canvas, CASE.tile, CASE.windows[0], CASE.heads, CASE.head_dim
 
 
 def main() -> None:
@@ -29,14 +30,18 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
     args = parser.parse_args()
 
-    S = math.prod(CANVAS)
+    S = geometry.volume(CANVAS)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn((1, S, HEADS, D), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = D**-0.5
     if args.impl == "gluon":
         from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
 
-        heads = torch.tensor([[*WINDOW, h, h] for h in range(HEADS)], dtype=torch.int32, device="cuda")
+        from sta_dist.local import LocalHeads
+        from sta_dist.triton_backend import _head_table
+
+        grid = geometry.grid_shape(CANVAS, TILE)
+        heads = _head_table(LocalHeads.build(CASE.windows, grid, HEADS), tuple(range(HEADS)), torch.device("cuda"))
         out = torch.empty_like(q)
         config = dict(STAGES=args.stages, PRODUCER_REGS=args.producer_regs)
         fn = lambda: sta_fwd_gluon(q, k, v, heads, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
@@ -52,9 +57,8 @@ def main() -> None:
         ref = sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW, text_length=0,
                                               backend="triton")
         err = (res.float() - ref.float()).abs().max().item()
-    ms = triton.testing.do_bench(fn, warmup=25, rep=200)
-    n_tiles = math.prod(c // t for c, t in zip(CANVAS, TILE))
-    flops = 4 * n_tiles * math.prod(WINDOW) * math.prod(TILE) ** 2 * D * HEADS
+    ms = time_ms(fn)
+    flops = 4 * attended_pairs(CASE) * D  # pairs are summed over heads
     print(json.dumps(dict(impl=name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1), max_diff_vs_triton=err)))
 
 
