@@ -150,6 +150,14 @@ def run_case(case: BenchCase, dtype=torch.bfloat16, seed: int = 0, with_anchors:
     return result
 
 
+_SWEEP_BASE = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+SWEEP_CONFIGS = [dict(_SWEEP_BASE, **extra) for extra in (
+    {}, dict(TMA=False), dict(num_stages=2), dict(BLOCK_N=64, num_stages=4),
+    dict(BLOCK_M=64, num_warps=4), dict(num_warps=4),
+)]
+"""Launch configs that ``sta-dist bench kernel --sweep`` times (``--config N`` picks one)."""
+
+
 def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> list[tuple[dict, float, dict]]:
     """Time the kernel under each launch config; each output checked on sampled rows."""
     from .config import STAConfig

@@ -21,13 +21,7 @@ def _bench(args) -> int:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
     cases = [c for c in args.cases.split(",") if c] if args.cases else ([] if replay else list(bench.STANDARD_CASES))
     if args.sweep:
-        base = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
-        configs = [dict(base, **extra) for extra in (
-            {}, dict(TMA=False), dict(num_stages=2), dict(BLOCK_N=64, num_stages=4),
-            dict(BLOCK_M=64, num_warps=4), dict(num_warps=4),
-        )]
-        if args.config is not None:
-            configs = [configs[args.config]]
+        configs = bench.SWEEP_CONFIGS if args.config is None else [bench.SWEEP_CONFIGS[args.config]]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)
         return 0
