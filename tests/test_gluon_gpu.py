@@ -86,7 +86,8 @@ def test_small_even_shapes(case, dtype):
 
 
 @pytest.mark.timeout(120, method="thread")
-@pytest.mark.parametrize("config", [dict(STAGES=2), dict(STAGES=3)])
+@pytest.mark.parametrize("config", [dict(K_STAGES=2, V_STAGES=2), dict(K_STAGES=2, V_STAGES=3),
+                                    dict(K_STAGES=3, V_STAGES=3), dict(K_STAGES=2, V_STAGES=3, PINGPONG=False)])
 def test_stages_and_batch(config):
     canvas, tile = (12, 16, 24), (6, 8, 8)
     windows = [(3, 1, 2), (2, 2, 3)]
@@ -100,9 +101,9 @@ def test_stages_and_batch(config):
 
 
 @pytest.mark.timeout(120, method="thread")
-@pytest.mark.parametrize("config", [dict(STAGES=2), dict(STAGES=3)])
+@pytest.mark.parametrize("config", [dict(K_STAGES=2, V_STAGES=2), dict(K_STAGES=2, V_STAGES=4)])
 def test_short_windows(config):
-    """1, 2 and 8 key blocks per query block (fewer than STAGES included), batch 2, GQA,
+    """1, 2 and 8 key blocks per query block (fewer than the ring stages included), batch 2, GQA,
     fp16, LSE of both batches."""
     canvas, tile = (8, 8, 16), (4, 4, 8)
     windows = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 2)]

@@ -4,7 +4,7 @@ line ``impl config ms TFLOP/s max_err_vs_triton``. One implementation per proces
 the caller can put a time limit on each (``tools/gpu_gluon.sh``).
 
     python3 tools/gluon_bench.py --impl triton
-    python3 tools/gluon_bench.py --impl gluon --stages 3
+    python3 tools/gluon_bench.py --impl gluon --k-stages 2 --v-stages 3
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ CANVAS, TILE, WINDOW, HEADS, D = CASE.canvas, CASE.tile, CASE.windows[0], CASE.h
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", choices=["gluon", "triton"], required=True)
-    parser.add_argument("--stages", type=int, default=2)
-    parser.add_argument("--producer-regs", type=int, default=24)
+    parser.add_argument("--k-stages", type=int, default=2)
+    parser.add_argument("--v-stages", type=int, default=3)
+    parser.add_argument("--no-pingpong", action="store_true", help="warpgroups issue their products without taking turns")
+    parser.add_argument("--no-time", action="store_true", help="one call, no timing (for a profiler)")
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
     args = parser.parse_args()
 
@@ -43,9 +45,9 @@ def main() -> None:
         grid = geometry.grid_shape(CANVAS, TILE)
         heads = _head_table(LocalHeads.build(CASE.windows, grid, HEADS), tuple(range(HEADS)), torch.device("cuda"))
         out = torch.empty_like(q)
-        config = dict(STAGES=args.stages, PRODUCER_REGS=args.producer_regs)
+        config = dict(K_STAGES=args.k_stages, V_STAGES=args.v_stages, PINGPONG=not args.no_pingpong)
         fn = lambda: sta_fwd_gluon(q, k, v, heads, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
-        name = f"gluon stages={args.stages} producer_regs={args.producer_regs}"
+        name = f"gluon stages={args.k_stages}+{args.v_stages} pingpong={not args.no_pingpong}"
     else:
         fn = lambda: sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW,  # noqa: E731
                                                      text_length=0, backend="triton")
@@ -57,6 +59,8 @@ def main() -> None:
         ref = sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW, text_length=0,
                                               backend="triton")
         err = (res.float() - ref.float()).abs().max().item()
+    if args.no_time:
+        return
     ms = time_ms(fn)
     flops = 4 * attended_pairs(CASE) * D  # pairs are summed over heads
     print(json.dumps(dict(impl=name, ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1), max_diff_vs_triton=err)))

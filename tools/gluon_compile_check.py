@@ -25,25 +25,31 @@ from sass import cubin_text, instructions, load_kernel_module, loops
 MARKS = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "MUFU.EX2", "BAR.SYNC", "BAR.ARV", "SYNCS", "UTMALDG",
          "STL", "LDL")
 CONFIGS = [
-    dict(STAGES=2, num_warps=8, PRODUCER_REGS=24),
-    dict(STAGES=3, num_warps=8, PRODUCER_REGS=24),
-    dict(STAGES=2, num_warps=8, PRODUCER_REGS=40),
-    dict(STAGES=2, num_warps=8, PRODUCER_REGS=24, STORE_LSE=True),
+    dict(K_STAGES=2, V_STAGES=2),
+    dict(K_STAGES=2, V_STAGES=3),
+    dict(K_STAGES=3, V_STAGES=3),
+    dict(K_STAGES=2, V_STAGES=2, PINGPONG=False),
+    dict(K_STAGES=2, V_STAGES=2, STORE_LSE=True),
 ]
 
 
 def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
-    cfg = dict(cfg)
-    warps = cfg.pop("num_warps")
-    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], STAGES=cfg["STAGES"], STORE_LSE=cfg.get("STORE_LSE", False),
-                 PRODUCER_REGS=cfg["PRODUCER_REGS"], num_warps=warps)
+    cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, **cfg}
+    warps = cfg["num_warps"]
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], **{k: cfg[k] for k in (
+        "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
     layout = repr(mod.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5))  # bf16 and fp16
-    box = f"tensordesc<{dtype}[1,{slices},{tile[1]},{tile[2]},128],{layout}>"
-    types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32")
-    sig = {name: "constexpr" if name in const else box if name.endswith("_desc") else types.get(name, "i32")
+
+    def box(n):
+        return f"tensordesc<{dtype}[1,{n},{tile[1]},{tile[2]},128],{layout}>"
+
+    # q and the output move in 64-row halves (one per consumer warpgroup), K and V in 128-row blocks.
+    descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices))
+    types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32", **descs)
+    sig = {name: "constexpr" if name in const else types.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
     src = GluonASTSource(kernel, sig, const)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
@@ -134,14 +140,14 @@ def main() -> None:
     for cfg in CONFIGS:
         report(cfg, args.dump)
     print("\n## other tiles and dtypes of the GPU tests (compile only)")
-    lse3 = dict(CONFIGS[1], STORE_LSE=True)  # test_short_windows: fp16, 3 stages, LSE
+    lse3 = dict(CONFIGS[2], STORE_LSE=True)  # test_short_windows: fp16, 3+3 stages, LSE
     for tile, dtype, cfg in (((2, 8, 8), "bf16", CONFIGS[0]), ((4, 4, 8), "bf16", CONFIGS[0]),
                              ((6, 8, 8), "fp16", CONFIGS[0]), ((4, 4, 8), "fp16", lse3)):
         try:
             compiled = compile_sm90(cfg, tile=tile, dtype=dtype)
-            print(f"tile {tile} {dtype} STAGES={cfg['STAGES']}: compiles, {compiled.metadata.shared} bytes shared")
+            print(f"tile {tile} {dtype} stages={cfg['K_STAGES']}+{cfg['V_STAGES']}: compiles, {compiled.metadata.shared} bytes shared")
         except Exception as exc:
-            print(f"tile {tile} {dtype} STAGES={cfg['STAGES']}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[:500]}")
+            print(f"tile {tile} {dtype} stages={cfg['K_STAGES']}+{cfg['V_STAGES']}: COMPILE FAILED: {type(exc).__name__}: {str(exc)[:500]}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,11 @@
 #!/usr/bin/env bash
 # One GPU call for the experimental Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only:
-# install, its GPU tests (each test has a 120 s pytest limit; the whole run 600 s), then
-# the Hunyuan timing of the Gluon kernel (2 and 3 stages) against the Triton kernel, each
-# in its own process under `timeout 90` (a deadlocked config costs 90 s, not the call).
+# install, the Hunyuan timing of the Gluon kernel (K/V ring stages, with and without ping-pong) against the Triton kernel, each
+# in its own process under `timeout 90` (a deadlocked config costs 90 s, not the call),
+# then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
 # Outputs in $OUT.
 set -uo pipefail
 source tools/gpu_setup.sh
-timeout 600 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
-echo "pytest exit: ${PIPESTATUS[0]} (124 = the 600 s limit)"
 : >"$OUT/bench_gluon.jsonl"
 run() {
   local label=$1; shift
@@ -17,8 +15,11 @@ run() {
   [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
 }
 run triton --impl triton
-run gluon_s2 --impl gluon --stages 2 --check
-run gluon_s3 --impl gluon --stages 3 --check
+run gluon_22 --impl gluon --k-stages 2 --v-stages 2 --check
+run gluon_23 --impl gluon --k-stages 2 --v-stages 3 --check
+run gluon_24 --impl gluon --k-stages 2 --v-stages 4 --check
+run gluon_33 --impl gluon --k-stages 3 --v-stages 3 --check
+run gluon_23_nopp --impl gluon --k-stages 2 --v-stages 3 --no-pingpong --check
 python3 - "$OUT/bench_gluon.jsonl" <<'PY'
 import json, sys
 print("| impl | ms | TFLOP/s | max diff vs triton |")
@@ -27,3 +28,5 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"| {r['impl']} | {r.get('ms', r.get('error'))} | {r.get('tflops', '')} | {r.get('max_diff_vs_triton', '')} |")
 PY
+timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
+echo "pytest exit: ${PIPESTATUS[0]} (124 = the 270 s limit)"
