@@ -50,6 +50,8 @@ class _LayoutFacts:
     """k/v hold the whole canvas in natural order."""
     complete: bool
     """Every query and key tile present, text queries see exactly the video keys."""
+    whole_natural: bool
+    """q and k/v are the whole canvas in natural order and nothing else (no text rows)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,6 +73,7 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
+        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, 0),
     )
 
 
@@ -114,10 +117,26 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
         out[:, valid_rows:, list(subset)] = 0
 
 
+def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, facts: _LayoutFacts):
+    """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) if it covers this call: a
+    capability-9 GPU, a Triton with Gluon, the whole canvas in natural order without text,
+    whole tiles, head dim 128, bf16/fp16; else ``None``."""
+    if not (facts.whole_natural and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
+        return None
+    try:
+        from .kernels import sta_fwd_gluon
+    except ImportError:
+        return None
+    return sta_fwd_gluon if sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile) else None
+
+
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-               scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True):
+               scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True,
+               route_gluon: bool = True):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
-    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for."""
+    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for; the rest go to
+    the Hopper Gluon kernel where it covers the call (no log-sum-exp, no ``config``), else
+    to the Triton kernel."""
     from .kernels.sta_fwd import sta_fwd
 
     H = q_bshd.shape[2]
@@ -129,6 +148,11 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)
     if not sparse:
         return out
+    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, facts) if route_gluon and not return_lse and not config \
+        else None
+    if gluon is not None:
+        return gluon.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
+                                   canvas=layout.canvas, tile=layout.tile, scale=scale)
     return sta_fwd(
         q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,

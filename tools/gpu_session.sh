@@ -5,6 +5,19 @@
 set -uo pipefail
 source tools/gpu_setup.sh
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
+  timeout 400 python3 -m pytest -q -x tests/test_gpu.py tests/test_gluon_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
 fi
 python3 -m sta_dist.cli bench kernel --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+# First call at a new shape (compile, no autotuning) with an empty and then a warm on-disk
+# cache, each in a new process: with text (Triton kernel) and without (Gluon kernel on Hopper).
+for text in 50 0; do
+  for cache in fresh warm; do
+    TRITON_CACHE_DIR=/tmp/tc_$text python3 -c "
+import time, torch, sta_dist
+q = torch.randn(1, 20*40*64 + $text, 24, 128, device='cuda', dtype=torch.bfloat16)
+t = time.perf_counter()
+sta_dist.sliding_tile_attention(q, q, q, canvas=(20, 40, 64), tile=(4, 8, 8), window=(3, 3, 3), text_length=$text)
+torch.cuda.synchronize()
+print('text $text, $cache cache: first call at a new shape %.1f s' % (time.perf_counter() - t))" 2>&1 | tail -n 1
+  done
+done | tee "$OUT/first_call.log"
