@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .descriptors import bulk_copy_layout_ok, natural_box
+
 LOG2E = 1.4426950408889634
 
 
@@ -243,8 +245,7 @@ def _tma_mode(wanted: bool, k_bshd, v_bshd, tile, block_n: int, even: bool, pack
     D = k_bshd.shape[3]
     plane = tile[1] * tile[2]
     ok = (wanted and even and k_bshd.is_cuda and triton.next_power_of_2(D) == D and math.prod(tile) % block_n == 0
-          and all(x.stride(3) == 1 and x.stride(2) == D and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
-                  and x.stride() == k_bshd.stride() for x in (k_bshd, v_bshd)))
+          and bulk_copy_layout_ok(k_bshd, v_bshd) and v_bshd.stride() == k_bshd.stride())
     if not ok:
         return 0
     if packed and k_bshd.stride(0) == k_bshd.shape[1] * k_bshd.stride(1):
@@ -327,11 +328,7 @@ def sta_fwd(
             row_major = [[k_bshd.shape[0] * k_bshd.shape[1], Hkv * D], [k_bshd.stride(1), 1], [block_n, D]]
             k_desc, v_desc = (TensorDescriptor(x, *row_major) for x in (k_bshd, v_bshd))
         else:
-            T, Hc, W = canvas
-            five_d = [[k_bshd.shape[0], T, Hc, W, Hkv * D],
-                      [k_bshd.stride(0), Hc * W * k_bshd.stride(1), W * k_bshd.stride(1), k_bshd.stride(1), 1],
-                      [1, block_n // (tile[1] * tile[2]), tile[1], tile[2], D]]
-            k_desc, v_desc = (TensorDescriptor(x, *five_d) for x in (k_bshd, v_bshd))
+            k_desc, v_desc = (TensorDescriptor(x, *natural_box(x, canvas, tile, block_n)) for x in (k_bshd, v_bshd))
     if out is None:
         out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out

@@ -91,6 +91,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from .descriptors import bulk_copy_layout_ok, natural_box
+
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
@@ -352,8 +354,7 @@ def supported(q, k, v, canvas, tile) -> bool:
             and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
             and (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0
             and min(x.shape[1] for x in (q, k, v)) >= T * H * W
-            and all(x.stride(3) == 1 and x.stride(2) == HEAD_DIM and x.stride(1) % 8 == 0 and x.stride(0) % 8 == 0
-                    for x in (q, k, v)))
+            and bulk_copy_layout_ok(q, k, v))
 
 
 def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
@@ -361,12 +362,7 @@ def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
     t-slices of a tile."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    T, H, W = canvas
-    B, _, heads, D = x.shape
-    sS = x.stride(1)
-    block = [1, rows // (tile[1] * tile[2]), tile[1], tile[2], D]
-    return TensorDescriptor(x, [B, T, H, W, heads * D], [x.stride(0), H * W * sS, W * sS, sS, 1], block,
-                            box_layout(x.dtype))
+    return TensorDescriptor(x, *natural_box(x, canvas, tile, rows), box_layout(x.dtype))
 
 
 def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, config=None, lse=None):

@@ -1,13 +1,14 @@
 """Shared by the offline compile checks (``sass_report.py``, ``gluon_compile_check.py``):
-load a kernel module from ``kernels/`` by path, run the bundled ``cuobjdump`` on a cubin,
-and split SASS into instructions and loops."""
+import a kernel module from ``kernels/`` without installing the package, run the bundled
+``cuobjdump`` on a cubin, and split SASS into instructions and loops."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import triton
@@ -16,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_kernel_module(name: str):
-    """``kernels/<name>.py`` as a module, without installing the package."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``kernels/<name>.py`` as the module ``kernels.<name>`` of the repo root, without
+    installing the package (its relative imports resolve inside ``kernels/``)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"kernels.{name}")
 
 
 def cubin_text(cubin: bytes, name: str, out: Path | None = None) -> tuple[str, str]:
