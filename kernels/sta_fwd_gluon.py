@@ -1,15 +1,16 @@
-"""Sliding tile attention forward in Gluon for Hopper (sm_90), FA3-style. EXPERIMENTAL.
+"""Sliding tile attention forward in Gluon for Hopper (sm_90), FA3-style.
 
-Covers one case only (the router keeps the Triton kernel ``kernels/sta_fwd.py`` for
-everything else): whole tiles (canvas divisible by the tile), q/k/v ``[B, S, heads, D]``
-holding the whole canvas in natural token order (token ``(t, h, w)`` is row
-``(t*H + h)*W + w``), text rows after the canvas ignored (no text keys, no text queries),
-head dim 128, bf16 or fp16. Per-head windows come from ``heads [n, 5]`` =
-``(kt, kh, kw, kv_head, q_head)`` (windows clamped to the grid; GQA allowed). A query tile
-``(ct, ch, cw)`` attends the key tiles ``[st, st+kt) x [sh, sh+kh) x [sw, sw+kw)`` with
-``st = clamp(ct - (kt-1)//2, 0, nt - kt)`` (likewise per axis), softmax over all of them.
+Covers one case (the router, ``sta_dist/triton_backend.py``, keeps the Triton kernel
+``kernels/sta_fwd.py`` for everything else): whole tiles (canvas divisible by the tile),
+q/k/v ``[B, S, heads, D]`` holding the whole canvas in natural token order (token
+``(t, h, w)`` is row ``(t*H + h)*W + w``), then text rows; head dim 128, bf16 or fp16.
+Per-head windows come from ``heads [n, 5]`` = ``(kt, kh, kw, kv_head, q_head)`` (windows
+clamped to the grid; GQA allowed). A query tile ``(ct, ch, cw)`` attends the key tiles
+``[st, st+kt) x [sh, sh+kh) x [sw, sw+kw)`` with ``st = clamp(ct - (kt-1)//2, 0, nt - kt)``
+(likewise per axis) and the first ``text_keys`` text rows, softmax over all of them. Text
+queries are the caller's (dense attention over a few hundred rows).
 
-Blocks. A query or key block is ``BLOCK // (TH*TW)`` consecutive t-slices of one tile
+Blocks. A query or video key block is ``BLOCK // (TH*TW)`` consecutive t-slices of one tile
 (two slices of an 8x8 tile = 128 tokens): one TMA box ``[1, BLOCK//(TH*TW), TH, TW, D]`` of
 the 5-D view ``[B, T, H, W, heads*D]`` (strides ``(sB, H*W*sS, W*sS, sS, 1)``). In shared
 memory the box is reshaped (a memdesc view, no copy) to a ``[BLOCK, D]`` matrix with the
@@ -17,7 +18,10 @@ same 128-byte NVMMA swizzle: the TMA writes the box as two 64-column halves (har
 boxes ``[1, slices, TH, TW, 64]``, the second 16 KiB after the first), each 128 rows of
 128 bytes in ``(t, h, w)`` order, swizzled by shared address; that is the layout of a 2-D
 ``[128, 128]`` NVMMA tile (the wgmma descriptors and the output store use the same
-halves).
+halves). A text key block is ``BLOCK`` consecutive rows after the canvas, a box
+``[1, BLOCK, D]`` of the 3-D view ``[B, S, heads*D]`` written into the same ring slot (the
+same two swizzled halves). Text blocks go first, the partial one as block 0, so the one
+mask (columns past ``text_keys``) sits outside the loop.
 
 Program ``(pid, b*n + i)``: query block ``pid`` (tile ``pid // BLOCKS_PER_TILE``, slice
 group ``pid % BLOCKS_PER_TILE``) of head row ``i`` of batch ``b``. Its 128 query rows are
@@ -114,15 +118,26 @@ def _block_origin(j, st, sh, sw, kh, kw, TT: gl.constexpr, TH: gl.constexpr, TW:
 
 
 @gluon.jit
-def _load_block(desc, smem, ready, empty, j, b, col, st, sh, sw, kh, kw,
+def _load_block(desc, text_desc, smem, ready, empty, j, win,
                 TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, SLICES: gl.constexpr, STAGES: gl.constexpr):
     """TMA copy of key block ``j`` (its K or its V box) into ring slot ``j % STAGES``, once
-    both warpgroups have released the slot's previous fill (fill 0 passes at once)."""
+    both warpgroups have released the slot's previous fill (fill 0 passes at once). Text
+    blocks come first, the last (partial) one as block 0: block ``j < n_tb`` is the text
+    rows from ``text_row + (n_tb - 1 - j) * BN`` on, a 3-D box; block ``j >= n_tb`` is video
+    block ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb, text_row)``:
+    batch, first column of the kv head, the window's first tile and extent in h and w,
+    text blocks, first text row."""
+    b, col, st, sh, sw, kh, kw, n_tb, text_row = win
     s = j % STAGES
     mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
-    t0, h0, w0 = _block_origin(j, st, sh, sw, kh, kw, TT, TH, TW, SLICES)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [b, t0, h0, w0, col], ready.index(s), smem.index(s))
+    if j < n_tb:
+        BN: gl.constexpr = SLICES * TH * TW
+        tma.async_copy_global_to_shared(text_desc, [b, text_row + (n_tb - 1 - j) * BN, col], ready.index(s),
+                                        smem.index(s).reshape(text_desc.block_type.shape))
+    else:
+        t0, h0, w0 = _block_origin(j - n_tb, st, sh, sw, kh, kw, TT, TH, TW, SLICES)
+        tma.async_copy_global_to_shared(desc, [b, t0, h0, w0, col], ready.index(s), smem.index(s))
 
 
 @gluon.jit
@@ -140,8 +155,8 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-              k_empty, v_empty, turn, LSE, b, q_col, kv_col, q_t, q_h, q_w, st, sh, sw, kh, kw, h, n_steps,
+def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
+              k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
               qk_scale, slb, slh, canvas_h, canvas_w,
               TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, SLICES: gl.constexpr, KS: gl.constexpr,
               VS: gl.constexpr,
@@ -155,7 +170,9 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
     left in flight), release the K slot of j, and run softmax_j while PV_{j-1} and the
     other warpgroup's products run. The wait that retires PV_{j-1} is at the top of the
     next trip, so the compiler cannot hoist it above softmax_j (ptxas moves a
-    `wgmma.wait_group 0` placed after the exponentials up to the `wait_group 1`)."""
+    `wgmma.wait_group 0` placed after the exponentials up to the `wait_group 1`).
+    Block 0, if it is a partial text block, masks its key columns past ``n_text``."""
+    b = win[0]
     dtype: gl.constexpr = q_smem.dtype
     HALF: gl.constexpr = SLICES // 2
     BM: gl.constexpr = HALF * TH * TW
@@ -174,10 +191,8 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
         for i in gl.static_range(VS):
             if i < n_steps:
                 if i < KS:
-                    _load_block(k_desc, k_smem, k_ready, k_empty, i, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW,
-                                SLICES, KS)
-                _load_block(v_desc, v_smem, v_ready, v_empty, i, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW, SLICES,
-                            VS)
+                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, SLICES, KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, SLICES, VS)
 
     q_half = q_smem.index(WG)
     q2 = q_half.reshape([BM, D])
@@ -191,10 +206,13 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
                           is_async=True)
     _pass_turn(turn, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    if n_text % BN != 0:
+        cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        s = gl.where((cols < n_text % BN)[None, :], s, float("-inf"))
     mbarrier.arrive(k_empty.index(0))
     if LOADS:
         if KS < n_steps:
-            _load_block(k_desc, k_smem, k_ready, k_empty, KS, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW, SLICES, KS)
+            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, SLICES, KS)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -209,8 +227,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
         mbarrier.arrive(v_empty.index((j + VS - 2) % VS), pred=j >= 2)
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
-                _load_block(v_desc, v_smem, v_ready, v_empty, j - 2 + VS, b, kv_col, st, sh, sw, kh, kw,
-                            TT, TH, TW, SLICES, VS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, SLICES, VS)
         acc = acc * alpha[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
@@ -226,8 +243,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
-                _load_block(k_desc, k_smem, k_ready, k_empty, j + KS, b, kv_col, st, sh, sw, kh, kw,
-                            TT, TH, TW, SLICES, KS)
+                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, SLICES, KS)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -256,8 +272,8 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, 
 
 
 @gluon.jit
-def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, HEADS, LSE, n_heads, grid_t, grid_h, grid_w,
-                          canvas_h, canvas_w, slb, slh, qk_scale,
+def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, n_heads, grid_t, grid_h,
+                          grid_w, canvas_h, canvas_w, n_text, slb, slh, qk_scale,
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, K_STAGES: gl.constexpr,
                           V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
@@ -289,9 +305,12 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, HEADS, LSE, n_heads, g
     st = gl.minimum(gl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
     sh = gl.minimum(gl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
     sw = gl.minimum(gl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
-    n_steps = kt * kh * kw * KB_PER_TILE
+    n_tb = (n_text + SLICES * TH * TW - 1) // (SLICES * TH * TW)
+    n_steps = n_tb + kt * kh * kw * KB_PER_TILE
     q_col = h * D
     kv_col = kvh * D
+    # Where the loads go (see _load_block); text rows start after the canvas.
+    win = (b, kv_col, st, sh, sw, kh, kw, n_tb, grid_t * TT * canvas_h * canvas_w)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -315,13 +334,13 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, HEADS, LSE, n_heads, g
 
     gl.warp_specialize(
         [
-            (_consumer, (0, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         k_empty, v_empty, turn, LSE, b, q_col, kv_col, q_t, q_h, q_w, st, sh, sw, kh, kw, h,
-                         n_steps, qk_scale, slb, slh, canvas_h, canvas_w,
+            (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
+                         k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
+                         n_text, qk_scale, slb, slh, canvas_h, canvas_w,
                          TT, TH, TW, SLICES, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
-            (_consumer, (1, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready,
-                         k_empty, v_empty, turn, LSE, b, q_col, kv_col, q_t, q_h, q_w, st, sh, sw, kh, kw, h,
-                         n_steps, qk_scale, slb, slh, canvas_h, canvas_w,
+            (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
+                         k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
+                         n_text, qk_scale, slb, slh, canvas_h, canvas_w,
                          TT, TH, TW, SLICES, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
@@ -345,7 +364,7 @@ def box_layout(dtype: torch.dtype, rank: int = 5):
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
 
 
-def supported(q, k, v, canvas, tile) -> bool:
+def supported(q, k, v, canvas, tile, text_keys: int = 0) -> bool:
     """Whether this kernel covers the call (the router falls back otherwise)."""
     T, H, W = canvas
     tt, th, tw = tile
@@ -353,7 +372,7 @@ def supported(q, k, v, canvas, tile) -> bool:
     return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
             and (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0
-            and min(x.shape[1] for x in (q, k, v)) >= T * H * W
+            and q.shape[1] >= T * H * W and min(k.shape[1], v.shape[1]) >= T * H * W + text_keys
             and bulk_copy_layout_ok(q, k, v))
 
 
@@ -365,15 +384,25 @@ def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
     return TensorDescriptor(x, *natural_box(x, canvas, tile, rows), box_layout(x.dtype))
 
 
-def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, config=None, lse=None):
+def _rows_desc(x: torch.Tensor):
+    """A 3-D descriptor ``[B, S, heads*D]`` whose box is ``BLOCK`` consecutive rows (text keys)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, S, heads, D = x.shape
+    return TensorDescriptor(x, [B, S, heads * D], [x.stride(0), x.stride(1), 1], [1, BLOCK, D],
+                            box_layout(x.dtype, rank=3))
+
+
+def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, config=None, lse=None):
     """Fill the video rows of ``out [B, S, Hq, D]`` (``q``'s dtype) with sliding tile
     attention for the ``n`` head rows of ``heads [n, 5]`` (int32, on q's device). ``q``,
-    ``k``, ``v`` are ``[B, S, H, D]`` with the canvas in natural order first (text rows
-    after it are ignored). ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous),
+    ``k``, ``v`` are ``[B, S, H, D]`` with the canvas in natural order first; video queries
+    also attend the ``text_keys`` key rows right after the canvas; text query rows of
+    ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous),
     gets the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
     ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per warpgroup)
     and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
-    if not supported(q, k, v, canvas, tile):
+    if not supported(q, k, v, canvas, tile, text_keys):
         raise ValueError("sta_fwd_gluon: unsupported shapes/layout (whole tiles, natural order, D=128, bf16/fp16)")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_gluon: out must match q's shape, dtype and strides")
@@ -387,12 +416,13 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, config=None, lse=
     n = heads.shape[0]
     q_desc, o_desc = (_five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
     k_desc, v_desc = (_five_d(x, canvas, tile) for x in (k, v))
+    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))
     store_lse = lse is not None
     lse_arg = lse if store_lse else heads
     grid = (math.prod(grid_shape) * blocks_per_tile, B * n)
     if grid[0] and grid[1]:
         _sta_fwd_gluon_kernel[grid](
-            q_desc, k_desc, v_desc, o_desc, heads, lse_arg, n, *grid_shape, H, W,
+            q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, n, *grid_shape, H, W, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2], K_STAGES=cfg["K_STAGES"], V_STAGES=cfg["V_STAGES"],
             STORE_LSE=store_lse,

@@ -51,7 +51,7 @@ class _LayoutFacts:
     complete: bool
     """Every query and key tile present, text queries see exactly the video keys."""
     whole_natural: bool
-    """q and k/v are the whole canvas in natural order and nothing else (no text rows)."""
+    """q and k/v are the whole canvas in natural order, then the text rows."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,7 +73,7 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
-        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, 0),
+        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
     )
 
 
@@ -93,41 +93,41 @@ def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText, complet
 
 
 def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-                subset: tuple[int, ...], scale: float, out: torch.Tensor) -> None:
-    """Dense attention of the ``subset`` heads into ``out``: keys are every video token and
-    the valid text; padding text rows are zero."""
+                subset: tuple[int, ...], scale: float, out: torch.Tensor, first_row: int = 0) -> None:
+    """Dense attention of the ``subset`` heads for the query rows from ``first_row`` on,
+    into ``out``: keys are every video token and the valid text; padding text rows are
+    zero. (``first_row = q_video``: the text queries alone.)"""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     H = q_bshd.shape[2]
     n_keys = layout.kv_video + text.kv_for_video_q
+    valid_rows = layout.q_video + text.q_valid
     everything = subset == tuple(range(H)) and heads.kv_heads == tuple(range(H))
-    q = q_bshd if everything else q_bshd[:, :, list(subset)]
-    kv_idx = [heads.kv_heads[h] for h in subset]
-    k = k_bshd[:, :n_keys] if everything else k_bshd[:, :n_keys, kv_idx]
-    v = v_bshd[:, :n_keys] if everything else v_bshd[:, :n_keys, kv_idx]
+    idx = slice(None) if everything else list(subset)
+    kv_idx = slice(None) if everything else [heads.kv_heads[h] for h in subset]
+    q = q_bshd[:, first_row:valid_rows][:, :, idx]
+    k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
-    valid_rows = layout.q_video + text.q_valid
-    if everything:
-        out.copy_(o.transpose(1, 2))
-        out[:, valid_rows:] = 0
-    else:
-        out[:, :, list(subset)] = o.transpose(1, 2)
-        out[:, valid_rows:, list(subset)] = 0
+    out[:, first_row:valid_rows, idx] = o.transpose(1, 2)
+    out[:, valid_rows:, idx] = 0
 
 
-def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, facts: _LayoutFacts):
+def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
     """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) if it covers this call: a
-    capability-9 GPU, a Triton with Gluon, the whole canvas in natural order without text,
-    whole tiles, head dim 128, bf16/fp16; else ``None``."""
-    if not (facts.whole_natural and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
+    capability-9 GPU, a Triton with Gluon, the whole canvas in natural order then the
+    text, every query seeing the same valid text keys, whole tiles, head dim 128,
+    bf16/fp16; else ``None``."""
+    if not (facts.whole_natural and text.kv_for_video_q == text.kv_for_text_q and q_bshd.is_cuda
+            and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
         return None
-    return sta_fwd_gluon if sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile) else None
+    covered = sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q)
+    return sta_fwd_gluon if covered else None
 
 
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -135,8 +135,8 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                route_gluon: bool = True):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
     Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for; the rest go to
-    the Hopper Gluon kernel where it covers the call (no log-sum-exp, no ``config``), else
-    to the Triton kernel."""
+    the Hopper Gluon kernel where it covers the call (no log-sum-exp, no ``config``; its
+    text queries to SDPA), else to the Triton kernel."""
     from .kernels.sta_fwd import sta_fwd
 
     H = q_bshd.shape[2]
@@ -148,11 +148,14 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)
     if not sparse:
         return out
-    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, facts) if route_gluon and not return_lse and not config \
-        else None
+    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, text, facts) \
+        if route_gluon and not return_lse and not config else None
     if gluon is not None:
+        if layout.q_text:
+            _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
         return gluon.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
-                                   canvas=layout.canvas, tile=layout.tile, scale=scale)
+                                   canvas=layout.canvas, tile=layout.tile, scale=scale,
+                                   text_keys=text.kv_for_video_q)
     return sta_fwd(
         q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,

@@ -43,9 +43,11 @@ def head_table(windows, canvas, tile, n_heads, n_kv):
     return _head_table(heads, tuple(range(n_heads)), torch.device("cuda"))
 
 
-def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, lse=False, config=None, fill=float("nan")):
+def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, lse=False, config=None, fill=float("nan"),
+        text_keys=0):
     """Run the kernel; ``out`` starts as ``fill`` (NaN shows rows it did not write; 0 for the
-    sampled checks, which also look at text rows, whose reference output is 0)."""
+    sampled checks, which also look at text rows, whose reference output is 0). ``text``
+    rows follow the canvas; video queries attend the first ``text_keys`` of them."""
     S = math.prod(canvas) + text
     q = randn((batch, S, n_heads, 128), dtype, seed)
     k = randn((batch, S, n_kv, 128), dtype, seed + 1)
@@ -53,7 +55,7 @@ def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, l
     out = torch.full_like(q, fill)
     lse_t = torch.full((batch, n_heads, S), float("nan"), device="cuda") if lse else None
     _kernel()(q, k, v, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
-              scale=128**-0.5, config=config, lse=lse_t)
+              scale=128**-0.5, config=config, lse=lse_t, text_keys=text_keys)
     torch.cuda.synchronize()
     return q, k, v, out, lse_t
 
@@ -117,6 +119,26 @@ def test_short_windows(config):
     lse_err = max_error(lse[:, :, rows.cuda()], ref_lse)
     assert lse_err <= 1e-3, lse_err
     assert torch.isnan(out[:, math.prod(canvas):]).all() and torch.isnan(lse[:, :, math.prod(canvas):]).all()
+
+
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("text_keys", [1, 77, 128, 200])
+def test_text_keys(text_keys):
+    """Video queries also attend the first ``text_keys`` text rows (a partial last text
+    block is masked; 128 is one whole block, 200 one whole and one partial); text query
+    rows are not written. 200 text rows, the rest padding; GQA, LSE."""
+    canvas, tile, windows = (12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
+    q, k, v, out, lse = run(canvas, tile, windows, 4, 2, torch.bfloat16, text=200, seed=7, lse=True,
+                            text_keys=text_keys)
+    n = math.prod(canvas)
+    rows = torch.arange(n)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=rows, scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
+    err = max_error(out[:, :n], ref)
+    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
+    assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
+    assert torch.isnan(out[:, n:]).all()
 
 
 @pytest.mark.timeout(120, method="thread")

@@ -69,29 +69,28 @@ def test_bulk_copy_paths_batch_text_gqa(layout):
                     reason="the Gluon kernel needs Hopper (capability 9)")
 @pytest.mark.timeout(120, method="thread")
 def test_gluon_route(monkeypatch):
-    """On Hopper the whole natural canvas without text goes to the Gluon kernel (its
-    whole-canvas heads to SDPA): the route is taken, it passes the sampled check, and it
-    agrees with the Triton kernel on the same call."""
+    """On Hopper the whole natural canvas goes to the Gluon kernel (its whole-canvas heads
+    and its text queries to SDPA), with and without text: the route is taken, it passes
+    the sampled check, and it agrees with the Triton kernel on the same call."""
     from sta_dist.kernels import sta_fwd_gluon
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
     from sta_dist.triton_backend import sta_triton
 
     calls = []
     real = sta_fwd_gluon.sta_fwd_gluon
-    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(a[3].shape[0]) or real(*a, **kw))
+    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon",
+                        lambda *a, **kw: calls.append((a[3].shape[0], kw["text_keys"])) or real(*a, **kw))
     windows = [(3, 3, 5), (3, 1, 10), (1, 6, 10), (3, 6, 10), (2, 2, 2), (3, 6, 10)]
-    q, k, v = (randn((1, 18 * 48 * 80, 6, 128), seed=i) for i in range(3))
-    layout = LocalLayout.natural(WAN, TILE, 0)
-    heads = LocalHeads.build(windows, layout.grid, 6)
-    args = (q, k, v, layout, heads, LocalText.single(0), 128**-0.5)
-    out = sta_triton(*args)
-    assert calls == [4], calls  # the two (3,6,10) heads cover the 3x6x10 grid: SDPA
-    check = sampled_check(q, k, v, out, canvas=WAN, tile=TILE, window=windows, text_length=0)
-    assert check["ok"], check
-    assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
-    # Text rows, a log-sum-exp or an explicit Triton config keep the Triton kernel.
-    text_layout = LocalLayout.natural(WAN, TILE, 8)
-    qt, kt, vt = (randn((1, 18 * 48 * 80 + 8, 6, 128), seed=i) for i in range(3))
-    sta_triton(qt, kt, vt, text_layout, heads, LocalText.single(8), 128**-0.5)
-    sta_triton(*args, return_lse=True)
-    assert calls == [4], calls
+    heads = LocalHeads.build(windows, LocalLayout.natural(WAN, TILE, 0).grid, 6)
+    for text_len, text_valid in ((0, 0), (256, 200)):
+        q, k, v = (randn((1, 18 * 48 * 80 + text_len, 6, 128), seed=i) for i in range(3))
+        args = (q, k, v, LocalLayout.natural(WAN, TILE, text_len), heads, LocalText.single(text_valid), 128**-0.5)
+        out = sta_triton(*args)
+        # The two (3,6,10) heads cover the 3x6x10 grid: SDPA. Four heads to the kernel.
+        assert calls[-1] == (4, text_valid), calls
+        check = sampled_check(q, k, v, out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
+        assert check["ok"], check
+        assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
+        # A log-sum-exp keeps the Triton kernel.
+        sta_triton(*args, return_lse=True)
+        assert len(calls) == (1 if text_len == 0 else 2), calls

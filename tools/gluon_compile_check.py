@@ -16,6 +16,7 @@ import inspect
 import re
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -47,7 +48,9 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
         return f"tensordesc<{dtype}[1,{n},{tile[1]},{tile[2]},128],{layout}>"
 
     # q and the output move in 64-row halves (one per consumer warpgroup), K and V in 128-row blocks.
-    descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices))
+    rows = f"tensordesc<{dtype}[1,{mod.BLOCK},128],{repr(mod.box_layout(torch.bfloat16, rank=3))}>"
+    descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices),
+                 kt_desc=rows, vt_desc=rows)
     types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32", **descs)
     sig = {name: "constexpr" if name in const else types.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
