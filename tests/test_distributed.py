@@ -140,7 +140,7 @@ def test_dead_peer_ends_the_job_in_bounded_time():
     (64, 63, dict(mode="tile")), (48, 17, dict(mode="auto")),
 ])
 def test_large_world_shapes_on_fake_backend(fake_world, fake_rank, plan_kw):
-    case = Case((30, 48, 80), (6, 8, 8), (3, 3, 3), 16, 16, 1, 64, 8, 32)
+    case = Case((12, 32, 64), (6, 8, 8), (3, 3, 3), 16, 16, 1, 64, 8, 32)
     (out_shape, in_shape, mode), = spawn_local(
         dist_workers.fake_world, 1, (case, plan_kw), backend="fake", timeout_s=120,
         env=dict(FAKE_RANK=str(fake_rank), FAKE_WORLD_SIZE=str(fake_world)))
