@@ -3,8 +3,9 @@
 Covers one case (the router, ``sta_dist/triton_backend.py``, keeps the Triton kernel
 ``kernels/sta_fwd.py`` for everything else): whole tiles (canvas divisible by the tile),
 q/k/v ``[B, S, heads, D]`` holding the whole canvas in natural token order (token
-``(t, h, w)`` is row ``(t*H + h)*W + w``), then text rows; head dim 128, bf16 or fp16.
-Per-head windows come from ``heads [n, 5]`` = ``(kt, kh, kw, kv_head, q_head)`` (windows
+``(t, h, w)`` is row ``(t*H + h)*W + w``) or in tiled order (``TILED``: tile by tile in id
+order, as ``sta_dist.to_tiled`` lays them; head mode's local layout), then text rows; head
+dim 128, bf16 or fp16. Per-head windows come from ``heads [n, 5]`` = ``(kt, kh, kw, kv_head, q_head)`` (windows
 clamped to the grid; GQA allowed). A query tile ``(ct, ch, cw)`` attends the key tiles
 ``[st, st+kt) x [sh, sh+kh) x [sw, sw+kw)`` with ``st = clamp(ct - (kt-1)//2, 0, nt - kt)``
 (likewise per axis) and the first ``text_keys`` text rows, softmax over all of them. Text
@@ -18,9 +19,10 @@ same 128-byte NVMMA swizzle: the TMA writes the box as two 64-column halves (har
 boxes ``[1, slices, TH, TW, 64]``, the second 16 KiB after the first), each 128 rows of
 128 bytes in ``(t, h, w)`` order, swizzled by shared address; that is the layout of a 2-D
 ``[128, 128]`` NVMMA tile (the wgmma descriptors and the output store use the same
-halves). A text key block is ``BLOCK`` consecutive rows after the canvas, a box
-``[1, BLOCK, D]`` of the 3-D view ``[B, S, heads*D]`` written into the same ring slot (the
-same two swizzled halves). Text blocks go first, the partial one as block 0, so the one
+halves). In tiled order every block is consecutive rows: 3-D boxes ``[1, rows, D]`` of the
+view ``[B, S, heads*D]``, the same two swizzled halves in shared memory. A text key block
+is ``BLOCK`` consecutive rows after the canvas, such a 3-D box, in either order. Text
+blocks go first, the partial one as block 0, so the one
 mask (columns past ``text_keys``) sits outside the loop.
 
 Program ``(pid, b*n + i)``: query block ``pid`` (tile ``pid // BLOCKS_PER_TILE``, slice
@@ -104,40 +106,45 @@ DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUM
 
 
 @gluon.jit
-def _block_origin(j, st, sh, sw, kh, kw, TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr,
-                  SLICES: gl.constexpr):
-    """Canvas coordinates ``(t, h, w)`` of key block ``j`` of a window (t-slice group of
-    a key tile; tiles walked t, then h, then w)."""
-    KB_PER_TILE: gl.constexpr = TT // SLICES
+def _copy_video_block(desc, dst, bar, j, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
+                      TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr):
+    """TMA copy of key block ``j`` of a window: the ``BN``-row piece ``j % KB_PER_TILE`` of
+    window tile ``j // KB_PER_TILE`` (tiles walked t, then h, then w). Natural order: a 5-D
+    box at canvas ``(t, h, w)``; tiled order: ``BN`` rows of the tile's consecutive rows."""
+    KB_PER_TILE: gl.constexpr = TT * TH * TW // BN
     i = j // KB_PER_TILE
     sub = j % KB_PER_TILE
     wt = st + i // (kh * kw)
     wh = sh + (i // kw) % kh
     ww = sw + i % kw
-    return wt * TT + sub * SLICES, wh * TH, ww * TW
+    if TILED:
+        tma.async_copy_global_to_shared(desc, [b, ((wt * grid_h + wh) * grid_w + ww) * (TT * TH * TW) + sub * BN, col],
+                                        bar, dst)
+    else:
+        tma.async_copy_global_to_shared(desc, [b, wt * TT + sub * (BN // (TH * TW)), wh * TH, ww * TW, col], bar, dst)
 
 
 @gluon.jit
 def _load_block(desc, text_desc, smem, ready, empty, j, win,
-                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, SLICES: gl.constexpr, STAGES: gl.constexpr):
+                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr,
+                STAGES: gl.constexpr):
     """TMA copy of key block ``j`` (its K or its V box) into ring slot ``j % STAGES``, once
     both warpgroups have released the slot's previous fill (fill 0 passes at once). Text
     blocks come first, the last (partial) one as block 0: block ``j < n_tb`` is the text
     rows from ``text_row + (n_tb - 1 - j) * BN`` on, a 3-D box; block ``j >= n_tb`` is video
-    block ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb, text_row)``:
-    batch, first column of the kv head, the window's first tile and extent in h and w,
-    text blocks, first text row."""
-    b, col, st, sh, sw, kh, kw, n_tb, text_row = win
+    block ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb, text_row,
+    grid_h, grid_w)``: batch, first column of the kv head, the window's first tile and extent
+    in h and w, text blocks, first text row, the tile grid's h and w."""
+    b, col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w = win
     s = j % STAGES
     mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
     if j < n_tb:
-        BN: gl.constexpr = SLICES * TH * TW
         tma.async_copy_global_to_shared(text_desc, [b, text_row + (n_tb - 1 - j) * BN, col], ready.index(s),
                                         smem.index(s).reshape(text_desc.block_type.shape))
     else:
-        t0, h0, w0 = _block_origin(j - n_tb, st, sh, sw, kh, kw, TT, TH, TW, SLICES)
-        tma.async_copy_global_to_shared(desc, [b, t0, h0, w0, col], ready.index(s), smem.index(s))
+        _copy_video_block(desc, smem.index(s), ready.index(s), j - n_tb, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
+                          TT, TH, TW, BN, TILED)
 
 
 @gluon.jit
@@ -158,9 +165,9 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
               k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
               qk_scale, slb, slh, canvas_h, canvas_w,
-              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, SLICES: gl.constexpr, KS: gl.constexpr,
-              VS: gl.constexpr,
-              STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr,
+              KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
+              num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
 
@@ -174,10 +181,9 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     Block 0, if it is a partial text block, masks its key columns past ``n_text``."""
     b = win[0]
     dtype: gl.constexpr = q_smem.dtype
-    HALF: gl.constexpr = SLICES // 2
-    BM: gl.constexpr = HALF * TH * TW
-    BN: gl.constexpr = SLICES * TH * TW
-    D: gl.constexpr = q_smem.shape[5]
+    BM: gl.constexpr = BN // 2  # query rows of this warpgroup
+    HALF: gl.constexpr = BM // (TH * TW)  # natural order: t-slices of a half
+    D: gl.constexpr = q_smem.shape[-1]
     LOADS: gl.constexpr = WG == 1
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 16])
@@ -186,13 +192,16 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
 
     if LOADS:
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, q_t, q_h, q_w, q_col], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [b, q_t + HALF, q_h, q_w, q_col], q_bar, q_smem.index(1))
+        for w in gl.static_range(2):
+            if TILED:
+                tma.async_copy_global_to_shared(q_desc, [b, q_t + w * BM, q_col], q_bar, q_smem.index(w))
+            else:
+                tma.async_copy_global_to_shared(q_desc, [b, q_t + w * HALF, q_h, q_w, q_col], q_bar, q_smem.index(w))
         for i in gl.static_range(VS):
             if i < n_steps:
                 if i < KS:
-                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, SLICES, KS)
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, SLICES, VS)
+                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, TILED, KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, TILED, VS)
 
     q_half = q_smem.index(WG)
     q2 = q_half.reshape([BM, D])
@@ -212,7 +221,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     mbarrier.arrive(k_empty.index(0))
     if LOADS:
         if KS < n_steps:
-            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, SLICES, KS)
+            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, TILED, KS)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -227,7 +236,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         mbarrier.arrive(v_empty.index((j + VS - 2) % VS), pred=j >= 2)
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, SLICES, VS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, TILED, VS)
         acc = acc * alpha[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
@@ -243,7 +252,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
-                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, SLICES, KS)
+                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, TILED, KS)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -261,11 +270,17 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     out = acc / l_i[:, None]
     q2.store(out.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, q_t + WG * HALF, q_h, q_w, q_col], q_half)
+    if TILED:
+        tma.async_copy_shared_to_global(o_desc, [b, q_t + WG * BM, q_col], q_half)
+    else:
+        tma.async_copy_shared_to_global(o_desc, [b, q_t + WG * HALF, q_h, q_w, q_col], q_half)
 
     if STORE_LSE:
         r = gl.arange(0, BM, layout=row)
-        rows = ((q_t + WG * HALF + r // (TH * TW)) * canvas_h + q_h + (r // TW) % TH) * canvas_w + q_w + r % TW
+        if TILED:
+            rows = q_t + WG * BM + r
+        else:
+            rows = ((q_t + WG * HALF + r // (TH * TW)) * canvas_h + q_h + (r // TW) % TH) * canvas_w + q_w + r % TW
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         gl.store(LSE + b.to(gl.int64) * slb + h.to(gl.int64) * slh + rows, lse)
     tma.store_wait(0)
@@ -274,14 +289,14 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
 @gluon.jit
 def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, n_heads, grid_t, grid_h,
                           grid_w, canvas_h, canvas_w, n_text, slb, slh, qk_scale,
-                          TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, K_STAGES: gl.constexpr,
-                          V_STAGES: gl.constexpr,
+                          TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
+                          TILED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    SLICES: gl.constexpr = k_desc.block_type.shape[1]
-    D: gl.constexpr = k_desc.block_type.shape[4]
-    BLOCKS_PER_TILE: gl.constexpr = TT // SLICES
-    KB_PER_TILE: gl.constexpr = TT // SLICES
+    D: gl.constexpr = k_desc.block_type.shape[-1]
+    VOL: gl.constexpr = TT * TH * TW
+    BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks (BN rows) per tile
+    KB_PER_TILE: gl.constexpr = VOL // BN
 
     pid = gl.program_id(0)
     bh = gl.program_id(1)
@@ -298,19 +313,26 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
     ct = qi // (grid_h * grid_w)
     ch = (qi // grid_w) % grid_h
     cw = qi % grid_w
-    q_t = ct * TT + sub * SLICES
-    q_h = ch * TH
-    q_w = cw * TW
+    # Where the query block sits: natural order (t, h, w) of its first token; tiled order
+    # its first row (and two zeros).
+    if TILED:
+        q_t = qi * VOL + sub * BN
+        q_h = 0
+        q_w = 0
+    else:
+        q_t = ct * TT + sub * (BN // (TH * TW))
+        q_h = ch * TH
+        q_w = cw * TW
     # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n.
     st = gl.minimum(gl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
     sh = gl.minimum(gl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
     sw = gl.minimum(gl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
-    n_tb = (n_text + SLICES * TH * TW - 1) // (SLICES * TH * TW)
+    n_tb = (n_text + BN - 1) // BN
     n_steps = n_tb + kt * kh * kw * KB_PER_TILE
     q_col = h * D
     kv_col = kvh * D
     # Where the loads go (see _load_block); text rows start after the canvas.
-    win = (b, kv_col, st, sh, sw, kh, kw, n_tb, grid_t * TT * canvas_h * canvas_w)
+    win = (b, kv_col, st, sh, sw, kh, kw, n_tb, grid_t * VOL * grid_h * grid_w, grid_h, grid_w)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -337,11 +359,11 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
             (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, SLICES, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
             (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, SLICES, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -364,14 +386,17 @@ def box_layout(dtype: torch.dtype, rank: int = 5):
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
 
 
-def supported(q, k, v, canvas, tile, text_keys: int = 0) -> bool:
-    """Whether this kernel covers the call (the router falls back otherwise)."""
+def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural") -> bool:
+    """Whether this kernel covers the call (the router falls back otherwise): whole tiles
+    of ``BLOCK``-row blocks (natural order: whole t-slices of a tile), the canvas first in
+    ``order`` ("natural" or "tiled"), then at least ``text_keys`` text key rows."""
     T, H, W = canvas
     tt, th, tw = tile
     plane = th * tw
-    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
+    blocks = (tt * plane) % BLOCK == 0 if order == "tiled" else (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0
+    return (order in ("natural", "tiled") and blocks
+            and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
-            and (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0
             and q.shape[1] >= T * H * W and min(k.shape[1], v.shape[1]) >= T * H * W + text_keys
             and bulk_copy_layout_ok(q, k, v))
 
@@ -384,26 +409,30 @@ def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
     return TensorDescriptor(x, *natural_box(x, canvas, tile, rows), box_layout(x.dtype))
 
 
-def _rows_desc(x: torch.Tensor):
-    """A 3-D descriptor ``[B, S, heads*D]`` whose box is ``BLOCK`` consecutive rows (text keys)."""
+def _rows_desc(x: torch.Tensor, rows: int = BLOCK):
+    """A 3-D descriptor ``[B, S, heads*D]`` whose box is ``rows`` consecutive rows (text
+    keys; every block in tiled order)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, S, heads, D = x.shape
-    return TensorDescriptor(x, [B, S, heads * D], [x.stride(0), x.stride(1), 1], [1, BLOCK, D],
+    return TensorDescriptor(x, [B, S, heads * D], [x.stride(0), x.stride(1), 1], [1, rows, D],
                             box_layout(x.dtype, rank=3))
 
 
-def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, config=None, lse=None):
+def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", config=None,
+                  lse=None):
     """Fill the video rows of ``out [B, S, Hq, D]`` (``q``'s dtype) with sliding tile
     attention for the ``n`` head rows of ``heads [n, 5]`` (int32, on q's device). ``q``,
-    ``k``, ``v`` are ``[B, S, H, D]`` with the canvas in natural order first; video queries
+    ``k``, ``v`` are ``[B, S, H, D]`` with the canvas first, in ``order`` ("natural": token
+    ``(t, h, w)`` at row ``(t*H + h)*W + w``; "tiled": tile by tile in id order, each tile's
+    tokens in ``(t, h, w)`` order inside it, as ``sta_dist.to_tiled`` lays them); video queries
     also attend the ``text_keys`` key rows right after the canvas; text query rows of
     ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous),
     gets the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
     ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per warpgroup)
     and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
-    if not supported(q, k, v, canvas, tile, text_keys):
-        raise ValueError("sta_fwd_gluon: unsupported shapes/layout (whole tiles, natural order, D=128, bf16/fp16)")
+    if not supported(q, k, v, canvas, tile, text_keys, order):
+        raise ValueError(f"sta_fwd_gluon: unsupported shapes/layout (whole tiles, {order} order, D=128, bf16/fp16)")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_gluon: out must match q's shape, dtype and strides")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
@@ -411,11 +440,12 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, conf
         raise ValueError(f"sta_fwd_gluon: need 2 <= K_STAGES <= V_STAGES, got {cfg['K_STAGES']}, {cfg['V_STAGES']}")
     T, H, W = canvas
     grid_shape = (T // tile[0], H // tile[1], W // tile[2])
-    blocks_per_tile = tile[0] // (BLOCK // (tile[1] * tile[2]))
+    blocks_per_tile = math.prod(tile) // BLOCK
     B = q.shape[0]
     n = heads.shape[0]
-    q_desc, o_desc = (_five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
-    k_desc, v_desc = (_five_d(x, canvas, tile) for x in (k, v))
+    tiled = order == "tiled"
+    q_desc, o_desc = (_rows_desc(x, BLOCK // 2) if tiled else _five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
+    k_desc, v_desc = (_rows_desc(x) if tiled else _five_d(x, canvas, tile) for x in (k, v))
     kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))
     store_lse = lse is not None
     lse_arg = lse if store_lse else heads
@@ -424,8 +454,8 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, conf
         _sta_fwd_gluon_kernel[grid](
             q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, n, *grid_shape, H, W, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
-            TT=tile[0], TH=tile[1], TW=tile[2], K_STAGES=cfg["K_STAGES"], V_STAGES=cfg["V_STAGES"],
-            STORE_LSE=store_lse,
+            TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, TILED=tiled, K_STAGES=cfg["K_STAGES"],
+            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse,
             PINGPONG=cfg["PINGPONG"], CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out

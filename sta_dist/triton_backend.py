@@ -50,8 +50,9 @@ class _LayoutFacts:
     """k/v hold the whole canvas in natural order."""
     complete: bool
     """Every query and key tile present, text queries see exactly the video keys."""
-    whole_natural: bool
-    """q and k/v are the whole canvas in natural order, then the text rows."""
+    whole_order: str | None
+    """"natural" or "tiled" when q and k/v are the whole canvas in that order, then the
+    text rows; else ``None``."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -73,7 +74,8 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
-        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
+        whole_order=("natural" if layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text) else
+                     "tiled" if layout == LocalLayout.tiled(layout.canvas, layout.tile, layout.q_text) else None),
     )
 
 
@@ -116,17 +118,18 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
 
 def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
     """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) if it covers this call: a
-    capability-9 GPU, a Triton with Gluon, the whole canvas in natural order then the
-    text, every query seeing the same valid text keys, whole tiles, head dim 128,
+    capability-9 GPU, a Triton with Gluon, the whole canvas in natural or tiled order then
+    the text, every query seeing the same valid text keys, whole tiles, head dim 128,
     bf16/fp16; else ``None``."""
-    if not (facts.whole_natural and text.kv_for_video_q == text.kv_for_text_q and q_bshd.is_cuda
+    if not (facts.whole_order and text.kv_for_video_q == text.kv_for_text_q and q_bshd.is_cuda
             and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
         return None
-    covered = sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q)
+    covered = sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q,
+                                      facts.whole_order)
     return sta_fwd_gluon if covered else None
 
 
@@ -155,7 +158,7 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
             _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
         return gluon.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
                                    canvas=layout.canvas, tile=layout.tile, scale=scale,
-                                   text_keys=text.kv_for_video_q)
+                                   text_keys=text.kv_for_video_q, order=facts.whole_order)
     return sta_fwd(
         q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,

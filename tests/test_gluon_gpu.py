@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import sta_dist
 from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
 
 cuda_hopper = pytest.mark.skipif(
@@ -44,19 +45,25 @@ def head_table(windows, canvas, tile, n_heads, n_kv):
 
 
 def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, lse=False, config=None, fill=float("nan"),
-        text_keys=0):
+        text_keys=0, order="natural"):
     """Run the kernel; ``out`` starts as ``fill`` (NaN shows rows it did not write; 0 for the
     sampled checks, which also look at text rows, whose reference output is 0). ``text``
-    rows follow the canvas; video queries attend the first ``text_keys`` of them."""
+    rows follow the canvas; video queries attend the first ``text_keys`` of them. With
+    ``order="tiled"`` the kernel gets tiled copies and ``out`` (and ``lse``) come back in
+    natural order."""
     S = math.prod(canvas) + text
     q = randn((batch, S, n_heads, 128), dtype, seed)
     k = randn((batch, S, n_kv, 128), dtype, seed + 1)
     v = randn((batch, S, n_kv, 128), dtype, seed + 2)
     out = torch.full_like(q, fill)
     lse_t = torch.full((batch, n_heads, S), float("nan"), device="cuda") if lse else None
-    _kernel()(q, k, v, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
-              scale=128**-0.5, config=config, lse=lse_t, text_keys=text_keys)
+    args = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, canvas, tile) for x in (q, k, v))
+    _kernel()(*args, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
+              scale=128**-0.5, config=config, lse=lse_t, text_keys=text_keys, order=order)
     torch.cuda.synchronize()
+    if order == "tiled":
+        out = sta_dist.to_natural(out, canvas, tile)
+        lse_t = sta_dist.to_natural(lse_t.transpose(1, 2), canvas, tile).transpose(1, 2) if lse else None
     return q, k, v, out, lse_t
 
 
@@ -119,6 +126,25 @@ def test_short_windows(config):
     lse_err = max_error(lse[:, :, rows.cuda()], ref_lse)
     assert lse_err <= 1e-3, lse_err
     assert torch.isnan(out[:, math.prod(canvas):]).all() and torch.isnan(lse[:, :, math.prod(canvas):]).all()
+
+
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("case", range(len(SMALL)))
+def test_tiled_order(case):
+    """The same problems with q, k, v in tiled order (tile by tile, as ``to_tiled`` lays
+    them), 3-D row boxes throughout: against the reference, bf16, text keys, LSE."""
+    canvas, tile, windows, n_heads, n_kv = SMALL[case]
+    q, k, v, out, lse = run(canvas, tile, windows, n_heads, n_kv, torch.bfloat16, text=40, seed=21, lse=True,
+                            text_keys=33, order="tiled")
+    n = math.prod(canvas)
+    rows = torch.arange(n)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=33, rows=rows, scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
+    err = max_error(out[:, :n], ref)
+    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
+    assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
+    assert torch.isnan(out[:, n:]).all()
 
 
 @pytest.mark.timeout(120, method="thread")

@@ -69,28 +69,31 @@ def test_bulk_copy_paths_batch_text_gqa(layout):
                     reason="the Gluon kernel needs Hopper (capability 9)")
 @pytest.mark.timeout(120, method="thread")
 def test_gluon_route(monkeypatch):
-    """On Hopper the whole natural canvas goes to the Gluon kernel (its whole-canvas heads
-    and its text queries to SDPA), with and without text: the route is taken, it passes
-    the sampled check, and it agrees with the Triton kernel on the same call."""
+    """On Hopper the whole canvas in natural or tiled order goes to the Gluon kernel (its
+    whole-canvas heads and its text queries to SDPA), with and without text: the route is
+    taken, it passes the sampled check, and it agrees with the Triton kernel."""
     from sta_dist.kernels import sta_fwd_gluon
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
     from sta_dist.triton_backend import sta_triton
 
     calls = []
     real = sta_fwd_gluon.sta_fwd_gluon
-    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon",
-                        lambda *a, **kw: calls.append((a[3].shape[0], kw["text_keys"])) or real(*a, **kw))
+    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(
+        (a[3].shape[0], kw["text_keys"], kw["order"])) or real(*a, **kw))
     windows = [(3, 3, 5), (3, 1, 10), (1, 6, 10), (3, 6, 10), (2, 2, 2), (3, 6, 10)]
     heads = LocalHeads.build(windows, LocalLayout.natural(WAN, TILE, 0).grid, 6)
-    for text_len, text_valid in ((0, 0), (256, 200)):
+    for order, text_len, text_valid in (("natural", 0, 0), ("natural", 256, 200), ("tiled", 256, 200)):
         q, k, v = (randn((1, 18 * 48 * 80 + text_len, 6, 128), seed=i) for i in range(3))
-        args = (q, k, v, LocalLayout.natural(WAN, TILE, text_len), heads, LocalText.single(text_valid), 128**-0.5)
+        layout = getattr(LocalLayout, order)(WAN, TILE, text_len)
+        tensors = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, WAN, TILE) for x in (q, k, v))
+        args = (*tensors, layout, heads, LocalText.single(text_valid), 128**-0.5)
         out = sta_triton(*args)
         # The two (3,6,10) heads cover the 3x6x10 grid: SDPA. Four heads to the kernel.
-        assert calls[-1] == (4, text_valid), calls
-        check = sampled_check(q, k, v, out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
+        assert calls.pop() == (4, text_valid, order)
+        natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)
+        check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
         assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
         # A log-sum-exp keeps the Triton kernel.
         sta_triton(*args, return_lse=True)
-        assert len(calls) == (1 if text_len == 0 else 2), calls
+        assert not calls, calls

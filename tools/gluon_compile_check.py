@@ -31,26 +31,34 @@ CONFIGS = [
     dict(K_STAGES=3, V_STAGES=3),
     dict(K_STAGES=2, V_STAGES=2, PINGPONG=False),
     dict(K_STAGES=2, V_STAGES=2, STORE_LSE=True),
+    dict(K_STAGES=2, V_STAGES=2, TILED=True),
 ]
 
 
 def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
+    """Compile for sm_90; ``cfg`` holds launch constants and ``TILED`` (tiled token order)."""
     mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
-    cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, **cfg}
+    cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "TILED": False, **cfg}
     warps = cfg["num_warps"]
-    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], **{k: cfg[k] for k in (
-        "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, **{k: cfg[k] for k in (
+        "TILED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
-    layout = repr(mod.gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5))  # bf16 and fp16
+    layout5, layout3 = (repr(mod.box_layout(torch.bfloat16, rank=r)) for r in (5, 3))  # bf16 and fp16 alike
 
-    def box(n):
-        return f"tensordesc<{dtype}[1,{n},{tile[1]},{tile[2]},128],{layout}>"
+    def box(n):  # n t-slices of a tile, natural order
+        return f"tensordesc<{dtype}[1,{n},{tile[1]},{tile[2]},128],{layout5}>"
+
+    def rows(n):  # n consecutive rows
+        return f"tensordesc<{dtype}[1,{n},128],{layout3}>"
 
     # q and the output move in 64-row halves (one per consumer warpgroup), K and V in 128-row blocks.
-    rows = f"tensordesc<{dtype}[1,{mod.BLOCK},128],{repr(mod.box_layout(torch.bfloat16, rank=3))}>"
-    descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices),
-                 kt_desc=rows, vt_desc=rows)
+    if cfg["TILED"]:
+        descs = dict(q_desc=rows(mod.BLOCK // 2), o_desc=rows(mod.BLOCK // 2), k_desc=rows(mod.BLOCK),
+                     v_desc=rows(mod.BLOCK))
+    else:
+        descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices))
+    descs.update(kt_desc=rows(mod.BLOCK), vt_desc=rows(mod.BLOCK))
     types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32", **descs)
     sig = {name: "constexpr" if name in const else types.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
