@@ -67,6 +67,19 @@ def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, l
     return q, k, v, out, lse_t
 
 
+def assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=0, dtype=torch.bfloat16):
+    """The video rows of ``out`` (and ``lse``) against the float64 reference, where video
+    queries also see ``text_keys`` text rows; the text rows of ``out`` left unwritten (NaN)."""
+    n = math.prod(canvas)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=torch.arange(n), scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=dtype)
+    err = max_error(out[:, :n], ref)
+    assert err <= error_bound(max_error(base, ref), dtype, ref), (err, max_error(base, ref))
+    assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
+    assert torch.isnan(out[:, n:]).all()
+
+
 SMALL = [
     # canvas, tile, per-head windows (tiles), heads, kv heads
     ((6, 16, 16), (6, 8, 8), [(1, 1, 1), (1, 2, 2)], 2, 2),
@@ -136,15 +149,7 @@ def test_tiled_order(case):
     canvas, tile, windows, n_heads, n_kv = SMALL[case]
     q, k, v, out, lse = run(canvas, tile, windows, n_heads, n_kv, torch.bfloat16, text=40, seed=21, lse=True,
                             text_keys=33, order="tiled")
-    n = math.prod(canvas)
-    rows = torch.arange(n)
-    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=33, rows=rows, scale=128**-0.5)
-    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
-    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
-    err = max_error(out[:, :n], ref)
-    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
-    assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
-    assert torch.isnan(out[:, n:]).all()
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=33)
 
 
 @pytest.mark.timeout(120, method="thread")
@@ -156,15 +161,7 @@ def test_text_keys(text_keys):
     canvas, tile, windows = (12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
     q, k, v, out, lse = run(canvas, tile, windows, 4, 2, torch.bfloat16, text=200, seed=7, lse=True,
                             text_keys=text_keys)
-    n = math.prod(canvas)
-    rows = torch.arange(n)
-    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=rows, scale=128**-0.5)
-    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
-    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
-    err = max_error(out[:, :n], ref)
-    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
-    assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
-    assert torch.isnan(out[:, n:]).all()
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=text_keys)
 
 
 @pytest.mark.timeout(120, method="thread")
