@@ -170,6 +170,8 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
               num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
+    ``(q_t, q_h, q_w)``: the query block's first token (natural order) or first row and
+    two zeros (tiled order); ``win``: see ``_load_block``.
 
     Loop trip j (1 <= j < n): retire PV_{j-2}, release V slot of j-2, rescale O by
     alpha_{j-1}, convert P_{j-1} to a register operand; (take the turn) issue

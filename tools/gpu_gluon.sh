@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One GPU call for the experimental Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only:
-# install, the Hunyuan timing of the Gluon kernel (K/V ring stages, with and without ping-pong) against the Triton kernel, each
-# in its own process under `timeout 90` (a deadlocked config costs 90 s, not the call),
+# One GPU call for the Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only: install, the
+# Hunyuan timing of the Gluon kernel (K/V ring stages, with and without ping-pong) against
+# the Triton kernel, each in its own process under `timeout 90` (a deadlocked config costs
+# 90 s, not the call),
 # then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
 # Outputs in $OUT.
 set -uo pipefail
