@@ -17,6 +17,15 @@ from . import geometry
 from .geometry import TileRows, Triple
 
 
+def head_index(heads: Sequence[int]):
+    """An index for the head dim of ``[B, S, H, D]``: a slice for a contiguous block (views,
+    plain copies), else the list (a gather)."""
+    heads = tuple(heads)
+    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
+        return slice(heads[0], heads[-1] + 1)
+    return list(heads)
+
+
 @dataclass(frozen=True, slots=True)
 class LocalLayout:
     """Token placement of one local call (no heads, no text validity: those vary per call).

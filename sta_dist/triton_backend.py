@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import geometry
-from .local import LocalHeads, LocalLayout, LocalText
+from .local import LocalHeads, LocalLayout, LocalText, head_index
 
 
 def can_run_triton(q: torch.Tensor, raise_error: bool = False) -> bool:
@@ -102,12 +102,9 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    H = q_bshd.shape[2]
     n_keys = layout.kv_video + text.kv_for_video_q
     valid_rows = layout.q_video + text.q_valid
-    everything = subset == tuple(range(H)) and heads.kv_heads == tuple(range(H))
-    idx = slice(None) if everything else list(subset)
-    kv_idx = slice(None) if everything else [heads.kv_heads[h] for h in subset]
+    idx, kv_idx = head_index(subset), head_index([heads.kv_heads[h] for h in subset])
     q = q_bshd[:, first_row:valid_rows][:, :, idx]
     k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):

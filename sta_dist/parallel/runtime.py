@@ -19,7 +19,7 @@ import torch
 
 from .. import geometry
 from ..api import local_attention
-from ..local import LocalText
+from ..local import LocalText, head_index
 from .comm import Comm
 from .schedule import CallSchedule, tile_rows
 
@@ -41,16 +41,9 @@ class PartialOutput(NamedTuple):
     text_lse: Optional[torch.Tensor]
 
 
-def _head_index(heads: tuple[int, ...]):
-    """An index for the head dim: a slice for a contiguous block (views, plain copies)."""
-    if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
-        return slice(heads[0], heads[-1] + 1)
-    return list(heads)
-
-
 def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     """The given heads of ``x [B, S, H, D]``: a view for a contiguous block, else a copy."""
-    return x[:, :, _head_index(heads)]
+    return x[:, :, head_index(heads)]
 
 
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
@@ -144,6 +137,6 @@ def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_he
     for qh, chunk in zip(sched.q_heads, chunks):
         if qh:
             video, txt = chunk.split([B * n_held * len(qh) * D, B * L * len(qh) * D])
-            result[:, :n_held, _head_index(qh)] = video.view(B, n_held, len(qh), D)
-            result[:, n_held:, _head_index(qh)] = txt.view(B, L, len(qh), D)
+            result[:, :n_held, head_index(qh)] = video.view(B, n_held, len(qh), D)
+            result[:, n_held:, head_index(qh)] = txt.view(B, L, len(qh), D)
     return result
