@@ -297,8 +297,7 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
-    BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks (BN rows) per tile
-    KB_PER_TILE: gl.constexpr = VOL // BN
+    BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks and key blocks (BN rows) per tile
 
     pid = gl.program_id(0)
     bh = gl.program_id(1)
@@ -330,7 +329,7 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
     sh = gl.minimum(gl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
     sw = gl.minimum(gl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
     n_tb = (n_text + BN - 1) // BN
-    n_steps = n_tb + kt * kh * kw * KB_PER_TILE
+    n_steps = n_tb + kt * kh * kw * BLOCKS_PER_TILE
     q_col = h * D
     kv_col = kvh * D
     # Where the loads go (see _load_block); text rows start after the canvas.
@@ -447,8 +446,8 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     n = heads.shape[0]
     tiled = order == "tiled"
     q_desc, o_desc = (_rows_desc(x, BLOCK // 2) if tiled else _five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
-    k_desc, v_desc = (_rows_desc(x) if tiled else _five_d(x, canvas, tile) for x in (k, v))
-    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))
+    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))  # text keys; in tiled order every key block
+    k_desc, v_desc = (kt_desc, vt_desc) if tiled else (_five_d(x, canvas, tile) for x in (k, v))
     store_lse = lse is not None
     lse_arg = lse if store_lse else heads
     grid = (math.prod(grid_shape) * blocks_per_tile, B * n)
