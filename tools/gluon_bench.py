@@ -14,19 +14,20 @@ import json
 
 import torch
 
-import sta_dist
 from sta_dist import geometry
 from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
+from sta_dist.local import LocalHeads, LocalLayout, LocalText
+from sta_dist.triton_backend import _head_table, sta_triton
 
 CASE = STANDARD_CASES["hunyuan_333"]
-CANVAS, TILE, WINDOW, HEADS, D = CASE.canvas, CASE.tile, CASE.windows[0], CASE.heads, CASE.head_dim
+CANVAS, TILE, HEADS, D = CASE.canvas, CASE.tile, CASE.heads, CASE.head_dim
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--impl", choices=["gluon", "triton"], required=True)
-    parser.add_argument("--k-stages", type=int, default=2)
-    parser.add_argument("--v-stages", type=int, default=3)
+    parser.add_argument("--k-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
+    parser.add_argument("--v-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--no-pingpong", action="store_true", help="warpgroups issue their products without taking turns")
     parser.add_argument("--no-time", action="store_true", help="one call, no timing (for a profiler)")
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
@@ -36,29 +37,27 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn((1, S, HEADS, D), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = D**-0.5
+    layout = LocalLayout.natural(CANVAS, TILE, 0)
+    heads = LocalHeads.build(CASE.windows, layout.grid, HEADS)
+    # The Triton kernel alone: the router would send this call to the Gluon kernel on Hopper.
+    triton_kernel = lambda: sta_triton(q, k, v, layout, heads, LocalText.single(0), scale, route_gluon=False)  # noqa: E731
     if args.impl == "gluon":
-        from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+        from sta_dist.kernels.sta_fwd_gluon import DEFAULT_CONFIG, sta_fwd_gluon
 
-        from sta_dist.local import LocalHeads
-        from sta_dist.triton_backend import _head_table
-
-        grid = geometry.grid_shape(CANVAS, TILE)
-        heads = _head_table(LocalHeads.build(CASE.windows, grid, HEADS), tuple(range(HEADS)), torch.device("cuda"))
+        table = _head_table(heads, tuple(range(HEADS)), torch.device("cuda"))
         out = torch.empty_like(q)
-        config = dict(K_STAGES=args.k_stages, V_STAGES=args.v_stages, PINGPONG=not args.no_pingpong)
-        fn = lambda: sta_fwd_gluon(q, k, v, heads, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
-        name = f"gluon stages={args.k_stages}+{args.v_stages} pingpong={not args.no_pingpong}"
+        config = dict(K_STAGES=args.k_stages or DEFAULT_CONFIG["K_STAGES"],
+                      V_STAGES=args.v_stages or DEFAULT_CONFIG["V_STAGES"], PINGPONG=not args.no_pingpong)
+        fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
+        name = f"gluon stages={config['K_STAGES']}+{config['V_STAGES']} pingpong={config['PINGPONG']}"
     else:
-        fn = lambda: sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW,  # noqa: E731
-                                                     text_length=0, backend="triton")
+        fn = triton_kernel
         name = "triton (kernels/sta_fwd.py)"
     res = fn()
     torch.cuda.synchronize()
     err = None
     if args.check and args.impl == "gluon":
-        ref = sta_dist.sliding_tile_attention(q, k, v, canvas=CANVAS, tile=TILE, window=WINDOW, text_length=0,
-                                              backend="triton")
-        err = (res.float() - ref.float()).abs().max().item()
+        err = (res.float() - triton_kernel().float()).abs().max().item()
     if args.no_time:
         return
     ms = time_ms(fn)
