@@ -5,6 +5,7 @@ the caller can put a time limit on each (``tools/gpu_gluon.sh``).
 
     python3 tools/gluon_bench.py --impl triton
     python3 tools/gluon_bench.py --impl gluon --k-stages 2 --v-stages 3
+    python3 tools/gluon_bench.py --impl gluon --set TREE=1,EARLY_S=1,POLY=2
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--k-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--v-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--no-pingpong", action="store_true", help="warpgroups issue their products without taking turns")
+    parser.add_argument("--set", default="", metavar="K=V,K=V",
+                        help="other kernel switches (integers), e.g. TREE=1,EARLY_S=1,POLY=2")
     parser.add_argument("--no-time", action="store_true", help="one call, no timing (for a profiler)")
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
     args = parser.parse_args()
@@ -48,8 +51,13 @@ def main() -> None:
         out = torch.empty_like(q)
         config = dict(K_STAGES=args.k_stages or DEFAULT_CONFIG["K_STAGES"],
                       V_STAGES=args.v_stages or DEFAULT_CONFIG["V_STAGES"], PINGPONG=not args.no_pingpong)
+        extra = {k: int(v) for k, v in (item.split("=") for item in args.set.split(",") if item)}
+        unknown = set(extra) - set(DEFAULT_CONFIG)
+        if unknown:
+            raise SystemExit(f"--set: unknown switches {sorted(unknown)}; the kernel has {sorted(DEFAULT_CONFIG)}")
+        config.update(extra)
         fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
-        name = f"gluon stages={config['K_STAGES']}+{config['V_STAGES']} pingpong={config['PINGPONG']}"
+        name = f"gluon stages={config['K_STAGES']}+{config['V_STAGES']} pingpong={config['PINGPONG']} {args.set}".strip()
     else:
         fn = triton_kernel
         name = "triton (kernels/sta_fwd.py)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for the Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only: install, the
-# Hunyuan timing of the Gluon kernel (K/V ring stages, with and without ping-pong) against
-# the Triton kernel, each in its own process under `timeout 90` (a deadlocked config costs
-# 90 s, not the call),
+# Hunyuan timing of the Gluon kernel's default and of its switch sets (arguments: sets such
+# as TREE=1,EARLY_S=1; none: the list below) against the Triton kernel, each in its own
+# process under `timeout 90` (a deadlocked config costs 90 s, not the call),
 # then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
 # Outputs in $OUT.
 set -uo pipefail
@@ -16,11 +16,13 @@ run() {
   [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
 }
 run triton --impl triton
-run gluon_22 --impl gluon --k-stages 2 --v-stages 2 --check
-run gluon_23 --impl gluon --k-stages 2 --v-stages 3 --check
-run gluon_24 --impl gluon --k-stages 2 --v-stages 4 --check
-run gluon_33 --impl gluon --k-stages 3 --v-stages 3 --check
-run gluon_23_nopp --impl gluon --k-stages 2 --v-stages 3 --no-pingpong --check
+run base --impl gluon --check
+if [ $# -gt 0 ]; then variants=("$@"); else
+  # v13 candidates (see docs/perf.md): tree reductions, FA3's issue order, exponentials on the FMA pipe.
+  variants=(TREE=1 EARLY_S=1 TREE=1,EARLY_S=1 POLY=2 POLY=4 TREE=1,EARLY_S=1,POLY=2 TREE=1,EARLY_S=1,V_STAGES=3
+            TREE=1,EARLY_S=1,POLY=2,V_STAGES=3)
+fi
+for v in "${variants[@]}"; do run "${v//[=,]/_}" --impl gluon --set "$v" --check; done
 python3 - "$OUT/bench_gluon.jsonl" <<'PY'
 import json, sys
 print("| impl | ms | TFLOP/s | max diff vs triton |")
