@@ -102,8 +102,7 @@ from .descriptors import bulk_copy_layout_ok, natural_box
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
-DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256, TREE=False, EARLY_S=False,
-                      Q_REGS=False, POLY=0)
+DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
 
 
 @gluon.jit
@@ -163,68 +162,12 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _halve(x, IS_MAX: gl.constexpr):
-    """``[M, N] -> [M, N // 2]``: the maximum or sum of column ``c`` and ``c + N // 2``. In
-    the wgmma accumulator layout the top column bits are a thread's own registers, so
-    each halving is independent in-thread operations (one level of a tree, not a chain)."""
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    a, b = gl.split(x.reshape([M, 2, N // 2]).permute((0, 2, 1)))
-    if IS_MAX:
-        return gl.maximum(a, b)
-    else:
-        return a + b
-
-
-@gluon.jit
-def _fold(x, IS_MAX: gl.constexpr):
-    """``[M, 128] -> [M, 8]`` by four halvings (a thread then holds 2 columns of each of
-    its rows; the remaining columns are on the other 3 lanes of the row)."""
-    return _halve(_halve(_halve(_halve(x, IS_MAX), IS_MAX), IS_MAX), IS_MAX)
-
-
-@gluon.jit
-def _exp2_fma(x):
-    """``2**x`` for ``x <= 0`` on the FMA pipe, not the special-function unit (FA4's split):
-    ``x = n + f`` with ``n = round(x)`` (the 1.5 * 2**23 trick), ``2**f`` for ``|f| <= 1/2``
-    by a degree-3 polynomial (fitted for relative error; at most 1.02e-4, well under bf16's
-    2**-9), and ``n``
-    added to the exponent bits. Inputs below -127 give 2**-127 (0 after the bf16 cast)."""
-    x = gl.maximum(x, -127.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = gl.fma(gl.fma(gl.fma(f, 0.0550089510, 0.2422110179), f, 0.6932829285), f, 1.0)
-    bits = p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)
-    return bits.to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _exp2_split(x, POLY: gl.constexpr):
-    """``2**x`` with ``POLY`` of every 8 columns (0, 2 or 4) on the FMA pipe (``_exp2_fma``)
-    and the rest on the special-function unit."""
-    if POLY == 0:
-        return gl.exp2(x)
-    else:
-        M: gl.constexpr = x.shape[0]
-        N: gl.constexpr = x.shape[1]
-        a, b = gl.split(x.reshape([M, 2, N // 2]).permute((0, 2, 1)))
-        if POLY == 4:
-            b = _exp2_fma(b)
-        else:
-            b0, b1 = gl.split(b.reshape([M, 2, N // 4]).permute((0, 2, 1)))
-            b = gl.convert_layout(gl.join(gl.exp2(b0), _exp2_fma(b1)).permute((0, 2, 1)).reshape([M, N // 2]),
-                                  b.type.layout, assert_trivial=True)
-        return gl.convert_layout(gl.join(gl.exp2(a), b).permute((0, 2, 1)).reshape([M, N]), x.type.layout,
-                                 assert_trivial=True)
-
-
-@gluon.jit
 def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
               k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
               qk_scale, slb, slh, canvas_h, canvas_w,
               TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr,
               KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-              TREE: gl.constexpr, EARLY_S: gl.constexpr, Q_REGS: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr):
+              num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
     ``(q_t, q_h, q_w)``: the query block's first token (natural order) or first row and
@@ -267,14 +210,10 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     zero = gl.zeros([BM, BN], gl.float32, mma)
 
     mbarrier.wait(q_bar, 0)
-    if Q_REGS:
-        q_op = q2.load(p_layout)
-    else:
-        q_op = q2
     # Block 0: scores and their exponentials.
     mbarrier.wait(k_ready.index(0), 0)
     _issue_turn(turn, WG, 0, PINGPONG)
-    s_tok = warpgroup_mma(q_op, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
+    s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                           is_async=True)
     _pass_turn(turn, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
@@ -285,16 +224,9 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     if LOADS:
         if KS < n_steps:
             _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, TILED, KS)
-    if TREE:
-        m_i = gl.convert_layout(gl.max(_fold(s, True), 1), row) * qk_scale
-    else:
-        m_i = gl.max(s, 1) * qk_scale
-    p = _exp2_split(s * qk_scale - m_i[:, None], POLY)
-    if TREE:
-        # Row sums stay per thread (8 columns of partial sums) until the end.
-        l_i = _fold(p, False)
-    else:
-        l_i = gl.sum(p, 1)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
     alpha = gl.full([BM], 1.0, gl.float32, row)
     o_tok = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, mma))
 
@@ -307,44 +239,26 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
                 _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, TILED, VS)
-        if EARLY_S:
-            # FA3's order: S_j first, then O's rescale and P's conversion while it runs.
-            mbarrier.wait(k_ready.index(sj), (j // KS) & 1)
-            _issue_turn(turn, WG, j, PINGPONG)
-            s_tok = warpgroup_mma(q_op, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
-                                  is_async=True)
-            acc = acc * alpha[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(sp), ((j - 1) // VS) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-        else:
-            acc = acc * alpha[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
-            mbarrier.wait(k_ready.index(sj), (j // KS) & 1)
-            mbarrier.wait(v_ready.index(sp), ((j - 1) // VS) & 1)
-            _issue_turn(turn, WG, j, PINGPONG)
-            s_tok = warpgroup_mma(q_op, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
-                                  is_async=True)
-            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
+        acc = acc * alpha[:, None]
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
+        mbarrier.wait(k_ready.index(sj), (j // KS) & 1)
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // VS) & 1)
+        _issue_turn(turn, WG, j, PINGPONG)
+        s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
+                              is_async=True)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
         # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
                 _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, TILED, KS)
-        if TREE:
-            m_new = gl.maximum(m_i, gl.convert_layout(gl.max(_fold(s, True), 1), row) * qk_scale)
-        else:
-            m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
-        p = _exp2_split(s * qk_scale - m_new[:, None], POLY)
-        if TREE:
-            l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None] + _fold(p, False)
-        else:
-            l_i = l_i * alpha + gl.sum(p, 1)
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
 
     last = n_steps - 1
@@ -354,8 +268,6 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     mbarrier.wait(v_ready.index(last % VS), (last // VS) & 1)
     o_tok = warpgroup_mma(p_op, v_smem.index(last % VS).reshape([BN, D]), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-    if TREE:
-        l_i = gl.convert_layout(gl.sum(l_i, 1), row)
     # Every wgmma of this warpgroup that read its q half is done: the half takes the output.
     out = acc / l_i[:, None]
     q2.store(out.to(dtype))
@@ -382,7 +294,7 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
                           TILED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-                          TREE: gl.constexpr, EARLY_S: gl.constexpr, Q_REGS: gl.constexpr, POLY: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks and key blocks (BN rows) per tile
@@ -448,13 +360,11 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
             (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, TREE, EARLY_S, Q_REGS, POLY,
-                         num_warps)),
+                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
             (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, TREE, EARLY_S, Q_REGS, POLY,
-                         num_warps)),
+                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -547,7 +457,6 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, TILED=tiled, K_STAGES=cfg["K_STAGES"],
             V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse,
-            PINGPONG=cfg["PINGPONG"], TREE=cfg["TREE"], EARLY_S=cfg["EARLY_S"], Q_REGS=cfg["Q_REGS"], POLY=cfg["POLY"],
-            CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
+            PINGPONG=cfg["PINGPONG"], CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out

@@ -5,7 +5,7 @@ the caller can put a time limit on each (``tools/gpu_gluon.sh``).
 
     python3 tools/gluon_bench.py --impl triton
     python3 tools/gluon_bench.py --impl gluon --k-stages 2 --v-stages 3
-    python3 tools/gluon_bench.py --impl gluon --set TREE=1,EARLY_S=1,POLY=2
+    python3 tools/gluon_bench.py --impl gluon --set V_STAGES=3,PINGPONG=0
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--v-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--no-pingpong", action="store_true", help="warpgroups issue their products without taking turns")
     parser.add_argument("--set", default="", metavar="K=V,K=V",
-                        help="other kernel switches (integers), e.g. TREE=1,EARLY_S=1,POLY=2")
+                        help="other kernel config keys (integers), e.g. V_STAGES=3,PINGPONG=0")
     parser.add_argument("--no-time", action="store_true", help="one call, no timing (for a profiler)")
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
     args = parser.parse_args()

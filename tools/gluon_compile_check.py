@@ -42,8 +42,7 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "TILED": False, **cfg}
     warps = cfg["num_warps"]
     const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, **{k: cfg[k] for k in (
-        "TILED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "TREE", "EARLY_S", "Q_REGS", "POLY", "CONSUMER_REGS",
-        "num_warps")})
+        "TILED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
     layout5, layout3 = (repr(mod.box_layout(torch.bfloat16, rank=r)) for r in (5, 3))  # bf16 and fp16 alike
 
@@ -145,7 +144,7 @@ def report(cfg: dict, dump: Path | None) -> None:
 
 
 def parse_config(text: str) -> dict:
-    """``"K_STAGES=2,TREE=1"`` -> ``{"K_STAGES": 2, "TREE": 1}`` (integers; 0/1 for switches)."""
+    """``"K_STAGES=2,PINGPONG=0"`` -> ``{"K_STAGES": 2, "PINGPONG": 0}`` (integers; 0/1 for switches)."""
     return {k: int(v) for k, v in (item.split("=") for item in text.split(",") if item)}
 
 
@@ -153,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dump", type=Path, default=None, help="write ttgir/ptx/sass per config here")
     parser.add_argument("--config", action="append", default=None, metavar="K=V,K=V",
-                        help="compile these configs instead of the standard list (e.g. TREE=1,EARLY_S=1)")
+                        help="compile these configs instead of the standard list (e.g. V_STAGES=3,PINGPONG=0)")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_90, Hunyuan shape (tile 6x8x8, D=128, bf16)")
     configs = CONFIGS if args.config is None else [parse_config(c) for c in args.config]

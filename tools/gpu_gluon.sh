@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for the Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only: install, the
-# Hunyuan timing of the Gluon kernel's default and of its switch sets (arguments: sets such
-# as TREE=1,EARLY_S=1; none: the list below) against the Triton kernel, each in its own
+# Hunyuan timing of the Gluon kernel's default and of the switch sets given as arguments
+# (such as V_STAGES=3) against the Triton kernel, each in its own
 # process under `timeout 90` (a deadlocked config costs 90 s, not the call),
 # then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
 # Outputs in $OUT.
@@ -17,12 +17,8 @@ run() {
 }
 run triton --impl triton
 run base --impl gluon --check
-if [ $# -gt 0 ]; then variants=("$@"); else
-  # v13 candidates (see docs/perf.md): tree reductions, FA3's issue order, exponentials on the FMA pipe.
-  variants=(TREE=1 EARLY_S=1 TREE=1,EARLY_S=1 POLY=2 POLY=4 TREE=1,EARLY_S=1,POLY=2 TREE=1,EARLY_S=1,V_STAGES=3
-            TREE=1,EARLY_S=1,POLY=2,V_STAGES=3)
-fi
-for v in "${variants[@]}"; do run "${v//[=,]/_}" --impl gluon --set "$v" --check; done
+variants=("$@")  # e.g. V_STAGES=3 (v13's switch sets TREE, EARLY_S, POLY are in git history: 7fbe99c)
+for v in "${variants[@]+"${variants[@]}"}"; do run "${v//[=,]/_}" --impl gluon --set "$v" --check; done
 python3 - "$OUT/bench_gluon.jsonl" <<'PY'
 import json, sys
 print("| impl | ms | TFLOP/s | max diff vs triton |")
