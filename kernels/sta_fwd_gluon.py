@@ -1,29 +1,33 @@
 """Sliding tile attention forward in Gluon for Hopper (sm_90), FA3-style.
 
-Covers one case (the router, ``sta_dist/triton_backend.py``, keeps the Triton kernel
-``kernels/sta_fwd.py`` for everything else): whole tiles (canvas divisible by the tile),
-q/k/v ``[B, S, heads, D]`` holding the whole canvas in natural token order (token
-``(t, h, w)`` is row ``(t*H + h)*W + w``) or in tiled order (``TILED``: tile by tile in id
-order, as ``sta_dist.to_tiled`` lays them; head mode's local layout), then text rows; head
-dim 128, bf16 or fp16. Per-head windows come from ``heads [n, 5]`` = ``(kt, kh, kw, kv_head, q_head)`` (windows
-clamped to the grid; GQA allowed). A query tile ``(ct, ch, cw)`` attends the key tiles
-``[st, st+kt) x [sh, sh+kh) x [sw, sw+kw)`` with ``st = clamp(ct - (kt-1)//2, 0, nt - kt)``
-(likewise per axis) and the first ``text_keys`` text rows, softmax over all of them. Text
-queries are the caller's (dense attention over a few hundred rows).
+Covers whole tiles (the router, ``sta_dist/triton_backend.py``, keeps the Triton kernel
+``kernels/sta_fwd.py`` for everything else): q/k/v ``[B, S, heads, D]`` holding video
+tokens in natural order (the whole canvas; token ``(t, h, w)`` is row ``(t*H + h)*W + w``)
+or packed (each tile's tokens consecutive rows in ``(t, h, w)`` order, tiles placed by two
+small tables: the whole canvas in tiled order as ``sta_dist.to_tiled`` lays it, head
+mode's local layout, or a tile-mode rank's own box plus its halo), then text rows; head
+dim 128, bf16 or fp16. Per-head windows come from ``heads [n, 5]`` = ``(kt, kh, kw,
+kv_head, q_head)`` (windows clamped to the grid; GQA allowed). A query tile ``(ct, ch,
+cw)`` attends the key tiles ``[st, st+kt) x [sh, sh+kh) x [sw, sw+kw)`` with ``st =
+clamp(ct - (kt-1)//2, 0, nt - kt)`` (likewise per axis) and the first ``text_keys`` text
+rows, softmax over all of them. Text queries are the caller's (dense attention over a few
+hundred rows).
 
-Blocks. A query or video key block is ``BLOCK // (TH*TW)`` consecutive t-slices of one tile
-(two slices of an 8x8 tile = 128 tokens): one TMA box ``[1, BLOCK//(TH*TW), TH, TW, D]`` of
-the 5-D view ``[B, T, H, W, heads*D]`` (strides ``(sB, H*W*sS, W*sS, sS, 1)``). In shared
-memory the box is reshaped (a memdesc view, no copy) to a ``[BLOCK, D]`` matrix with the
-same 128-byte NVMMA swizzle: the TMA writes the box as two 64-column halves (hardware
-boxes ``[1, slices, TH, TW, 64]``, the second 16 KiB after the first), each 128 rows of
-128 bytes in ``(t, h, w)`` order, swizzled by shared address; that is the layout of a 2-D
-``[128, 128]`` NVMMA tile (the wgmma descriptors and the output store use the same
-halves). In tiled order every block is consecutive rows: 3-D boxes ``[1, rows, D]`` of the
-view ``[B, S, heads*D]``, the same two swizzled halves in shared memory. A text key block
-is ``BLOCK`` consecutive rows after the canvas, such a 3-D box, in either order. Text
-blocks go first, the partial one as block 0, so the one
-mask (columns past ``text_keys``) sits outside the loop.
+Blocks. Natural order: a query or video key block is ``BLOCK // (TH*TW)`` consecutive
+t-slices of one tile (two slices of an 8x8 tile = 128 tokens): one TMA box ``[1,
+BLOCK//(TH*TW), TH, TW, D]`` of the 5-D view ``[B, T, H, W, heads*D]`` (strides ``(sB,
+H*W*sS, W*sS, sS, 1)``). In shared memory the box is reshaped (a memdesc view, no copy) to
+a ``[BLOCK, D]`` matrix with the same 128-byte NVMMA swizzle: the TMA writes the box as two
+64-column halves (hardware boxes ``[1, slices, TH, TW, 64]``, the second 16 KiB after the
+first), each 128 rows of 128 bytes in ``(t, h, w)`` order, swizzled by shared address;
+that is the layout of a 2-D ``[128, 128]`` NVMMA tile (the wgmma descriptors and the
+output store use the same halves). Packed (``PACKED``): every block is consecutive rows, a
+3-D box ``[1, rows, D]`` of the view ``[B, S, heads*D]`` (the same two swizzled halves in
+shared memory) at the tile's first row from the tables (``Q_TILES`` per query tile: global
+id, first row; ``KV_TILES`` per global tile: first row) plus ``128 * (block in tile)``. A
+text key block is ``BLOCK`` consecutive rows from ``text_row`` on, such a 3-D box, in
+either order. Text blocks go first, the partial one as block 0, so the one mask (columns
+past ``text_keys``) sits outside the loop.
 
 Program ``(pid, b*n + i)``: query block ``pid`` (tile ``pid // BLOCKS_PER_TILE``, slice
 group ``pid % BLOCKS_PER_TILE``) of head row ``i`` of batch ``b``. Its 128 query rows are
@@ -102,40 +106,42 @@ from .descriptors import bulk_copy_layout_ok, natural_box
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
-DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
+DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, S_FIRST=False, CONSUMER_REGS=256)
 
 
 @gluon.jit
-def _copy_video_block(desc, dst, bar, j, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
-                      TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr):
+def _copy_video_block(desc, dst, bar, j, b, col, st, sh, sw, kh, kw, grid_h, grid_w, kv_tiles, kv_stride,
+                      TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr):
     """TMA copy of key block ``j`` of a window: the ``BN``-row piece ``j % KB_PER_TILE`` of
     window tile ``j // KB_PER_TILE`` (tiles walked t, then h, then w). Natural order: a 5-D
-    box at canvas ``(t, h, w)``; tiled order: ``BN`` rows of the tile's consecutive rows."""
+    box at canvas ``(t, h, w)``; packed: ``BN`` of the tile's consecutive rows, from the
+    tile's first row in the ``kv_tiles`` table (row ``tile id * kv_stride``)."""
     KB_PER_TILE: gl.constexpr = TT * TH * TW // BN
     i = j // KB_PER_TILE
     sub = j % KB_PER_TILE
     wt = st + i // (kh * kw)
     wh = sh + (i // kw) % kh
     ww = sw + i % kw
-    if TILED:
-        tma.async_copy_global_to_shared(desc, [b, ((wt * grid_h + wh) * grid_w + ww) * (TT * TH * TW) + sub * BN, col],
-                                        bar, dst)
+    if PACKED:
+        base = gl.load(kv_tiles + ((wt * grid_h + wh) * grid_w + ww) * kv_stride)
+        tma.async_copy_global_to_shared(desc, [b, base + sub * BN, col], bar, dst)
     else:
         tma.async_copy_global_to_shared(desc, [b, wt * TT + sub * (BN // (TH * TW)), wh * TH, ww * TW, col], bar, dst)
 
 
 @gluon.jit
 def _load_block(desc, text_desc, smem, ready, empty, j, win,
-                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr,
+                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
                 STAGES: gl.constexpr):
     """TMA copy of key block ``j`` (its K or its V box) into ring slot ``j % STAGES``, once
     both warpgroups have released the slot's previous fill (fill 0 passes at once). Text
     blocks come first, the last (partial) one as block 0: block ``j < n_tb`` is the text
     rows from ``text_row + (n_tb - 1 - j) * BN`` on, a 3-D box; block ``j >= n_tb`` is video
     block ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb, text_row,
-    grid_h, grid_w)``: batch, first column of the kv head, the window's first tile and extent
-    in h and w, text blocks, first text row, the tile grid's h and w."""
-    b, col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w = win
+    grid_h, grid_w, kv_tiles, kv_stride)``: batch, first column of the kv head, the window's
+    first tile and extent in h and w, text blocks, first text row, the tile grid's h and w,
+    the packed tiles' row table and its row stride."""
+    b, col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w, kv_tiles, kv_stride = win
     s = j % STAGES
     mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
@@ -144,7 +150,7 @@ def _load_block(desc, text_desc, smem, ready, empty, j, win,
                                         smem.index(s).reshape(text_desc.block_type.shape))
     else:
         _copy_video_block(desc, smem.index(s), ready.index(s), j - n_tb, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
-                          TT, TH, TW, BN, TILED)
+                          kv_tiles, kv_stride, TT, TH, TW, BN, PACKED)
 
 
 @gluon.jit
@@ -165,9 +171,9 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
               k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
               qk_scale, slb, slh, canvas_h, canvas_w,
-              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, TILED: gl.constexpr,
+              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
               KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-              num_warps: gl.constexpr):
+              S_FIRST: gl.constexpr, num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
     ``(q_t, q_h, q_w)``: the query block's first token (natural order) or first row and
@@ -195,15 +201,15 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     if LOADS:
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         for w in gl.static_range(2):
-            if TILED:
+            if PACKED:
                 tma.async_copy_global_to_shared(q_desc, [b, q_t + w * BM, q_col], q_bar, q_smem.index(w))
             else:
                 tma.async_copy_global_to_shared(q_desc, [b, q_t + w * HALF, q_h, q_w, q_col], q_bar, q_smem.index(w))
         for i in gl.static_range(VS):
             if i < n_steps:
                 if i < KS:
-                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, TILED, KS)
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, TILED, VS)
+                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, PACKED, KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, PACKED, VS)
 
     q_half = q_smem.index(WG)
     q2 = q_half.reshape([BM, D])
@@ -223,7 +229,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     mbarrier.arrive(k_empty.index(0))
     if LOADS:
         if KS < n_steps:
-            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, TILED, KS)
+            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, PACKED, KS)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -238,7 +244,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         mbarrier.arrive(v_empty.index((j + VS - 2) % VS), pred=j >= 2)
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, TILED, VS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, PACKED, VS)
         acc = acc * alpha[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
@@ -247,14 +253,20 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         _issue_turn(turn, WG, j, PINGPONG)
         s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
-        o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
-        # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
-        s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        if S_FIRST:
+            # Wait for S_j before issuing PV_{j-1}, so the softmax starts as soon as S_j is done.
+            s = warpgroup_mma_wait(0, deps=(s_tok, ))
+            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+        else:
+            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+            _pass_turn(turn, WG, PINGPONG)
+            # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
+            s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
-                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, TILED, KS)
+                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, PACKED, KS)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
@@ -272,14 +284,14 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     out = acc / l_i[:, None]
     q2.store(out.to(dtype))
     fence_async_shared()
-    if TILED:
+    if PACKED:
         tma.async_copy_shared_to_global(o_desc, [b, q_t + WG * BM, q_col], q_half)
     else:
         tma.async_copy_shared_to_global(o_desc, [b, q_t + WG * HALF, q_h, q_w, q_col], q_half)
 
     if STORE_LSE:
         r = gl.arange(0, BM, layout=row)
-        if TILED:
+        if PACKED:
             rows = q_t + WG * BM + r
         else:
             rows = ((q_t + WG * HALF + r // (TH * TW)) * canvas_h + q_h + (r // TW) % TH) * canvas_w + q_w + r % TW
@@ -289,12 +301,13 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
 
 
 @gluon.jit
-def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, n_heads, grid_t, grid_h,
-                          grid_w, canvas_h, canvas_w, n_text, slb, slh, qk_scale,
+def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, Q_TILES, q_stride,
+                          KV_TILES, kv_stride, n_heads, grid_t, grid_h, grid_w, canvas_h, canvas_w, text_row, n_text,
+                          slb, slh, qk_scale,
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
-                          TILED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                          PACKED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          S_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks and key blocks (BN rows) per tile
@@ -311,16 +324,19 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
 
     qi = pid // BLOCKS_PER_TILE
     sub = pid % BLOCKS_PER_TILE
-    ct = qi // (grid_h * grid_w)
-    ch = (qi // grid_w) % grid_h
-    cw = qi % grid_w
-    # Where the query block sits: natural order (t, h, w) of its first token; tiled order
-    # its first row (and two zeros).
-    if TILED:
-        q_t = qi * VOL + sub * BN
+    # Where the query block sits: natural order (t, h, w) of its first token; packed, its
+    # first row (and two zeros), from the query tile table (global tile id, first row).
+    if PACKED:
+        gid = gl.load(Q_TILES + qi * q_stride)
+        q_t = gl.load(Q_TILES + qi * q_stride + 1) + sub * BN
         q_h = 0
         q_w = 0
     else:
+        gid = qi
+    ct = gid // (grid_h * grid_w)
+    ch = (gid // grid_w) % grid_h
+    cw = gid % grid_w
+    if not PACKED:
         q_t = ct * TT + sub * (BN // (TH * TW))
         q_h = ch * TH
         q_w = cw * TW
@@ -332,8 +348,8 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
     n_steps = n_tb + kt * kh * kw * BLOCKS_PER_TILE
     q_col = h * D
     kv_col = kvh * D
-    # Where the loads go (see _load_block); text rows start after the canvas.
-    win = (b, kv_col, st, sh, sw, kh, kw, n_tb, grid_t * VOL * grid_h * grid_w, grid_h, grid_w)
+    # Where the loads go (see _load_block).
+    win = (b, kv_col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w, KV_TILES, kv_stride)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -360,11 +376,11 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
             (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, S_FIRST, num_warps)),
             (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, TILED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, S_FIRST, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -387,19 +403,32 @@ def box_layout(dtype: torch.dtype, rank: int = 5):
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
 
 
-def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural") -> bool:
+def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural", kv_video: int | None = None) -> bool:
     """Whether this kernel covers the call (the router falls back otherwise): whole tiles
-    of ``BLOCK``-row blocks (natural order: whole t-slices of a tile), the canvas first in
-    ``order`` ("natural" or "tiled"), then at least ``text_keys`` text key rows."""
+    of ``BLOCK``-row blocks (natural order: whole t-slices of a tile); ``order`` "natural"
+    (q, k, v the whole canvas in natural order), "tiled" (the whole canvas tile by tile) or
+    "packed" (tiles of consecutive rows placed by tables); then, from k/v row ``kv_video``
+    (default: the canvas volume), at least ``text_keys`` text key rows."""
     T, H, W = canvas
     tt, th, tw = tile
     plane = th * tw
-    blocks = (tt * plane) % BLOCK == 0 if order == "tiled" else (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0
-    return (order in ("natural", "tiled") and blocks
+    natural = order == "natural"
+    blocks = (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0 if natural else (tt * plane) % BLOCK == 0
+    kv_video = T * H * W if kv_video is None else kv_video
+    return (order in ("natural", "tiled", "packed") and blocks
             and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
-            and q.shape[1] >= T * H * W and min(k.shape[1], v.shape[1]) >= T * H * W + text_keys
+            and (q.shape[1] >= T * H * W or not natural) and min(k.shape[1], v.shape[1]) >= kv_video + text_keys
             and bulk_copy_layout_ok(q, k, v))
+
+
+def tiled_tables(canvas, tile, device):
+    """The "packed" tables of the whole canvas in tiled order: query tile ``i`` is global
+    tile ``i`` at row ``i * volume`` (``[n, 2]``), and so is key tile ``i`` (``[n, 1]``)."""
+    n = math.prod(c // t for c, t in zip(canvas, tile))
+    ids = torch.arange(n, dtype=torch.int32)
+    rows = ids * math.prod(tile)
+    return torch.stack([ids, rows], 1).to(device), rows[:, None].to(device)
 
 
 def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
@@ -420,19 +449,33 @@ def _rows_desc(x: torch.Tensor, rows: int = BLOCK):
                             box_layout(x.dtype, rank=3))
 
 
-def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", config=None,
-                  lse=None):
+def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None,
+                  config=None, lse=None):
     """Fill the video rows of ``out [B, S, Hq, D]`` (``q``'s dtype) with sliding tile
     attention for the ``n`` head rows of ``heads [n, 5]`` (int32, on q's device). ``q``,
-    ``k``, ``v`` are ``[B, S, H, D]`` with the canvas first, in ``order`` ("natural": token
-    ``(t, h, w)`` at row ``(t*H + h)*W + w``; "tiled": tile by tile in id order, each tile's
-    tokens in ``(t, h, w)`` order inside it, as ``sta_dist.to_tiled`` lays them); video queries
-    also attend the ``text_keys`` key rows right after the canvas; text query rows of
-    ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous),
-    gets the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
-    ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per warpgroup)
-    and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
-    if not supported(q, k, v, canvas, tile, text_keys, order):
+    ``k``, ``v`` are ``[B, S, H, D]``, placed by ``order``:
+
+    - "natural": the whole canvas first, token ``(t, h, w)`` at row ``(t*H + h)*W + w``;
+    - "tiled": the whole canvas first, tile by tile in id order, each tile's tokens in
+      ``(t, h, w)`` order inside it (as ``sta_dist.to_tiled`` lays them);
+    - "packed": tiles of consecutive rows (in that inner order) wherever ``tables =
+      (q_tiles, kv_tiles, kv_video)`` put them: ``q_tiles [n_q, >=2]`` int32 holds per query
+      tile to compute (global tile id, first row in q), ``kv_tiles [n_tiles, >=1]`` per
+      global tile its first row in k/v (read for the tiles some window reaches), and text
+      keys start at k/v row ``kv_video`` (the Triton backend's ``_LayoutFacts`` tables).
+
+    Video queries also attend the ``text_keys`` text key rows; text query rows of ``out``
+    are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous), gets
+    the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
+    ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``S_FIRST``, ``num_warps`` (4: per
+    warpgroup) and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
+    if order == "tiled":
+        tables = (*tiled_tables(canvas, tile, q.device), math.prod(canvas))
+    elif order == "packed" and tables is None:
+        raise ValueError("sta_fwd_gluon: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
+    packed = order != "natural"
+    kv_video = tables[2] if packed else math.prod(canvas)
+    if not supported(q, k, v, canvas, tile, text_keys, order, kv_video):
         raise ValueError(f"sta_fwd_gluon: unsupported shapes/layout (whole tiles, {order} order, D=128, bf16/fp16)")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_gluon: out must match q's shape, dtype and strides")
@@ -444,19 +487,20 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     blocks_per_tile = math.prod(tile) // BLOCK
     B = q.shape[0]
     n = heads.shape[0]
-    tiled = order == "tiled"
-    q_desc, o_desc = (_rows_desc(x, BLOCK // 2) if tiled else _five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
-    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))  # text keys; in tiled order every key block
-    k_desc, v_desc = (kt_desc, vt_desc) if tiled else (_five_d(x, canvas, tile) for x in (k, v))
+    q_desc, o_desc = (_rows_desc(x, BLOCK // 2) if packed else _five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
+    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))  # text keys; packed, every key block
+    k_desc, v_desc = (kt_desc, vt_desc) if packed else (_five_d(x, canvas, tile) for x in (k, v))
+    q_tiles, kv_tiles = tables[:2] if packed else (heads, heads)  # unread in natural order
     store_lse = lse is not None
     lse_arg = lse if store_lse else heads
-    grid = (math.prod(grid_shape) * blocks_per_tile, B * n)
+    grid = ((q_tiles.shape[0] if packed else math.prod(grid_shape)) * blocks_per_tile, B * n)
     if grid[0] and grid[1]:
         _sta_fwd_gluon_kernel[grid](
-            q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, n, *grid_shape, H, W, text_keys,
+            q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, q_tiles, q_tiles.stride(0), kv_tiles,
+            kv_tiles.stride(0), n, *grid_shape, H, W, kv_video, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
-            TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, TILED=tiled, K_STAGES=cfg["K_STAGES"],
-            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse,
-            PINGPONG=cfg["PINGPONG"], CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
+            TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, PACKED=packed, K_STAGES=cfg["K_STAGES"],
+            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"], S_FIRST=cfg["S_FIRST"],
+            CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out

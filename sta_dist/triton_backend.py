@@ -46,13 +46,14 @@ class _LayoutFacts:
     """Whole tiles only (the canvas divides by the tile)."""
     packed: bool
     """Every present k/v tile is consecutive rows (tiled storage)."""
+    q_packed: bool
+    """Every query tile is consecutive rows."""
     natural: bool
     """k/v hold the whole canvas in natural order."""
     complete: bool
     """Every query and key tile present, text queries see exactly the video keys."""
-    whole_order: str | None
-    """"natural" or "tiled" when q and k/v are the whole canvas in that order, then the
-    text rows; else ``None``."""
+    whole_natural: bool
+    """q and k/v hold the whole canvas in natural order, then the text."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,11 +72,11 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         kv_tiles.to(device),
         even=all(c % t == 0 for c, t in zip(layout.canvas, layout.tile)),
         packed=all(r is None or (r.stride_t == th * tw and r.stride_h == tw) for r in layout.kv_rows),
+        q_packed=all(r.stride_t == th * tw and r.stride_h == tw for r in layout.q_rows),
         natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
-        whole_order=("natural" if layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text) else
-                     "tiled" if layout == LocalLayout.tiled(layout.canvas, layout.tile, layout.q_text) else None),
+        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
     )
 
 
@@ -113,21 +114,34 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
     out[:, valid_rows:, idx] = 0
 
 
+def _gluon_order(layout: LocalLayout, text: LocalText, facts: _LayoutFacts) -> str | None:
+    """How the Gluon kernel would read this call: "natural" (the whole canvas in natural
+    order), "packed" (whole tiles of consecutive rows: tiled order, a head-mode rank, a
+    tile-mode rank's box and halo), or ``None``. Its text queries go to SDPA, so they must
+    see every local video key and the same valid text keys as the video queries."""
+    text_ok = text.kv_for_video_q == text.kv_for_text_q and (
+        layout.q_text == 0 or layout.text_q_video_keys == layout.kv_video)
+    if not text_ok:
+        return None
+    if facts.whole_natural:
+        return "natural"
+    return "packed" if facts.even and facts.packed and facts.q_packed else None
+
+
 def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
-    """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) if it covers this call: a
-    capability-9 GPU, a Triton with Gluon, the whole canvas in natural or tiled order then
-    the text, every query seeing the same valid text keys, whole tiles, head dim 128,
-    bf16/fp16; else ``None``."""
-    if not (facts.whole_order and text.kv_for_video_q == text.kv_for_text_q and q_bshd.is_cuda
-            and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
+    """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) and its order if it covers
+    this call (see ``_gluon_order``; also a capability-9 GPU, a Triton with Gluon, whole
+    tiles of 128-row blocks, head dim 128, bf16/fp16); else ``None``."""
+    order = _gluon_order(layout, text, facts)
+    if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
         return None
     covered = sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q,
-                                      facts.whole_order)
-    return sta_fwd_gluon if covered else None
+                                      order, layout.kv_video)
+    return (sta_fwd_gluon, order) if covered else None
 
 
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -151,11 +165,13 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, text, facts) \
         if route_gluon and not return_lse and not config else None
     if gluon is not None:
+        kernel, order = gluon
         if layout.q_text:
             _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
-        return gluon.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
-                                   canvas=layout.canvas, tile=layout.tile, scale=scale,
-                                   text_keys=text.kv_for_video_q, order=facts.whole_order)
+        return kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
+                                    canvas=layout.canvas, tile=layout.tile, scale=scale,
+                                    text_keys=text.kv_for_video_q, order=order,
+                                    tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video))
     return sta_fwd(
         q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
         canvas=layout.canvas, tile=layout.tile,

@@ -180,3 +180,50 @@ def test_hunyuan_gqa():
     q, k, v, out, _ = run(HUNYUAN, TILE, windows, 24, 4, torch.bfloat16, text=0, seed=7, fill=0.0)
     check = sampled_check(q, k, v, out, canvas=HUNYUAN, tile=TILE, window=windows, text_length=0)
     assert check["ok"], check
+
+
+def box_and_halo(canvas, tile, text, seed):
+    """A tile-mode rank's local problem from natural-order tensors: its own box (the tiles
+    with w index < 2) as query tiles, then as key tiles the box and its halo (w index 2),
+    packed in that order as the halo exchange lays them, text rows after each. Returns the
+    natural q, k, v, the local ones, the layout and the natural rows of the box."""
+    from sta_dist import geometry
+    from sta_dist.local import LocalLayout
+
+    grid = geometry.grid_shape(canvas, tile)
+    ids = range(geometry.num_tiles(grid))
+    box = [t for t in ids if geometry.tile_coords(t, grid)[2] < 2]
+    halo = [t for t in ids if geometry.tile_coords(t, grid)[2] == 2]
+    n = math.prod(canvas)
+    q, k, v = (randn((1, n + text, 4, 128), torch.bfloat16, seed + i) for i in range(3))
+    box_rows, kv_rows = (geometry.packed_natural_index(canvas, tile, t).cuda() for t in (box, box + halo))
+    text_rows = torch.arange(n, n + text, device="cuda")
+    local = (q[:, torch.cat([box_rows, text_rows])], *(x[:, torch.cat([kv_rows, text_rows])] for x in (k, v)))
+    layout = LocalLayout.packed(canvas, tile, text, box, box + halo, text_q_video_keys=len(box_rows))
+    return (q, k, v), local, layout, box_rows
+
+
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("text_keys", [0, 77])
+def test_packed_box_and_halo(text_keys):
+    """Packed tiles placed by tables (a tile-mode rank's box and halo): the box's rows
+    against the reference on the natural tensors, with text keys and LSE; rows the kernel
+    does not own (text queries) left unwritten."""
+    from sta_dist.triton_backend import _layout_facts
+
+    canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
+    (q, k, v), (ql, kl, vl), layout, box_rows = box_and_halo(canvas, tile, text=96, seed=31)
+    facts = _layout_facts(layout, q.device)
+    out = torch.full_like(ql, float("nan"))
+    lse = torch.full((1, 4, ql.shape[1]), float("nan"), device="cuda")
+    _kernel()(ql, kl, vl, head_table(windows, canvas, tile, 4, 4), out, canvas=canvas, tile=tile, scale=128**-0.5,
+              text_keys=text_keys, order="packed", tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video), lse=lse)
+    torch.cuda.synchronize()
+    n_box = len(box_rows)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=box_rows.cpu(), scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.bfloat16)
+    err = max_error(out[:, :n_box], ref)
+    assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
+    assert max_error(lse[:, :, :n_box], ref_lse) <= 1e-3
+    assert torch.isnan(out[:, n_box:]).all()

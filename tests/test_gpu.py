@@ -70,8 +70,9 @@ def test_bulk_copy_paths_batch_text_gqa(layout):
 @pytest.mark.timeout(120, method="thread")
 def test_gluon_route(monkeypatch):
     """On Hopper the whole canvas in natural or tiled order goes to the Gluon kernel (its
-    whole-canvas heads and its text queries to SDPA), with and without text: the route is
-    taken, it passes the sampled check, and it agrees with the Triton kernel."""
+    whole-canvas heads and its text queries to SDPA; tiled order as "packed" tiles), with
+    and without text: the route is taken, it passes the sampled check, and it agrees with
+    the Triton kernel."""
     from sta_dist.kernels import sta_fwd_gluon
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
     from sta_dist.triton_backend import sta_triton
@@ -89,7 +90,7 @@ def test_gluon_route(monkeypatch):
         args = (*tensors, layout, heads, LocalText.single(text_valid), 128**-0.5)
         out = sta_triton(*args)
         # The two (3,6,10) heads cover the 3x6x10 grid: SDPA. Four heads to the kernel.
-        assert calls.pop() == (4, text_valid, order)
+        assert calls.pop() == (4, text_valid, "natural" if order == "natural" else "packed")
         natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
@@ -97,3 +98,26 @@ def test_gluon_route(monkeypatch):
         # A log-sum-exp keeps the Triton kernel.
         sta_triton(*args, return_lse=True)
         assert not calls, calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the Gluon kernel needs Hopper (capability 9)")
+@pytest.mark.timeout(120, method="thread")
+def test_gluon_route_tile_rank(monkeypatch):
+    """A tile-mode rank's local call (own box, box + halo keys, packed; no text, so no
+    log-sum-exp) goes to the Gluon kernel as "packed" and agrees with the Triton kernel."""
+    from tests.test_gluon_gpu import box_and_halo
+
+    from sta_dist.kernels import sta_fwd_gluon
+    from sta_dist.local import LocalHeads, LocalText
+    from sta_dist.triton_backend import sta_triton
+
+    calls = []
+    real = sta_fwd_gluon.sta_fwd_gluon
+    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(kw["order"]) or real(*a, **kw))
+    canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
+    _, local, layout, box_rows = box_and_halo(canvas, tile, text=0, seed=41)
+    args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), LocalText.single(0), 128**-0.5)
+    out = sta_triton(*args)
+    assert calls == ["packed"]
+    assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2

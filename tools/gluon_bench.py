@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from sta_dist import geometry
+from sta_dist import geometry, to_tiled
 from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
 from sta_dist.local import LocalHeads, LocalLayout, LocalText
 from sta_dist.triton_backend import _head_table, sta_triton
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--set", default="", metavar="K=V,K=V",
                         help="other kernel config keys (integers), e.g. V_STAGES=3,PINGPONG=0")
     parser.add_argument("--no-time", action="store_true", help="one call, no timing (for a profiler)")
+    parser.add_argument("--order", choices=["natural", "tiled"], default="natural",
+                        help="token order of q, k, v (tiled: head mode's local layout, the packed path)")
     parser.add_argument("--check", action="store_true", help="also compare with the Triton kernel's output")
     args = parser.parse_args()
 
@@ -40,7 +42,9 @@ def main() -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn((1, S, HEADS, D), generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     scale = D**-0.5
-    layout = LocalLayout.natural(CANVAS, TILE, 0)
+    if args.order == "tiled":
+        q, k, v = (to_tiled(x, CANVAS, TILE) for x in (q, k, v))
+    layout = getattr(LocalLayout, args.order)(CANVAS, TILE, 0)
     heads = LocalHeads.build(CASE.windows, layout.grid, HEADS)
     # The Triton kernel alone: the router would send this call to the Gluon kernel on Hopper.
     triton_kernel = lambda: sta_triton(q, k, v, layout, heads, LocalText.single(0), scale, route_gluon=False)  # noqa: E731
@@ -56,11 +60,13 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--set: unknown switches {sorted(unknown)}; the kernel has {sorted(DEFAULT_CONFIG)}")
         config.update(extra)
-        fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config)  # noqa: E731
-        name = f"gluon stages={config['K_STAGES']}+{config['V_STAGES']} pingpong={config['PINGPONG']} {args.set}".strip()
+        fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config,
+                                   order=args.order)  # noqa: E731
+        stages = f"{config['K_STAGES']}+{config['V_STAGES']}"
+        name = f"gluon {args.order} stages={stages} pingpong={config['PINGPONG']} {args.set}".strip()
     else:
         fn = triton_kernel
-        name = "triton (kernels/sta_fwd.py)"
+        name = f"triton {args.order} (kernels/sta_fwd.py)"
     res = fn()
     torch.cuda.synchronize()
     err = None

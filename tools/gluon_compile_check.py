@@ -31,18 +31,19 @@ CONFIGS = [
     dict(K_STAGES=3, V_STAGES=3),
     dict(K_STAGES=2, V_STAGES=2, PINGPONG=False),
     dict(K_STAGES=2, V_STAGES=2, STORE_LSE=True),
-    dict(K_STAGES=2, V_STAGES=2, TILED=True),
+    dict(K_STAGES=2, V_STAGES=2, PACKED=True),
+    dict(K_STAGES=2, V_STAGES=2, S_FIRST=True),
 ]
 
 
 def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
-    """Compile for sm_90; ``cfg`` holds launch constants and ``TILED`` (tiled token order)."""
+    """Compile for sm_90; ``cfg`` holds launch constants and ``PACKED`` (tiles of consecutive rows placed by tables)."""
     mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
-    cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "TILED": False, **cfg}
+    cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "PACKED": False, **cfg}
     warps = cfg["num_warps"]
     const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, **{k: cfg[k] for k in (
-        "TILED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
+        "PACKED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "S_FIRST", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
     layout5, layout3 = (repr(mod.box_layout(torch.bfloat16, rank=r)) for r in (5, 3))  # bf16 and fp16 alike
 
@@ -53,13 +54,13 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
         return f"tensordesc<{dtype}[1,{n},128],{layout3}>"
 
     # q and the output move in 64-row halves (one per consumer warpgroup), K and V in 128-row blocks.
-    if cfg["TILED"]:
+    if cfg["PACKED"]:
         descs = dict(q_desc=rows(mod.BLOCK // 2), o_desc=rows(mod.BLOCK // 2), k_desc=rows(mod.BLOCK),
                      v_desc=rows(mod.BLOCK))
     else:
         descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices))
     descs.update(kt_desc=rows(mod.BLOCK), vt_desc=rows(mod.BLOCK))
-    types = dict(HEADS="*i32", LSE="*fp32", qk_scale="fp32", **descs)
+    types = dict(HEADS="*i32", LSE="*fp32", Q_TILES="*i32", KV_TILES="*i32", qk_scale="fp32", **descs)
     sig = {name: "constexpr" if name in const else types.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
     src = GluonASTSource(kernel, sig, const)
