@@ -295,13 +295,15 @@ def sta_fwd(
     return_lse: bool = False,
     config: dict | None = None,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ):
     """Launch the kernel.
 
     ``q_bshd [B, Sq, H, D]``, ``k_bshd``/``v_bshd [B, Skv, Hkv, D]`` (last dim contiguous),
     ``q_tiles [n_q_tiles, 4]``, ``kv_tiles [n_tiles, 3]``, ``heads [n, 5]`` int32 tables on
     the same device (module docstring); only the ``n`` heads of ``heads`` are computed
-    (``out`` is allocated by the caller when it fills the other heads itself). ``q`` rows ``[q_video, q_video + q_text)`` are text
+    (``out``, and with ``return_lse`` ``lse``, are allocated by the caller when it fills
+    the other heads or rows itself). ``q`` rows ``[q_video, q_video + q_text)`` are text
     queries; ``k``/``v`` rows from ``kv_video`` on are text keys. ``even`` promises full
     tiles that the blocks divide (no key or query masking); ``packed`` promises that every
     k/v tile's rows are consecutive (tiled storage), ``natural`` that k/v are the whole
@@ -331,7 +333,10 @@ def sta_fwd(
             k_desc, v_desc = (TensorDescriptor(x, *natural_box(x, canvas, tile, block_n)) for x in (k_bshd, v_bshd))
     if out is None:
         out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
-    lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device) if return_lse else out
+    if return_lse and lse is None:
+        lse = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device)
+    elif not return_lse:
+        lse = out
     n_text_blocks = triton.cdiv(q_text, block_m)
     n_blocks = n_text_blocks + q_tiles.shape[0] * triton.cdiv(volume, block_m)
     n_heads = heads.shape[0]

@@ -106,7 +106,7 @@ from .descriptors import bulk_copy_layout_ok, natural_box
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
-DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, S_FIRST=False, CONSUMER_REGS=256)
+DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
 
 
 @gluon.jit
@@ -173,7 +173,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
               qk_scale, slb, slh, canvas_h, canvas_w,
               TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
               KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-              S_FIRST: gl.constexpr, num_warps: gl.constexpr):
+              num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
     ``(q_t, q_h, q_w)``: the query block's first token (natural order) or first row and
@@ -253,16 +253,10 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         _issue_turn(turn, WG, j, PINGPONG)
         s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
-        if S_FIRST:
-            # Wait for S_j before issuing PV_{j-1}, so the softmax starts as soon as S_j is done.
-            s = warpgroup_mma_wait(0, deps=(s_tok, ))
-            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-        else:
-            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-            # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
+        o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+        _pass_turn(turn, WG, PINGPONG)
+        # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
@@ -307,7 +301,7 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
                           PACKED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-                          S_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                          CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks and key blocks (BN rows) per tile
@@ -376,11 +370,11 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
             (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, S_FIRST, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
             (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh, canvas_h, canvas_w,
-                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, S_FIRST, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -467,7 +461,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     Video queries also attend the ``text_keys`` text key rows; text query rows of ``out``
     are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous), gets
     the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
-    ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``S_FIRST``, ``num_warps`` (4: per
+    ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per
     warpgroup) and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
     if order == "tiled":
         tables = (*tiled_tables(canvas, tile, q.device), math.prod(canvas))
@@ -500,7 +494,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
             kv_tiles.stride(0), n, *grid_shape, H, W, kv_video, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, PACKED=packed, K_STAGES=cfg["K_STAGES"],
-            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"], S_FIRST=cfg["S_FIRST"],
+            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"],
             CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out

@@ -114,25 +114,26 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
     out[:, valid_rows:, idx] = 0
 
 
-def _gluon_order(layout: LocalLayout, text: LocalText, facts: _LayoutFacts) -> str | None:
-    """How the Gluon kernel would read this call: "natural" (the whole canvas in natural
-    order), "packed" (whole tiles of consecutive rows: tiled order, a head-mode rank, a
-    tile-mode rank's box and halo), or ``None``. Its text queries go to SDPA, so they must
-    see every local video key and the same valid text keys as the video queries."""
-    text_ok = text.kv_for_video_q == text.kv_for_text_q and (
-        layout.q_text == 0 or layout.text_q_video_keys == layout.kv_video)
-    if not text_ok:
-        return None
+def _gluon_order(facts: _LayoutFacts) -> str | None:
+    """How the Gluon kernel would read this call's video tokens: "natural" (the whole
+    canvas in natural order), "packed" (whole tiles of consecutive rows: tiled order, a
+    head-mode rank, a tile-mode rank's box and halo), or ``None``."""
     if facts.whole_natural:
         return "natural"
     return "packed" if facts.even and facts.packed and facts.q_packed else None
 
 
+def _text_by_sdpa(layout: LocalLayout, text: LocalText) -> bool:
+    """Whether text queries are plain dense attention (SDPA): they see every local video
+    key and the same valid text keys as the video queries."""
+    return text.kv_for_video_q == text.kv_for_text_q and layout.text_q_video_keys == layout.kv_video
+
+
 def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
     """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) and its order if it covers
-    this call (see ``_gluon_order``; also a capability-9 GPU, a Triton with Gluon, whole
-    tiles of 128-row blocks, head dim 128, bf16/fp16); else ``None``."""
-    order = _gluon_order(layout, text, facts)
+    this call's video queries (see ``_gluon_order``; also a capability-9 GPU, a Triton with
+    Gluon, whole tiles of 128-row blocks, head dim 128, bf16/fp16); else ``None``."""
+    order = _gluon_order(facts)
     if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
     try:
@@ -148,12 +149,14 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True,
                route_gluon: bool = True):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
-    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for; the rest go to
-    the Hopper Gluon kernel where it covers the call (no log-sum-exp, no ``config``; its
-    text queries to SDPA), else to the Triton kernel."""
+    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for. The rest go to
+    the Triton kernel, or, where it covers the video queries and no ``config`` is given, to
+    the Hopper Gluon kernel; its text queries then go to SDPA when they are plain dense
+    attention and no log-sum-exp is asked for, else to the Triton kernel alone (a launch
+    with no query tiles)."""
     from .kernels.sta_fwd import sta_fwd
 
-    H = q_bshd.shape[2]
+    B, S, H, _ = q_bshd.shape
     facts = _layout_facts(layout, q_bshd.device)
     dense = dense_heads(layout, heads, text, facts.complete) if route_dense and q_bshd.is_cuda and not return_lse else ()
     sparse = tuple(h for h in range(H) if h not in dense)
@@ -162,22 +165,24 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)
     if not sparse:
         return out
-    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, text, facts) \
-        if route_gluon and not return_lse and not config else None
-    if gluon is not None:
-        kernel, order = gluon
-        if layout.q_text:
-            _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
-        return kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, _head_table(heads, sparse, q_bshd.device), out,
-                                    canvas=layout.canvas, tile=layout.tile, scale=scale,
-                                    text_keys=text.kv_for_video_q, order=order,
-                                    tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video))
-    return sta_fwd(
-        q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, sparse, q_bshd.device),
+    table = _head_table(heads, sparse, q_bshd.device)
+    triton_call = dict(
         canvas=layout.canvas, tile=layout.tile,
         q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
         text_q_video_keys=layout.text_q_video_keys,
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
-        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse,
-        config=config, out=out,
+        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse, out=out,
     )
+    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, text, facts) if route_gluon and not config else None
+    if gluon is None:
+        return sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, table, config=config, **triton_call)
+    kernel, order = gluon
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
+    if layout.q_text and not return_lse and _text_by_sdpa(layout, text):
+        _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
+    elif layout.q_text:
+        sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
+    kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
+                         text_keys=text.kv_for_video_q, order=order,
+                         tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video), lse=lse)
+    return (out, lse) if return_lse else out

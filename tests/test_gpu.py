@@ -65,6 +65,12 @@ def test_bulk_copy_paths_batch_text_gqa(layout):
     assert check["ok"], check
 
 
+def lse_error(lse, ref):
+    """Largest LSE difference; rows that attend nothing (padding text) must be -inf in both."""
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref))
+    return max_error(lse.nan_to_num(neginf=0.0), ref.nan_to_num(neginf=0.0))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the Gluon kernel needs Hopper (capability 9)")
 @pytest.mark.timeout(120, method="thread")
@@ -95,8 +101,12 @@ def test_gluon_route(monkeypatch):
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
         assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
-        # A log-sum-exp keeps the Triton kernel.
-        sta_triton(*args, return_lse=True)
+        # With a log-sum-exp every head goes to the Gluon kernel and the text queries to
+        # the Triton kernel alone; both parts agree with the Triton kernel's.
+        out, lse = sta_triton(*args, return_lse=True)
+        assert calls.pop() == (6, text_valid, "natural" if order == "natural" else "packed")
+        ref_out, ref_lse = sta_triton(*args, return_lse=True, route_gluon=False)
+        assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
         assert not calls, calls
 
 
@@ -104,8 +114,10 @@ def test_gluon_route(monkeypatch):
                     reason="the Gluon kernel needs Hopper (capability 9)")
 @pytest.mark.timeout(120, method="thread")
 def test_gluon_route_tile_rank(monkeypatch):
-    """A tile-mode rank's local call (own box, box + halo keys, packed; no text, so no
-    log-sum-exp) goes to the Gluon kernel as "packed" and agrees with the Triton kernel."""
+    """A tile-mode rank's local call (own box, box + halo keys, packed) goes to the Gluon
+    kernel as "packed" and agrees with the Triton kernel: without text (no log-sum-exp),
+    and with text merged across ranks (text keys counted here or not; a log-sum-exp,
+    the text queries through the Triton kernel alone)."""
     from tests.test_gluon_gpu import box_and_halo
 
     from sta_dist.kernels import sta_fwd_gluon
@@ -116,8 +128,16 @@ def test_gluon_route_tile_rank(monkeypatch):
     real = sta_fwd_gluon.sta_fwd_gluon
     monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(kw["order"]) or real(*a, **kw))
     canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
-    _, local, layout, box_rows = box_and_halo(canvas, tile, text=0, seed=41)
+    _, local, layout, _ = box_and_halo(canvas, tile, text=0, seed=41)
     args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), LocalText.single(0), 128**-0.5)
     out = sta_triton(*args)
-    assert calls == ["packed"]
+    assert calls.pop() == "packed"
     assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
+    _, local, layout, _ = box_and_halo(canvas, tile, text=96, seed=43)
+    for text in (LocalText(80, 80, 80), LocalText(80, 80, 0)):
+        args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), text, 128**-0.5)
+        out, lse = sta_triton(*args, return_lse=True)
+        assert calls.pop() == "packed"
+        ref_out, ref_lse = sta_triton(*args, return_lse=True, route_gluon=False)
+        assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
+    assert not calls, calls

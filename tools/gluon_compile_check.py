@@ -32,7 +32,6 @@ CONFIGS = [
     dict(K_STAGES=2, V_STAGES=2, PINGPONG=False),
     dict(K_STAGES=2, V_STAGES=2, STORE_LSE=True),
     dict(K_STAGES=2, V_STAGES=2, PACKED=True),
-    dict(K_STAGES=2, V_STAGES=2, S_FIRST=True),
 ]
 
 
@@ -43,7 +42,7 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "PACKED": False, **cfg}
     warps = cfg["num_warps"]
     const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, **{k: cfg[k] for k in (
-        "PACKED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "S_FIRST", "CONSUMER_REGS", "num_warps")})
+        "PACKED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
     layout5, layout3 = (repr(mod.box_layout(torch.bfloat16, rank=r)) for r in (5, 3))  # bf16 and fp16 alike
 
