@@ -400,29 +400,20 @@ def box_layout(dtype: torch.dtype, rank: int = 5):
 def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural", kv_video: int | None = None) -> bool:
     """Whether this kernel covers the call (the router falls back otherwise): whole tiles
     of ``BLOCK``-row blocks (natural order: whole t-slices of a tile); ``order`` "natural"
-    (q, k, v the whole canvas in natural order), "tiled" (the whole canvas tile by tile) or
-    "packed" (tiles of consecutive rows placed by tables); then, from k/v row ``kv_video``
-    (default: the canvas volume), at least ``text_keys`` text key rows."""
+    (q, k, v the whole canvas in natural order) or "packed" (tiles of consecutive rows
+    placed by tables); then, from k/v row ``kv_video`` (default: the canvas volume), at
+    least ``text_keys`` text key rows."""
     T, H, W = canvas
     tt, th, tw = tile
     plane = th * tw
     natural = order == "natural"
     blocks = (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0 if natural else (tt * plane) % BLOCK == 0
     kv_video = T * H * W if kv_video is None else kv_video
-    return (order in ("natural", "tiled", "packed") and blocks
+    return (order in ("natural", "packed") and blocks
             and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
             and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
             and (q.shape[1] >= T * H * W or not natural) and min(k.shape[1], v.shape[1]) >= kv_video + text_keys
             and bulk_copy_layout_ok(q, k, v))
-
-
-def tiled_tables(canvas, tile, device):
-    """The "packed" tables of the whole canvas in tiled order: query tile ``i`` is global
-    tile ``i`` at row ``i * volume`` (``[n, 2]``), and so is key tile ``i`` (``[n, 1]``)."""
-    n = math.prod(c // t for c, t in zip(canvas, tile))
-    ids = torch.arange(n, dtype=torch.int32)
-    rows = ids * math.prod(tile)
-    return torch.stack([ids, rows], 1).to(device), rows[:, None].to(device)
 
 
 def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
@@ -435,7 +426,7 @@ def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
 
 def _rows_desc(x: torch.Tensor, rows: int = BLOCK):
     """A 3-D descriptor ``[B, S, heads*D]`` whose box is ``rows`` consecutive rows (text
-    keys; every block in tiled order)."""
+    keys; every block of packed tiles)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, S, heads, D = x.shape
@@ -450,24 +441,22 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     ``k``, ``v`` are ``[B, S, H, D]``, placed by ``order``:
 
     - "natural": the whole canvas first, token ``(t, h, w)`` at row ``(t*H + h)*W + w``;
-    - "tiled": the whole canvas first, tile by tile in id order, each tile's tokens in
-      ``(t, h, w)`` order inside it (as ``sta_dist.to_tiled`` lays them);
-    - "packed": tiles of consecutive rows (in that inner order) wherever ``tables =
+    - "packed": tiles of consecutive rows, each tile's tokens in ``(t, h, w)`` order inside
+      it (as ``sta_dist.to_tiled`` lays them), wherever ``tables =
       (q_tiles, kv_tiles, kv_video)`` put them: ``q_tiles [n_q, >=2]`` int32 holds per query
       tile to compute (global tile id, first row in q), ``kv_tiles [n_tiles, >=1]`` per
       global tile its first row in k/v (read for the tiles some window reaches), and text
-      keys start at k/v row ``kv_video`` (the Triton backend's ``_LayoutFacts`` tables).
+      keys start at k/v row ``kv_video`` (``sta_dist.triton_backend.gluon_tables`` makes
+      them for any ``LocalLayout``, such as the whole canvas in tiled order).
 
     Video queries also attend the ``text_keys`` text key rows; text query rows of ``out``
     are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous), gets
     the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
     ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per
     warpgroup) and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
-    if order == "tiled":
-        tables = (*tiled_tables(canvas, tile, q.device), math.prod(canvas))
-    elif order == "packed" and tables is None:
+    if order == "packed" and tables is None:
         raise ValueError("sta_fwd_gluon: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
-    packed = order != "natural"
+    packed = order == "packed"
     kv_video = tables[2] if packed else math.prod(canvas)
     if not supported(q, k, v, canvas, tile, text_keys, order, kv_video):
         raise ValueError(f"sta_fwd_gluon: unsupported shapes/layout (whole tiles, {order} order, D=128, bf16/fp16)")

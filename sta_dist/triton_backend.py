@@ -67,17 +67,28 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         dtype=torch.int32,
     ).reshape(-1, 3)
     th, tw = layout.tile[1], layout.tile[2]
+
+    def consecutive(r) -> bool:  # a tile's rows follow each other (tiled storage)
+        return r.stride_t == th * tw and r.stride_h == tw
+
     return _LayoutFacts(
         q_tiles.to(device),
         kv_tiles.to(device),
         even=all(c % t == 0 for c, t in zip(layout.canvas, layout.tile)),
-        packed=all(r is None or (r.stride_t == th * tw and r.stride_h == tw) for r in layout.kv_rows),
-        q_packed=all(r.stride_t == th * tw and r.stride_h == tw for r in layout.q_rows),
+        packed=all(r is None or consecutive(r) for r in layout.kv_rows),
+        q_packed=all(consecutive(r) for r in layout.q_rows),
         natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
         whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
     )
+
+
+def gluon_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Gluon kernel's "packed" tables for ``layout``: per query tile (global id, first
+    row), per global tile its first k/v row, and the first text key row."""
+    facts = _layout_facts(layout, device)
+    return facts.q_tiles, facts.kv_tiles, layout.kv_video
 
 
 @functools.lru_cache(maxsize=256)
@@ -184,5 +195,5 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
     kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                          text_keys=text.kv_for_video_q, order=order,
-                         tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video), lse=lse)
+                         tables=gluon_tables(layout, q_bshd.device), lse=lse)
     return (out, lse) if return_lse else out

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import sta_dist
+from sta_dist.local import LocalLayout
 from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
+from sta_dist.triton_backend import gluon_tables
 
 cuda_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -49,19 +51,22 @@ def run(canvas, tile, windows, n_heads, n_kv, dtype, text=16, batch=1, seed=0, l
     """Run the kernel; ``out`` starts as ``fill`` (NaN shows rows it did not write; 0 for the
     sampled checks, which also look at text rows, whose reference output is 0). ``text``
     rows follow the canvas; video queries attend the first ``text_keys`` of them. With
-    ``order="tiled"`` the kernel gets tiled copies and ``out`` (and ``lse``) come back in
-    natural order."""
+    ``order="tiled"`` the kernel gets tiled copies as packed tiles (the tables of the tiled
+    layout) and ``out`` (and ``lse``) come back in natural order."""
     S = math.prod(canvas) + text
     q = randn((batch, S, n_heads, 128), dtype, seed)
     k = randn((batch, S, n_kv, 128), dtype, seed + 1)
     v = randn((batch, S, n_kv, 128), dtype, seed + 2)
     out = torch.full_like(q, fill)
     lse_t = torch.full((batch, n_heads, S), float("nan"), device="cuda") if lse else None
-    args = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, canvas, tile) for x in (q, k, v))
+    tiled = order == "tiled"
+    args = tuple(sta_dist.to_tiled(x, canvas, tile) for x in (q, k, v)) if tiled else (q, k, v)
+    tables = gluon_tables(LocalLayout.tiled(canvas, tile, text), q.device) if tiled else None
     _kernel()(*args, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
-              scale=128**-0.5, config=config, lse=lse_t, text_keys=text_keys, order=order)
+              scale=128**-0.5, config=config, lse=lse_t, text_keys=text_keys, order="packed" if tiled else order,
+              tables=tables)
     torch.cuda.synchronize()
-    if order == "tiled":
+    if tiled:
         out = sta_dist.to_natural(out, canvas, tile)
         lse_t = sta_dist.to_natural(lse_t.transpose(1, 2), canvas, tile).transpose(1, 2) if lse else None
     return q, k, v, out, lse_t
@@ -188,7 +193,6 @@ def box_and_halo(canvas, tile, text, seed):
     packed in that order as the halo exchange lays them, text rows after each. Returns the
     natural q, k, v, the local ones, the layout and the natural rows of the box."""
     from sta_dist import geometry
-    from sta_dist.local import LocalLayout
 
     grid = geometry.grid_shape(canvas, tile)
     ids = range(geometry.num_tiles(grid))
@@ -209,15 +213,12 @@ def test_packed_box_and_halo(text_keys):
     """Packed tiles placed by tables (a tile-mode rank's box and halo): the box's rows
     against the reference on the natural tensors, with text keys and LSE; rows the kernel
     does not own (text queries) left unwritten."""
-    from sta_dist.triton_backend import _layout_facts
-
     canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
     (q, k, v), (ql, kl, vl), layout, box_rows = box_and_halo(canvas, tile, text=96, seed=31)
-    facts = _layout_facts(layout, q.device)
     out = torch.full_like(ql, float("nan"))
     lse = torch.full((1, 4, ql.shape[1]), float("nan"), device="cuda")
     _kernel()(ql, kl, vl, head_table(windows, canvas, tile, 4, 4), out, canvas=canvas, tile=tile, scale=128**-0.5,
-              text_keys=text_keys, order="packed", tables=(facts.q_tiles, facts.kv_tiles, layout.kv_video), lse=lse)
+              text_keys=text_keys, order="packed", tables=gluon_tables(layout, q.device), lse=lse)
     torch.cuda.synchronize()
     n_box = len(box_rows)
     kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=box_rows.cpu(), scale=128**-0.5)

@@ -18,7 +18,7 @@ import torch
 from sta_dist import geometry, to_tiled
 from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
 from sta_dist.local import LocalHeads, LocalLayout, LocalText
-from sta_dist.triton_backend import _head_table, sta_triton
+from sta_dist.triton_backend import _head_table, gluon_tables, sta_triton
 
 CASE = STANDARD_CASES["hunyuan_333"]
 CANVAS, TILE, HEADS, D = CASE.canvas, CASE.tile, CASE.heads, CASE.head_dim
@@ -60,8 +60,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--set: unknown switches {sorted(unknown)}; the kernel has {sorted(DEFAULT_CONFIG)}")
         config.update(extra)
-        fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config,
-                                   order=args.order)  # noqa: E731
+        tiled = args.order == "tiled"
+        tables = gluon_tables(layout, q.device) if tiled else None
+        fn = lambda: sta_fwd_gluon(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale, config=config,  # noqa: E731
+                                   order="packed" if tiled else "natural", tables=tables)
         stages = f"{config['K_STAGES']}+{config['V_STAGES']}"
         name = f"gluon {args.order} stages={stages} pingpong={config['PINGPONG']} {args.set}".strip()
     else:
