@@ -170,7 +170,7 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 @gluon.jit
 def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
               k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
-              qk_scale, slb, slh, canvas_h, canvas_w,
+              qk_scale, slb, slh,
               TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
               KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
               num_warps: gl.constexpr):
@@ -288,6 +288,8 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         if PACKED:
             rows = q_t + WG * BM + r
         else:
+            canvas_h = win[9] * TH  # grid_h, grid_w: whole tiles
+            canvas_w = win[10] * TW
             rows = ((q_t + WG * HALF + r // (TH * TW)) * canvas_h + q_h + (r // TW) % TH) * canvas_w + q_w + r % TW
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
         gl.store(LSE + b.to(gl.int64) * slb + h.to(gl.int64) * slh + rows, lse)
@@ -296,7 +298,7 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
 
 @gluon.jit
 def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, Q_TILES, q_stride,
-                          KV_TILES, kv_stride, n_heads, grid_t, grid_h, grid_w, canvas_h, canvas_w, text_row, n_text,
+                          KV_TILES, kv_stride, n_heads, grid_t, grid_h, grid_w, text_row, n_text,
                           slb, slh, qk_scale,
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
                           PACKED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
@@ -369,11 +371,11 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
         [
             (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
-                         n_text, qk_scale, slb, slh, canvas_h, canvas_w,
+                         n_text, qk_scale, slb, slh,
                          TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
             (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
-                         n_text, qk_scale, slb, slh, canvas_h, canvas_w,
+                         n_text, qk_scale, slb, slh,
                          TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
@@ -480,7 +482,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     if grid[0] and grid[1]:
         _sta_fwd_gluon_kernel[grid](
             q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, q_tiles, q_tiles.stride(0), kv_tiles,
-            kv_tiles.stride(0), n, *grid_shape, H, W, kv_video, text_keys,
+            kv_tiles.stride(0), n, *grid_shape, kv_video, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, PACKED=packed, K_STAGES=cfg["K_STAGES"],
             V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"],
