@@ -35,8 +35,29 @@ CONFIGS = [
 ]
 
 
+def compile_split(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
+    """EXPERIMENT v15: the 192-key-step kernel (``kernels/sta_fwd_gluon_split.py``)."""
+    mod = load_kernel_module("sta_fwd_gluon_split")
+    kernel = mod._sta_fwd_gluon_split_kernel
+    cfg = {**mod.DEFAULT_CONFIG, **{k: v for k, v in cfg.items() if k != "SPLIT"}}
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], **cfg)
+    layout5 = repr(load_kernel_module("sta_fwd_gluon").box_layout(torch.bfloat16, rank=5))
+
+    def box(n):
+        return f"tensordesc<{dtype}[1,{n},{tile[1]},{tile[2]},128],{layout5}>"
+
+    types = dict(HEADS="*i32", qk_scale="fp32", q_desc=box(1), o_desc=box(1), ka_desc=box(2), va_desc=box(2),
+                 kb_desc=box(1), vb_desc=box(1))
+    sig = {name: "constexpr" if name in const else types.get(name, "i32")
+           for name in inspect.signature(kernel.fn).parameters}
+    return triton.compile(GluonASTSource(kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=cfg["num_warps"]))
+
+
 def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     """Compile for sm_90; ``cfg`` holds launch constants and ``PACKED`` (tiles of consecutive rows placed by tables)."""
+    if cfg.get("SPLIT"):
+        return compile_split(cfg, tile, dtype)
     mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
     cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "PACKED": False, **cfg}
