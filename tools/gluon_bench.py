@@ -26,7 +26,7 @@ CANVAS, TILE, HEADS, D = CASE.canvas, CASE.tile, CASE.heads, CASE.head_dim
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--impl", choices=["gluon", "split", "triton"], required=True)
+    parser.add_argument("--impl", choices=["gluon", "triton"], required=True)
     parser.add_argument("--k-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--v-stages", type=int, default=None, help="default: the kernel's DEFAULT_CONFIG")
     parser.add_argument("--no-pingpong", action="store_true", help="warpgroups issue their products without taking turns")
@@ -66,22 +66,13 @@ def main() -> None:
                                    order="packed" if tiled else "natural", tables=tables)
         stages = f"{config['K_STAGES']}+{config['V_STAGES']}"
         name = f"gluon {args.order} stages={stages} pingpong={config['PINGPONG']} {args.set}".strip()
-    elif args.impl == "split":  # EXPERIMENT v15: 192-key steps
-        from sta_dist.kernels.sta_fwd_gluon_split import sta_fwd_gluon_split
-
-        table = _head_table(heads, tuple(range(HEADS)), torch.device("cuda"))
-        out = torch.empty_like(q)
-        extra = {k: int(v) for k, v in (item.split("=") for item in args.set.split(",") if item)}
-        fn = lambda: sta_fwd_gluon_split(q, k, v, table, out, canvas=CANVAS, tile=TILE, scale=scale,  # noqa: E731
-                                         config=extra)
-        name = f"split192 {args.set}".strip()
     else:
         fn = triton_kernel
         name = f"triton {args.order} (kernels/sta_fwd.py)"
     res = fn()
     torch.cuda.synchronize()
     err = None
-    if args.check and args.impl != "triton":
+    if args.check and args.impl == "gluon":
         err = (res.float() - triton_kernel().float()).abs().max().item()
     if args.no_time:
         return
