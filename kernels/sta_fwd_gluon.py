@@ -24,19 +24,9 @@ that is the layout of a 2-D ``[128, 128]`` NVMMA tile (the wgmma descriptors and
 output store use the same halves). Packed (``PACKED``): every block is consecutive rows, a
 3-D box ``[1, rows, D]`` of the view ``[B, S, heads*D]`` (the same two swizzled halves in
 shared memory) at the tile's first row from the tables (``Q_TILES`` per query tile: global
-id, first row; ``KV_TILES`` per global tile: first row) plus the box's first row inside the
-tile. A
+id, first row; ``KV_TILES`` per global tile: first row) plus ``128 * (block in tile)``. A
 text key block is ``BLOCK`` consecutive rows from ``text_row`` on, such a 3-D box, in
-either order.
-
-Key steps (``SPLIT``, wherever the tile volume is a multiple of 192 with 2+2 ring slots,
-as the 6x8x8 tiles of HunyuanVideo and Wan): a step is 192 keys, a 128-row box and the
-next 64 rows as a second box (Gluon tensors are powers of two, so 192 is two products per
-operand, ``BB = 64``), with one softmax over both: the per-step work that does not grow
-with the keys (O's rescale, the row reductions, the barriers and turn hand-offs) is spread
-over 1.5x the keys, and each warpgroup's softmax has 1.5x the other's products to hide
-behind (FA3 takes 176 keys at head dim 128 for this). Otherwise a step is one 128-row box
-(``BB = 0``). Text steps go first, the partial one as step 0, so the one mask (columns
+either order. Text blocks go first, the partial one as block 0, so the one mask (columns
 past ``text_keys``) sits outside the loop.
 
 Program ``(pid, b*n + i)``: query block ``pid`` (tile ``pid // BLOCKS_PER_TILE``, slice
@@ -116,65 +106,51 @@ from .descriptors import bulk_copy_layout_ok, natural_box
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
-SPLIT_KEYS = BLOCK // 2  # the second box of a split key step
-DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256, SPLIT=None)
+DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
 
 
 @gluon.jit
-def _copy_video_block(desc, dst, bar, j, off, b, col, st, sh, sw, kh, kw, grid_h, grid_w, kv_tiles, kv_stride,
-                      TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, STEP: gl.constexpr,
-                      PACKED: gl.constexpr):
-    """TMA copy of the box at row ``off`` of key step ``j`` of a window: step ``j % STEPS``
-    (``STEP`` rows) of window tile ``j // STEPS`` (tiles walked t, then h, then w). Natural
-    order: a 5-D box at canvas ``(t, h, w)``; packed: consecutive rows from the tile's first
-    row in the ``kv_tiles`` table (row ``tile id * kv_stride``)."""
-    STEPS: gl.constexpr = TT * TH * TW // STEP
-    i = j // STEPS
-    first = (j % STEPS) * STEP + off  # row inside the tile
+def _copy_video_block(desc, dst, bar, j, b, col, st, sh, sw, kh, kw, grid_h, grid_w, kv_tiles, kv_stride,
+                      TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr):
+    """TMA copy of key block ``j`` of a window: the ``BN``-row piece ``j % KB_PER_TILE`` of
+    window tile ``j // KB_PER_TILE`` (tiles walked t, then h, then w). Natural order: a 5-D
+    box at canvas ``(t, h, w)``; packed: ``BN`` of the tile's consecutive rows, from the
+    tile's first row in the ``kv_tiles`` table (row ``tile id * kv_stride``)."""
+    KB_PER_TILE: gl.constexpr = TT * TH * TW // BN
+    i = j // KB_PER_TILE
+    sub = j % KB_PER_TILE
     wt = st + i // (kh * kw)
     wh = sh + (i // kw) % kh
     ww = sw + i % kw
     if PACKED:
         base = gl.load(kv_tiles + ((wt * grid_h + wh) * grid_w + ww) * kv_stride)
-        tma.async_copy_global_to_shared(desc, [b, base + first, col], bar, dst)
+        tma.async_copy_global_to_shared(desc, [b, base + sub * BN, col], bar, dst)
     else:
-        tma.async_copy_global_to_shared(desc, [b, wt * TT + first // (TH * TW), wh * TH, ww * TW, col], bar, dst)
+        tma.async_copy_global_to_shared(desc, [b, wt * TT + sub * (BN // (TH * TW)), wh * TH, ww * TW, col], bar, dst)
 
 
 @gluon.jit
-def _load_block(desc, desc_b, text_desc, text_desc_b, smem, smem_b, ready, empty, j, win,
-                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, BB: gl.constexpr,
-                PACKED: gl.constexpr, STAGES: gl.constexpr):
-    """TMA copy of key step ``j`` (its K or its V) into ring slot ``j % STAGES``, once both
-    warpgroups have released the slot's previous fill (fill 0 passes at once). A step is
-    ``BN`` rows (``smem``) and, when ``BB > 0``, the next ``BB`` rows (``smem_b``). Text
-    steps come first, the last (partial) one as step 0: step ``j < n_tb`` is the text rows
-    from ``text_row + (n_tb - 1 - j) * (BN + BB)`` on, 3-D boxes; step ``j >= n_tb`` is
-    video step ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb,
-    text_row, grid_h, grid_w, kv_tiles, kv_stride)``: batch, first column of the kv head,
-    the window's first tile and extent in h and w, text steps, first text row, the tile
-    grid's h and w, the packed tiles' row table and its row stride."""
+def _load_block(desc, text_desc, smem, ready, empty, j, win,
+                TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
+                STAGES: gl.constexpr):
+    """TMA copy of key block ``j`` (its K or its V box) into ring slot ``j % STAGES``, once
+    both warpgroups have released the slot's previous fill (fill 0 passes at once). Text
+    blocks come first, the last (partial) one as block 0: block ``j < n_tb`` is the text
+    rows from ``text_row + (n_tb - 1 - j) * BN`` on, a 3-D box; block ``j >= n_tb`` is video
+    block ``j - n_tb`` of the window. ``win = (b, col, st, sh, sw, kh, kw, n_tb, text_row,
+    grid_h, grid_w, kv_tiles, kv_stride)``: batch, first column of the kv head, the window's
+    first tile and extent in h and w, text blocks, first text row, the tile grid's h and w,
+    the packed tiles' row table and its row stride."""
     b, col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w, kv_tiles, kv_stride = win
-    STEP: gl.constexpr = BN + BB
     s = j % STAGES
-    bar = ready.index(s)
     mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
-    if BB > 0:
-        mbarrier.expect(bar, desc.block_type.nbytes + desc_b.block_type.nbytes)
-    else:
-        mbarrier.expect(bar, desc.block_type.nbytes)
+    mbarrier.expect(ready.index(s), desc.block_type.nbytes)
     if j < n_tb:
-        row = text_row + (n_tb - 1 - j) * STEP
-        tma.async_copy_global_to_shared(text_desc, [b, row, col], bar, smem.index(s).reshape(text_desc.block_type.shape))
-        if BB > 0:
-            tma.async_copy_global_to_shared(text_desc_b, [b, row + BN, col], bar,
-                                            smem_b.index(s).reshape(text_desc_b.block_type.shape))
+        tma.async_copy_global_to_shared(text_desc, [b, text_row + (n_tb - 1 - j) * BN, col], ready.index(s),
+                                        smem.index(s).reshape(text_desc.block_type.shape))
     else:
-        _copy_video_block(desc, smem.index(s), bar, j - n_tb, 0, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
-                          kv_tiles, kv_stride, TT, TH, TW, STEP, PACKED)
-        if BB > 0:
-            _copy_video_block(desc_b, smem_b.index(s), bar, j - n_tb, BN, b, col, st, sh, sw, kh, kw, grid_h,
-                              grid_w, kv_tiles, kv_stride, TT, TH, TW, STEP, PACKED)
+        _copy_video_block(desc, smem.index(s), ready.index(s), j - n_tb, b, col, st, sh, sw, kh, kw, grid_h, grid_w,
+                          kv_tiles, kv_stride, TT, TH, TW, BN, PACKED)
 
 
 @gluon.jit
@@ -192,83 +168,35 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _scores_exp(s, sb, m_i, qk_scale, row: gl.constexpr, row_b: gl.constexpr, SPLIT: gl.constexpr):
-    """One step's softmax part: the new running row max (scaled), the exponentials of both
-    score boxes against it, and their row sums. Without ``SPLIT`` ``sb`` is ignored (and
-    returned as ``pb``, unused)."""
-    mx = gl.max(s, 1)
-    if SPLIT:
-        mx = gl.maximum(mx, gl.convert_layout(gl.max(sb, 1), row))
-    m_new = gl.maximum(m_i, mx * qk_scale)
-    p = gl.exp2(s * qk_scale - m_new[:, None])
-    sums = gl.sum(p, 1)
-    pb = sb
-    if SPLIT:
-        pb = gl.exp2(sb * qk_scale - gl.convert_layout(m_new, row_b)[:, None])
-        sums = sums + gl.convert_layout(gl.sum(pb, 1), row)
-    return m_new, p, pb, sums
-
-
-@gluon.jit
-def _operands(p, pb, dtype: gl.constexpr, p_layout: gl.constexpr, SPLIT: gl.constexpr):
-    """P (and the second box's P) as register operands of the PV products; without
-    ``SPLIT`` the second is the first again (unused)."""
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
-    pb_op = p_op
-    if SPLIT:
-        pb_op = gl.convert_layout(pb.to(dtype), p_layout)
-    return p_op, pb_op
-
-
-@gluon.jit
-def _retire(o_tok, p_fly, pb_fly, SPLIT: gl.constexpr):
-    """Wait for all of this warpgroup's products and return O. The P operands that the PV
-    products in flight read from registers are the wait's dependencies, so their registers
-    stay reserved until the products are done (the next P is made before this wait)."""
-    if SPLIT:
-        acc, p_fly, pb_fly = warpgroup_mma_wait(0, deps=(o_tok, p_fly, pb_fly))
-    else:
-        acc, p_fly = warpgroup_mma_wait(0, deps=(o_tok, p_fly))
-    return acc
-
-
-@gluon.jit
-def _consumer(WG: gl.constexpr, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb_desc, vt_desc, vtb_desc,
-              o_desc, q_smem, k_smem, kb_smem, v_smem, vb_smem, q_bar, k_ready, v_ready, k_empty, v_empty, turn, LSE,
-              win, q_col, q_t, q_h, q_w, h, n_steps, n_text, qk_scale, slb, slh,
-              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, BB: gl.constexpr,
-              PACKED: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr,
-              PINGPONG: gl.constexpr, num_warps: gl.constexpr):
+def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
+              k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
+              qk_scale, slb, slh,
+              TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
+              KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
+              num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
     ``(q_t, q_h, q_w)``: the query block's first token (natural order) or first row and
-    two zeros (packed); ``win``: see ``_load_block``. A key step is a ``BN``-key box and,
-    with ``BB > 0`` (``SPLIT``), a ``BB``-key box: two products per operand, one softmax.
+    two zeros (tiled order); ``win``: see ``_load_block``.
 
     Loop trip j (1 <= j < n): retire PV_{j-2}, release V slot of j-2, rescale O by
-    alpha_{j-1}; (take the turn) issue S_j = Q K_j^T and O += P_{j-1} V_{j-1} (pass the
-    turn); wait for S_j only (PV left in flight),
-    release the K slot of j, and run softmax_j while PV_{j-1} and the other warpgroup's
-    products run; P_j goes to the register-operand form at the end of the trip (so its
-    fp32 copy is dead before the next products are issued). The wait that retires PV_{j-1}
-    is at the top of the next trip, so the compiler cannot hoist it above softmax_j.
-    Step 0, if it is a partial text step, masks its key columns past ``n_text``."""
+    alpha_{j-1}, convert P_{j-1} to a register operand; (take the turn) issue
+    S_j = Q K_j^T and O += P_{j-1} V_{j-1} (pass the turn); wait for S_j only (one group
+    left in flight), release the K slot of j, and run softmax_j while PV_{j-1} and the
+    other warpgroup's products run. The wait that retires PV_{j-1} is at the top of the
+    next trip, so the compiler cannot hoist it above softmax_j (ptxas moves a
+    `wgmma.wait_group 0` placed after the exponentials up to the `wait_group 1`).
+    Block 0, if it is a partial text block, masks its key columns past ``n_text``."""
     b = win[0]
     dtype: gl.constexpr = q_smem.dtype
-    SPLIT: gl.constexpr = BB > 0
-    STEP: gl.constexpr = BN + BB
     BM: gl.constexpr = BN // 2  # query rows of this warpgroup
     HALF: gl.constexpr = BM // (TH * TW)  # natural order: t-slices of a half
     D: gl.constexpr = q_smem.shape[-1]
-    NB: gl.constexpr = BB if SPLIT else BN  # the second box's width (only used with SPLIT)
     LOADS: gl.constexpr = WG == 1
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 16])
-    mma_b: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                    instr_shape=[16, NB, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     row: gl.constexpr = gl.SliceLayout(1, mma)
-    row_b: gl.constexpr = gl.SliceLayout(1, mma_b)
 
     if LOADS:
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
@@ -280,46 +208,31 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_des
         for i in gl.static_range(VS):
             if i < n_steps:
                 if i < KS:
-                    _load_block(k_desc, kb_desc, kt_desc, ktb_desc, k_smem, kb_smem, k_ready, k_empty, i, win,
-                                TT, TH, TW, BN, BB, PACKED, KS)
-                _load_block(v_desc, vb_desc, vt_desc, vtb_desc, v_smem, vb_smem, v_ready, v_empty, i, win,
-                            TT, TH, TW, BN, BB, PACKED, VS)
+                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, PACKED, KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, PACKED, VS)
 
     q_half = q_smem.index(WG)
     q2 = q_half.reshape([BM, D])
     zero = gl.zeros([BM, BN], gl.float32, mma)
-    zero_b = gl.zeros([BM, NB], gl.float32, mma_b)
 
     mbarrier.wait(q_bar, 0)
-    # Step 0: scores and their exponentials.
+    # Block 0: scores and their exponentials.
     mbarrier.wait(k_ready.index(0), 0)
     _issue_turn(turn, WG, 0, PINGPONG)
     s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                           is_async=True)
-    sb = zero_b
-    if SPLIT:
-        sb_tok = warpgroup_mma(q2, kb_smem.index(0).reshape([BB, D]).permute((1, 0)), zero_b, use_acc=False,
-                               is_async=True)
-        _pass_turn(turn, WG, PINGPONG)
-        s, sb = warpgroup_mma_wait(0, deps=(s_tok, sb_tok))
-    else:
-        _pass_turn(turn, WG, PINGPONG)
-        s = warpgroup_mma_wait(0, deps=(s_tok, ))
-    if n_text % STEP != 0:
+    _pass_turn(turn, WG, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=(s_tok, ))
+    if n_text % BN != 0:
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
-        s = gl.where((cols < n_text % STEP)[None, :], s, float("-inf"))
-        if SPLIT:
-            cols_b = BN + gl.arange(0, NB, layout=gl.SliceLayout(0, mma_b))
-            sb = gl.where((cols_b < n_text % STEP)[None, :], sb, float("-inf"))
+        s = gl.where((cols < n_text % BN)[None, :], s, float("-inf"))
     mbarrier.arrive(k_empty.index(0))
     if LOADS:
         if KS < n_steps:
-            _load_block(k_desc, kb_desc, kt_desc, ktb_desc, k_smem, kb_smem, k_ready, k_empty, KS, win,
-                        TT, TH, TW, BN, BB, PACKED, KS)
-    m_i, p, pb, l_i = _scores_exp(s, sb, gl.full([BM], float("-inf"), gl.float32, row), qk_scale, row, row_b, SPLIT)
-    # The P operands of the PV products in flight: none yet (zeros stand in).
-    p_fly = gl.zeros([BM, BN], dtype, p_layout)
-    pb_fly = gl.zeros([BM, NB], dtype, p_layout)
+            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, PACKED, KS)
+    m_i = gl.max(s, 1) * qk_scale
+    p = gl.exp2(s * qk_scale - m_i[:, None])
+    l_i = gl.sum(p, 1)
     alpha = gl.full([BM], 1.0, gl.float32, row)
     o_tok = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, mma))
 
@@ -327,54 +240,40 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_des
         sj = j % KS
         sp = (j - 1) % VS
         # PV_{j-2} is done: its V slot goes back (and is refilled), O takes alpha_{j-1}.
-        acc = _retire(o_tok, p_fly, pb_fly, SPLIT)
+        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
         mbarrier.arrive(v_empty.index((j + VS - 2) % VS), pred=j >= 2)
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
-                _load_block(v_desc, vb_desc, vt_desc, vtb_desc, v_smem, vb_smem, v_ready, v_empty, j - 2 + VS, win,
-                            TT, TH, TW, BN, BB, PACKED, VS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, PACKED, VS)
         acc = acc * alpha[:, None]
-        p_op, pb_op = _operands(p, pb, dtype, p_layout, SPLIT)
-        # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; all in flight. S_j is written over P_{j-1}'s
-        # float32 registers (use_acc=False ignores their values), so no zeros are set up.
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
         mbarrier.wait(k_ready.index(sj), (j // KS) & 1)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // VS) & 1)
         _issue_turn(turn, WG, j, PINGPONG)
-        s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), p, use_acc=False,
+        s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
-        if SPLIT:
-            sb_tok = warpgroup_mma(q2, kb_smem.index(sj).reshape([BB, D]).permute((1, 0)), pb, use_acc=False,
-                                   is_async=True)
         o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-        if SPLIT:
-            o_tok = warpgroup_mma(pb_op, vb_smem.index(sp).reshape([BB, D]), o_tok, is_async=True)
-            _pass_turn(turn, WG, PINGPONG)
-            # S_j done (the two PV products may still run): the softmax below overlaps them.
-            s, sb = warpgroup_mma_wait(2, deps=(s_tok, sb_tok))
-        else:
-            _pass_turn(turn, WG, PINGPONG)
-            s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p_fly = p_op
-        pb_fly = pb_op
+        _pass_turn(turn, WG, PINGPONG)
+        # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
+        s = warpgroup_mma_wait(1, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
-                _load_block(k_desc, kb_desc, kt_desc, ktb_desc, k_smem, kb_smem, k_ready, k_empty, j + KS, win,
-                            TT, TH, TW, BN, BB, PACKED, KS)
-        m_new, p, pb, sums = _scores_exp(s, sb, m_i, qk_scale, row, row_b, SPLIT)
+                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, PACKED, KS)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + sums
+        p = gl.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
 
     last = n_steps - 1
-    acc = _retire(o_tok, p_fly, pb_fly, SPLIT)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * alpha[:, None]
-    p_op, pb_op = _operands(p, pb, dtype, p_layout, SPLIT)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
     mbarrier.wait(v_ready.index(last % VS), (last // VS) & 1)
     o_tok = warpgroup_mma(p_op, v_smem.index(last % VS).reshape([BN, D]), acc, is_async=True)
-    if SPLIT:
-        o_tok = warpgroup_mma(pb_op, vb_smem.index(last % VS).reshape([BB, D]), o_tok, is_async=True)
-    acc = _retire(o_tok, p_op, pb_op, SPLIT)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     # Every wgmma of this warpgroup that read its q half is done: the half takes the output.
     out = acc / l_i[:, None]
     q2.store(out.to(dtype))
@@ -398,17 +297,16 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_des
 
 
 @gluon.jit
-def _sta_fwd_gluon_kernel(q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb_desc, vt_desc, vtb_desc, o_desc,
-                          HEADS, LSE, Q_TILES, q_stride, KV_TILES, kv_stride, n_heads, grid_t, grid_h, grid_w, text_row, n_text,
+def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEADS, LSE, Q_TILES, q_stride,
+                          KV_TILES, kv_stride, n_heads, grid_t, grid_h, grid_w, text_row, n_text,
                           slb, slh, qk_scale,
-                          TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, BB: gl.constexpr,
+                          TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
                           PACKED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                           STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
-    BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks (BN rows) per tile
-    STEP: gl.constexpr = BN + BB  # keys per step: a BN-row box and, if BB > 0, a BB-row box
+    BLOCKS_PER_TILE: gl.constexpr = VOL // BN  # query blocks and key blocks (BN rows) per tile
 
     pid = gl.program_id(0)
     bh = gl.program_id(1)
@@ -442,8 +340,8 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb
     st = gl.minimum(gl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
     sh = gl.minimum(gl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
     sw = gl.minimum(gl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
-    n_tb = (n_text + STEP - 1) // STEP
-    n_steps = n_tb + kt * kh * kw * (VOL // STEP)
+    n_tb = (n_text + BN - 1) // BN
+    n_steps = n_tb + kt * kh * kw * BLOCKS_PER_TILE
     q_col = h * D
     kv_col = kvh * D
     # Where the loads go (see _load_block).
@@ -452,11 +350,6 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [V_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    kb_smem = k_smem  # the second boxes (BB rows) of each step, only with BB > 0
-    vb_smem = v_smem
-    if BB > 0:
-        kb_smem = gl.allocate_shared_memory(kb_desc.dtype, [K_STAGES] + kb_desc.block_type.shape, kb_desc.layout)
-        vb_smem = gl.allocate_shared_memory(vb_desc.dtype, [V_STAGES] + vb_desc.block_type.shape, vb_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
@@ -476,16 +369,14 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb
 
     gl.warp_specialize(
         [
-            (_consumer, (0, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb_desc, vt_desc, vtb_desc,
-                         o_desc, q_smem, k_smem, kb_smem, v_smem, vb_smem, q_bar,
+            (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh,
-                         TT, TH, TW, BN, BB, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
-            (_consumer, (1, q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb_desc, vt_desc, vtb_desc,
-                         o_desc, q_smem, k_smem, kb_smem, v_smem, vb_smem, q_bar,
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+            (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh,
-                         TT, TH, TW, BN, BB, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -527,12 +418,6 @@ def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural",
             and bulk_copy_layout_ok(q, k, v))
 
 
-def split_ok(tile, k_stages: int, v_stages: int) -> bool:
-    """Whether key steps of ``BLOCK + SPLIT_KEYS`` (192) rows fit: whole steps per tile and
-    shared memory for two ring slots of each (q halves 32 KiB + 2 x 2 x 48 KiB)."""
-    return math.prod(tile) % (BLOCK + SPLIT_KEYS) == 0 and k_stages == v_stages == 2
-
-
 def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
     """A 5-D natural-order descriptor whose box is ``rows`` tokens: ``rows // (TH*TW)``
     t-slices of a tile."""
@@ -570,8 +455,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim contiguous), gets
     the natural-log LSE of the video rows. ``config`` overrides ``K_STAGES`` and
     ``V_STAGES`` (ring slots, 2 <= K <= V), ``PINGPONG``, ``num_warps`` (4: per
-    warpgroup), ``CONSUMER_REGS`` (warpgroup 1's register budget) and ``SPLIT`` (key
-    steps of 192 rows, a 128-row and a 64-row box; None: wherever ``split_ok``)."""
+    warpgroup) and ``CONSUMER_REGS`` (warpgroup 1's register budget)."""
     if order == "packed" and tables is None:
         raise ValueError("sta_fwd_gluon: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
     packed = order == "packed"
@@ -583,34 +467,25 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if not 2 <= cfg["K_STAGES"] <= cfg["V_STAGES"]:
         raise ValueError(f"sta_fwd_gluon: need 2 <= K_STAGES <= V_STAGES, got {cfg['K_STAGES']}, {cfg['V_STAGES']}")
-    ok = split_ok(tile, cfg["K_STAGES"], cfg["V_STAGES"])
-    split = ok if cfg["SPLIT"] is None else bool(cfg["SPLIT"])
-    if split and not ok:
-        raise ValueError(f"sta_fwd_gluon: SPLIT needs tile volume a multiple of {BLOCK + SPLIT_KEYS} and 2+2 stages, "
-                         f"got tile {tuple(tile)}, stages {cfg['K_STAGES']}+{cfg['V_STAGES']}")
     T, H, W = canvas
     grid_shape = (T // tile[0], H // tile[1], W // tile[2])
     blocks_per_tile = math.prod(tile) // BLOCK
     B = q.shape[0]
     n = heads.shape[0]
     q_desc, o_desc = (_rows_desc(x, BLOCK // 2) if packed else _five_d(x, canvas, tile, BLOCK // 2) for x in (q, out))
-    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))  # text keys; packed, every key box
+    kt_desc, vt_desc = (_rows_desc(x) for x in (k, v))  # text keys; packed, every key block
     k_desc, v_desc = (kt_desc, vt_desc) if packed else (_five_d(x, canvas, tile) for x in (k, v))
-    ktb_desc, vtb_desc, kb_desc, vb_desc = kt_desc, vt_desc, k_desc, v_desc  # unread without SPLIT
-    if split:
-        ktb_desc, vtb_desc = (_rows_desc(x, SPLIT_KEYS) for x in (k, v))
-        kb_desc, vb_desc = (ktb_desc, vtb_desc) if packed else (_five_d(x, canvas, tile, SPLIT_KEYS) for x in (k, v))
     q_tiles, kv_tiles = tables[:2] if packed else (heads, heads)  # unread in natural order
     store_lse = lse is not None
     lse_arg = lse if store_lse else heads
     grid = ((q_tiles.shape[0] if packed else math.prod(grid_shape)) * blocks_per_tile, B * n)
     if grid[0] and grid[1]:
         _sta_fwd_gluon_kernel[grid](
-            q_desc, k_desc, kb_desc, v_desc, vb_desc, kt_desc, ktb_desc, vt_desc, vtb_desc, o_desc, heads, lse_arg,
-            q_tiles, q_tiles.stride(0), kv_tiles, kv_tiles.stride(0), n, *grid_shape, kv_video, text_keys,
+            q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, heads, lse_arg, q_tiles, q_tiles.stride(0), kv_tiles,
+            kv_tiles.stride(0), n, *grid_shape, kv_video, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
-            TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, BB=SPLIT_KEYS if split else 0, PACKED=packed,
-            K_STAGES=cfg["K_STAGES"], V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"],
+            TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, PACKED=packed, K_STAGES=cfg["K_STAGES"],
+            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"],
             CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out

@@ -113,13 +113,9 @@ def test_small_even_shapes(case, dtype):
 
 
 @pytest.mark.timeout(120, method="thread")
-@pytest.mark.parametrize("config", [dict(K_STAGES=2, V_STAGES=2), dict(K_STAGES=2, V_STAGES=2, SPLIT=0),
-                                    dict(K_STAGES=2, V_STAGES=3), dict(K_STAGES=3, V_STAGES=3),
-                                    dict(K_STAGES=2, V_STAGES=3, PINGPONG=False),
-                                    dict(K_STAGES=2, V_STAGES=2, PINGPONG=False)])
+@pytest.mark.parametrize("config", [dict(K_STAGES=2, V_STAGES=2), dict(K_STAGES=2, V_STAGES=3),
+                                    dict(K_STAGES=3, V_STAGES=3), dict(K_STAGES=2, V_STAGES=3, PINGPONG=False)])
 def test_stages_and_batch(config):
-    """Ring slots, ping-pong and key steps (6x8x8 tiles: 192-key steps at 2+2 slots unless
-    ``SPLIT=0``, 128-key steps otherwise), batch 2, GQA."""
     canvas, tile = (12, 16, 24), (6, 8, 8)
     windows = [(3, 1, 2), (2, 2, 3)]
     q, k, v, out, _ = run(canvas, tile, windows, 2, 1, torch.bfloat16, batch=2, seed=3, config=config)
@@ -162,17 +158,14 @@ def test_tiled_order(case):
 
 
 @pytest.mark.timeout(120, method="thread")
-@pytest.mark.parametrize("split", [None, 0])
-@pytest.mark.parametrize("text_keys", [1, 77, 128, 192, 200])
-def test_text_keys(text_keys, split):
+@pytest.mark.parametrize("text_keys", [1, 77, 128, 200])
+def test_text_keys(text_keys):
     """Video queries also attend the first ``text_keys`` text rows (a partial last text
-    step is masked); text query rows are not written. 200 text rows, the rest padding;
-    GQA, LSE. 192-key steps (``split`` None): 128 fills the first box and masks all of the
-    second, 192 is one whole step, 200 one whole and one of 8 keys; 128-key steps (0): 128
-    is one whole step, 200 one whole and one partial."""
+    block is masked; 128 is one whole block, 200 one whole and one partial); text query
+    rows are not written. 200 text rows, the rest padding; GQA, LSE."""
     canvas, tile, windows = (12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
     q, k, v, out, lse = run(canvas, tile, windows, 4, 2, torch.bfloat16, text=200, seed=7, lse=True,
-                            text_keys=text_keys, config=dict(SPLIT=split))
+                            text_keys=text_keys)
     assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=text_keys)
 
 
@@ -235,14 +228,3 @@ def test_packed_box_and_halo(text_keys):
     assert err <= error_bound(max_error(base, ref), torch.bfloat16, ref), (err, max_error(base, ref))
     assert max_error(lse[:, :, :n_box], ref_lse) <= 1e-3
     assert torch.isnan(out[:, n_box:]).all()
-
-
-@pytest.mark.timeout(120, method="thread")
-@pytest.mark.parametrize("tile, config", [((6, 8, 8), dict(SPLIT=1, V_STAGES=3)), ((2, 8, 8), dict(SPLIT=1))])
-def test_split_refused(tile, config):
-    """192-key steps asked for where they do not fit: a clear error naming the rule and the values."""
-    canvas = (6, 16, 16)
-    q = randn((1, math.prod(canvas), 2, 128), torch.bfloat16, 0)
-    with pytest.raises(ValueError, match=r"SPLIT needs tile volume a multiple of 192 and 2\+2 stages, got tile"):
-        _kernel()(q, q, q, head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), torch.empty_like(q), canvas=canvas,
-                  tile=tile, scale=1.0, config=config)

@@ -27,7 +27,6 @@ MARKS = ("HGMMA", "WARPGROUP.DEPBAR", "WARPGROUP.ARRIVE", "MUFU.EX2", "BAR.SYNC"
          "STL", "LDL")
 CONFIGS = [
     dict(K_STAGES=2, V_STAGES=2),
-    dict(K_STAGES=2, V_STAGES=2, SPLIT=0),
     dict(K_STAGES=2, V_STAGES=3),
     dict(K_STAGES=3, V_STAGES=3),
     dict(K_STAGES=2, V_STAGES=2, PINGPONG=False),
@@ -41,9 +40,8 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     mod = load_kernel_module("sta_fwd_gluon")
     kernel = mod._sta_fwd_gluon_kernel
     cfg = {**mod.DEFAULT_CONFIG, "STORE_LSE": False, "PACKED": False, **cfg}
-    split = mod.split_ok(tile, cfg["K_STAGES"], cfg["V_STAGES"]) if cfg["SPLIT"] is None else bool(cfg["SPLIT"])
     warps = cfg["num_warps"]
-    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, BB=mod.SPLIT_KEYS if split else 0, **{k: cfg[k] for k in (
+    const = dict(TT=tile[0], TH=tile[1], TW=tile[2], BN=mod.BLOCK, **{k: cfg[k] for k in (
         "PACKED", "K_STAGES", "V_STAGES", "STORE_LSE", "PINGPONG", "CONSUMER_REGS", "num_warps")})
     slices = mod.BLOCK // (tile[1] * tile[2])
     layout5, layout3 = (repr(mod.box_layout(torch.bfloat16, rank=r)) for r in (5, 3))  # bf16 and fp16 alike
@@ -61,12 +59,6 @@ def compile_sm90(cfg: dict, tile=(6, 8, 8), dtype="bf16"):
     else:
         descs = dict(q_desc=box(slices // 2), o_desc=box(slices // 2), k_desc=box(slices), v_desc=box(slices))
     descs.update(kt_desc=rows(mod.BLOCK), vt_desc=rows(mod.BLOCK))
-    # The second box of a split key step (64 rows); without SPLIT the host passes the first one again.
-    second = dict(kb_desc=descs["k_desc"], vb_desc=descs["v_desc"], ktb_desc=descs["kt_desc"], vtb_desc=descs["vt_desc"])
-    if split:
-        b = rows(mod.SPLIT_KEYS) if cfg["PACKED"] else box(mod.SPLIT_KEYS // (tile[1] * tile[2]))
-        second = dict(kb_desc=b, vb_desc=b, ktb_desc=rows(mod.SPLIT_KEYS), vtb_desc=rows(mod.SPLIT_KEYS))
-    descs.update(second)
     types = dict(HEADS="*i32", LSE="*fp32", Q_TILES="*i32", KV_TILES="*i32", qk_scale="fp32", **descs)
     sig = {name: "constexpr" if name in const else types.get(name, "i32")
            for name in inspect.signature(kernel.fn).parameters}
