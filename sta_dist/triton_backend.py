@@ -140,6 +140,14 @@ def _text_by_sdpa(layout: LocalLayout, text: LocalText) -> bool:
     return text.kv_for_video_q == text.kv_for_text_q and layout.text_q_video_keys == layout.kv_video
 
 
+@functools.lru_cache(maxsize=16)
+def _text_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second stream per device for the text queries, so their launch runs beside the
+    Gluon kernel's instead of before it (it has a few dozen programs; the GPU has ~132
+    multiprocessors)."""
+    return torch.cuda.Stream(device=device)
+
+
 def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
     """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) and its order if it covers
     this call's video queries (see ``_gluon_order``; also a capability-9 GPU, a Triton with
@@ -189,11 +197,18 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         return sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, table, config=config, **triton_call)
     kernel, order = gluon
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
-    if layout.q_text and not return_lse and _text_by_sdpa(layout, text):
-        _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
-    elif layout.q_text:
-        sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
+    main = torch.cuda.current_stream(q_bshd.device)
+    if layout.q_text:  # text query rows of out (and lse), beside the video rows' launch
+        side = _text_stream(q_bshd.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if not return_lse and _text_by_sdpa(layout, text):
+                _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
+            else:
+                sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
     kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                          text_keys=text.kv_for_video_q, order=order,
                          tables=gluon_tables(layout, q_bshd.device), lse=lse)
+    if layout.q_text:
+        main.wait_stream(side)
     return (out, lse) if return_lse else out

@@ -1,0 +1,55 @@
+"""Time the text queries' launch beside the Gluon kernel's (a second stream, the router's
+default) against one after the other on the caller's stream, at the bench's text cases
+(HunyuanVideo 30x48x80 with 256 text rows, 200 valid; (3,3,3)), in one process, outputs
+compared. One GPU; the same router runs a tile-mode rank's local problem, so with
+``--text-after`` the script instead runs the CLI (the arguments after ``--``) with the text
+launch after the video launch, the baseline for the distributed bench:
+
+    python3 tools/text_stream_bench.py
+    torchrun --standalone --nproc-per-node 2 tools/text_stream_bench.py --text-after -- bench dist --text-len 256 ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from sta_dist import cli, sliding_tile_attention, triton_backend
+from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
+
+
+def text_after(device):
+    """The caller's stream in place of the router's second stream: text launch after video."""
+    return torch.cuda.current_stream(device)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--text-after"]:
+        triton_backend._text_stream = text_after
+        sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))
+    case = STANDARD_CASES["hunyuan_333_text"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn((1, case.seq, case.heads, case.head_dim), generator=g, device="cuda",
+                           dtype=torch.bfloat16) for _ in range(3))
+    kw = dict(canvas=case.canvas, tile=case.tile, window=list(case.windows), text_length=case.text_valid)
+    fn = lambda: sliding_tile_attention(q, k, v, **kw, backend="triton")  # noqa: E731
+    side_stream = triton_backend._text_stream
+    rows = []
+    for label in ("beside", "after", "beside", "after"):
+        triton_backend._text_stream = side_stream if label == "beside" else text_after
+        out = fn()
+        ms = time_ms(fn)
+        rows.append(dict(text_launch=label, ms=round(ms, 3), tflops=round(4 * attended_pairs(case) * 128 / ms / 1e9, 1),
+                         out=out))
+    triton_backend._text_stream = side_stream
+    first = rows[0].pop("out")
+    for r in rows[1:]:
+        r["max_diff_vs_first"] = (r.pop("out").float() - first.float()).abs().max().item()
+    for r in rows:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()
