@@ -45,7 +45,10 @@ class FlexSTA:
         self.coords = _tile_coords_per_token(canvas, tile, self.seq + 2 * self.BLOCK, device)
         self.eff = torch.ones(3, heads, dtype=torch.long, device=device)  # [axis, head]
         self.n_tiles = torch.tensor(self.grid, device=device)
-        self.compiled = torch.compile(flex_attention)
+        # Static shapes: torch.compile caches per code object, so a second problem shape in the
+        # same process would otherwise recompile flex_attention with dynamic sizes, which ran
+        # 17-23% slower on an H100 (a bench's later cases met a weakened anchor).
+        self.compiled = torch.compile(flex_attention, dynamic=False)
         self.mask_mod = self._make_mask_mod()
         self.block_mask = None
         self._keys: dict = {}
