@@ -47,7 +47,7 @@ class FlexSTA:
         self.n_tiles = torch.tensor(self.grid, device=device)
         # Static shapes: torch.compile caches per code object, so a second problem shape in the
         # same process would otherwise recompile flex_attention with dynamic sizes, which ran
-        # 17-23% slower on an H100 (a bench's later cases met a weakened anchor).
+        # about 22% slower on an H100 (a bench's later cases met a weakened anchor).
         self.compiled = torch.compile(flex_attention, dynamic=False)
         self.mask_mod = self._make_mask_mod()
         self.block_mask = None
