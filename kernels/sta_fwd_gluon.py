@@ -106,7 +106,7 @@ from .descriptors import bulk_copy_layout_ok, natural_box
 LOG2E = 1.4426950408889634
 HEAD_DIM = 128
 BLOCK = 128
-DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256, P_SMEM=0)
+DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
 
 
 @gluon.jit
@@ -168,11 +168,11 @@ def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, p_smem, q_bar,
+def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
               k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps, n_text,
               qk_scale, slb, slh,
               TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
-              KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr, P_SMEM: gl.constexpr,
+              KS: gl.constexpr, VS: gl.constexpr, STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
               num_warps: gl.constexpr):
     """One warpgroup: QK^T, online softmax and PV for its 64 query rows (half ``WG``).
     Warpgroup 1, the second in turn, also issues every TMA copy (see the module doc).
@@ -233,9 +233,6 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
-    if P_SMEM:
-        p_smem.index(2 * WG).store(p.to(dtype))
-        fence_async_shared()
     alpha = gl.full([BM], 1.0, gl.float32, row)
     o_tok = warpgroup_mma_init(gl.zeros([BM, D], gl.float32, mma))
 
@@ -249,19 +246,14 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
             if (j >= 2) & (j - 2 + VS < n_steps):
                 _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, PACKED, VS)
         acc = acc * alpha[:, None]
-        if not P_SMEM:
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
         # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
         mbarrier.wait(k_ready.index(sj), (j // KS) & 1)
         mbarrier.wait(v_ready.index(sp), ((j - 1) // VS) & 1)
         _issue_turn(turn, WG, j, PINGPONG)
         s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
-        if P_SMEM:
-            o_tok = warpgroup_mma(p_smem.index(2 * WG + (j - 1) % 2), v_smem.index(sp).reshape([BN, D]), acc,
-                                  is_async=True)
-        else:
-            o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
         _pass_turn(turn, WG, PINGPONG)
         # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
@@ -274,20 +266,13 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         p = gl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        if P_SMEM:  # its buffer was last read by PV_{j-2}, retired at the top of this trip
-            p_smem.index(2 * WG + j % 2).store(p.to(dtype))
-            fence_async_shared()
 
     last = n_steps - 1
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * alpha[:, None]
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
     mbarrier.wait(v_ready.index(last % VS), (last // VS) & 1)
-    if P_SMEM:
-        o_tok = warpgroup_mma(p_smem.index(2 * WG + last % 2), v_smem.index(last % VS).reshape([BN, D]), acc,
-                              is_async=True)
-    else:
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        o_tok = warpgroup_mma(p_op, v_smem.index(last % VS).reshape([BN, D]), acc, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_smem.index(last % VS).reshape([BN, D]), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     # Every wgmma of this warpgroup that read its q half is done: the half takes the output.
     out = acc / l_i[:, None]
@@ -317,7 +302,7 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
                           slb, slh, qk_scale,
                           TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr,
                           PACKED: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                          STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr, P_SMEM: gl.constexpr,
+                          STORE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr):
     D: gl.constexpr = k_desc.block_type.shape[-1]
     VOL: gl.constexpr = TT * TH * TW
@@ -365,10 +350,6 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [V_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    p_smem = v_smem  # P_SMEM: P of each warpgroup, two buffers each, as the A operand of PV
-    if P_SMEM:
-        p_layout_s: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-        p_smem = gl.allocate_shared_memory(v_desc.dtype, [4, BN // 2, BN], p_layout_s)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
@@ -388,14 +369,14 @@ def _sta_fwd_gluon_kernel(q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, HEAD
 
     gl.warp_specialize(
         [
-            (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, p_smem, q_bar,
+            (_consumer, (0, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh,
-                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, P_SMEM, num_warps)),
-            (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, p_smem, q_bar,
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
+            (_consumer, (1, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc, q_smem, k_smem, v_smem, q_bar,
                          k_ready, v_ready, k_empty, v_empty, turn, LSE, win, q_col, q_t, q_h, q_w, h, n_steps,
                          n_text, qk_scale, slb, slh,
-                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, P_SMEM, num_warps)),
+                         TT, TH, TW, BN, PACKED, K_STAGES, V_STAGES, STORE_LSE, PINGPONG, num_warps)),
         ],
         [num_warps],
         [CONSUMER_REGS],
@@ -504,7 +485,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
             kv_tiles.stride(0), n, *grid_shape, kv_video, text_keys,
             lse.stride(0) if store_lse else 0, lse.stride(1) if store_lse else 0, scale * LOG2E,
             TT=tile[0], TH=tile[1], TW=tile[2], BN=BLOCK, PACKED=packed, K_STAGES=cfg["K_STAGES"],
-            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"], P_SMEM=cfg["P_SMEM"],
+            V_STAGES=cfg["V_STAGES"], STORE_LSE=store_lse, PINGPONG=cfg["PINGPONG"],
             CONSUMER_REGS=cfg["CONSUMER_REGS"], num_warps=cfg["num_warps"],
         )
     return out
