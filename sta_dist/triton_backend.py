@@ -172,7 +172,8 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     the Triton kernel, or, where it covers the video queries and no ``config`` is given, to
     the Hopper Gluon kernel; its text queries then go to SDPA when they are plain dense
     attention and no log-sum-exp is asked for, else to the Triton kernel alone (a launch
-    with no query tiles)."""
+    with no query tiles), on a second stream beside the Gluon launch; the caller's stream
+    waits for it before the result is returned."""
     from .kernels.sta_fwd import sta_fwd
 
     B, S, H, _ = q_bshd.shape
