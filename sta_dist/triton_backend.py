@@ -54,6 +54,14 @@ class _LayoutFacts:
     """Every query and key tile present, text queries see exactly the video keys."""
     whole_natural: bool
     """q and k/v hold the whole canvas in natural order, then the text."""
+    kv_video: int
+    """The first text key row."""
+
+    @property
+    def gluon_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The Gluon kernel's "packed" tables: per query tile (global id, first row), per
+        global tile its first k/v row, and the first text key row."""
+        return self.q_tiles, self.kv_tiles, self.kv_video
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,14 +89,13 @@ def _layout_facts(layout: LocalLayout, device: torch.device) -> _LayoutFacts:
         complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
                   and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
         whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
+        kv_video=layout.kv_video,
     )
 
 
 def gluon_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The Gluon kernel's "packed" tables for ``layout``: per query tile (global id, first
-    row), per global tile its first k/v row, and the first text key row."""
-    facts = _layout_facts(layout, device)
-    return facts.q_tiles, facts.kv_tiles, layout.kv_video
+    """The Gluon kernel's "packed" tables for ``layout`` (see ``_LayoutFacts.gluon_tables``)."""
+    return _layout_facts(layout, device).gluon_tables
 
 
 @functools.lru_cache(maxsize=256)
@@ -209,7 +216,7 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                 sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
     kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                          text_keys=text.kv_for_video_q, order=order,
-                         tables=gluon_tables(layout, q_bshd.device), lse=lse)
+                         tables=facts.gluon_tables, lse=lse)
     if layout.q_text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out
