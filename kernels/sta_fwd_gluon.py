@@ -132,7 +132,7 @@ def _copy_video_block(desc, dst, bar, j, b, col, st, sh, sw, kh, kw, grid_h, gri
 @gluon.jit
 def _load_block(desc, text_desc, smem, ready, empty, j, win,
                 TT: gl.constexpr, TH: gl.constexpr, TW: gl.constexpr, BN: gl.constexpr, PACKED: gl.constexpr,
-                STAGES: gl.constexpr, NAMED: gl.constexpr = False, BASE: gl.constexpr = 0):
+                STAGES: gl.constexpr):
     """TMA copy of key block ``j`` (its K or its V box) into ring slot ``j % STAGES``, once
     both warpgroups have released the slot's previous fill (fill 0 passes at once). Text
     blocks come first, the last (partial) one as block 0: block ``j < n_tb`` is the text
@@ -143,11 +143,7 @@ def _load_block(desc, text_desc, smem, ready, empty, j, win,
     the packed tiles' row table and its row stride."""
     b, col, st, sh, sw, kh, kw, n_tb, text_row, grid_h, grid_w, kv_tiles, kv_stride = win
     s = j % STAGES
-    if NAMED:
-        if j >= STAGES:
-            _named_barrier("bar.sync $1, 256; mov.b32 $0, $1;", BASE + s)
-    else:
-        mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
+    mbarrier.wait(empty.index(s), ((j // STAGES) & 1) ^ 1)
     mbarrier.expect(ready.index(s), desc.block_type.nbytes)
     if j < n_tb:
         tma.async_copy_global_to_shared(text_desc, [b, text_row + (n_tb - 1 - j) * BN, col], ready.index(s),
@@ -158,53 +154,17 @@ def _load_block(desc, text_desc, smem, ready, empty, j, win,
 
 
 @gluon.jit
-def _named_barrier(ASM: gl.constexpr, j):
-    """One named-barrier instruction (``bar.sync`` / ``bar.arrive``; ids 0-2 are Gluon's own)
-    executed by every thread; ``$1`` is an int32 operand the asm may predicate on."""
-    gl.inline_asm_elementwise(ASM, "=r,r", [j], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _issue_turn(turn, WG: gl.constexpr, j, PINGPONG: gl.constexpr, FIRST: gl.constexpr = False):
+def _issue_turn(turn, WG: gl.constexpr, j, PINGPONG: gl.constexpr):
     """Ping-pong: before issuing the products of trip ``j`` a warpgroup waits for its turn
-    (warpgroup 0 goes first: parity 1 of a fresh barrier passes). ``PINGPONG == 2``: a
-    hardware named barrier of 256 threads (id 8 + WG): this warpgroup's ``bar.sync`` and the
-    other's ``bar.arrive``; warpgroup 0 does not wait before its first trip."""
-    if PINGPONG >= 2:
-        if WG == 1:
-            _named_barrier("bar.sync 9, 256; mov.b32 $0, $1;", j)
-        elif not FIRST:
-            _named_barrier("bar.sync 8, 256; mov.b32 $0, $1;", j)
-    elif PINGPONG:
+    (warpgroup 0 goes first: parity 1 of a fresh barrier passes)."""
+    if PINGPONG:
         mbarrier.wait(turn.index(WG), (j & 1) ^ (1 - WG))
 
 
 @gluon.jit
-def _pass_turn(turn, WG: gl.constexpr, j, n_steps, PINGPONG: gl.constexpr):
-    """Hand the turn to the other warpgroup. Named barriers: warpgroup 1 does not arrive
-    after its last trip (warpgroup 0 waits no more), so every phase completes."""
-    if PINGPONG >= 2:
-        if WG == 0:
-            _named_barrier("bar.arrive 9, 256; mov.b32 $0, $1;", j)
-        else:
-            _named_barrier("{ .reg .pred p; setp.ne.s32 p, $1, 0; @p bar.arrive 8, 256; } mov.b32 $0, $1;",
-                           (j + 1 < n_steps).to(gl.int32))
-    elif PINGPONG:
+def _pass_turn(turn, WG: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
-
-
-@gluon.jit
-def _release(empty, WG: gl.constexpr, NAMED: gl.constexpr, bar_id, arrive, refill):
-    """A warpgroup is done with a ring slot. mbarriers: one arrival per warpgroup when
-    ``arrive``. Named barriers (``PINGPONG == 3``): warpgroup 0 arrives on barrier
-    ``bar_id`` (256 threads: its arrival and warpgroup 1's ``bar.sync`` before the refill)
-    when the slot is refilled; warpgroup 1 issues the refill itself, after its own use."""
-    if NAMED:
-        if WG == 0:
-            _named_barrier("{ .reg .pred p; setp.ge.s32 p, $1, 0; @p bar.arrive $1, 256; } mov.b32 $0, $1;",
-                           gl.where(refill, bar_id, -1))
-    else:
-        mbarrier.arrive(empty, pred=arrive)
 
 
 @gluon.jit
@@ -233,7 +193,6 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     HALF: gl.constexpr = BM // (TH * TW)  # natural order: t-slices of a half
     D: gl.constexpr = q_smem.shape[-1]
     LOADS: gl.constexpr = WG == 1
-    NAMED: gl.constexpr = PINGPONG == 3
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                   instr_shape=[16, BN, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -249,8 +208,8 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         for i in gl.static_range(VS):
             if i < n_steps:
                 if i < KS:
-                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, PACKED, KS, NAMED, 10)
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, PACKED, VS, NAMED, 10 + KS)
+                    _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, i, win, TT, TH, TW, BN, PACKED, KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, i, win, TT, TH, TW, BN, PACKED, VS)
 
     q_half = q_smem.index(WG)
     q2 = q_half.reshape([BM, D])
@@ -259,18 +218,18 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
     mbarrier.wait(q_bar, 0)
     # Block 0: scores and their exponentials.
     mbarrier.wait(k_ready.index(0), 0)
-    _issue_turn(turn, WG, 0, PINGPONG, True)
+    _issue_turn(turn, WG, 0, PINGPONG)
     s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                           is_async=True)
-    _pass_turn(turn, WG, 0, n_steps, PINGPONG)
+    _pass_turn(turn, WG, PINGPONG)
     s = warpgroup_mma_wait(0, deps=(s_tok, ))
     if n_text % BN != 0:
         cols = gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
         s = gl.where((cols < n_text % BN)[None, :], s, float("-inf"))
-    _release(k_empty.index(0), WG, NAMED, 10, True, KS < n_steps)
+    mbarrier.arrive(k_empty.index(0))
     if LOADS:
         if KS < n_steps:
-            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, PACKED, KS, NAMED, 10)
+            _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, KS, win, TT, TH, TW, BN, PACKED, KS)
     m_i = gl.max(s, 1) * qk_scale
     p = gl.exp2(s * qk_scale - m_i[:, None])
     l_i = gl.sum(p, 1)
@@ -282,11 +241,10 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         sp = (j - 1) % VS
         # PV_{j-2} is done: its V slot goes back (and is refilled), O takes alpha_{j-1}.
         acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-        _release(v_empty.index((j + VS - 2) % VS), WG, NAMED, 10 + KS + (j + VS - 2) % VS, j >= 2,
-                 (j >= 2) & (j - 2 + VS < n_steps))
+        mbarrier.arrive(v_empty.index((j + VS - 2) % VS), pred=j >= 2)
         if LOADS:
             if (j >= 2) & (j - 2 + VS < n_steps):
-                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, PACKED, VS, NAMED, 10 + KS)
+                _load_block(v_desc, vt_desc, v_smem, v_ready, v_empty, j - 2 + VS, win, TT, TH, TW, BN, PACKED, VS)
         acc = acc * alpha[:, None]
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         # S_j = Q K_j^T, then O += P_{j-1} V_{j-1}; both in flight.
@@ -296,13 +254,13 @@ def _consumer(WG: gl.constexpr, q_desc, k_desc, v_desc, kt_desc, vt_desc, o_desc
         s_tok = warpgroup_mma(q2, k_smem.index(sj).reshape([BN, D]).permute((1, 0)), zero, use_acc=False,
                               is_async=True)
         o_tok = warpgroup_mma(p_op, v_smem.index(sp).reshape([BN, D]), acc, is_async=True)
-        _pass_turn(turn, WG, j, n_steps, PINGPONG)
+        _pass_turn(turn, WG, PINGPONG)
         # S_j done (PV_{j-1} may still run): the softmax below overlaps it.
         s = warpgroup_mma_wait(1, deps=(s_tok, ))
-        _release(k_empty.index(sj), WG, NAMED, 10 + sj, True, j + KS < n_steps)
+        mbarrier.arrive(k_empty.index(sj))
         if LOADS:
             if j + KS < n_steps:
-                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, PACKED, KS, NAMED, 10)
+                _load_block(k_desc, kt_desc, k_smem, k_ready, k_empty, j + KS, win, TT, TH, TW, BN, PACKED, KS)
         m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
         p = gl.exp2(s * qk_scale - m_new[:, None])
