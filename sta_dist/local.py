@@ -8,7 +8,7 @@ description changes. The Triton kernel and the torch backend both consume it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 import torch
@@ -47,6 +47,15 @@ class LocalLayout:
     q_text: int
     text_q_video_keys: int
     """Text queries attend the video key rows ``[0, text_q_video_keys)``."""
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+    """Computed once: the backends' caches look layouts up on every call, and hashing
+    hundreds of tile rows costs ~45 us each time."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def grid(self) -> Triple:

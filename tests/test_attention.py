@@ -78,6 +78,20 @@ def test_padding_text_rows_are_zero():
         assert torch.count_nonzero(out[:, : 32 + 3]) == out[:, : 32 + 3].numel()
 
 
+def test_layout_hash_is_cached_and_follows_every_field():
+    """Layouts key the backends' caches; the hash is computed once, from every compared field."""
+    import dataclasses
+
+    from sta_dist.local import LocalLayout
+
+    a, b = (LocalLayout.natural((4, 8, 12), (2, 4, 4), 3) for _ in range(2))
+    assert a is not b and a == b and hash(a) == hash(b)
+    for change in (dict(q_text=4), dict(kv_video=a.kv_video + 1), dict(q_tiles=a.q_tiles[::-1])):
+        other = dataclasses.replace(a, **change)
+        assert other != a and hash(other) != hash(a), change
+    assert "_hash" not in repr(a)
+
+
 def test_layout_facts_and_dense_routing_choice():
     """What decides the GPU paths (bulk copies, whole-canvas heads to cuDNN), checked on CPU."""
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
