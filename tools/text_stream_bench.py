@@ -1,11 +1,14 @@
 """Time the text queries' launch beside the Gluon kernel's (a second stream, the router's
 default) against one after the other on the caller's stream, at the bench's text cases
 (HunyuanVideo 30x48x80 with 256 text rows, 200 valid; (3,3,3)), in one process, outputs
-compared. One GPU; the same router runs a tile-mode rank's local problem, so with
+compared. ``--parts`` times the pieces of that call one by one instead: the Gluon
+launch of the video queries with 0, 128, the valid and 256 text keys, the text queries
+alone, and the text queries put beside a video launch by hand.
+One GPU; the same router runs a tile-mode rank's local problem, so with
 ``--text-after`` the script instead runs the CLI (the arguments after ``--``) with the text
 launch after the video launch, the baseline for the distributed bench:
 
-    python3 tools/text_stream_bench.py
+    python3 tools/text_stream_bench.py [--parts]
     torchrun --standalone --nproc-per-node 2 tools/text_stream_bench.py --text-after -- bench dist --text-len 256 ...
 """
 
@@ -25,6 +28,49 @@ def text_after(device):
     return torch.cuda.current_stream(device)
 
 
+def parts(q, k, v, case, kw) -> None:
+    """Time the pieces of the routed call: where its time over the no-text kernel goes."""
+    from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+    from sta_dist.local import LocalHeads, LocalLayout, LocalText
+
+    layout = LocalLayout.natural(case.canvas, case.tile, case.text_len)
+    heads = LocalHeads.build(case.windows, layout.grid, case.heads)
+    text = LocalText.single(case.text_valid)
+    table = triton_backend._head_table(heads, tuple(range(case.heads)), q.device)
+    out = torch.empty_like(q)
+    scale = case.head_dim**-0.5
+
+    def video(text_keys):
+        return lambda: sta_fwd_gluon(q, k, v, table, out, canvas=case.canvas, tile=case.tile, scale=scale,
+                                     text_keys=text_keys)
+
+    def text_queries():
+        triton_backend._sdpa_dense(q, k, v, layout, heads, text, tuple(range(case.heads)), scale, out,
+                                   first_row=layout.q_video)
+
+    def beside(fn):  # fn with the text queries on the second stream, as the router runs them
+        def run():
+            main, side = torch.cuda.current_stream(), triton_backend._text_stream(q.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                text_queries()
+            fn()
+            main.wait_stream(side)
+        return run
+
+    pieces = [("routed call (text queries beside)", lambda: sliding_tile_attention(q, k, v, **kw, backend="triton")),
+              ("video queries, no text keys", video(0)),
+              ("video queries, 128 text keys", video(128)),
+              (f"video queries, {case.text_valid} text keys", video(case.text_valid)),
+              ("video queries, 256 text keys", video(256)),
+              ("text queries alone (SDPA)", text_queries),
+              ("video queries, no text keys, text queries beside", beside(video(0))),
+              (f"video queries, {case.text_valid} text keys, text queries beside", beside(video(case.text_valid)))]
+    for label, fn in pieces + pieces[:1]:
+        fn()
+        print(json.dumps(dict(piece=label, ms=round(time_ms(fn), 3))))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--text-after"]:
         triton_backend._text_stream = text_after
@@ -34,6 +80,8 @@ def main() -> None:
     q, k, v = (torch.randn((1, case.seq, case.heads, case.head_dim), generator=g, device="cuda",
                            dtype=torch.bfloat16) for _ in range(3))
     kw = dict(canvas=case.canvas, tile=case.tile, window=list(case.windows), text_length=case.text_valid)
+    if sys.argv[1:2] == ["--parts"]:
+        return parts(q, k, v, case, kw)
     fn = lambda: sliding_tile_attention(q, k, v, **kw, backend="triton")  # noqa: E731
     side_stream = triton_backend._text_stream
     rows = []
