@@ -155,20 +155,38 @@ def _text_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device)
 
 
-def _gluon_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts):
-    """The Hopper Gluon kernel (``kernels/sta_fwd_gluon.py``) and its order if it covers
-    this call's video queries (see ``_gluon_order``; also a capability-9 GPU, a Triton with
-    Gluon, whole tiles of 128-row blocks, head dim 128, bf16/fp16); else ``None``."""
+def _cuda_kernel_wanted() -> bool:
+    """``STA_DIST_CUDA=0`` keeps natural-order calls on the Gluon kernel."""
+    return os.environ.get("STA_DIST_CUDA", "1") != "0"
+
+
+def _video_launch(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts, scale: float,
+                  return_lse: bool):
+    """How this call's video queries run on Hopper, as ``launch(table, out, lse)``, or
+    ``None`` (the Triton kernel then takes the whole call). Natural order without a
+    log-sum-exp goes to the hand-written CUDA kernel (``kernels/sta_fwd_cuda.cu``: bf16,
+    tiles (even, 8, 8), built with nvcc on first use) where it covers the call and builds;
+    the rest of what ``_gluon_order`` accepts to the Gluon kernel (also a Triton with
+    Gluon, whole tiles of 128-row blocks, head dim 128, bf16/fp16)."""
     order = _gluon_order(facts)
     if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
+    common = dict(canvas=layout.canvas, tile=layout.tile, scale=scale, text_keys=text.kv_for_video_q)
+    if order == "natural" and not return_lse and _cuda_kernel_wanted():
+        from .kernels import sta_fwd_cuda
+
+        if (sta_fwd_cuda.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q)
+                and sta_fwd_cuda.available()):
+            return lambda table, out, lse: sta_fwd_cuda.sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, **common)
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
         return None
-    covered = sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q,
-                                      order, layout.kv_video)
-    return (sta_fwd_gluon, order) if covered else None
+    if not sta_fwd_gluon.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q, order,
+                                   layout.kv_video):
+        return None
+    return lambda table, out, lse: sta_fwd_gluon.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, order=order,
+                                                               tables=facts.gluon_tables, lse=lse, **common)
 
 
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -176,10 +194,11 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                route_gluon: bool = True):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
     Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for. The rest go to
-    the Triton kernel, or, where it covers the video queries and no ``config`` is given, to
-    the Hopper Gluon kernel; its text queries then go to SDPA when they are plain dense
+    the Triton kernel, or, on Hopper where a faster kernel covers the video queries and no
+    ``config`` is given (``route_gluon=False`` forbids it), to the CUDA or the Gluon kernel
+    (see ``_video_launch``); the text queries then go to SDPA when they are plain dense
     attention and no log-sum-exp is asked for, else to the Triton kernel alone (a launch
-    with no query tiles), on a second stream beside the Gluon launch; the caller's stream
+    with no query tiles), on a second stream beside the video launch; the caller's stream
     waits for it before the result is returned."""
     from .kernels.sta_fwd import sta_fwd
 
@@ -200,10 +219,10 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
         scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse, out=out,
     )
-    gluon = _gluon_kernel(q_bshd, k_bshd, v_bshd, layout, text, facts) if route_gluon and not config else None
-    if gluon is None:
+    launch = (_video_launch(q_bshd, k_bshd, v_bshd, layout, text, facts, scale, return_lse)
+              if route_gluon and not config else None)
+    if launch is None:
         return sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, table, config=config, **triton_call)
-    kernel, order = gluon
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
     main = torch.cuda.current_stream(q_bshd.device)
     if layout.q_text:  # text query rows of out (and lse), beside the video rows' launch
@@ -214,9 +233,7 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                 _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, first_row=layout.q_video)
             else:
                 sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles[:0], facts.kv_tiles, table, lse=lse, **triton_call)
-    kernel.sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
-                         text_keys=text.kv_for_video_q, order=order,
-                         tables=facts.gluon_tables, lse=lse)
+    launch(table, out, lse)
     if layout.q_text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out

@@ -72,31 +72,39 @@ def lse_error(lse, ref):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the Gluon kernel needs Hopper (capability 9)")
+                    reason="the Hopper kernels need capability 9")
 @pytest.mark.timeout(120, method="thread")
-def test_gluon_route(monkeypatch):
-    """On Hopper the whole canvas in natural or tiled order goes to the Gluon kernel (its
-    whole-canvas heads and its text queries to SDPA; tiled order as "packed" tiles), with
-    and without text: the route is taken, it passes the sampled check, and it agrees with
-    the Triton kernel."""
-    from sta_dist.kernels import sta_fwd_gluon
+def test_hopper_route(monkeypatch):
+    """On Hopper the whole canvas goes to the Hopper kernels (its whole-canvas heads and
+    its text queries to SDPA): in natural order without a log-sum-exp to the CUDA kernel,
+    with one to the Gluon kernel, in tiled order to the Gluon kernel as "packed" tiles,
+    and with ``STA_DIST_CUDA=0`` natural order to the Gluon kernel too; with and without
+    text. The route is taken, it passes the sampled check, and it agrees with the Triton
+    kernel."""
+    from sta_dist.kernels import sta_fwd_cuda, sta_fwd_gluon
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
     from sta_dist.triton_backend import sta_triton
 
+    assert sta_fwd_cuda.available(), sta_fwd_cuda.build_error()
     calls = []
-    real = sta_fwd_gluon.sta_fwd_gluon
+    real_gluon, real_cuda = sta_fwd_gluon.sta_fwd_gluon, sta_fwd_cuda.sta_fwd_cuda
     monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(
-        (a[3].shape[0], kw["text_keys"], kw["order"])) or real(*a, **kw))
+        ("gluon", a[3].shape[0], kw["text_keys"], kw["order"])) or real_gluon(*a, **kw))
+    monkeypatch.setattr(sta_fwd_cuda, "sta_fwd_cuda", lambda *a, **kw: calls.append(
+        ("cuda", a[3].shape[0], kw["text_keys"], "natural")) or real_cuda(*a, **kw))
     windows = [(3, 3, 5), (3, 1, 10), (1, 6, 10), (3, 6, 10), (2, 2, 2), (3, 6, 10)]
     heads = LocalHeads.build(windows, LocalLayout.natural(WAN, TILE, 0).grid, 6)
-    for order, text_len, text_valid in (("natural", 0, 0), ("natural", 256, 200), ("tiled", 256, 200)):
+    for order, text_len, text_valid, cuda_env in (("natural", 0, 0, "1"), ("natural", 256, 200, "1"),
+                                                  ("natural", 256, 200, "0"), ("tiled", 256, 200, "1")):
+        monkeypatch.setenv("STA_DIST_CUDA", cuda_env)
         q, k, v = (randn((1, 18 * 48 * 80 + text_len, 6, 128), seed=i) for i in range(3))
         layout = getattr(LocalLayout, order)(WAN, TILE, text_len)
         tensors = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, WAN, TILE) for x in (q, k, v))
         args = (*tensors, layout, heads, LocalText.single(text_valid), 128**-0.5)
         out = sta_triton(*args)
         # The two (3,6,10) heads cover the 3x6x10 grid: SDPA. Four heads to the kernel.
-        assert calls.pop() == (4, text_valid, "natural" if order == "natural" else "packed")
+        kernel = "cuda" if order == "natural" and cuda_env == "1" else "gluon"
+        assert calls.pop() == (kernel, 4, text_valid, "natural" if order == "natural" else "packed")
         natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
@@ -104,7 +112,7 @@ def test_gluon_route(monkeypatch):
         # With a log-sum-exp every head goes to the Gluon kernel and the text queries to
         # the Triton kernel alone; both parts agree with the Triton kernel's.
         out, lse = sta_triton(*args, return_lse=True)
-        assert calls.pop() == (6, text_valid, "natural" if order == "natural" else "packed")
+        assert calls.pop() == ("gluon", 6, text_valid, "natural" if order == "natural" else "packed")
         ref_out, ref_lse = sta_triton(*args, return_lse=True, route_gluon=False)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
         assert not calls, calls

@@ -1,0 +1,489 @@
+// Sliding tile attention forward for Hopper (sm_90a), hand-written CUDA in FA3's
+// structure. Covers the natural-order calls of the router (sta_dist/triton_backend.py):
+// q/k/v [B, S, heads, 128] bf16 holding the canvas in natural order (token (t, h, w) at
+// row (t*H + h)*W + w), then text rows; tiles (TT, 8, 8) with TT even; per-head windows
+// from heads[n, 5] = (kt, kh, kw, kv_head, q_head); video queries attend their window's
+// key tiles and the first n_text text rows. Text queries and log-sum-exp are the
+// caller's (the router keeps them on its other kernels). Semantics as kernels/sta_fwd.py.
+//
+// Program (query block, head row): 128 query rows = two t-slices of one tile, 384
+// threads in three warpgroups.
+// - Warpgroup 0 (setmaxnreg 24) loads: warp 0 issues the bulk tensor copies (TMA) of q
+//   and of every K block, warp 1 of every V block, each into a two-slot ring guarded by
+//   mbarriers (full: the copy's bytes; empty: one arrival per consumer warp).
+// - Warpgroups 1 and 2 (setmaxnreg 240) each compute 64 query rows (t-slice c of the
+//   block): S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued together as asynchronous wgmma,
+//   the softmax of S_j run while PV_{j-1} is in flight (FA3's intra-warpgroup overlap),
+//   and the two warpgroups take turns issuing (FA3's ping-pong, named barriers 1 and 2).
+// - P_j is converted to its bf16 register operand while PV_{j-1} still reads P_{j-1}:
+//   the trip loop is unrolled by two with two operand arrays, and the wait that retires
+//   PV_{j-1} sits at the top of the next trip (after the ready waits, whose loops ptxas
+//   does not move it across). ``keep_live`` gives P_{j-1} a real use after that wait, so
+//   ptxas keeps the two arrays in different registers instead of moving the wait up
+//   (which it does, to reuse the registers, without it).
+//
+// Key blocks: text blocks first (the partial one as block 0, so the one column mask
+// sits outside the loop), then the window's video blocks, tile by tile (t, then h, then
+// w), two t-slices at a time: a 5-D box [1, 2, 8, 8, 64] of the view [B, T, H, W,
+// heads*128] per 64-column half (128-byte swizzle; two copies per block). Text blocks
+// are 3-D boxes [1, 128, 64] of [B, S, heads*128].
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#define DEV __device__ __forceinline__
+
+namespace {
+
+constexpr int KST = 2, VST = 2;                     // ring slots
+constexpr int THREADS = 384;                        // loader + two consumer warpgroups
+constexpr int Q_BYTES = 2 * 16384, KV_BYTES = 32768;  // q: two 64-row halves; K or V: 128 rows
+constexpr int SMEM_BYTES = Q_BYTES + (KST + VST) * KV_BYTES + 1024 /*barriers*/ + 1024 /*alignment*/;
+constexpr uint32_t DESC_HI = 0x40000040u;           // descriptor high word: 128-byte swizzle, SBO 1024 B
+
+struct Params {
+  CUtensorMap q, k, v, kt, vt;  // 5-D natural-order views (q box: 1 t-slice; k/v: 2); 3-D text rows
+  __nv_bfloat16* out;
+  const int* heads;
+  long long so_b, so_s;
+  int n_heads, grid_t, grid_h, grid_w, TT, canvas_h, canvas_w, text_row, n_text, never;
+  float scale;  // softmax scale * log2(e)
+};
+
+// --- PTX wrappers ------------------------------------------------------------------------
+DEV uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+DEV void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+DEV void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEV void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory"); }
+DEV void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+DEV void tma_load5(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3, int c4) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], "
+      "[%7];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
+      : "memory");
+}
+DEV void tma_load3(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+DEV void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+DEV void wg_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+template <int N>
+DEV void fence_f(float (&x)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
+}
+template <int N>
+DEV void fence_r(uint32_t (&x)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i])::"memory");
+}
+// See the file comment: a store predicated off at run time (never == 0) and on o0, which
+// exists only after the wait that retires the product reading x.
+DEV void keep_live(const uint32_t (&x)[32], int never, float o0, uint32_t addr) {
+#pragma unroll
+  for (int i = 0; i < 32; i += 4)
+    asm volatile(
+        "{\n.reg .pred p, q;\nsetp.ne.b32 p, %4, 0;\nsetp.eq.f32 q, %6, %6;\nand.pred p, p, q;\n"
+        "@p st.shared.v4.b32 [%5], {%0, %1, %2, %3};\n}\n" ::"r"(x[i]),
+        "r"(x[i + 1]), "r"(x[i + 2]), "r"(x[i + 3]), "r"(never), "r"(addr), "f"(o0)
+        : "memory");
+}
+DEV void bar_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
+DEV void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
+DEV float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+DEV uint32_t pack_bf16(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+// wgmma m64n128k16, fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
+// r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors: the low word
+// is (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI.
+DEV void wgmma_ss(float (&d)[64], uint32_t a_lo, uint32_t b_lo, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
+      "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, da, db, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
+}
+// A from registers (four per 16-column step, the accumulator layout packed in pairs),
+// B (V) transposed: N = head dim contiguous.
+DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint32_t b_lo) {
+  asm volatile(
+      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
+}
+
+// --- loading -------------------------------------------------------------------------------
+// Which key block j is: text blocks first (the partial last one as block 0), then the
+// window's video tiles (t, then h, then w), two t-slices at a time.
+struct Window {
+  int b, kv_col, st, sh, sw, kh, kw, TT, n_tb, text_row, n;
+};
+
+// One ring (K or V): fill u = j / 2 of slot j % 2 waits for the consumers' release of
+// fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves.
+DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* text, uint32_t base, uint32_t full,
+                   uint32_t empty) {
+  int sub = 0, ti = 0, hi = 0, wi = 0;  // the next video block, without divisions
+  const int bpt = w.TT / 2;
+  for (int j = 0; j < w.n; ++j) {
+    const int s = j % KST;
+    if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
+    const uint32_t dst = base + s * KV_BYTES, bar = full + 8 * s;
+    mbar_expect_tx(bar, KV_BYTES);
+    if (j < w.n_tb) {
+      const int row = w.text_row + (w.n_tb - 1 - j) * 128;
+      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, text, bar, w.kv_col + h * 64, row, w.b);
+      continue;
+    }
+    const int t0 = (w.st + ti) * w.TT + sub * 2, h0 = (w.sh + hi) * 8, w0 = (w.sw + wi) * 8;
+    for (int h = 0; h < 2; ++h) tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
+    if (++sub < bpt) continue;
+    sub = 0;
+    if (++wi < w.kw) continue;
+    wi = 0;
+    if (++hi < w.kh) continue;
+    hi = 0;
+    ++ti;
+  }
+}
+
+// --- computing -----------------------------------------------------------------------------
+// One consumer warpgroup: 64 query rows. Per thread two rows (r0, r0 + 8) of S and O.
+template <int C>
+struct Consumer {
+  float S[64];
+  float O[64];
+  float m[2], l[2], alpha[2];
+  uint32_t q_desc, k_desc, v_desc;  // descriptor low words of q's half and slot 0 of K, V
+  uint32_t k_full, v_full, k_empty, v_empty, q_base;
+  int n, never;
+  float scale;
+
+  DEV void turn_wait(bool first) {
+    if (!(first && C == 0)) bar_sync(1 + C);
+  }
+  DEV void turn_pass(bool last) {
+    if (!(last && C == 1)) bar_arrive(2 - C);
+  }
+  DEV void release(uint32_t bar) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
+  }
+  DEV void issue_s(int sk) {
+    const uint32_t kd = k_desc + sk * (KV_BYTES >> 4);
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma_ss(S, q_desc + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16, kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16,
+               kk > 0);
+    wg_commit();
+  }
+  DEV void issue_pv(const uint32_t (&P)[32], int sv) {
+    const uint32_t vd = v_desc + sv * (KV_BYTES >> 4);
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) wgmma_rs(O, P, kk, vd + kk * (2048 / 16));
+    wg_commit();
+  }
+  // Online softmax of S (exp2, the scale folded into one FMA), each pair of exponentials
+  // packed at once into the operand P; row sums kept per thread. ``valid``: columns of
+  // this block that count (block 0 may be a partial text block).
+  DEV void softmax(bool first, uint32_t (&P)[32], int valid = 128) {
+    if (valid < 128) {
+      const int q2 = 2 * (threadIdx.x & 3);
+#pragma unroll
+      for (int i = 0; i < 64; ++i)
+        if (8 * (i >> 2) + q2 + (i & 1) >= valid) S[i] = -INFINITY;
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], S[i]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
+      const float m_new = first ? mx[r] * scale : fmaxf(m[r], mx[r] * scale);
+      alpha[r] = first ? 1.f : ex2(m[r] - m_new);
+      m[r] = m_new;
+    }
+    float sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int r = i & 1;  // S[2i], S[2i+1] lie in row r0 for even i, r0 + 8 for odd i
+      const float e0 = ex2(fmaf(S[2 * i], scale, -m[r])), e1 = ex2(fmaf(S[2 * i + 1], scale, -m[r]));
+      sum[r] += e0 + e1;
+      P[i] = pack_bf16(e0, e1);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) l[r] = first ? sum[r] : fmaf(l[r], alpha[r], sum[r]);
+  }
+  // Retire PV_{j-2} (it read Pold), release its V slot and scale O by alpha_{j-1}.
+  DEV void retire(int j, uint32_t (&Pold)[32]) {
+    wg_wait<0>();
+    fence_f(O);
+    keep_live(Pold, never, O[0], q_base);
+    if (j >= 2) release(v_empty + 8 * ((j - 2) % VST));
+#pragma unroll
+    for (int i = 0; i < 64; ++i) O[i] *= alpha[(i >> 1) & 1];
+  }
+  // Trip j >= 1 (Pin = P_{j-1}; Pout held P_{j-2}, read by the product retired first).
+  DEV void trip(int j, uint32_t (&Pin)[32], uint32_t (&Pout)[32]) {
+    const int sk = j % KST, sv = (j - 1) % VST;
+    mbar_wait(k_full + 8 * sk, (j / KST) & 1);
+    mbar_wait(v_full + 8 * sv, ((j - 1) / VST) & 1);
+    retire(j, Pout);
+    turn_wait(false);
+    fence_f(O);
+    fence_r(Pin);
+    wg_fence();
+    issue_s(sk);
+    issue_pv(Pin, sv);
+    turn_pass(j == n - 1);
+    wg_wait<1>();
+    fence_f(S);
+    release(k_empty + 8 * sk);
+    softmax(false, Pout);
+  }
+  // After the last trip (P = P_{n-1}, Pold = P_{n-2}).
+  DEV void last_pv(uint32_t (&P)[32], uint32_t (&Pold)[32]) {
+    const int sv = (n - 1) % VST;
+    mbar_wait(v_full + 8 * sv, ((n - 1) / VST) & 1);
+    retire(n, Pold);
+    fence_f(O);
+    fence_r(P);
+    wg_fence();
+    issue_pv(P, sv);
+    wg_wait<0>();
+    fence_f(O);
+    fence_r(P);
+  }
+
+  DEV void run(int first_valid) {
+    uint32_t Pa[32], Pb[32];
+    mbar_wait(k_full, 0);
+    turn_wait(true);
+    wg_fence();
+    issue_s(0);
+    turn_pass(n == 1);
+    wg_wait<0>();
+    fence_f(S);
+    release(k_empty);
+    softmax(true, Pa, first_valid);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) O[i] = 0.f;
+    int j = 1;
+    for (; j + 1 < n; j += 2) {
+      trip(j, Pa, Pb);
+      trip(j + 1, Pb, Pa);
+    }
+    if (j < n) {
+      trip(j, Pa, Pb);
+      last_pv(Pb, Pa);
+    } else {
+      last_pv(Pa, Pb);
+    }
+  }
+};
+
+// Normalise O and write the warpgroup's 64 rows: t-slice q_t (h, w) = (q_h + r / 8, q_w + r % 8).
+template <int C>
+DEV void store(const Params& p, const Consumer<C>& cs, int b, int qh, int q_t, int q_h, int q_w) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float s = cs.l[r];
+    s += __shfl_xor_sync(0xffffffff, s, 1);
+    s += __shfl_xor_sync(0xffffffff, s, 2);
+    const float inv = 1.f / s;
+    const int rr = 16 * warp + lane / 4 + 8 * r;
+    const long long tok = (static_cast<long long>(q_t) * p.canvas_h + q_h + rr / 8) * p.canvas_w + q_w + rr % 8;
+    __nv_bfloat16* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+      const int i = 4 * jj + 2 * r;
+      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack_bf16(cs.O[i] * inv, cs.O[i + 1] * inv);
+    }
+  }
+}
+
+template <int C>
+DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, uint32_t q_full, uint32_t k_full,
+                 uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh, int q_t, int q_h,
+                 int q_w) {
+  Consumer<C> cs;
+  cs.n = n;
+  cs.never = p.never;
+  cs.scale = p.scale;
+  cs.q_base = q_base + C * 16384;
+  cs.q_desc = (cs.q_base & 0x3FFFF) >> 4;
+  cs.k_desc = (k_base & 0x3FFFF) >> 4;
+  cs.v_desc = ((v_base & 0x3FFFF) >> 4) | ((16384 >> 4) << 16);  // V: LBO = the second 64-column half
+  cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
+  mbar_wait(q_full, 0);
+  const int partial = p.n_text % 128;
+  cs.run(n_tb > 0 && partial ? partial : 128);
+  store(p, cs, b, qh, q_t + C, q_h, q_w);
+}
+
+__global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_constant__ Params p) {
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t q_base = smem_u32(smem);
+  const uint32_t k_base = q_base + Q_BYTES;
+  const uint32_t v_base = k_base + KST * KV_BYTES;
+  const uint32_t q_full = v_base + VST * KV_BYTES;
+  const uint32_t k_full = q_full + 8, v_full = k_full + 8 * KST, k_empty = v_full + 8 * VST, v_empty = k_empty + 8 * KST;
+
+  const int pid = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.n_heads, row = bh % p.n_heads;
+  const int kt = p.heads[row * 5 + 0], kh = p.heads[row * 5 + 1], kw = p.heads[row * 5 + 2];
+  const int kvh = p.heads[row * 5 + 3], qh = p.heads[row * 5 + 4];
+  const int bpt = p.TT / 2;  // query (and key) blocks per tile
+  const int qi = pid / bpt;
+  const int ct = qi / (p.grid_h * p.grid_w), ch = (qi / p.grid_w) % p.grid_h, cw = qi % p.grid_w;
+  const int q_t = ct * p.TT + (pid % bpt) * 2, q_h = ch * 8, q_w = cw * 8;
+  // Window start per axis: clamp(c - (k - 1) / 2, 0, n - k), k already <= n.
+  const int st = min(max(ct - (kt - 1) / 2, 0), p.grid_t - kt);
+  const int sh = min(max(ch - (kh - 1) / 2, 0), p.grid_h - kh);
+  const int sw = min(max(cw - (kw - 1) / 2, 0), p.grid_w - kw);
+  const int n_tb = (p.n_text + 127) / 128;
+  const int n = n_tb + kt * kh * kw * bpt;
+
+  if (threadIdx.x == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < KST; ++s) mbar_init(k_full + 8 * s, 1), mbar_init(k_empty + 8 * s, 8);
+    for (int s = 0; s < VST; ++s) mbar_init(v_full + 8 * s, 1), mbar_init(v_empty + 8 * s, 8);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128;
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    const int warp = threadIdx.x / 32;
+    if ((threadIdx.x & 31) != 0 || warp >= 2) return;
+    const Window w{b, kvh * 128, st, sh, sw, kh, kw, p.TT, n_tb, p.text_row, n};
+    if (warp == 0) {
+      mbar_expect_tx(q_full, Q_BYTES);
+      for (int c = 0; c < 2; ++c)
+        for (int h = 0; h < 2; ++h)
+          tma_load5(q_base + c * 16384 + h * 8192, &p.q, q_full, qh * 128 + h * 64, q_w, q_h, q_t + c, b);
+      load_ring(w, &p.k, &p.kt, k_base, k_full, k_empty);
+    } else {
+      load_ring(w, &p.v, &p.vt, v_base, v_full, v_empty);
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  if (wg == 1)
+    consume<0>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, q_t, q_h, q_w);
+  else
+    consume<1>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, q_t, q_h, q_w);
+}
+
+// --- host ----------------------------------------------------------------------------------
+using EncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeFn encode_fn() {
+  static EncodeFn fn = nullptr;
+  if (!fn) {
+    cudaDriverEntryPointQueryResult status;
+    void* ptr = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
+            cudaSuccess &&
+        status == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeFn>(ptr);
+  }
+  return fn;
+}
+
+int encode(CUtensorMap* map, void* ptr, cuuint32_t rank, const cuuint64_t* dims, const cuuint64_t* strides,
+           const cuuint32_t* box) {
+  EncodeFn fn = encode_fn();
+  if (!fn) return 1;
+  const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
+  CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, ptr, dims, strides, box, ones,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? 0 : 100 + static_cast<int>(r);
+}
+
+// The 5-D view [B, T, H, W, heads*128] of a natural-order canvas, box [1, slices, 8, 8, 64].
+int video_map(CUtensorMap* map, void* ptr, int B, int T, int H, int W, int heads, long long s_b, long long s_s,
+              int slices) {
+  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(W),
+                              static_cast<cuuint64_t>(H), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(W * s_s) * 2,
+                                 static_cast<cuuint64_t>(H * W * s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
+  const cuuint32_t box[5] = {64, 8, 8, static_cast<cuuint32_t>(slices), 1};
+  return encode(map, ptr, 5, dims, strides, box);
+}
+
+// The 3-D view [B, S, heads*128] (text rows), box [1, 128, 64].
+int rows_map(CUtensorMap* map, void* ptr, int B, long long S, int heads, long long s_b, long long s_s) {
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(S),
+                              static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
+  const cuuint32_t box[3] = {64, 128, 1};
+  return encode(map, ptr, 3, dims, strides, box);
+}
+
+}  // namespace
+
+// Launch on ``stream``. Strides in elements. Returns 0, or 1 (no tensor-map encoder),
+// 100 + CUresult (a tensor map), 1000 + cudaError_t (the launch).
+extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, const int* heads, int n_heads, int B, int T, int H,
+                            int W, int TT, int q_heads, int kv_heads, long long s_kv, long long sq_b, long long sq_s,
+                            long long sk_b, long long sk_s, long long sv_b, long long sv_s, long long so_b,
+                            long long so_s, int text_row, int n_text, float scale, void* stream) {
+  Params p;
+  int e;
+  if ((e = video_map(&p.q, q, B, T, H, W, q_heads, sq_b, sq_s, 1)) || (e = video_map(&p.k, k, B, T, H, W, kv_heads, sk_b, sk_s, 2)) ||
+      (e = video_map(&p.v, v, B, T, H, W, kv_heads, sv_b, sv_s, 2)) ||
+      (e = rows_map(&p.kt, k, B, s_kv, kv_heads, sk_b, sk_s)) || (e = rows_map(&p.vt, v, B, s_kv, kv_heads, sv_b, sv_s)))
+    return e;
+  p.out = static_cast<__nv_bfloat16*>(out);
+  p.heads = heads;
+  p.so_b = so_b, p.so_s = so_s;
+  p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / 8, p.grid_w = W / 8, p.TT = TT;
+  p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.never = 0, p.scale = scale;
+  static bool attribute_set = false;
+  if (!attribute_set) {
+    cudaFuncSetAttribute(sta_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    attribute_set = true;
+  }
+  const dim3 grid(p.grid_t * p.grid_h * p.grid_w * (TT / 2), B * n_heads);
+  sta_fwd_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : 1000 + static_cast<int>(err);
+}

@@ -1,0 +1,136 @@
+"""The hand-written Hopper kernel ``kernels/sta_fwd_cuda.cu``: build, load and call.
+
+The source is compiled with ``nvcc`` for sm_90a the first time it is needed (about two
+seconds) into a shared library in the cache directory (``$STA_DIST_CACHE`` or
+``~/.cache/sta_dist``), named by the hash of the source and the compiler's version, so
+the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
+``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, or if the build fails,
+``library()`` is ``None`` (``build_error()`` says why) and the router keeps the Gluon
+kernel. The call goes through ``ctypes`` on the caller's CUDA stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .descriptors import bulk_copy_layout_ok
+
+LOG2E = 1.4426950408889634
+HEAD_DIM = 128
+SOURCE = Path(__file__).with_name("sta_fwd_cuda.cu")
+NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC")
+_errors: list[str] = []
+
+
+def nvcc() -> str | None:
+    """The CUDA compiler to build with, or ``None``."""
+    for candidate in (os.environ.get("STA_DIST_NVCC"), shutil.which("nvcc"),
+                      os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("STA_DIST_CACHE", Path.home() / ".cache" / "sta_dist")) / "cuda"
+
+
+def build(compiler: str) -> Path:
+    """The shared library for this source and compiler, compiled if the cache lacks it
+    (written to a temporary name first, so concurrent builds never load a partial file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"sta_fwd_cuda_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *NVCC_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def library():
+    """The loaded kernel library, or ``None`` (see ``build_error``)."""
+    compiler = nvcc()
+    if compiler is None:
+        _errors.append("no nvcc (set STA_DIST_NVCC, or put nvcc on the PATH)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or str(err)
+        _errors.append(f"building {SOURCE.name} with {compiler} failed: {detail.strip()[-2000:]}")
+        return None
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    lib.sta_fwd_cuda.argtypes = [P] * 5 + [I] * 8 + [L] * 9 + [I, I, ctypes.c_float, P]
+    lib.sta_fwd_cuda.restype = I
+    return lib
+
+
+def build_error() -> str | None:
+    """Why ``library()`` is ``None`` (after a call to it), else ``None``."""
+    return _errors[-1] if _errors else None
+
+
+def supported(q, k, v, canvas, tile, text_keys: int = 0) -> bool:
+    """Whether this kernel covers the video queries of a natural-order call: a Hopper GPU,
+    bf16, head dim 128, tiles ``(TT, 8, 8)`` with ``TT`` even dividing the canvas, the
+    canvas first in ``q``/``k``/``v`` and at least ``text_keys`` text rows after it in
+    ``k``/``v``, rows the copy engine can read. Does not build the library."""
+    T, H, W = canvas
+    n = T * H * W
+    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[3] == HEAD_DIM
+            and tile[1] == tile[2] == 8 and tile[0] % 2 == 0 and T % tile[0] == 0 and H % 8 == 0 and W % 8 == 0
+            and q.shape[1] >= n and min(k.shape[1], v.shape[1]) >= n + text_keys and k.shape[1] == v.shape[1]
+            and bulk_copy_layout_ok(q, k, v))
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0):
+    """Fill the video rows of ``out`` (``q``'s shape and strides, bf16) with sliding tile
+    attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
+    q_head)``, on q's device); video queries also attend the first ``text_keys`` text
+    rows of ``k``/``v``. Text query rows of ``out`` are not written. Raises if the call is
+    not ``supported`` or the library is missing."""
+    if not supported(q, k, v, canvas, tile, text_keys):
+        raise ValueError("sta_fwd_cuda: unsupported call (Hopper, bf16, D=128, tiles (even, 8, 8), natural order)")
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
+        raise ValueError("sta_fwd_cuda: out must match q's shape, dtype and strides")
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"sta_fwd_cuda: kernel library unavailable: {build_error()}")
+    T, H, W = canvas
+    n = heads.shape[0]
+    B = q.shape[0]
+    if n == 0 or B == 0:
+        return out
+    stream = torch.cuda.current_stream(q.device).cuda_stream
+    rc = lib.sta_fwd_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads.data_ptr(), n, B, T, H, W,
+                          tile[0], q.shape[2], k.shape[2], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
+                          k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), math.prod(canvas),
+                          text_keys, scale * LOG2E, stream)
+    if rc:
+        raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
+                           f"a tensor map; 1000+: cudaError_t)")
+    return out
