@@ -114,10 +114,11 @@ def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText, complet
 
 
 def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-                subset: tuple[int, ...], scale: float, out: torch.Tensor, first_row: int = 0) -> None:
+                subset: tuple[int, ...], scale: float, out: torch.Tensor | None, first_row: int = 0):
     """Dense attention of the ``subset`` heads for the query rows from ``first_row`` on,
     into ``out``: keys are every video token and the valid text; padding text rows are
-    zero. (``first_row = q_video``: the text queries alone.)"""
+    zero. (``first_row = q_video``: the text queries alone.) With ``out=None`` (every
+    head, every row valid) SDPA's own output is returned as ``[B, S, H, D]``, no copy."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -128,8 +129,11 @@ def _sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, 
     k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    if out is None:
+        return o.transpose(1, 2).contiguous()  # cuDNN writes [B, S, H, D] order already: a no-op
     out[:, first_row:valid_rows, idx] = o.transpose(1, 2)
     out[:, valid_rows:, idx] = 0
+    return out
 
 
 def _gluon_order(facts: _LayoutFacts) -> str | None:
@@ -206,6 +210,8 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     facts = _layout_facts(layout, q_bshd.device)
     dense = dense_heads(layout, heads, text, facts.complete) if route_dense and q_bshd.is_cuda and not return_lse else ()
     sparse = tuple(h for h in range(H) if h not in dense)
+    if dense and not sparse and layout.q_video + text.q_valid == S:  # plain dense attention, no padding rows
+        return _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, None)
     out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     if dense:
         _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, out)

@@ -26,6 +26,8 @@ def randn(shape, dtype=torch.bfloat16, seed=0):
         (HUNYUAN, [(3, 3, 3)] * 8 + [(5, 6, 10)] * 8 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4, 256, 200),
         (WAN, (3, 3, 5), 0, 0),
         (WAN, (3, 1, 10), 0, 0),
+        (WAN, (3, 6, 10), 256, 256),  # every head dense, no padding rows: SDPA's output as is
+        (WAN, (3, 6, 10), 256, 200),  # every head dense, padding text rows zeroed
     ],
 )
 def test_bf16_real_shapes(canvas, window, text_len, text_valid):
