@@ -477,11 +477,8 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, const int* hea
   p.so_b = so_b, p.so_s = so_s;
   p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / 8, p.grid_w = W / 8, p.TT = TT;
   p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.never = 0, p.scale = scale;
-  static bool attribute_set = false;
-  if (!attribute_set) {
-    cudaFuncSetAttribute(sta_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-    attribute_set = true;
-  }
+  // Per launch, not once per process: the attribute belongs to the current device's context.
+  cudaFuncSetAttribute(sta_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   const dim3 grid(p.grid_t * p.grid_h * p.grid_w * (TT / 2), B * n_heads);
   sta_fwd_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
   const cudaError_t err = cudaGetLastError();
