@@ -164,6 +164,21 @@ def _cuda_kernel_wanted() -> bool:
     return os.environ.get("STA_DIST_CUDA", "1") != "0"
 
 
+def _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts,
+                        return_lse: bool) -> bool:
+    """Whether the hand-written CUDA kernel (``kernels/sta_fwd_cuda.cu``) takes this call's
+    video queries: Hopper, the whole canvas in natural order, no log-sum-exp, bf16, tiles
+    (even, 8, 8), head dim 128, and the library builds (nvcc on first use). It also takes
+    whole-canvas heads: on an H100 it ran the HunyuanVideo and Wan whole canvas 3-6% faster
+    than SDPA's cuDNN kernel (docs/perf.md, v20)."""
+    if return_lse or not facts.whole_natural or not q_bshd.is_cuda or not _cuda_kernel_wanted():
+        return False
+    from .kernels import sta_fwd_cuda
+
+    return (sta_fwd_cuda.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q)
+            and sta_fwd_cuda.available())
+
+
 def _video_launch(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts, scale: float,
                   return_lse: bool):
     """How this call's video queries run on Hopper, as ``launch(table, out, lse)``, or
@@ -176,12 +191,10 @@ def _video_launch(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, 
     if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
         return None
     common = dict(canvas=layout.canvas, tile=layout.tile, scale=scale, text_keys=text.kv_for_video_q)
-    if order == "natural" and not return_lse and _cuda_kernel_wanted():
+    if _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout, text, facts, return_lse):
         from .kernels import sta_fwd_cuda
 
-        if (sta_fwd_cuda.supported(q_bshd, k_bshd, v_bshd, layout.canvas, layout.tile, text.kv_for_video_q)
-                and sta_fwd_cuda.available()):
-            return lambda table, out, lse: sta_fwd_cuda.sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, **common)
+        return lambda table, out, lse: sta_fwd_cuda.sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, **common)
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
@@ -197,7 +210,8 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
                scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True,
                route_gluon: bool = True):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
-    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for. The rest go to
+    Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for, unless the CUDA
+    kernel takes the call (it is faster on them too). The rest go to
     the Triton kernel, or, on Hopper where a faster kernel covers the video queries and no
     ``config`` is given (``route_gluon=False`` forbids it), to the CUDA or the Gluon kernel
     (see ``_video_launch``); the text queries then go to SDPA when they are plain dense
@@ -208,7 +222,10 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
 
     B, S, H, _ = q_bshd.shape
     facts = _layout_facts(layout, q_bshd.device)
-    dense = dense_heads(layout, heads, text, facts.complete) if route_dense and q_bshd.is_cuda and not return_lse else ()
+    cuda_kernel = route_gluon and not config and _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout, text, facts,
+                                                                      return_lse)
+    dense = (dense_heads(layout, heads, text, facts.complete)
+             if route_dense and q_bshd.is_cuda and not return_lse and not cuda_kernel else ())
     sparse = tuple(h for h in range(H) if h not in dense)
     if dense and not sparse and layout.q_video + text.q_valid == S:  # plain dense attention, no padding rows
         return _sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, dense, scale, None)
