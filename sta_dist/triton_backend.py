@@ -180,21 +180,20 @@ def _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: Local
 
 
 def _video_launch(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, facts: _LayoutFacts, scale: float,
-                  return_lse: bool):
+                  cuda_kernel: bool):
     """How this call's video queries run on Hopper, as ``launch(table, out, lse)``, or
-    ``None`` (the Triton kernel then takes the whole call). Natural order without a
-    log-sum-exp goes to the hand-written CUDA kernel (``kernels/sta_fwd_cuda.cu``: bf16,
-    tiles (even, 8, 8), built with nvcc on first use) where it covers the call and builds;
-    the rest of what ``_gluon_order`` accepts to the Gluon kernel (also a Triton with
-    Gluon, whole tiles of 128-row blocks, head dim 128, bf16/fp16)."""
-    order = _gluon_order(facts)
-    if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
-        return None
+    ``None`` (the Triton kernel then takes the whole call). With ``cuda_kernel`` (the
+    caller's ``_cuda_kernel_covers``) the hand-written CUDA kernel; else what
+    ``_gluon_order`` accepts goes to the Gluon kernel (also a Triton with Gluon, whole
+    tiles of 128-row blocks, head dim 128, bf16/fp16)."""
     common = dict(canvas=layout.canvas, tile=layout.tile, scale=scale, text_keys=text.kv_for_video_q)
-    if _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout, text, facts, return_lse):
+    if cuda_kernel:
         from .kernels import sta_fwd_cuda
 
         return lambda table, out, lse: sta_fwd_cuda.sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, **common)
+    order = _gluon_order(facts)
+    if not (order and q_bshd.is_cuda and torch.cuda.get_device_capability(q_bshd.device)[0] == 9):
+        return None
     try:
         from .kernels import sta_fwd_gluon
     except ImportError:
@@ -242,7 +241,7 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
         q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
         scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse, out=out,
     )
-    launch = (_video_launch(q_bshd, k_bshd, v_bshd, layout, text, facts, scale, return_lse)
+    launch = (_video_launch(q_bshd, k_bshd, v_bshd, layout, text, facts, scale, cuda_kernel)
               if route_gluon and not config else None)
     if launch is None:
         return sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, table, config=config, **triton_call)
