@@ -224,15 +224,43 @@ class SlidingTileAttentionImpl:
     def _text_length(self, attn_metadata: SlidingTileAttentionMetadata) -> int:
         return check_text_length(attn_metadata.text_length, self.plan.text_len)
 
-    def _check_local(self, q, k, v) -> None:
-        _, S, H, Hkv, _ = check_qkv(q, k, v)
-        expected = self.plan.held_count(self.comm.rank) + self.plan.text_len
-        if (S, H, Hkv) != (expected, self.num_heads, self.num_kv_heads):
+    def _check_tensors(self, q, k, v) -> int:
+        """``q, k, v`` against the Impl's head counts and head size; returns ``S``."""
+        _, S, H, Hkv, D = check_qkv(q, k, v)
+        if (H, Hkv, D) != (self.num_heads, self.num_kv_heads, self.head_size):
             raise ValueError(
-                f"rank {self.comm.rank}'s q/k/v must be [B, {expected}, H={self.num_heads} "
-                f"(kv {self.num_kv_heads}), D]: its {self.plan.held_count(self.comm.rank)} video tokens "
-                f"plus {self.plan.text_len} text, got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+                f"q/k/v must have num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads} and "
+                f"head_size={self.head_size} (the Impl's), got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
             )
+        return S
+
+    def _check_local(self, q, k, v) -> None:
+        S = self._check_tensors(q, k, v)
+        expected = self.plan.held_count(self.comm.rank) + self.plan.text_len
+        if S != expected:
+            raise ValueError(
+                f"rank {self.comm.rank}'s q/k/v must be [B, {expected}, H, D]: its "
+                f"{self.plan.held_count(self.comm.rank)} video tokens plus {self.plan.text_len} text, "
+                f"got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
+            )
+
+    def _check_call(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> None:
+        """Check this rank's inputs, then that every rank makes the same call (windows, text
+        length, batch, dtype): otherwise the exchanges would silently mix different
+        problems. One 8-byte digest per call; a rank whose inputs are invalid makes every
+        rank fail at once, instead of leaving its peers waiting in the next collective."""
+        try:
+            self._check_local(q, k, v)
+            self._text_length(attn_metadata)
+            windows = normalize_windows(self.layer_windows(attn_metadata), self.num_heads)
+            description = (f"windows={windows} text_length={attn_metadata.text_length} batch={q.shape[0]} "
+                           f"dtype={q.dtype} device={q.device.type}")
+            error = None
+        except (ValueError, TypeError, IndexError) as err:
+            description, error = f"invalid call ({type(err).__name__}: {err})", err
+        self.comm.check_agreement("this call", description)
+        if error is not None:
+            raise error
 
     def preprocess_qkv(self, qkv, attn_metadata: SlidingTileAttentionMetadata):
         """Before ``forward``. On one device the kernel reads the natural order directly,
@@ -242,7 +270,7 @@ class SlidingTileAttentionImpl:
         if self.plan is None:
             return qkv
         q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
-        self._check_local(q, k, v)
+        self._check_call(q, k, v, attn_metadata)
         return exchange_in(q, k, v, self._schedule(attn_metadata), self.comm)
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
@@ -260,6 +288,7 @@ class SlidingTileAttentionImpl:
         if self.plan is not None:
             return attend(BoxInputs(q, k, v), self._schedule(attn_metadata), self._text_length(attn_metadata),
                           self.softmax_scale, self.backend)
+        self._check_tensors(q, k, v)
         cfg = self._config(attn_metadata)
         return sliding_tile_attention(
             q, k, v, canvas=cfg.canvas, tile=cfg.tile, window=self.layer_windows(attn_metadata),

@@ -68,19 +68,21 @@ class STAConfig:
         return normalize_windows(window, num_heads)
 
 
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float)) or hasattr(v, "__index__") or (hasattr(v, "dim") and v.dim() == 0)
+
+
 def normalize_windows(window: WindowArg, num_heads: int) -> tuple[Triple, ...]:
     """``window`` as one ``(kt, kh, kw)`` per query head.
 
     Accepts a single triple (used for every head) or a sequence of ``num_heads`` triples.
     """
-    if window is None:
-        raise TypeError("window must be (kt, kh, kw) or one triple per head, got window=None")
-    items = list(window) if not hasattr(window, "tolist") else window.tolist()
-    if len(items) == 3 and all(isinstance(v, (int,)) or hasattr(v, "__index__") for v in items):
+    rule = "window must be (kt, kh, kw) in tiles or one such triple per query head"
+    if isinstance(window, (str, bytes)) or not hasattr(window, "__len__"):
+        raise TypeError(f"{rule}, got window={window!r}")
+    items = window.tolist() if hasattr(window, "tolist") else list(window)
+    if items and all(_is_scalar(v) for v in items):  # one triple: ints, maybe malformed
         return (check_triple("window", items),) * num_heads
     if len(items) != num_heads:
-        raise ValueError(
-            f"window must be one (kt, kh, kw) or one per query head: expected {num_heads} "
-            f"windows, got len(window)={len(items)}"
-        )
+        raise ValueError(f"{rule}: expected {num_heads} windows, got len(window)={len(items)}")
     return tuple(check_triple(f"window[{h}]", w) for h, w in enumerate(items))

@@ -95,3 +95,44 @@ def dist_bench(rank, world, out_dir):
     result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
                             text_len=5, text_valid=3, reps=2)
     return {name: row.get("max_diff_vs_one_gpu") for name, row in result["rows"].items()}
+
+
+DISAGREEMENTS = (("text_length", "head"), ("text_length", "tile"), ("window", "head"), ("window", "tile"),
+                 ("dtype", "tile"))
+
+
+def disagreeing_calls(rank, world):
+    """For each of DISAGREEMENTS, every rank makes one call and the last rank differs in
+    ``what``. Returns each scenario's error text on this rank (or "no error")."""
+    case = Case((4, 6, 6), (2, 2, 2), (1, 1, 1), 3, 3, 1, 2, 2, 32)
+    q, k, v = full_inputs(case, seed=0)
+    odd = rank == world - 1
+    messages = {}
+    for what, mode in DISAGREEMENTS:
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, mode=mode, world_size=world)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan)
+        local = [plan.shard(x, rank) for x in (q, k, v)]
+        window = (2, 1, 1) if odd and what == "window" else (1, 1, 1)
+        text_length = 2 if odd and what == "text_length" else 3
+        if odd and what == "dtype":
+            local = [x.half() for x in local]
+        try:
+            attn(*local, window=window, text_length=text_length)
+            messages[(what, mode)] = "no error"
+        except Exception as err:  # noqa: BLE001 - the test checks the message
+            messages[(what, mode)] = f"{type(err).__name__}: {err}"
+    return messages
+
+
+def one_rank_invalid(rank, world):
+    """The last rank passes a text length outside [0, L]: every rank must fail at once."""
+    case = Case((4, 6, 6), (2, 2, 2), (1, 1, 1), 3, 3, 1, 2, 2, 32)
+    q, k, v = full_inputs(case, seed=0)
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, mode="tile", world_size=world)
+    attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan)
+    start = time.monotonic()
+    try:
+        attn(*[plan.shard(x, rank) for x in (q, k, v)], window=(1, 1, 1), text_length=9 if rank == world - 1 else 3)
+    except Exception as err:  # noqa: BLE001 - the test checks the message
+        return time.monotonic() - start, f"{type(err).__name__}: {err}"
+    return time.monotonic() - start, "no error"

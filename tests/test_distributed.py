@@ -129,7 +129,7 @@ def test_dead_peer_ends_the_job_in_bounded_time():
     results = spawn_local(dist_workers.dying_peer, 3, timeout_s=90, collective_timeout_s=20, allow_failures=True)
     for message in results[:2]:
         assert message.startswith("CollectiveError"), message
-        assert "collective 'halo exchange'" in message or "collective 'text merge'" in message
+        assert any(f"collective '{step}'" in message for step in ("check this call", "halo exchange", "text merge"))
         seconds = float(message.split(" after ")[1].split("s:")[0])
         assert seconds < 25
     assert "exited with code 3" in results[2]
@@ -161,3 +161,19 @@ def test_dist_bench_runs_on_gloo(tmp_path):
         if diff is not None:
             assert diff <= 1e-5, (name, diff)
     assert (tmp_path / "dist_bench_2.json").exists()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_that_make_different_calls_fail_on_every_rank(world):
+    results = spawn_local(dist_workers.disagreeing_calls, world, timeout_s=90)
+    for scenario in dist_workers.DISAGREEMENTS:
+        for message in (r[scenario] for r in results):
+            assert message.startswith("ValueError: ranks disagree on this call"), (scenario, message)
+            assert all(f"rank {r}:" in message for r in range(world)), (scenario, message)
+
+
+def test_one_invalid_rank_fails_every_rank_at_once():
+    results = spawn_local(dist_workers.one_rank_invalid, 3, timeout_s=60, collective_timeout_s=50)
+    for seconds, message in results:
+        assert seconds < 10, (seconds, message)
+        assert "ranks disagree on this call" in message and "rank 2: invalid call (ValueError: text_length" in message

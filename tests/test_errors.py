@@ -123,3 +123,33 @@ def test_triton_refused_with_reason(monkeypatch):
         pytest.skip("CPU tensors only")
     with pytest.raises(RuntimeError, match=r"the triton backend needs CUDA tensors .* got q.device=cpu"):
         call(q, k, v, backend="triton")
+
+
+def impl_call(impl, q, k, v):
+    meta = sta_dist.SlidingTileAttentionMetadata(current_timestep=0, STA_param=[[(1, 1, 1)] * q.shape[2]],
+                                                 canvas=CANVAS, tile=TILE)
+    return impl.forward(q, k, v, meta)
+
+
+def test_impl_checks_head_size_and_counts_against_the_tensors():
+    q, k, v = qkv(H=4, Hkv=2, D=64)
+    with pytest.raises(ValueError, match=r"must have num_heads=4, num_kv_heads=2 and head_size=32 \(the Impl's\), "
+                                         r"got q.shape=\(1, 36, 4, 64\)"):
+        impl_call(SlidingTileAttentionImpl(num_heads=4, head_size=32, causal=False, softmax_scale=None,
+                                           num_kv_heads=2), q, k, v)
+    with pytest.raises(ValueError, match=r"must have num_heads=2, num_kv_heads=2 and head_size=64"):
+        impl_call(SlidingTileAttentionImpl(num_heads=2, head_size=64, causal=False, softmax_scale=None), q, k, v)
+    with pytest.raises(ValueError, match=r"must have num_heads=4, num_kv_heads=4 and head_size=64"):
+        impl_call(SlidingTileAttentionImpl(num_heads=4, head_size=64, causal=False, softmax_scale=None), q, k, v)
+
+
+@pytest.mark.parametrize("window, error, message", [
+    ((1.5, 1, 1), ValueError, r"window must be 3 ints \(t, h, w\), got window=\[1.5, 1, 1\]"),
+    (3, TypeError, r"window must be \(kt, kh, kw\) in tiles or one such triple per query head, got window=3"),
+    ("333", TypeError, r"got window='333'"),
+    ([(1, 1, 1), (1, 1)], ValueError, r"window\[1\] must be 3 ints \(t, h, w\), got window\[1\]=\(1, 1\)"),
+])
+def test_window_messages_say_what_is_wrong(window, error, message):
+    q, k, v = qkv()
+    with pytest.raises(error, match=message):
+        call(q, k, v, window=window)

@@ -128,5 +128,5 @@ def test_impl_with_a_plan_on_one_process_and_metadata_checks():
     bad = SlidingTileAttentionMetadata(current_timestep=0, STA_param=meta.STA_param, canvas=(3, 4, 7))
     with pytest.raises(ValueError, match=r"attn_metadata.canvas must match the plan's canvas=\(3, 4, 6\)"):
         impl.preprocess_qkv(tuple(local), bad)
-    with pytest.raises(ValueError, match=r"rank 0's q/k/v must be \[B, 74, H=2"):
+    with pytest.raises(ValueError, match=r"rank 0's q/k/v must be \[B, 74, H, D\]: its 72 video tokens plus 2 text"):
         impl.preprocess_qkv((q[:, :-1], k[:, :-1], v[:, :-1]), meta)
