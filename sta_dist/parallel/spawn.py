@@ -20,7 +20,12 @@ import torch.multiprocessing as mp
 
 
 class SpawnError(RuntimeError):
-    """One or more ranks failed or the job ran past its deadline."""
+    """One or more ranks failed or the job ran past its deadline. ``str()`` gives one line
+    per failed rank (its error); ``details`` the ranks' tracebacks."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 def free_port() -> int:
@@ -49,7 +54,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
         torch.save(fn(rank, world_size, *args), buffer)
         results.put((rank, "ok", buffer.getvalue()))
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which raises
-        results.put((rank, "error", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+        results.put((rank, "error", (f"{type(err).__name__}: {err}", traceback.format_exc())))
     finally:
         import torch.distributed as dist
 
@@ -90,7 +95,7 @@ def spawn_local(fn: Callable, world_size: int, args: Sequence[Any] = (), *, time
                 dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode not in (0, None)
                         and r not in got]
                 for r in dead:
-                    got[r] = ("error", f"process exited with code {procs[r].exitcode} before reporting")
+                    got[r] = ("error", (f"process exited with code {procs[r].exitcode} before reporting", ""))
     finally:
         for p in procs:
             p.join(timeout=5)
@@ -98,6 +103,7 @@ def spawn_local(fn: Callable, world_size: int, args: Sequence[Any] = (), *, time
                 p.kill()
     failures = {r: v for r, (s, v) in got.items() if s != "ok"}
     if failures and not allow_failures:
-        raise SpawnError("\n".join(f"rank {r} failed: {v}" for r, v in sorted(failures.items())))
-    return [torch.load(io.BytesIO(v), weights_only=False) if s == "ok" else v
+        raise SpawnError("\n".join(f"rank {r} failed: {summary}" for r, (summary, _) in sorted(failures.items())),
+                         "\n".join(f"rank {r}: {trace}" for r, (_, trace) in sorted(failures.items())))
+    return [torch.load(io.BytesIO(v), weights_only=False) if s == "ok" else f"{v[0]}\n{v[1]}"
             for s, v in (got[r] for r in range(world_size))]
