@@ -16,6 +16,7 @@ Vocabulary
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -147,10 +148,15 @@ def key_box(box: Box, window: Triple, grid: Triple) -> Box:
 def key_tiles(box: Box, windows: Iterable[Triple], grid: Triple) -> list[int]:
     """Ids (sorted) of every key tile some query tile of ``box`` attends under any of
     ``windows``: the union of one box per distinct window, exactly (not its hull)."""
+    return list(_key_tiles(box, frozenset(tuple(w) for w in windows), tuple(grid)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_tiles(box: Box, windows: frozenset, grid: Triple) -> tuple[int, ...]:
     out: set[int] = set()
-    for window in set(windows):
+    for window in windows:
         out.update(key_box(box, window, grid).tile_ids(grid))
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 def covers_grid(window: Triple, grid: Triple) -> bool:

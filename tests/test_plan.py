@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sta_dist import ShardPlan, geometry
-from sta_dist.parallel.plan import assign_heads, best_tile_split
+from sta_dist.parallel.plan import _mesh_cost, assign_heads, best_tile_split
 from sta_dist.parallel.schedule import call_schedule
 
 HUNYUAN = dict(canvas=(30, 48, 80), tile=(6, 8, 8), text_len=256)
@@ -86,8 +86,11 @@ def test_auto_picks_and_says_why():
 def test_plan_errors_are_clear():
     with pytest.raises(ValueError, match=r"mode must be one of \('head', 'tile', 'hybrid', 'auto'\), got mode='ring'"):
         ShardPlan(**HUNYUAN, mode="ring", world_size=2)
-    with pytest.raises(ValueError, match=r"mode='hybrid' needs mesh=\(P_head, P_tile\)"):
-        ShardPlan(**HUNYUAN, mode="hybrid", world_size=4)
+    with pytest.raises(ValueError, match=r"mesh=\(P_head, P_tile\) is for mode='hybrid' .* got mesh=\(2, 2\) "
+                                         r"with mode='tile'"):
+        ShardPlan(**HUNYUAN, mode="tile", world_size=4, mesh=(2, 2))
+    with pytest.raises(ValueError, match=r"num_heads must be an int >= 1 or None, got num_heads=0"):
+        ShardPlan(**HUNYUAN, mode="head", world_size=4, num_heads=0)
     with pytest.raises(ValueError, match=r"P_head \* P_tile = world_size = 4, got mesh=\(3, 2\)"):
         ShardPlan(**HUNYUAN, mode="hybrid", world_size=4, mesh=(3, 2))
     with pytest.raises(ValueError, match=r"order='natural' .* works in head mode only"):
@@ -110,3 +113,22 @@ def test_halo_is_small_for_local_windows():
     s = call_schedule(plan, ((3, 3, 3),) * 24, 24, 0)
     halo = sum(len(t) for t in s.halo_recv)
     assert s.mode == "tile" and halo == 30  # one face of 5 x 6 tiles along the split
+
+
+def test_hybrid_without_a_mesh_picks_a_two_d_mesh_by_cost():
+    plan = ShardPlan(**HUNYUAN, mode="hybrid", world_size=8, num_heads=24, windows=((3, 3, 3),))
+    assert plan.mesh == (2, 4) and "by cost" in plan.reason
+    # the choice is the cheapest 2-D mesh under the same cost: recompute each candidate
+    costs = {m: _mesh_cost(plan.grid, m, ((3, 3, 3),), 24)[0] for m in ((2, 4), (4, 2))}
+    assert costs[(2, 4)] <= costs[(4, 2)]
+    # a prime world size has no 2-D mesh: the cheapest of head and tile
+    assert ShardPlan(**HUNYUAN, mode="hybrid", world_size=3, num_heads=24).mesh in ((3, 1), (1, 3))
+
+
+def test_auto_gives_every_rank_work_when_ranks_exceed_heads():
+    plan = ShardPlan(**HUNYUAN, mode="auto", world_size=64, num_heads=24, windows=((3, 3, 3),))
+    assert plan.mode == "hybrid" and "40 of 64 ranks without a head" in plan.reason
+    windows = ((3, 3, 3),) * 24
+    scheds = [call_schedule(plan, windows, 24, r) for r in range(64)]
+    assert min(len(s.q_heads[s.me_in_head_group]) for s in scheds) >= 1
+    assert ShardPlan(**HUNYUAN, mode="auto", world_size=64, windows=((3, 3, 3),)).mode in ("tile", "head")

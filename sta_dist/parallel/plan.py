@@ -66,14 +66,55 @@ def assign_heads(costs: Sequence[float], parts: int, kv_of: Sequence[int]) -> tu
     return tuple(tuple(sorted(h)) for h in heads)
 
 
+def _mesh_cost(grid: Triple, mesh: tuple[int, int], windows: Sequence[Triple],
+               num_heads: Optional[int]) -> Optional[tuple[tuple[float, float], Triple]]:
+    """``((work, traffic), split)`` of one rank of the busiest box on ``mesh``, or ``None``
+    if the tile axis cannot split the grid. Work is in tile-heads (the box's tiles times the
+    heads a rank computes: idle heads show up as a larger share elsewhere); traffic is in
+    tile-heads moved: the head all-to-all sends 3/4 of q, k, v out and o back for the
+    ``(P_head - 1) / P_head`` not kept, the halo exchange k and v of its halo tiles."""
+    p_head, p_tile = mesh
+    split = best_tile_split(grid, p_tile, windows)
+    if split is None:
+        return None
+    boxes = geometry.rank_boxes(grid, split)
+    box = max(b.num_tiles for b in boxes)
+    halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles for b in boxes) if p_tile > 1 else 0
+    heads = num_heads or p_head  # unknown: assume enough heads to go round
+    work = box * geometry.ceil_div(heads, p_head)
+    traffic = 4 * (box / p_head) * heads * (p_head - 1) / p_head + 2 * halo * heads / p_head
+    return (work, traffic), split
+
+
+def choose_mesh(grid: Triple, world_size: int, windows: Sequence[Triple], num_heads: Optional[int] = None,
+                two_d: bool = False) -> tuple[tuple[int, int], str]:
+    """The ``(P_head, P_tile)`` mesh of ``world_size`` ranks that gives the busiest rank
+    the least work, then moves the fewest bytes; with the reason, as data. ``two_d``:
+    only meshes with both axes above one, where ``world_size`` has such a split."""
+    best = None
+    genuine = [p for p in range(2, world_size) if world_size % p == 0]
+    for p_head in (genuine if two_d and genuine else range(1, world_size + 1)):
+        if world_size % p_head:
+            continue
+        mesh = (p_head, world_size // p_head)
+        cost = _mesh_cost(grid, mesh, windows, num_heads)
+        if cost is not None and (best is None or cost[0] < best[1]):
+            best = (mesh, cost[0])
+    if best is None:  # (P, 1) always splits: a box is the whole grid
+        raise AssertionError("head mode always has a mesh")
+    (work, traffic) = best[1]
+    return best[0], f"mesh {best[0]} by cost: {work:g} tile-heads of work and {traffic:.0f} moved per rank"
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """Which tokens each rank holds, and the mesh they are exchanged on.
 
     ``ShardPlan(canvas=(T, H, W), tile=(tt, th, tw), text_len=L, mode=..., world_size=P)``;
-    ``mesh=(P_head, P_tile)`` for hybrid; ``tile_split=(pt, ph, pw)`` to choose the boxes
-    (default: the most balanced, then the smallest halo for ``windows``); ``windows`` is a
-    hint of the windows to expect, used by ``mode="auto"`` and the default split.
+    ``mesh=(P_head, P_tile)`` for hybrid (default: chosen by :func:`choose_mesh`);
+    ``tile_split=(pt, ph, pw)`` to choose the boxes (default: the most balanced, then the
+    smallest halo for ``windows``); ``windows`` and ``num_heads`` are hints of the calls to
+    expect, used by ``mode="auto"``, the default mesh and the default split.
     """
 
     canvas: Triple
@@ -85,6 +126,9 @@ class ShardPlan:
     tile_split: Optional[Triple] = None
     windows: Optional[tuple[Triple, ...]] = None
     order: str = "tiled"
+    num_heads: Optional[int] = None
+    """How many query heads the calls will have (a hint): lets ``auto`` and ``hybrid``
+    see ranks that head mode would leave without a head."""
     reason: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -101,11 +145,16 @@ class ShardPlan:
             raise ValueError(f"world_size must be an int >= 1, got world_size={self.world_size!r}")
         if self.windows is not None:
             set_("windows", tuple(check_triple("windows", w) for w in self.windows))
+        if self.num_heads is not None and (int(self.num_heads) != self.num_heads or self.num_heads < 1):
+            raise ValueError(f"num_heads must be an int >= 1 or None, got num_heads={self.num_heads!r}")
+        if self.mesh is not None and self.mode != "hybrid":
+            raise ValueError(f"mesh=(P_head, P_tile) is for mode='hybrid' (head and tile modes have fixed meshes), "
+                             f"got mesh={self.mesh!r} with mode={self.mode!r}")
         grid, P = cfg.grid, self.world_size
         windows = self.windows or ((3, 3, 3),)
         mode, mesh, reason = self.mode, self.mesh, self.reason
         if mode == "auto":
-            mode, reason = self._choose_mode(grid, windows)
+            mode, mesh, reason = self._choose_mode(grid, windows)
         if self.order == "natural" and mode != "head":
             raise ValueError(
                 f"order='natural' (FastVideo's contiguous chunks) works in head mode only; tile and hybrid "
@@ -116,8 +165,12 @@ class ShardPlan:
         elif mode == "tile":
             mesh = (1, P)
         elif mesh is None:
-            raise ValueError("mode='hybrid' needs mesh=(P_head, P_tile), got mesh=None")
-        mesh = tuple(int(m) for m in mesh)  # type: ignore[assignment]
+            mesh, reason = choose_mesh(grid, P, windows, self.num_heads, two_d=True)
+            reason = f"hybrid: {reason}"
+        try:
+            mesh = tuple(int(m) for m in mesh)  # type: ignore[assignment]
+        except (TypeError, ValueError):
+            mesh = ()  # type: ignore[assignment]
         if len(mesh) != 2 or mesh[0] < 1 or mesh[1] < 1 or mesh[0] * mesh[1] != P:
             raise ValueError(f"mesh must be (P_head, P_tile) with P_head * P_tile = world_size = {P}, got mesh={self.mesh!r}")
         split = self.tile_split
@@ -140,14 +193,19 @@ class ShardPlan:
         set_("tile_split", split)
         set_("reason", reason or f"mode={mode} as asked")
 
-    def _choose_mode(self, grid: Triple, windows) -> tuple[str, str]:
-        """Tile mode when its halo traffic is below head mode's all-to-all traffic."""
+    def _choose_mode(self, grid: Triple, windows) -> tuple[str, Optional[tuple[int, int]], str]:
+        """Tile mode when its halo traffic is below head mode's all-to-all traffic; a mesh
+        by :func:`choose_mesh` when head mode would leave ranks without a head."""
         P = self.world_size
         if P == 1:
-            return "head", "auto: one rank, nothing to shard"
+            return "head", None, "auto: one rank, nothing to shard"
+        if self.num_heads is not None and P > self.num_heads:
+            mesh, why = choose_mesh(grid, P, windows, self.num_heads)
+            mode = "tile" if mesh[0] == 1 else "head" if mesh[1] == 1 else "hybrid"
+            return mode, mesh, f"auto: head mode would leave {P - self.num_heads} of {P} ranks without a head; {why}"
         split = best_tile_split(grid, P, windows)
         if split is None:
-            return "head", f"auto: {P} ranks exceed the tiles along any split of grid {grid}"
+            return "head", None, f"auto: {P} ranks exceed the tiles along any split of grid {grid}"
         boxes = geometry.rank_boxes(grid, split)
         halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles for b in boxes)
         held = max(b.num_tiles for b in boxes)
@@ -155,8 +213,8 @@ class ShardPlan:
         # in and o out, (P - 1) / P of what it holds.
         tile_cost, head_cost = 2 * halo, 4 * held * (P - 1) / P
         if tile_cost < head_cost:
-            return "tile", f"auto: tile mode, halo {halo} tiles/rank vs {held} held (split {split})"
-        return "head", f"auto: head mode, halo {halo} tiles/rank would cost more than the all-to-all"
+            return "tile", None, f"auto: tile mode, halo {halo} tiles/rank vs {held} held (split {split})"
+        return "head", None, f"auto: head mode, halo {halo} tiles/rank would cost more than the all-to-all"
 
     # -- geometry of the mesh ----------------------------------------------------------
     @property

@@ -61,7 +61,8 @@ class CallSchedule:
         return self.layout.q_video
 
 
-def whole_canvas_halo(plan: ShardPlan, windows: Sequence[Triple]) -> bool:
+@functools.lru_cache(maxsize=256)
+def whole_canvas_halo(plan: ShardPlan, windows: tuple[Triple, ...]) -> bool:
     """Would some rank's windows reach every tile of the grid (so its halo is the rest
     of the canvas)? Then tile parallelism only moves more bytes than head parallelism."""
     if plan.mesh[1] == 1:
@@ -79,9 +80,10 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     kv_of = [h // group for h in range(H)]
     eff = [geometry.effective_window(w, grid) for w in windows]
     costs = [geometry.volume(w) for w in eff]
-    fallback = whole_canvas_halo(plan, eff)
+    fallback = whole_canvas_halo(plan, tuple(sorted(set(eff))))
     if fallback:
-        _warn_fallback(plan, tuple(eff))
+        if rank == 0:  # once per job, not once per rank
+            _warn_fallback(plan, tuple(eff))
         head_group, tile_group = tuple(range(plan.world_size)), (rank,)
     else:
         head_group, tile_group = plan.head_group(rank), plan.tile_group(rank)
