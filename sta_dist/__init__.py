@@ -1,5 +1,12 @@
 """sta_dist: distributed, sequence-parallel sliding tile attention for video DiTs."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("sta-dist")
+except PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"
+
 from .api import local_attention, sliding_tile_attention, to_natural, to_tiled
 from .backend import (
     RangeDict,
@@ -16,6 +23,7 @@ from .parallel.env import DistEnv, init_distributed
 from .parallel.plan import ShardPlan
 
 __all__ = [
+    "__version__",
     "sliding_tile_attention",
     "to_tiled",
     "to_natural",

@@ -1,4 +1,9 @@
-"""``sta-dist``: run (the main job), bench, plan."""
+"""``sta-dist``: run (the main job), plan, bench.
+
+Every argument is checked before any process starts; a misuse ends with one line naming
+the argument, the rule and the value, and a non-zero exit (``--debug`` shows the
+traceback).
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,73 @@ import importlib.resources
 import sys
 from typing import Optional, Sequence
 
+USAGE_ERROR, JOB_FAILED = 2, 1
+
+
+class CLIError(Exception):
+    """A misuse of the command line, reported as one line."""
+
 
 def packaged(name: str) -> str:
     """Path of a file shipped in ``sta_dist.configs``."""
     return str(importlib.resources.files("sta_dist.configs") / name)
 
 
+def _bound(kind, minimum, inclusive=True):
+    """An argparse type: ``kind`` (int or float) at least (or above) ``minimum``."""
+    rule = f"{'an int' if kind is int else 'a number'} {'>=' if inclusive else '>'} {minimum:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int, nonnegative_int, positive_float = _bound(int, 1), _bound(int, 0), _bound(float, 0, inclusive=False)
+
+
+def _run(args) -> int:
+    from . import run
+
+    cfg, job = run.prepare(args.config, steps=args.steps, layers=args.layers, start_step=args.start_step,
+                           mode=args.mode, mesh=args.mesh, canvas=args.canvas, heads=args.heads,
+                           timeout_s=args.timeout)
+    return run.main(cfg, job, timeout_s=args.timeout)
+
+
+def _plan(args) -> int:
+    from .plan_report import plan_report
+    from .run import RunConfig
+
+    cfg = RunConfig.load(args.config, mode=args.mode, mesh=args.mesh)
+    print(plan_report(cfg, args.world_size, step=args.step, layer=args.layer, per_rank=args.ranks))
+    return 0
+
+
 def _bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError("sta-dist bench kernel needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
+                       "is False)")
     from . import bench
 
     replay = None
     if args.replay:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
     cases = [c for c in args.cases.split(",") if c] if args.cases else ([] if replay else list(bench.STANDARD_CASES))
+    unknown = [c for c in cases if c not in bench.STANDARD_CASES]
+    if unknown:
+        raise CLIError(f"--cases must name cases of {sorted(bench.STANDARD_CASES)}, got {unknown}")
     if args.sweep:
+        if args.config is not None and not 0 <= args.config < len(bench.SWEEP_CONFIGS):
+            raise CLIError(f"--config must be in [0, {len(bench.SWEEP_CONFIGS)}), got --config {args.config}")
         configs = bench.SWEEP_CONFIGS if args.config is None else [bench.SWEEP_CONFIGS[args.config]]
         for name in cases:
             bench.sweep(bench.STANDARD_CASES[name], configs)
@@ -30,86 +88,91 @@ def _bench(args) -> int:
 
 
 def _bench_dist(args) -> int:
+    from .parallel.env import detect_env
+
+    if detect_env().source == "single":
+        raise CLIError("sta-dist bench dist must run under torchrun (or srun), e.g. "
+                       "torchrun --standalone --nproc-per-node 2 --no-python sta-dist bench dist")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    bad = [m for m in modes if m not in ("head", "tile", "hybrid", "auto")]
+    if bad or not modes:
+        raise CLIError(f"--modes must be a comma-separated list of head, tile, hybrid, auto, got {args.modes!r}")
+    if args.text_valid > args.text_len:
+        raise CLIError(f"--text-valid must be in [0, --text-len={args.text_len}], got {args.text_valid}")
     from .bench_dist import run_dist_bench
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
                    heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,
-                   reps=args.reps, modes=tuple(args.modes.split(",")))
+                   reps=args.reps, modes=modes)
     return 0
 
 
-def _run(args) -> int:
-    from . import run
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a misuse is one line (no usage block) and exit code 2."""
 
-    return run.main(args.config, steps=args.steps, layers=args.layers, mode=args.mode, timeout_s=args.timeout,
-                    start_step=args.start_step)
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _plan(args) -> int:
-    from . import geometry
-    from .parallel.plan import ShardPlan
-    from .parallel.schedule import call_schedule
-    from .run import RunConfig
+def _version() -> str:
+    from . import __version__
 
-    cfg = RunConfig.load(args.config, mode=args.mode)
-    strategy = cfg.strategy()
-    windows = tuple(tuple(w) for w in strategy.layer_windows(args.step, args.layer))
-    plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=cfg.mode,
-                     world_size=args.world_size, mesh=cfg.mesh, windows=tuple(sorted(set(windows))))
-    print(f"config {cfg.name}: canvas {cfg.canvas}, tile {cfg.tile}, grid {plan.grid}, {cfg.heads} heads")
-    print(f"plan: {plan.describe()}")
-    print(f"windows at step {args.step}, layer {args.layer}: {sorted(set(windows))}")
-    itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.dtype]
-    for rank in range(args.world_size):
-        s = call_schedule(plan, windows, cfg.kv_heads, rank)
-        halo = sum(geometry.packed_token_count(cfg.canvas, cfg.tile, t) for t in s.halo_recv)
-        print(f"rank {rank}: {plan.held_count(rank)} tokens held, box {plan.box(rank)}, mode {s.mode}, "
-              f"heads {s.q_heads[s.me_in_head_group]}, halo in {halo} tokens "
-              f"({halo * 2 * len(s.kv_heads[s.me_in_head_group]) * cfg.head_dim * cfg.batch * itemsize / 1e6:.1f} MB k+v)")
-    return 0
+    return f"sta-dist {__version__}"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sta-dist", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="sta-dist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    triple = dict(type=positive_int, nargs=3)
 
     r = sub.add_parser("run", help="the main job: a multi-step, multi-layer workload, distributed and verified")
     r.add_argument("--config", default="tiny_cpu", help="a name in configs/ (tiny_cpu, hunyuan_720p, wan21_480p, "
                    "wan21_720p, stepvideo) or a JSON path")
-    r.add_argument("--steps", type=int, default=None, help="run only the first N steps")
-    r.add_argument("--layers", type=int, default=None, help="run only the first N layers of each step")
-    r.add_argument("--start-step", type=int, default=0, help="first denoising step to run")
+    r.add_argument("--steps", type=positive_int, default=None, help="run N steps (default: to the last)")
+    r.add_argument("--layers", type=positive_int, default=None, help="run only the first N layers of each step")
+    r.add_argument("--start-step", type=nonnegative_int, default=0, help="first denoising step to run")
     r.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"], help="override the config's mode")
-    r.add_argument("--timeout", type=float, default=600.0, help="seconds before a spawned CPU job is stopped")
+    r.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None, help="hybrid mesh (default: by cost)",
+                   **dict(triple, nargs=2))
+    r.add_argument("--canvas", metavar=("T", "H", "W"), default=None, help="shrink the canvas (e.g. to run a "
+                   "GPU-sized config on a CPU)", **triple)
+    r.add_argument("--heads", type=positive_int, default=None, help="shrink the heads (one kv head per head)")
+    r.add_argument("--timeout", type=positive_float, default=600.0,
+                   help="seconds before a spawned (no torchrun) job is stopped")
     r.set_defaults(func=_run)
 
-    p = sub.add_parser("plan", help="print the shard plan and each rank's halo for a config")
+    p = sub.add_parser("plan", help="print the shard plan of a config: mode, mesh, each rank's tokens and halo")
     p.add_argument("--config", default="hunyuan_720p")
-    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--world-size", type=positive_int, default=2)
     p.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
-    p.add_argument("--step", type=int, default=20)
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None, help="hybrid mesh (default: by cost)",
+                   **dict(triple, nargs=2))
+    p.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
+    p.add_argument("--layer", type=nonnegative_int, default=0)
+    p.add_argument("--ranks", action="store_true", help="one line per rank (default: only up to 8 ranks)")
     p.set_defaults(func=_plan)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
-    bsub = b.add_subparsers(dest="what", required=True)
+    bsub = b.add_subparsers(dest="what", required=True, parser_class=_Parser)
     k = bsub.add_parser("kernel", help="our kernel vs FlexAttention-STA and SDPA, checked and timed")
     k.add_argument("--cases", default="", help="comma-separated case names (default: all standard cases)")
     k.add_argument("--replay", default="", help="'hunyuan' or a mask strategy JSON to replay")
     k.add_argument("--out", default="out/bench", help="folder for kernel_bench.json and .png")
     k.add_argument("--sweep", action="store_true", help="time launch configs instead")
-    k.add_argument("--config", type=int, help="with --sweep: only the config of this index")
+    k.add_argument("--config", type=nonnegative_int, help="with --sweep: only the config of this index")
     k.add_argument("--no-anchors", action="store_true", help="time our kernel only")
     k.set_defaults(func=_bench)
     d = bsub.add_parser("dist", help="(under torchrun) one layer per mode vs one GPU and the Ulysses+Flex anchor")
-    d.add_argument("--canvas", type=int, nargs=3, default=[30, 48, 80])
-    d.add_argument("--tile", type=int, nargs=3, default=[6, 8, 8])
-    d.add_argument("--window", type=int, nargs=3, default=[3, 3, 3])
-    d.add_argument("--heads", type=int, default=24)
-    d.add_argument("--head-dim", type=int, default=128)
-    d.add_argument("--text-len", type=int, default=0)
-    d.add_argument("--text-valid", type=int, default=0)
-    d.add_argument("--reps", type=int, default=10)
+    d.add_argument("--canvas", default=[30, 48, 80], **triple)
+    d.add_argument("--tile", default=[6, 8, 8], **triple)
+    d.add_argument("--window", default=[3, 3, 3], **triple)
+    d.add_argument("--heads", type=positive_int, default=24)
+    d.add_argument("--head-dim", type=positive_int, default=128)
+    d.add_argument("--text-len", type=nonnegative_int, default=0)
+    d.add_argument("--text-valid", type=nonnegative_int, default=0)
+    d.add_argument("--reps", type=positive_int, default=10)
     d.add_argument("--modes", default="head,tile,hybrid")
     d.add_argument("--out", default="out/bench")
     d.set_defaults(func=_bench_dist)
@@ -118,7 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sta-dist: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure reaches the user as one line
+        if args.debug:
+            raise
+        usage = isinstance(err, (CLIError, ValueError, TypeError, IndexError, FileNotFoundError))
+        message = " ".join(str(err).split()) if usage else _failure_line(err)
+        print(f"sta-dist {args.command}: error: {message}", file=sys.stderr)
+        if not usage:
+            print("sta-dist: run again with --debug for the traceback", file=sys.stderr)
+        return USAGE_ERROR if usage else JOB_FAILED
+
+
+def _failure_line(err: Exception) -> str:
+    """A job failure as one line: each failed rank's own error, not the spawn machinery's."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: " + "; ".join(lines) if lines else type(err).__name__
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .distributed import DistributedSlidingTileAttention
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
 from .parallel.env import detect_env, init_distributed
-from .parallel.plan import ShardPlan
+from .parallel.plan import MODES, ShardPlan
 from .parallel.schedule import call_schedule
 from .testing import error_bound, max_error, reference_attention
 
@@ -77,34 +77,68 @@ class RunConfig:
         if self.verify not in ("all", "sampled", "none"):
             raise ValueError(f"verify must be 'all', 'sampled' or 'none', got verify={self.verify!r}")
         for name in ("heads", "kv_heads", "head_dim", "layers", "steps", "batch", "cpu_ranks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {name}={getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads must be a multiple of kv_heads, got heads={self.heads}, kv_heads={self.kv_heads}")
+        if not 0 <= self.dense_steps <= self.steps:
+            raise ValueError(f"dense_steps must be in [0, steps={self.steps}], got dense_steps={self.dense_steps}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got mode={self.mode!r}")
+        if self.mesh is not None:
+            mesh = tuple(self.mesh)
+            if len(mesh) != 2 or not all(isinstance(m, int) and m >= 1 for m in mesh):
+                raise ValueError(f"mesh must be two ints (P_head, P_tile) >= 1, got mesh={self.mesh!r}")
+            object.__setattr__(self, "mesh", mesh)
+        if not isinstance(self.mask_strategy, str):
+            raise ValueError(f"mask_strategy must be a JSON path or 'uniform:kt,kh,kw', got {self.mask_strategy!r}")
+        if self.mask_strategy.startswith("uniform:"):
+            self._uniform_window()
 
     @staticmethod
     def load(name_or_path: str, **overrides) -> "RunConfig":
-        """A packaged config by name (``tiny_cpu``, ``hunyuan_720p`` ...) or a JSON path."""
+        """A packaged config by name (``tiny_cpu``, ``hunyuan_720p`` ...) or a JSON path;
+        ``overrides`` that are not ``None`` replace fields."""
         path = name_or_path
         if not os.path.exists(path):
             packaged = importlib.resources.files("sta_dist.configs") / f"{name_or_path}.json"
             if not packaged.is_file():
-                names = sorted(p.name[:-5] for p in importlib.resources.files("sta_dist.configs").iterdir()
-                               if p.name.endswith(".json") and not p.name.startswith("mask_strategy"))
-                raise ValueError(f"config must be a JSON path or one of {names}, got config={name_or_path!r}")
+                raise ValueError(f"config must be a JSON path or one of {packaged_configs()}, "
+                                 f"got config={name_or_path!r}")
             path = str(packaged)
-        with open(path) as f:
-            fields = json.load(f)
+        try:
+            with open(path) as f:
+                fields = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config {name_or_path!r} is not valid JSON: {err}") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"config {name_or_path!r} must be a JSON object of fields, got {type(fields).__name__}")
         fields.update({k: v for k, v in overrides.items() if v is not None})
-        if fields.get("mesh") is not None:
-            fields["mesh"] = tuple(fields["mesh"])
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        unknown = set(fields) - known
+        known = {f.name: f for f in dataclasses.fields(RunConfig)}
+        unknown = set(fields) - set(known)
         if unknown:
-            raise ValueError(f"config {name_or_path!r} has unknown fields {sorted(unknown)}")
+            raise ValueError(f"config {name_or_path!r} has unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        required = {n for n, f in known.items()
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - set(fields)
+        if missing:
+            raise ValueError(f"config {name_or_path!r} is missing required fields {sorted(missing)}")
         return RunConfig(**fields)
+
+    def _uniform_window(self) -> Triple:
+        text = self.mask_strategy[len("uniform:"):]
+        try:
+            window = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            window = ()
+        if len(window) != 3 or min(window) < 1:
+            raise ValueError(f"mask_strategy 'uniform:kt,kh,kw' needs 3 ints >= 1, got mask_strategy={self.mask_strategy!r}")
+        return window  # type: ignore[return-value]
 
     def strategy(self) -> MaskStrategy:
         if self.mask_strategy.startswith("uniform:"):
-            window = check_triple("mask_strategy", self.mask_strategy[len("uniform:"):].split(","))
+            window = self._uniform_window()
             whole = tuple(max(w, 1 << 10) for w in window)
             steps = [
                 (((whole if s < self.dense_steps else window),) * self.heads,) * self.layers
@@ -114,7 +148,79 @@ class RunConfig:
         path = self.mask_strategy
         if not os.path.exists(path):
             path = str(importlib.resources.files("sta_dist.configs") / path)
-        return MaskStrategy.load(path)
+            if not os.path.exists(path):
+                raise ValueError(f"mask_strategy must be a packaged strategy, a JSON path or 'uniform:kt,kh,kw', "
+                                 f"got mask_strategy={self.mask_strategy!r} (no such file)")
+        strategy = MaskStrategy.load(path)
+        if strategy.num_steps < self.steps:
+            raise ValueError(f"mask_strategy {self.mask_strategy!r} has {strategy.num_steps} steps, "
+                             f"fewer than the config's steps={self.steps}")
+        return strategy
+
+    def window_hint(self, strategy: MaskStrategy) -> Optional[tuple[Triple, ...]]:
+        """The windows a plan should expect: the local (not whole-grid) windows of the last
+        step, where real strategies are sparse; whole-canvas heads fall back per call."""
+        grid = STAConfig(canvas=self.canvas, tile=self.tile).grid
+        local = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}
+        return tuple(sorted(local)) or None
+
+    def shard_plan(self, world_size: int, strategy: Optional[MaskStrategy] = None) -> ShardPlan:
+        """The one plan of this workload on ``world_size`` ranks (``run`` and ``plan`` both)."""
+        strategy = strategy or self.strategy()
+        return ShardPlan(canvas=self.canvas, tile=self.tile, text_len=self.text_len, mode=self.mode,
+                         world_size=world_size, mesh=self.mesh, windows=self.window_hint(strategy),
+                         num_heads=self.heads)
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in importlib.resources.files("sta_dist.configs").iterdir()
+                  if p.name.endswith(".json") and not p.name.startswith("mask_strategy"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class JobRange:
+    """Which steps and layers of a config one ``sta-dist run`` goes through."""
+
+    start_step: int
+    steps: int
+    layers: int
+
+    @staticmethod
+    def of(cfg: RunConfig, steps: Optional[int] = None, layers: Optional[int] = None,
+           start_step: int = 0) -> "JobRange":
+        """Defaults: from ``start_step`` to the last step, every layer. Checked against the
+        config, so nothing wraps around."""
+        if not 0 <= start_step < cfg.steps:
+            raise ValueError(f"--start-step must be in [0, {cfg.steps}) for config {cfg.name!r} "
+                             f"({cfg.steps} steps), got --start-step {start_step}")
+        left = cfg.steps - start_step
+        steps = left if steps is None else steps
+        if not 1 <= steps <= left:
+            raise ValueError(f"--steps must be in [1, {left}] (config {cfg.name!r} has {cfg.steps} steps, "
+                             f"starting at step {start_step}), got --steps {steps}")
+        layers = cfg.layers if layers is None else layers
+        if not 1 <= layers <= cfg.layers:
+            raise ValueError(f"--layers must be in [1, {cfg.layers}] for config {cfg.name!r}, got --layers {layers}")
+        return JobRange(start_step=start_step, steps=steps, layers=layers)
+
+
+def cpu_seconds_estimate(cfg: RunConfig, job: JobRange, ranks: int) -> float:
+    """A rough time for the job on this CPU: attended score entries of the real windows at
+    an assumed 2 GFLOP/s per rank (the torch backend and the reference, measured here at
+    1-5), so that a GPU-sized job is refused before it starts rather than killed at the
+    deadline."""
+    cfg_shape = STAConfig(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len)
+    grid, tile_tokens = cfg_shape.grid, geometry.volume(cfg.tile)
+    strategy = cfg.strategy()
+    flops = 0.0
+    for step in range(job.start_step, job.start_step + job.steps):
+        for layer in range(job.layers):
+            windows = strategy.layer_windows(step % strategy.num_steps, layer % strategy.num_layers)
+            for h in range(cfg.heads):
+                eff = geometry.effective_window(windows[h % len(windows)], grid)
+                keys = geometry.volume(eff) * tile_tokens + cfg.text_len
+                flops += 4 * cfg.batch * cfg_shape.seq_len * keys * cfg.head_dim
+    return flops / (2e9 * ranks)
 
 
 def layer_inputs(cfg: RunConfig, step: int, layer: int, device) -> tuple[torch.Tensor, ...]:
@@ -147,47 +253,46 @@ def verify_local(cfg: RunConfig, plan: ShardPlan, rank: int, q, k, v, windows, o
 
 
 class Progress:
-    """A one-line progress bar on rank 0 (no dependency)."""
+    """Progress on rank 0 that suits a terminal and a log file alike: on a terminal one
+    bar redrawn in place, in a log one short line per step."""
 
-    def __init__(self, total: int, enabled: bool, width: int = 30):
-        self.total, self.enabled, self.width, self.done = total, enabled, width, 0
+    def __init__(self, total: int, per_step: int, enabled: bool, stream=None, width: int = 30):
+        self.total, self.per_step, self.enabled, self.width, self.done = total, per_step, enabled, width, 0
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
 
     def update(self, note: str) -> None:
         self.done += 1
         if not self.enabled:
             return
-        filled = self.width * self.done // self.total
         elapsed = time.perf_counter() - self.start
-        sys.stdout.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {note} {elapsed:.1f}s")
-        if self.done == self.total:
-            sys.stdout.write("\n")
-        sys.stdout.flush()
+        left = elapsed / self.done * (self.total - self.done)
+        if self.tty:
+            filled = self.width * self.done // self.total
+            self.stream.write(f"\r[{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} {note} "
+                              f"{elapsed:.1f}s (~{left:.0f}s left)\033[K")
+            if self.done == self.total:
+                self.stream.write("\n")
+        elif self.done % self.per_step == 0 or self.done == self.total:
+            self.stream.write(f"progress {self.done}/{self.total} layer calls: {note}, {elapsed:.1f}s, ~{left:.0f}s left\n")
+        self.stream.flush()
 
 
-def run_job(cfg: RunConfig, rank: int, world_size: int, steps: Optional[int] = None,
-            layers: Optional[int] = None, start_step: int = 0) -> dict:
-    """Run the workload on this rank (steps ``start_step ..``); every rank returns the
-    same summary."""
+def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
+    """Run the workload's ``job`` range on this rank; every rank returns the same summary."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     strategy = cfg.strategy()
-    steps, layers = steps or cfg.steps, layers or cfg.layers
-    # The plan's hint: the local windows of the last step (whole-canvas heads fall back per call).
-    grid = STAConfig(canvas=cfg.canvas, tile=cfg.tile).grid
-    local_windows = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}
-    hint = tuple(sorted(local_windows)) or None
-    plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=cfg.mode, world_size=world_size,
-                     mesh=cfg.mesh, windows=hint)
+    plan = cfg.shard_plan(world_size, strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
-    progress = Progress(steps * layers, enabled=rank == 0)
+    progress = Progress(job.steps * job.layers, job.layers, enabled=rank == 0)
     step_ms, modes, worst = [], collections.Counter(), (0.0, 1.0)
     verified = True
-    for step in range(start_step, start_step + steps):
+    for step in range(job.start_step, job.start_step + job.steps):
         total_ms = 0.0
-        for layer in range(layers):
-            windows = tuple(tuple(w) for w in strategy.layer_windows(step % strategy.num_steps, layer % strategy.num_layers))
+        for layer in range(job.layers):
+            windows = strategy.layer_windows(step, layer % strategy.num_layers)
             windows = tuple(windows[h % len(windows)] for h in range(cfg.heads))
-            attn.comm.check_agreement("this call's windows", f"step {step} layer {layer} windows {windows}")
             q, k, v = layer_inputs(cfg, step, layer, device)
             local = [plan.shard(x, rank) for x in (q, k, v)]
             _sync(device)
@@ -201,14 +306,15 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, steps: Optional[int] = N
                 verified &= err <= bound
                 if err / bound > worst[0] / worst[1]:
                     worst = (err, bound)
-            progress.update(f"step {step + 1}/{start_step + steps} layer {layer + 1}/{layers} "
+            progress.update(f"step {step + 1}/{job.start_step + job.steps} layer {layer + 1}/{job.layers} "
                             f"[{modes.most_common(1)[0][0]}]")
         step_ms.append(total_ms)
     ok = _all_ranks_true(verified, device)
     sent = dict(attn.comm.bytes_sent)
+    calls = job.steps * job.layers
     return dict(config=cfg.name, world_size=world_size, backend=attn.comm.backend, device=str(device),
                 plan=plan.describe(), modes=dict(modes), step_ms=step_ms,
-                bytes_per_layer={k: v / (steps * layers) for k, v in sent.items() if not k.startswith("check")},
+                bytes_per_layer={k: v / calls for k, v in sent.items() if not k.startswith("check")},
                 verify=cfg.verify, worst_error=worst[0], worst_bound=worst[1], verified=ok, rank=rank)
 
 
@@ -242,28 +348,65 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _spawned_job(rank: int, world_size: int, cfg: RunConfig, steps, layers, start_step) -> dict:
-    return run_job(cfg, rank, world_size, steps, layers, start_step)
+def _spawned_job(rank: int, world_size: int, cfg: RunConfig, job: JobRange) -> dict:
+    return run_job(cfg, rank, world_size, job)
 
 
-def main(config: str, steps: Optional[int] = None, layers: Optional[int] = None, mode: Optional[str] = None,
-         timeout_s: float = 600.0, start_step: int = 0) -> int:
-    """Entry of ``sta-dist run``; returns the exit code (1 if verification failed)."""
-    cfg = RunConfig.load(config, mode=mode)
+def main(cfg: RunConfig, job: JobRange, timeout_s: float = 600.0) -> int:
+    """Entry of ``sta-dist run`` (arguments already checked by :func:`prepare`); returns
+    the exit code (1 if verification failed)."""
     env = detect_env()
     if env.source != "single":
         init_distributed()
-        summary = run_job(cfg, env.rank, env.world_size, steps, layers, start_step)
+        summary = run_job(cfg, env.rank, env.world_size, job)
         if env.rank == 0:
             print(format_summary(summary), flush=True)
         dist.barrier()
         dist.destroy_process_group()
     else:
-        from .parallel.spawn import spawn_local
+        from .parallel.spawn import SpawnError, spawn_local
 
-        ranks = cfg.cpu_ranks if not torch.cuda.is_available() else 1
+        ranks = local_ranks(cfg)
         print(f"no torchrun environment: spawning {ranks} local rank(s) "
               f"({'gloo on CPU' if not torch.cuda.is_available() else 'one GPU'})", flush=True)
-        summary = spawn_local(_spawned_job, ranks, (cfg, steps, layers, start_step), timeout_s=timeout_s)[0]
+        try:
+            summary = spawn_local(_spawned_job, ranks, (cfg, job), timeout_s=timeout_s)[0]
+        except SpawnError as err:
+            if "did not finish within" in str(err):
+                raise SpawnError(f"{err} (--timeout {timeout_s:g}): give it more time with --timeout, or shrink the "
+                                 f"job with --steps/--layers/--canvas/--heads", err.details) from None
+            raise
         print(format_summary(summary), flush=True)
     return 0 if summary["verified"] else 1
+
+
+def local_ranks(cfg: RunConfig) -> int:
+    """Ranks ``sta-dist run`` spawns without a launcher: ``cpu_ranks`` on CPU, one GPU."""
+    return cfg.cpu_ranks if not torch.cuda.is_available() else 1
+
+
+def prepare(config: str, *, steps: Optional[int] = None, layers: Optional[int] = None, start_step: int = 0,
+            mode: Optional[str] = None, mesh=None, canvas=None, heads: Optional[int] = None,
+            timeout_s: float = 600.0) -> tuple[RunConfig, JobRange]:
+    """Every check of a ``sta-dist run`` before any process starts: the config with its
+    overrides, the step and layer range, the plan for this launch, and (without a GPU) that
+    the job fits the deadline."""
+    overrides = dict(mode=mode, mesh=mesh, canvas=canvas, heads=heads)
+    if heads is not None:
+        overrides["kv_heads"] = heads  # a shrunk job keeps one kv head per head
+    cfg = RunConfig.load(config, **overrides)
+    job = JobRange.of(cfg, steps, layers, start_step)
+    if not timeout_s > 0:
+        raise ValueError(f"--timeout must be > 0 seconds, got --timeout {timeout_s:g}")
+    env = detect_env()
+    ranks = env.world_size if env.source != "single" else local_ranks(cfg)
+    cfg.shard_plan(ranks)
+    if not torch.cuda.is_available() and env.source == "single":
+        estimate = cpu_seconds_estimate(cfg, job, ranks)
+        if estimate > timeout_s:
+            raise ValueError(
+                f"config {cfg.name!r} is GPU-sized for this CPU: about {estimate:.0f} s for {job.steps} step(s) x "
+                f"{job.layers} layer(s) of canvas {cfg.canvas} x {cfg.heads} heads, over --timeout {timeout_s:g}; "
+                f"shrink it (e.g. --steps 1 --layers 1 --canvas 6 16 16 --heads 4), raise --timeout, or run it on GPUs"
+            )
+    return cfg, job

@@ -1,0 +1,86 @@
+"""What ``sta-dist plan`` prints: a workload's shard plan for one call, summarised over the
+ranks (readable at 1024 ranks), with a warning when ranks would sit idle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from . import geometry
+from .parallel.plan import ShardPlan, choose_mesh
+from .parallel.schedule import CallSchedule, call_schedule
+from .run import DTYPES, RunConfig
+
+DETAIL_RANKS = 8
+"""Up to this many ranks the report has one line per rank without being asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class RankLoad:
+    """One rank's share of one call."""
+
+    rank: int
+    tokens: int
+    heads: int
+    kv_heads: int
+    halo_tokens: int
+    mode: str
+
+    @staticmethod
+    def of(plan: ShardPlan, sched: CallSchedule) -> "RankLoad":
+        halo = sum(geometry.packed_token_count(plan.canvas, plan.tile, t) for t in sched.halo_recv)
+        me = sched.me_in_head_group
+        return RankLoad(sched.rank, plan.held_count(sched.rank), len(sched.q_heads[me]), len(sched.kv_heads[me]),
+                        halo, sched.mode)
+
+
+def idle_advice(cfg: RunConfig, plan: ShardPlan, windows) -> str:
+    """Which mode or mesh would give more ranks work, or why none can."""
+    mesh, why = choose_mesh(plan.grid, plan.world_size, sorted(set(windows)), cfg.heads)
+    if mesh == plan.mesh:
+        return (f"no mesh of {plan.world_size} ranks does better for {cfg.heads} heads and grid {plan.grid} "
+                f"({why}); a world size whose head axis divides {cfg.heads} would use every rank")
+    flag = f"--mode hybrid --mesh {mesh[0]} {mesh[1]}" if 1 not in mesh else (
+        "--mode tile" if mesh[0] == 1 else "--mode head")
+    return f"{flag} would use them ({why})"
+
+
+def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, layer: int = 0,
+                per_rank: bool = False) -> str:
+    strategy = cfg.strategy()
+    step = strategy.num_steps - 1 if step is None else step
+    if not 0 <= step < strategy.num_steps:
+        raise ValueError(f"--step must be in [0, {strategy.num_steps}) for config {cfg.name!r}, got --step {step}")
+    if not 0 <= layer < strategy.num_layers:
+        raise ValueError(f"--layer must be in [0, {strategy.num_layers}) for config {cfg.name!r}, got --layer {layer}")
+    layer_windows = strategy.layer_windows(step, layer)
+    windows = tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
+    plan = cfg.shard_plan(world_size, strategy)
+    loads = [RankLoad.of(plan, call_schedule(plan, windows, cfg.kv_heads, r)) for r in range(world_size)]
+    itemsize = DTYPES[cfg.dtype].itemsize
+    kv_bytes = 2 * cfg.batch * cfg.head_dim * itemsize  # per token and kv head, k + v
+
+    lines = [f"config {cfg.name}: canvas {cfg.canvas}, tile {cfg.tile}, grid {plan.grid}, {cfg.heads} heads",
+             f"plan: {plan.describe()}",
+             f"windows at step {step}, layer {layer}: {sorted(set(windows))}"]
+    modes = sorted({load.mode for load in loads})
+    lines.append(f"{world_size} ranks, this call in mode {', '.join(modes)}:")
+    for name, values in (("video tokens held", [l.tokens for l in loads]),
+                         ("query heads computed", [l.heads for l in loads]),
+                         ("halo tokens received", [l.halo_tokens for l in loads])):
+        lines.append(f"  {name:<22} min {min(values):>8}  max {max(values):>8}")
+    halo_mb = max(l.halo_tokens * l.kv_heads for l in loads) * kv_bytes / 1e6
+    lines.append(f"  halo k+v per rank      max {halo_mb:.1f} MB")
+    idle = [l.rank for l in loads if l.heads == 0]
+    if idle:
+        shown = ", ".join(map(str, idle[:8])) + (f" ... ({len(idle)} in all)" if len(idle) > 8 else "")
+        lines.append(f"WARNING: {len(idle)} of {world_size} ranks compute no head in this call (ranks {shown}); "
+                     f"{idle_advice(cfg, plan, windows)}")
+    if per_rank or world_size <= DETAIL_RANKS:
+        for l in loads:
+            r = l.rank
+            lines.append(f"rank {r}: {l.tokens} tokens held, box {plan.box(r)}, mode {l.mode}, {l.heads} heads, "
+                         f"halo in {l.halo_tokens} tokens ({l.halo_tokens * l.kv_heads * kv_bytes / 1e6:.1f} MB k+v)")
+    else:
+        lines.append("(one line per rank: --ranks)")
+    return "\n".join(lines)

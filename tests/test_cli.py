@@ -1,0 +1,171 @@
+"""The command line: every misuse is one line naming the argument, the rule and the value,
+with a non-zero exit and no traceback; every packaged config plans and runs one step."""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sta_dist import cli
+from sta_dist.parallel.spawn import free_port
+from sta_dist.run import packaged_configs
+
+pytestmark = pytest.mark.timeout(300)
+
+ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+
+
+def one_line_error(capsys, argv, code=cli.USAGE_ERROR) -> str:
+    """Run the CLI in this process; it must fail with ``code`` and one stderr line."""
+    try:
+        got = cli.main(argv)
+    except SystemExit as stop:  # argparse's own exit
+        got = stop.code
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert got == code, (got, captured.out, captured.err)
+    assert len(lines) == 1 + (code == cli.JOB_FAILED), captured.err
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--config", "nosuch"], r"sta-dist run: error: config must be a JSON path or one of \['hunyuan_720p', "
+                                    r".*\], got config='nosuch'"),
+    (["plan", "--world-size", "0"], r"argument --world-size: must be an int >= 1, got '0'"),
+    (["plan", "--layer", "999"], r"--layer must be in \[0, 60\) for config 'hunyuan_720p', got --layer 999"),
+    (["plan", "--step", "7", "--config", "tiny_cpu"], r"--step must be in \[0, 3\) for config 'tiny_cpu', got --step 7"),
+    (["plan", "--world-size", "1024", "--mode", "tile"], r"tile axis of 1024 ranks cannot split the tile grid "
+                                                         r"\(5, 6, 10\)"),
+    (["plan", "--mode", "tile", "--mesh", "2", "1"], r"mesh=\(P_head, P_tile\) is for mode='hybrid'"),
+    (["plan", "--mode", "hybrid", "--world-size", "4", "--mesh", "3", "2"],
+     r"mesh must be \(P_head, P_tile\) with P_head \* P_tile = world_size = 4, got mesh=\(3, 2\)"),
+    (["run", "--steps", "0"], r"argument --steps: must be an int >= 1, got '0'"),
+    (["run", "--steps", "-1"], r"argument --steps: must be an int >= 1, got '-1'"),
+    (["run", "--layers", "0"], r"argument --layers: must be an int >= 1, got '0'"),
+    (["run", "--layers", "9"], r"--layers must be in \[1, 4\] for config 'tiny_cpu', got --layers 9"),
+    (["run", "--start-step", "99"], r"--start-step must be in \[0, 3\) for config 'tiny_cpu' \(3 steps\), "
+                                    r"got --start-step 99"),
+    (["run", "--start-step", "2", "--steps", "2"], r"--steps must be in \[1, 1\] .* got --steps 2"),
+    (["run", "--timeout", "0"], r"argument --timeout: must be a number > 0, got '0'"),
+    (["run", "--canvas", "4", "4"], r"argument --canvas: expected 3 arguments"),
+    (["run", "--mode", "ring"], r"argument --mode: invalid choice: 'ring'"),
+    (["run", "--config", "hunyuan_720p", "--steps", "1"],
+     r"config 'hunyuan_720p' is GPU-sized for this CPU: about \d+ s .* over --timeout 600; shrink it"),
+    (["bench", "kernel"], r"sta-dist bench kernel needs a CUDA GPU, and none is visible"),
+    (["bench", "dist"], r"sta-dist bench dist must run under torchrun"),
+    (["nosuch"], r"argument command: invalid choice: 'nosuch'"),
+])
+def test_misuse_is_one_line(capsys, monkeypatch, argv, message):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert re.search(message, one_line_error(capsys, argv))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", r"config '.*bad.json' is not valid JSON: Expecting property name"),
+    ('{"name": "x", "canvas": [4, 4, 4]}', r"config '.*bad.json' is missing required fields \['head_dim', "
+                                           r"'heads', 'kv_heads', 'layers', 'mask_strategy', 'steps', 'tile'\]"),
+    ('{"name": "x", "colour": 1}', r"has unknown fields \['colour'\]"),
+    ('[1, 2]', r"must be a JSON object of fields, got list"),
+])
+def test_bad_config_files(capsys, tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    assert re.search(message, one_line_error(capsys, ["run", "--config", str(path)]))
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ValueError, match="config must be a JSON path"):
+        cli.main(["--debug", "run", "--config", "nosuch"])
+
+
+def test_version_and_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "sta_dist", "--version"], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("sta-dist 0."), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("config", packaged_configs())
+def test_every_packaged_config_plans(capsys, config):
+    assert cli.main(["plan", "--config", config, "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"config {config}:" in out and "rank 3:" in out
+
+
+def test_plan_stays_readable_at_1024_ranks_and_warns_of_idle_ranks(capsys):
+    assert cli.main(["plan", "--world-size", "64", "--mode", "head"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: 40 of 64 ranks compute no head" in out and "--mode hybrid --mesh 8 8 would use them" in out
+    assert len(out.splitlines()) < 15
+    assert cli.main(["plan", "--world-size", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) < 15 and "(one line per rank: --ranks)" in out
+    assert cli.main(["plan", "--world-size", "3", "--mode", "hybrid"]) == 0  # hybrid picks its own mesh
+    assert "by cost" in capsys.readouterr().out
+
+
+SHRUNK = {"tiny_cpu": [], "hunyuan_720p": ["--canvas", "6", "16", "16", "--heads", "4"],
+          "wan21_480p": ["--canvas", "6", "10", "20", "--heads", "4"],
+          "wan21_720p": ["--canvas", "6", "16", "16", "--heads", "4"],
+          "stepvideo": ["--canvas", "6", "16", "16", "--heads", "4"]}
+
+
+@pytest.mark.parametrize("config", packaged_configs())
+def test_every_packaged_config_runs_one_step(capfd, config):
+    code = cli.main(["run", "--config", config, "--steps", "1", "--layers", "2", *SHRUNK[config]])
+    out = capfd.readouterr().out
+    assert code == 0, out
+    assert "VERIFIED" in out and f"config={config}" in out
+
+
+def test_progress_suits_a_log_file(capfd):
+    assert cli.main(["run", "--steps", "2", "--layers", "2"]) == 0
+    out = capfd.readouterr().out
+    assert "\r" not in out
+    progress = [line for line in out.splitlines() if line.startswith("progress")]
+    assert len(progress) == 2 and all(len(line) < 120 for line in progress), progress
+
+
+def launch(env_overrides, timeout=60):
+    env = dict(ENV, **env_overrides)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "sta_dist", "run", "--steps", "1"], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return done, time.monotonic() - start
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(RANK="3", WORLD_SIZE="2"), r"RANK must be in \[0, WORLD_SIZE=2\), got RANK=3"),
+    (dict(RANK="0", WORLD_SIZE="2"), r"rank 0 of 2 could not form the job at 127\.0\.0\.1:\d+ within 20 s: only "
+                                     r"some of the 2 ranks joined: start WORLD_SIZE=2 processes"),
+    (dict(RANK="1", WORLD_SIZE="2"), r"rank 1 of 2 could not form the job .* rank 0 did not answer at "),
+    (dict(RANK="x", WORLD_SIZE="2"), r"RANK must be an int, got RANK='x'"),
+])
+def test_wrong_environment_fails_within_30_s(overrides, message):
+    done, seconds = launch(dict(overrides, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert done.returncode != 0 and seconds < 30, (seconds, done.stderr)
+    assert re.search(message, done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_spawned_job_past_its_deadline_says_what_to_do(capsys):
+    line = one_line_error(capsys, ["run", "--timeout", "0.5", "--steps", "1", "--layers", "1"], code=cli.JOB_FAILED)
+    assert "did not finish within 0.5s (--timeout 0.5): give it more time with --timeout" in line
+
+
+def test_a_config_given_by_path(capsys, tmp_path):
+    """A config file given by path works like a packaged one."""
+    path = tmp_path / "mine.json"
+    spec = json.loads(open(cli.packaged("tiny_cpu.json")).read())
+    spec["mask_strategy"] = "uniform:1,2,2"
+    path.write_text(json.dumps(spec))
+    assert cli.main(["plan", "--config", str(path), "--world-size", "2"]) == 0
+    assert "windows at step 2, layer 0: [(1, 2, 2)]" in capsys.readouterr().out
