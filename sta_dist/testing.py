@@ -1,7 +1,7 @@
 """The one reference implementation of STA, and the tolerance rule every test uses.
 
 The reference is dense masked attention. Its mask is built by brute force, token pair by
-token pair, straight from the rules of DESIGN §1 (it deliberately does not use
+token pair, straight from the rules of docs/design.md §1 (it deliberately does not use
 :mod:`sta_dist.geometry`, so that it can prove it).
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhs`` = ``[batch, heads, seq]``.
