@@ -22,7 +22,7 @@ from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan
 from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
-from .parallel.schedule import CallSchedule, call_schedule
+from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
     SUPPORTED_HEAD_DIMS,
     check_causal,
@@ -271,7 +271,9 @@ class SlidingTileAttentionImpl:
             return qkv
         q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
         self._check_call(q, k, v, attn_metadata)
-        return exchange_in(q, k, v, self._schedule(attn_metadata), self.comm)
+        sched = self._schedule(attn_metadata)
+        warn_if_fallback(sched, self.plan)
+        return exchange_in(q, k, v, sched, self.comm)
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
         """After ``forward``. On one device nothing moves. With a plan: the text rows'

@@ -82,8 +82,6 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     costs = [geometry.volume(w) for w in eff]
     fallback = whole_canvas_halo(plan, tuple(sorted(set(eff))))
     if fallback:
-        if rank == 0:  # once per job, not once per rank
-            _warn_fallback(plan, tuple(eff))
         head_group, tile_group = tuple(range(plan.world_size)), (rank,)
     else:
         head_group, tile_group = plan.head_group(rank), plan.tile_group(rank)
@@ -127,6 +125,13 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
         mode = "tile" if len(head_group) == 1 else "hybrid"
     return CallSchedule(rank, mode, head_group, tile_group, q_heads, kv_heads, held_counts, tuple(sends),
                         tuple(recvs), layout, heads, tile_group.index(rank) == 0)
+
+
+def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
+    """Say once per job (rank 0, once per plan and windows) that a call fell back to head
+    mode; called when a call runs, not when a schedule is only modelled."""
+    if sched.mode == "head (fallback)" and sched.rank == 0:
+        _warn_fallback(plan, tuple(sorted(set(sched.heads.windows))))
 
 
 @functools.lru_cache(maxsize=64)
