@@ -73,8 +73,8 @@ def attention_modules(model) -> list:
 class MaskedStock:
     """Diffusers' own processor with the STA mask of its layer as ``attention_mask``."""
 
-    def __init__(self, stock, windows, text_valid):
-        self.stock, self.windows, self.text_valid = stock, windows, text_valid
+    def __init__(self, stock, windows, text_valid, canvas):
+        self.stock, self.windows, self.text_valid, self.canvas = stock, windows, text_valid, canvas
 
     def mask(self, n_video: int, n_text: int, batch: int, device) -> torch.Tensor:
         """``[B, H, S, S]`` bool. Padding text queries see every valid key (as the stock
@@ -83,7 +83,7 @@ class MaskedStock:
         masks = []
         for b in range(batch):
             valid = self.text_valid[b] if n_text else 0
-            heads = [sta_mask(CANVAS, TILE, w, n_text, valid, device=device) for w in self.windows]
+            heads = [sta_mask(self.canvas, TILE, w, n_text, valid, device=device) for w in self.windows]
             m = torch.stack(heads)
             keys_ok = torch.arange(n_video + n_text, device=device) < n_video + valid
             m[:, n_video + valid:] = keys_ok
@@ -101,12 +101,13 @@ class MaskedStock:
                           image_rotary_emb=image_rotary_emb)
 
 
-def masked_reference(model, kw: dict, layer_windows, text_valid=(TEXT,), dtype=torch.float64) -> torch.Tensor:
+def masked_reference(model, kw: dict, layer_windows, text_valid=(TEXT,), dtype=torch.float64,
+                     canvas=CANVAS) -> torch.Tensor:
     """The model's output with each attention layer masked to ``layer_windows[layer]``
     (one window per head), in ``dtype``, through diffusers' own attention."""
     ref_model = copy.deepcopy(model).to(dtype)
     for layer, module in enumerate(attention_modules(ref_model)):
-        module.set_processor(MaskedStock(module.processor, layer_windows[layer], text_valid))
+        module.set_processor(MaskedStock(module.processor, layer_windows[layer], text_valid, canvas))
     return run(ref_model, kw, dtype)
 
 
