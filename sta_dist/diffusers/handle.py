@@ -69,6 +69,8 @@ class STAHandle:
         self.parallel, self.group, self.mesh, self.backend = parallel, group, mesh, backend
         self.step = 0
         self.context: Optional[CallContext] = None
+        self.last_plan: Optional[ShardPlan] = None
+        """The shard plan of the latest forward (``parallel=...``)."""
         self.measure = False
         """When True, every attention call is timed (with device syncs) into ``attention_seconds``."""
         self.attention_seconds = 0.0
@@ -109,6 +111,7 @@ class STAHandle:
                              world_size=self._comm.world_size, mesh=self.mesh,
                              windows=self.windows.distinct(self.step))
         self.context = CallContext(canvas, text_len, text_length, plan)
+        self.last_plan = plan
 
     def _end(self, module, args, kwargs, output) -> None:
         self.context = None
