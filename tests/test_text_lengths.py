@@ -60,7 +60,7 @@ def test_bad_text_length(bad, error, message):
 @pytest.mark.parametrize("lengths", [[0, 5], (5, 2, 5), "tensor"])
 def test_per_sample_lengths_match_reference(backend, lengths):
     # odd canvas, partial tiles, per-head windows, GQA; samples 0 and 2 share a length
-    case = Case((3, 5, 7), (2, 2, 3), [(1, 2, 1), (2, 1, 3)], 5, 0, 3, 2, 1, 32)
+    case = Case((2, 3, 5), (1, 2, 3), [(1, 2, 1), (2, 1, 2)], 5, 0, 3, 2, 1, 32)  # small: the interpreter is slow
     if lengths == "tensor":
         lengths = torch.tensor([4, 1, 0])
     q, k, v = case.tensors(torch.float32, seed=len(str(lengths)))
@@ -74,7 +74,7 @@ def test_per_sample_lengths_match_reference(backend, lengths):
     assert torch.equal(torch.isfinite(lse), finite)
     assert max_error(lse[finite], ref_lse[finite]) <= 1e-5
     for b, n in enumerate(torch.as_tensor(lengths).tolist()):  # padding rows of each sample are zero
-        assert torch.count_nonzero(out[b, 105 + n:]) == 0
+        assert torch.count_nonzero(out[b, 30 + n:]) == 0
 
 
 def test_reference_per_sample_equals_one_sample_at_a_time():
