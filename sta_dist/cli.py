@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--modes", default="head,tile,hybrid")
     d.add_argument("--out", default="out/bench")
     d.set_defaults(func=_bench_dist)
+
+    from .generate import register as register_generate
+    register_generate(sub)
     return parser
 
 

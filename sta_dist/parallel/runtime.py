@@ -90,12 +90,14 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     return BoxInputs(q_box, k_kv, v_kv)
 
 
-def attend(inputs: BoxInputs, sched: CallSchedule, text_length: int, scale: float, backend: str) -> PartialOutput:
-    """Step 3: the local kernel. Text keys count on one rank of the tile group only, so
-    the merged text rows see each of them once. Only text rows are merged, so a call
-    without text asks for no log-sum-exp (which lets the fastest kernel take it)."""
-    merge = len(sched.tile_group) > 1 and text_length > 0
-    text = LocalText(text_length, text_length, text_length if sched.counts_text_keys else 0)
+def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str) -> PartialOutput:
+    """Step 3: the local kernel. ``text_length`` is one int or a tuple of one per batch
+    sample. Text keys count on one rank of the tile group only, so the merged text rows
+    see each of them once. Only text rows are merged, so a call without text asks for no
+    log-sum-exp (which lets the fastest kernel take it)."""
+    longest = max(text_length) if isinstance(text_length, tuple) else text_length
+    merge = len(sched.tile_group) > 1 and longest > 0
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge)
     if merge:
         out, lse = result
