@@ -251,9 +251,9 @@ class SlidingTileAttentionImpl:
         rank fail at once, instead of leaving its peers waiting in the next collective."""
         try:
             self._check_local(q, k, v)
-            self._text_length(attn_metadata)
+            text_length = check_text_length(attn_metadata.text_length, self.plan.text_len, q.shape[0])
             windows = normalize_windows(self.layer_windows(attn_metadata), self.num_heads)
-            description = (f"windows={windows} text_length={attn_metadata.text_length} batch={q.shape[0]} "
+            description = (f"windows={windows} text_length={text_length} batch={q.shape[0]} "
                            f"dtype={q.dtype} device={q.device.type}")
             error = None
         except (ValueError, TypeError, IndexError) as err:

@@ -13,9 +13,8 @@ from typing import Optional
 import torch
 
 from .backend import SlidingTileAttentionImpl, SlidingTileAttentionMetadata
-from .config import WindowArg, normalize_windows
+from .config import WindowArg
 from .parallel.plan import ShardPlan
-from .validation import check_text_length
 
 
 class DistributedSlidingTileAttention(torch.nn.Module):
@@ -42,9 +41,8 @@ class DistributedSlidingTileAttention(torch.nn.Module):
 
     def forward(self, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor,
                 window: WindowArg, text_length=None) -> torch.Tensor:
-        windows = normalize_windows(window, self.impl.num_heads)
-        text_length = check_text_length(text_length, self.plan.text_len, q_local.shape[0])
-        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[list(windows)], text_length=text_length)
+        # Checked by the Impl on every rank together: one rank's bad input fails them all.
+        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[window], text_length=text_length)
         box = self.impl.preprocess_qkv((q_local, k_local, v_local), meta)
         partial = self.impl.forward(*box, meta)
         return self.impl.postprocess_output(partial, meta)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
