@@ -81,7 +81,7 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in sched.halo_recv]
     send = []
     for tiles_out in sched.halo_send:
-        rows = tile_rows(canvas, tile, box_tiles, tiles_out).to(k_box.device)
+        rows = tile_rows(canvas, tile, box_tiles, tiles_out, k_box.device)
         send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
     chunks = comm.all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
     halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, n_in)) if i != sched.me_in_tile_group]

@@ -143,9 +143,13 @@ def _warn_fallback(plan: ShardPlan, windows: tuple[Triple, ...]) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...]) -> torch.Tensor:
+def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...],
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Row index, within a packed storage of the ``storage`` tiles, of the tokens of the
-    ``wanted`` tiles (in wanted order)."""
+    ``wanted`` tiles (in wanted order), on ``device`` (cached there: a copy per call would
+    make the host wait for the GPU)."""
+    if device.type != "cpu":
+        return tile_rows(canvas, tile, storage, wanted).to(device)
     grid = geometry.grid_shape(canvas, tile)
     base = {t: r.base for t, r in zip(storage, geometry.packed_tile_rows(canvas, tile, storage))}
     size = {t: geometry.volume(geometry.tile_extent(geometry.tile_coords(t, grid), canvas, tile)) for t in wanted}
