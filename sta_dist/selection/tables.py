@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import geometry
 from ..geometry import Triple
 from .rules import rule_volume, window_mask
 
@@ -43,6 +44,9 @@ def union_with_windows(selected_bhqn: Optional[torch.Tensor], windows: Optional[
     head has the same window, else one per query head."""
     if windows is None:
         return selected_bhqn
+    if not windows:  # a rank without heads
+        empty = torch.zeros(1, 0, len(q_tiles), geometry.num_tiles(grid), dtype=torch.bool, device=device)
+        return empty if selected_bhqn is None else selected_bhqn[:, :0] | empty
     distinct = list(dict.fromkeys(tuple(w) for w in windows))
     masks = {w: window_mask(q_tiles, w, grid, rule, device) for w in distinct}
     if len(distinct) == 1:
