@@ -156,3 +156,13 @@ def run_selected(rank, world, cases):
         mode = schedule_of(plan, heads.windows, case.kv_heads, rank).mode
         results.append((out, info, dict(attn.comm.bytes_sent), mode))
     return results
+
+
+def dist_bench_selected(rank, world, out_dir):
+    """The 2-GPU selection benchmark's code path, on gloo with tiny shapes."""
+    import sta_dist
+    from sta_dist.bench_dist import run_dist_bench
+
+    result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
+                            text_len=5, text_valid=3, reps=2, modes=("tile", "head"), select=sta_dist.TopK(2))
+    return {name: row.get("max_diff_vs_one_gpu") for name, row in result["rows"].items()}, result["one_gpu_check"]

@@ -112,3 +112,50 @@ def test_every_mode_matches_reference_and_fetches_exactly_its_union(world):
         check_call(j, plan, results, i)
         modes |= {results[r][i][3] for r in range(world)}
     assert {"head", "tile"} <= modes
+
+
+HUNYUAN = dict(canvas=(30, 48, 80), tile=(6, 8, 8), text_len=0)
+
+
+def test_auto_sees_that_selected_tiles_widen_the_halo():
+    """At HunyuanVideo's grid a (3,3,3) window's halo favours tile mode; 8 tiles chosen
+    anywhere by each of a box's query tiles reach nearly the whole canvas: on 2 ranks that
+    is still no more than head mode's all-to-all (148 of the other 150 tiles), on 4 it is."""
+    two = [ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((3, 3, 3),), selected_tiles=s) for s in (0, 8)]
+    assert [p.mode for p in two] == ["tile", "tile"] and "halo 30 " in two[0].reason and "halo 147.9" in two[1].reason
+    four = [ShardPlan(**HUNYUAN, mode="auto", world_size=4, windows=((3, 3, 3),), selected_tiles=s) for s in (0, 8)]
+    assert [p.mode for p in four] == ["tile", "head"] and "would cost more" in four[1].reason
+    with pytest.raises(ValueError, match=r"selected_tiles must be a number >= 0 or None, got selected_tiles=-1"):
+        ShardPlan(**HUNYUAN, mode="auto", world_size=2, selected_tiles=-1)
+
+
+def test_expected_cost_of_a_selection():
+    """Without the data the model expects TopK(k) to pick any tile with chance k / n: its
+    work is within a few percent of the exact cost of a random selection, and a mask (known
+    up front) is costed exactly."""
+    case = Case((6, 16, 16), (2, 4, 4), (3, 3, 3), 0, 0, 1, 2, 2, 32)
+    q, k, _ = dist_workers.full_inputs(case, 0)
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=0, mode="tile", world_size=2)
+    windows = [(3, 3, 3)] * 2
+    top = sta_dist.TopK(6)
+    exact = selected_call_cost(plan, windows, "sta", top, 2, 2, 1, 32, 2, 0,
+                               selected=reference_selection(q, k, case.canvas, case.tile, top))
+    expected = selected_call_cost(plan, windows, "sta", top, 2, 2, 1, 32, 2, 0)
+    for e, x in zip(exact.ranks, expected.ranks):
+        assert abs(x.flops / e.flops - 1) < 0.05
+    mask = reference_selection(q, k, case.canvas, case.tile, top)
+    assert selected_call_cost(plan, windows, "sta", mask, 2, 2, 1, 32, 2, 0) == \
+        selected_call_cost(plan, windows, "sta", mask, 2, 2, 1, 32, 2, 0, selected=mask)
+    window_only = selected_call_cost(plan, windows, "sta", None, 2, 2, 1, 32, 2, 0)
+    assert all(w.flops < x.flops for w, x in zip(window_only.ranks, expected.ranks))
+
+
+def test_dist_bench_with_selection_runs_on_gloo(tmp_path):
+    results = spawn_local(dist_workers.dist_bench_selected, 2, (str(tmp_path),), timeout_s=200)
+    diffs, check = results[0]
+    assert any("tile" in name for name in diffs) and "one GPU, window alone" in diffs
+    for name, diff in diffs.items():
+        if diff is not None:
+            assert diff <= 1e-5, (name, diff)
+    assert check["selection_equal"], check
+    assert (tmp_path / "dist_bench_2_selected.json").exists()

@@ -72,6 +72,14 @@ def build_key_tiles(selected_bhqn: Optional[torch.Tensor], windows: Optional[Seq
     return key_tiles(attended, width), attended
 
 
+def local_key_tiles(q, k, layout: LocalLayout, heads: LocalHeads, windows, window_rule: str, select,
+                    use_triton: bool) -> tuple[KeyTiles, torch.Tensor]:
+    """Everything a table-path call does before its kernel (one device): the selection,
+    its union with the windows, the lists. Returns ``(KeyTiles, attended [Bk, Hm, n, n])``."""
+    selected = None if select is None else selected_tiles(q, k, layout, heads.kv_heads, select, use_triton)
+    return build_key_tiles(selected, windows, window_rule, layout, select, q.device)
+
+
 def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, backend, layout, return_lse, select,
                        window_rule, return_selection):
     """:func:`sta_dist.sliding_tile_attention` with ``select`` / ``window_rule`` /
@@ -96,8 +104,7 @@ def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, bac
     else:
         heads = table_heads(windows, window_rule, H, cfg.grid, hkv)
         use_triton = choose_backend(q, backend) == "triton"
-        selected = None if select is None else selected_tiles(q, k, local, heads.kv_heads, select, use_triton)
-        keys, attended = build_key_tiles(selected, windows, window_rule, local, select, q.device)
+        keys, attended = local_key_tiles(q, k, local, heads, windows, window_rule, select, use_triton)
         result = local_attention(q, k, v, local, heads, text, scale, backend, return_lse, keys=keys)
     if not return_selection:
         return result
