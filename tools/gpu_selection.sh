@@ -15,7 +15,7 @@ if [ "${NGPU:-1}" -ge 2 ]; then
     --text-len 256 --text-valid 200 --select topk:8 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_selected.log" \
     | tail -n 8
 else
-  timeout 150 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 | tee "$OUT/selection_gpu_tests.log"
+  timeout 180 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 | tee "$OUT/selection_gpu_tests.log"
   timeout 300 python3 -m sta_dist.cli bench kernel --cases hunyuan_topk8,hunyuan_mass09 --out "$OUT" 2>&1 \
     | grep -v -i warn | tee "$OUT/bench_selection.log" | tail -n 18
 fi

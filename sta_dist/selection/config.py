@@ -106,15 +106,6 @@ def check_window_or_select(window, select: SelectArg) -> None:
                          "sta_dist.Mass(...) or a tile mask, got window=None and select=None")
 
 
-def selection_heads(select: SelectArg, num_heads: int) -> int:
-    """Heads of the selection: 1 when shared (or a mask with one head), else ``num_heads``."""
-    if select is None:
-        return 0
-    if isinstance(select, torch.Tensor):
-        return select.shape[1]
-    return 1 if select.share_heads else num_heads
-
-
 def describe(select: SelectArg, window_rule: str) -> str:
     """A short, rank-independent description (for the distributed agreement check)."""
     if isinstance(select, torch.Tensor):
