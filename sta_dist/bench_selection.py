@@ -22,7 +22,7 @@ from .geometry import Triple
 from .local import LocalHeads, LocalText
 from .selection import Mass, TopK
 from .selection.attention import local_key_tiles, table_heads
-from .testing import sampled_check
+from .testing import reference_selection, sampled_check
 
 HUNYUAN = (30, 48, 80)
 TILE = (6, 8, 8)
@@ -112,9 +112,11 @@ def _flex_anchor(case: SelectionCase, compile_flex: bool) -> Optional[FlexTileLi
 def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) -> dict:
     """Each output row checked against the reference on sampled rows."""
     kw = dict(canvas=case.canvas, tile=case.tile, window=case.window, text_length=case.text_valid, n_rows=n_rows)
-    sel = dict(select=case.select, window_rule=case.window_rule)
+    # The reference's selection once (the mask every checked row is compared under).
+    sel = dict(select=reference_selection(q, k, case.canvas, case.tile, case.select), window_rule=case.window_rule)
     out, tiles = sliding_tile_attention(q, k, v, **{x: kw[x] for x in ("canvas", "tile", "window", "text_length")},
-                                        **sel, backend="triton", return_selection=True)
+                                        select=case.select, window_rule=case.window_rule, backend="triton",
+                                        return_selection=True)
     checks = {"ours (selection included)": sampled_check(q, k, v, out, **kw, **sel, selection=tiles)}
     del out
     for name in ("window alone (as routed)", "window alone (Triton, window path)", "window alone (Triton, table path)"):
