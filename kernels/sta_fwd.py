@@ -12,6 +12,11 @@ natural order, the tiled order, and a rank's own tiles plus its halo:
   in ``k``/``v`` (entries of tiles that no window reaches are never read).
 - ``heads [n, 5]``: per computed query head ``(kt, kh, kw, kv_head, q_head)``, windows
   already clamped to ``min(k, n)`` tiles; a launch may compute a subset of the heads.
+- the table path (``TABLE``; selected tiles, windows of other rules): ``sel_keys [Bk, Hk,
+  n_q_tiles, width]`` and ``sel_count [Bk, Hk, n_q_tiles]`` int32 list each query tile's key
+  tiles by global id, per batch sample and query head (``Bk``/``Hk`` of 1 broadcast); the
+  windows of ``heads`` are then not read. Without ``TABLE`` the kernel is compiled exactly
+  as before (the branch is a compile-time constant).
 
 Program ``(pid, b*n + i)``: the first ``n_text_blocks`` pids are text query blocks (they
 attend every video key, so they are long and go first); the rest are ``BLOCKS_PER_TILE``
@@ -104,21 +109,27 @@ def _token_rows(entry, offs, TH: tl.constexpr, TW: tl.constexpr):
 
 @triton.jit
 def _key_block(j, b, kvh, st, sh, sw, kh, kw, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
-               KV_TILES, K_DESC, V_DESC, kv_rows, k_base, v_base, sks, svs, offs_d, d_valid,
+               KV_TILES, K_DESC, V_DESC, kv_rows, k_base, v_base, sks, svs, offs_d, d_valid, SEL_KEYS, sel_row,
                TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr, TMA: tl.constexpr,
-               DMASK: tl.constexpr):
+               DMASK: tl.constexpr, TABLE: tl.constexpr):
     """Key/value block ``j`` of a query tile's window (window starts ``st, sh, sw``, sizes
-    ``kh, kw`` in tiles): ``(k, v, key_valid)``. Keys outside the canvas are masked, and
-    only when not ``EVEN``."""
+    ``kh, kw`` in tiles), or with ``TABLE`` of its key-tile list at ``SEL_KEYS + sel_row``:
+    ``(k, v, key_valid)``. Keys outside the canvas are masked, and only when not ``EVEN``."""
     VOL: tl.constexpr = TT * TH * TW
     KEY_BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_N - 1) // BLOCK_N
     i = j // KEY_BLOCKS_PER_TILE
     nb = (j % KEY_BLOCKS_PER_TILE) * BLOCK_N
-    wt = st + i // (kh * kw)
-    wh = sh + (i // kw) % kh
-    ww = sw + i % kw
-    kid = (wt * grid_h + wh) * grid_w + ww
+    if TABLE:
+        kid = tl.load(SEL_KEYS + sel_row + i)
+        wt = kid // (grid_h * grid_w)
+        wh = (kid // grid_w) % grid_h
+        ww = kid % grid_w
+    else:
+        wt = st + i // (kh * kw)
+        wh = sh + (i // kw) % kh
+        ww = sw + i % kw
+        kid = (wt * grid_h + wh) * grid_w + ww
     offs_n = nb + tl.arange(0, BLOCK_N)
     key_valid = offs_n < VOL
     if TMA == 2:
@@ -152,10 +163,10 @@ def _sta_fwd_kernel(
     n_heads, grid_t, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
     n_text_blocks, q_text_start, q_text_rows, q_text_valid,
     kv_text_start, kv_text_for_video, kv_text_for_text, text_q_video_keys,
-    qk_scale,
+    qk_scale, SEL_KEYS, SEL_COUNT, sel_kb, sel_kh, sel_kq, sel_cb, sel_ch,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, TABLE: tl.constexpr,
 ):
     VOL: tl.constexpr = TT * TH * TW
     BLOCKS_PER_TILE: tl.constexpr = (VOL + BLOCK_M - 1) // BLOCK_M
@@ -215,15 +226,25 @@ def _sta_fwd_kernel(
         q = tl.load(q_base + rows_m[:, None] * sqs + offs_d[None, :],
                     mask=store_m[:, None] & d_valid[None, :], other=0.0)
 
-        # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n.
-        st = tl.minimum(tl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
-        sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
-        sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
-        n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
+        if TABLE:
+            # This (sample, head, query tile)'s list of key tiles.
+            sel_row = b * sel_kb + h.to(tl.int64) * sel_kh + qi.to(tl.int64) * sel_kq
+            n_steps = tl.load(SEL_COUNT + b * sel_cb + h.to(tl.int64) * sel_ch + qi) * KEY_BLOCKS_PER_TILE
+            st = 0
+            sh = 0
+            sw = 0
+        else:
+            # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n.
+            sel_row = 0
+            st = tl.minimum(tl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
+            sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
+            sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
+            n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
         for j in range(0, n_steps):
             k, v, valid = _key_block(j, b, kvh, st, sh, sw, kh, kw, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
                                      KV_TILES, K_DESC, V_DESC, kv_rows, k_base, v_base, sks, svs, offs_d,
-                                     d_valid, TT, TH, TW, HEAD_DIM, BLOCK_D, BLOCK_N, EVEN, TMA, DMASK)
+                                     d_valid, SEL_KEYS, sel_row, TT, TH, TW, HEAD_DIM, BLOCK_D, BLOCK_N, EVEN, TMA,
+                                     DMASK, TABLE)
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, q, k, v, valid, qk_scale, not EVEN, IEEE)
         acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, kv_text_start, kv_text_for_video,
                                       sks, svs, offs_d, d_valid, qk_scale, BLOCK_N, DMASK, IEEE)
@@ -253,6 +274,18 @@ def _tma_mode(wanted: bool, k_bshd, v_bshd, tile, block_n: int, even: bool, pack
     if natural and block_n % plane == 0 and tile[0] % (block_n // plane) == 0:
         return 2
     return 0
+
+
+def _table_args(keys) -> tuple:
+    """``SEL_KEYS, SEL_COUNT`` and their batch / head / query-tile strides (0 where the
+    tables broadcast); ``None`` and zeros without tables."""
+    if keys is None:
+        return (None, None, 0, 0, 0, 0, 0)
+    k, c = keys.keys, keys.counts
+    if k.dtype != torch.int32 or c.dtype != torch.int32 or k.stride(-1) != 1 or c.stride(-1) != 1:
+        raise ValueError(f"key tables must be int32 with a contiguous last dim, got {k.dtype}, {c.dtype}")
+    return (k, c, k.stride(0) if k.shape[0] > 1 else 0, k.stride(1) if k.shape[1] > 1 else 0, k.stride(2),
+            c.stride(0) if c.shape[0] > 1 else 0, c.stride(1) if c.shape[1] > 1 else 0)
 
 
 def pick_block(volume: int, cap: int) -> int:
@@ -296,6 +329,7 @@ def sta_fwd(
     config: dict | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    keys=None,
 ):
     """Launch the kernel.
 
@@ -308,7 +342,9 @@ def sta_fwd(
     tiles that the blocks divide (no key or query masking); ``packed`` promises that every
     k/v tile's rows are consecutive (tiled storage), ``natural`` that k/v are the whole
     canvas in natural order; either allows bulk copies. Returns ``out_bshd`` (input
-    dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log).
+    dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log). ``keys`` (a
+    ``sta_dist.selection.tables.KeyTiles``: ``keys [Bk, Hk, n_q_tiles, width]``,
+    ``counts [Bk, Hk, n_q_tiles]`` int32, indexed by the q head) takes the table path.
     """
     B, Sq, H, D = q_bshd.shape
     for name, x in (("q", q_bshd), ("k", k_bshd), ("v", v_bshd)):
@@ -351,11 +387,11 @@ def sta_fwd(
             n_heads, *grid_shape, *canvas,
             n_text_blocks, q_video, q_text, q_text_valid,
             kv_video, kv_text_for_video, kv_text_for_text, text_q_video_keys,
-            scale * LOG2E,
+            scale * LOG2E, *_table_args(keys),
             TT=tile[0], TH=tile[1], TW=tile[2],
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
             EVEN=even and volume % block_m == 0 and volume % block_n == 0,
-            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, TMA=tma,
+            STORE_LSE=return_lse, IEEE=q_bshd.dtype == torch.float32, TMA=tma, TABLE=keys is not None,
             **cfg,
         )
     return (out, lse) if return_lse else out

@@ -21,6 +21,7 @@ from .distributed import DistributedSlidingTileAttention
 from .mask_strategy import MaskStrategy
 from .parallel.env import DistEnv, init_distributed
 from .parallel.plan import ShardPlan
+from .selection import Mass, TopK
 
 __all__ = [
     "__version__",
@@ -28,6 +29,8 @@ __all__ = [
     "to_tiled",
     "to_natural",
     "local_attention",
+    "TopK",
+    "Mass",
     "STAConfig",
     "MaskStrategy",
     "ShardPlan",

@@ -140,3 +140,88 @@ def sdpa(backend: str) -> Callable:
             return F.scaled_dot_product_attention(q, k, v)
 
     return run
+
+
+class FlexTileLists:
+    """FlexAttention for tiled-order ``q, k, v [B, H, S, D]`` with a block mask built per
+    call from each query tile's key-tile lists (``sta_dist.selection.tables.KeyTiles``):
+    what a caller of FlexAttention pays for window plus selected tiles. Needs whole tiles
+    of whole 128-token blocks, so every video block pair is full or empty and only text
+    blocks are partial. The ``mask_mod`` is the whole token mask (the attended tiles, the
+    text rule), so eager FlexAttention (``compile=False``, CPU tests), which evaluates it
+    everywhere, computes the same attention as the compiled kernel, which evaluates it on
+    the partial blocks only."""
+
+    BLOCK = 128
+
+    def __init__(self, canvas: Triple, tile: Triple, text_len: int, text_valid: int, compile: bool = True):
+        import inspect
+
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+        vol = geometry.volume(tile)
+        if vol % self.BLOCK or any(c % t for c, t in zip(canvas, tile)):
+            raise ValueError(f"FlexTileLists needs whole tiles of whole {self.BLOCK}-token blocks, got "
+                             f"canvas={canvas}, tile={tile}")
+        self.vol, self.per_tile = vol, vol // self.BLOCK
+        self.n_tiles = geometry.num_tiles(geometry.grid_shape(canvas, tile))
+        self.n_video = geometry.volume(canvas)
+        self.seq = self.n_video + text_len
+        self.valid = self.n_video + text_valid
+        self.text_blocks = -(-text_len // self.BLOCK)
+        self.valid_text_blocks = -(-text_valid // self.BLOCK)
+        self.flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+        self._from_kv_blocks = BlockMask.from_kv_blocks
+        # Forward only: skip the transposed (query-block) index the backward pass needs.
+        self._forward_only = ({"compute_q_blocks": False}
+                              if "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters else {})
+        self._tiles = None  # [Bk, Hk, n, n] bool, refilled per call: the mask_mod reads it
+        self._mask_mod = None
+
+    def _make_mask_mod(self, attended: torch.Tensor):
+        self._tiles = torch.zeros_like(attended)
+        tiles, vol, n, n_video, valid = self._tiles, self.vol, self.n_tiles, self.n_video, self.valid
+        per_sample, per_head = attended.shape[0] > 1, attended.shape[1] > 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            q_video, kv_video = q_idx < n_video, kv_idx < n_video
+            qt, kt = torch.clamp(q_idx // vol, max=n - 1), torch.clamp(kv_idx // vol, max=n - 1)
+            chosen = tiles[b if per_sample else b * 0, h if per_head else h * 0, qt, kt]
+            video_q = q_video & ((kv_video & chosen) | (~kv_video & (kv_idx < valid)))
+            return video_q | (~q_video & (q_idx < valid) & (kv_idx < valid))
+
+        self._mask_mod = mask_mod
+
+    def block_mask(self, keys, attended: torch.Tensor):
+        """The BlockMask of ``keys`` (``keys [Bk, Hk, n, width]``, ``counts [Bk, Hk, n]``)
+        and of the same tiles as a mask, ``attended [Bk, Hk, n, n]``."""
+        if self._tiles is None or self._tiles.shape != attended.shape:
+            self._make_mask_mod(attended)
+        self._tiles.copy_(attended)
+        k, c = keys.keys.long(), keys.counts.long()
+        Bk, Hk, n, W = k.shape
+        pt, dev = self.per_tile, k.device
+        n_vb = n * pt
+        n_kb = n_vb + self.text_blocks
+        vt = torch.arange(n_vb, n_vb + self.valid_text_blocks, device=dev, dtype=torch.int32)
+        # Video query blocks: the blocks of their key tiles are full; valid text blocks partial.
+        blocks = (k[..., None] * pt + torch.arange(pt, device=dev)).reshape(Bk, Hk, n, W * pt).clamp(max=n_kb - 1)
+        full_idx = torch.zeros(Bk, Hk, n_kb, n_kb, dtype=torch.int32, device=dev)
+        full_idx[:, :, :n_vb, :W * pt] = blocks.repeat_interleave(pt, 2)
+        full_num = torch.zeros(Bk, Hk, n_kb, dtype=torch.int32, device=dev)
+        full_num[:, :, :n_vb] = (c * pt).repeat_interleave(pt, 2)
+        part_idx = torch.zeros(Bk, Hk, n_kb, n_kb, dtype=torch.int32, device=dev)
+        part_num = torch.zeros(Bk, Hk, n_kb, dtype=torch.int32, device=dev)
+        part_idx[:, :, :n_vb, :len(vt)] = vt
+        part_num[:, :, :n_vb] = len(vt)
+        # Text query blocks with a valid row: every video block and the valid text blocks,
+        # partial (their padding rows attend nothing).
+        text_rows = slice(n_vb, n_vb + self.valid_text_blocks)
+        part_idx[:, :, text_rows, :n_vb] = torch.arange(n_vb, device=dev, dtype=torch.int32)
+        part_idx[:, :, text_rows, n_vb:n_vb + len(vt)] = vt
+        part_num[:, :, text_rows] = n_vb + len(vt)
+        return self._from_kv_blocks(part_num, part_idx, full_num, full_idx, BLOCK_SIZE=self.BLOCK,
+                                    mask_mod=self._mask_mod, seq_lengths=(self.seq, self.seq), **self._forward_only)
+
+    def __call__(self, q, k, v, keys, attended):
+        return self.flex(q, k, v, block_mask=self.block_mask(keys, attended), enable_gqa=q.shape[1] != k.shape[1])

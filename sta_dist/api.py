@@ -34,14 +34,16 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
 
 
 def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
-                    scale: float, backend: str = "auto", return_lse: bool = False):
+                    scale: float, backend: str = "auto", return_lse: bool = False, keys=None):
     """Run one local STA problem on the chosen backend (inputs already validated).
 
     ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
     sample: then the batch is split into groups of samples with equal text, and each
     group runs as its own call (one kernel launch per distinct text length; a contiguous
-    run of samples is a view, others are gathered)."""
-    run = sta_triton if choose_backend(q_bshd, backend) == "triton" else sta_torch
+    run of samples is a view, others are gathered). ``keys``: the table path
+    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch."""
+    kernel = sta_triton if choose_backend(q_bshd, backend) == "triton" else sta_torch
+    run = kernel if keys is None else functools.partial(kernel, keys=keys)
     if isinstance(text, LocalText):
         return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
     groups = sample_groups(text)
@@ -51,6 +53,8 @@ def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHea
     out = torch.empty_like(q_bshd)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
     for group_text, idx in groups:
+        if keys is not None:
+            run = functools.partial(kernel, keys=keys.samples(idx))
         result = run(q_bshd[idx], k_bshd[idx], v_bshd[idx], layout, heads, group_text, scale, return_lse=return_lse)
         if return_lse:
             out[idx], lse[idx] = result
@@ -77,6 +81,9 @@ def sliding_tile_attention(
     backend: str = "auto",
     layout: str = "natural",
     return_lse: bool = False,
+    select=None,
+    window_rule: str = "sta",
+    return_selection: bool = False,
 ):
     """Sliding tile attention on one device.
 
@@ -87,9 +94,21 @@ def sliding_tile_attention(
     one per query head. ``layout="tiled"`` says the video tokens are already in tiled order
     (see :func:`to_tiled`); the output comes back in the input's order.
 
-    Returns ``out [B, S, H, D]`` in the input dtype, and with ``return_lse`` also the
-    log-sum-exp ``[B, H, S]`` in float32.
+    ``select`` adds key tiles chosen from the data to each query tile's window:
+    :class:`sta_dist.TopK`, :class:`sta_dist.Mass` or a bool tile mask ``[B, H or 1, n, n]``
+    (``window=None``: the selection alone); ``window_rule`` is ``"sta"`` (default),
+    ``"fastvideo"`` or ``"clipped"`` (docs/design.md §1, :mod:`sta_dist.selection`).
+
+    Returns ``out [B, S, H, D]`` in the input dtype, with ``return_lse`` also the
+    log-sum-exp ``[B, H, S]`` in float32, and with ``return_selection`` also the key tiles
+    each query tile attended, ``[B, 1 or H, n, n]`` bool (window and selection united).
     """
+    if select is not None or window is None or window_rule != "sta" or return_selection:
+        from .selection.attention import selected_attention
+
+        return selected_attention(q, k, v, canvas=canvas, tile=tile, window=window, text_length=text_length,
+                                  scale=scale, backend=backend, layout=layout, return_lse=return_lse, select=select,
+                                  window_rule=window_rule, return_selection=return_selection)
     cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
     local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
     heads = LocalHeads.build(windows, cfg.grid, hkv)

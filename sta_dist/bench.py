@@ -309,9 +309,16 @@ def run_replay(strategy: MaskStrategy, out_dir: str, canvas: Triple = HUNYUAN, h
 
 def run_kernel_bench(case_names: Sequence[str], out_dir: str, replay: Optional[str] = None,
                      with_anchors: bool = True) -> list[CaseResult]:
-    """Run the named cases (and a mask-strategy replay), print a table, write JSON + PNG."""
+    """Run the named cases (and a mask-strategy replay), print a table, write JSON + PNG.
+    Cases of :data:`sta_dist.bench_selection.SELECTION_CASES` (window plus selected tiles)
+    get their own table and JSON key."""
+    from .bench_selection import SELECTION_CASES, run_selection_case
+    from .bench_selection import format_table as selection_table
+
     if not torch.cuda.is_available():
         raise RuntimeError("sta-dist bench kernel needs a CUDA device")
+    selection = [run_selection_case(SELECTION_CASES[name]) for name in case_names if name in SELECTION_CASES]
+    case_names = [name for name in case_names if name not in SELECTION_CASES]
     results = []
     for name in case_names:
         results.append(run_case(STANDARD_CASES[name], with_anchors=with_anchors))
@@ -320,6 +327,9 @@ def run_kernel_bench(case_names: Sequence[str], out_dir: str, replay: Optional[s
     hd = 128
     os.makedirs(out_dir, exist_ok=True)
     payload: dict = dict(env=environment(), results=[asdict(r) for r in results])
+    if selection:
+        print(selection_table(selection))
+        payload["selection"] = selection
     if results:
         print(format_table(results, hd))
         plot(results, os.path.join(out_dir, "kernel_bench.png"), hd)

@@ -5,6 +5,7 @@ with an STA block mask), all in one run; each mode's output checked against one 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -17,7 +18,7 @@ from . import anchors, geometry
 from .api import sliding_tile_attention
 from .bench import environment
 from .distributed import DistributedSlidingTileAttention
-from .parallel.cost import H100_NVLINK, call_cost
+from .parallel.cost import H100_NVLINK, call_cost, selected_call_cost
 from .parallel.env import init_distributed
 from .parallel.plan import ShardPlan
 from .parallel.schedule import call_schedule
@@ -81,23 +82,29 @@ def ulysses_flex(q, k, v, canvas, tile, windows, world: int, rank: int, device):
 
 
 def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank, qkv, one,
-                  reps, device) -> tuple[str, dict]:
+                  reps, device, select=None) -> tuple[str, dict]:
     """One mode's layer: its output against one GPU's (max over ranks), then its time."""
     plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world,
-                     windows=(tuple(window),), num_heads=heads)
+                     windows=(tuple(window),), num_heads=heads, selected_tiles=getattr(select, "k", None))
     attn = DistributedSlidingTileAttention(heads, head_dim, plan)
     windows = (tuple(window),) * heads
     local = [plan.shard(x, rank) for x in qkv]
-    out = attn(*local, window=windows, text_length=text_valid)
+    call = attn if select is None else functools.partial(attn, select=select)
+    out = call(*local, window=windows, text_length=text_valid)
     diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     attn.comm.bytes_sent.clear()
-    ms = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
+    ms = _time_ms(lambda: call(*local, window=windows, text_length=text_valid), reps, device)
     sent = {step: n / reps for step, n in attn.comm.bytes_sent.items()}
     attn.comm.check_calls = False  # what the per-call agreement check costs: the same layer without it
-    ms_unchecked = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
+    ms_unchecked = _time_ms(lambda: call(*local, window=windows, text_length=text_valid), reps, device)
     attn.comm.check_calls = True
-    predicted = call_cost(plan, windows, heads, 1, head_dim, qkv[0].element_size(), text_valid).time_ms(H100_NVLINK)
+    itemsize = qkv[0].element_size()
+    if select is None:
+        predicted = call_cost(plan, windows, heads, 1, head_dim, itemsize, text_valid).time_ms(H100_NVLINK)
+    else:  # the expected selection: the model does not look at the data
+        predicted = selected_call_cost(plan, windows, "sta", select, heads, heads, 1, head_dim, itemsize,
+                                       text_valid).time_ms(H100_NVLINK)
     return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked, predicted_ms=predicted,
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
                                                      call_mode=call_schedule(plan, windows, heads, rank).mode)
@@ -105,7 +112,10 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
 
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
                    head_dim: int = 128, text_len: int = 0, text_valid: int = 0, reps: int = 10,
-                   modes=("head", "tile", "hybrid"), with_anchor: bool = True) -> dict:
+                   modes=("head", "tile", "hybrid"), with_anchor: bool = True, select=None) -> dict:
+    """``select`` (``TopK`` / ``Mass``): every row, one GPU included, is window plus selected
+    tiles (selection included); a row of the window alone on one GPU is added, and the
+    Ulysses anchor left out."""
     env = init_distributed()
     rank, world = env.rank, env.world_size
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -116,20 +126,26 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
     windows = (tuple(window),) * heads
     kw = dict(canvas=canvas, tile=tile, window=list(windows), text_length=text_valid)
 
-    one = sliding_tile_attention(q, k, v, **kw)
-    check = sampled_check(q, k, v, one, **kw) if rank == 0 else {}
-    rows = {"one GPU (ours, all heads)": dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))}
+    rows = {}
+    if select is not None:
+        rows["one GPU, window alone"] = dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))
+        kw = dict(kw, select=select)
+    one, tiles = (sliding_tile_attention(q, k, v, **kw), None) if select is None else \
+        sliding_tile_attention(q, k, v, **kw, return_selection=True)
+    check = sampled_check(q, k, v, one, **kw, selection=tiles) if rank == 0 else {}
+    del tiles
+    rows["one GPU (ours, all heads)"] = dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))
     for mode in modes:
         name, row = _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank,
-                                  (q, k, v), one, reps, device)
+                                  (q, k, v), one, reps, device, select)
         rows[name] = row
-    if with_anchor and device.type == "cuda" and heads % world == 0 and text_len == 0:
+    if with_anchor and select is None and device.type == "cuda" and heads % world == 0 and text_len == 0:
         run, local_run = ulysses_flex(q, k, v, canvas, tile, windows, world, rank, device)
         rows["Ulysses all-to-all + FlexAttention-STA (anchor)"] = dict(ms=_time_ms(run, reps, device))
         rows["  of which the local FlexAttention-STA"] = dict(ms=_time_ms(local_run, reps, device))
     result = dict(env=environment() if device.type == "cuda" else dict(card="cpu"), world_size=world,
                   canvas=canvas, tile=tile, window=window, heads=heads, text_len=text_len,
-                  one_gpu_check=check, rows=rows)
+                  select=None if select is None else repr(select), one_gpu_check=check, rows=rows)
     if rank == 0:
         one_ms = rows["one GPU (ours, all heads)"]["ms"]
         print(f"| what ({world} ranks, {result['env'].get('card')}) | ms | speedup vs one GPU | max diff vs one GPU "
@@ -142,7 +158,8 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
             print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} | {unchecked} | {predicted} |")
         print("one GPU output vs fp32 reference:", check)
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, f"dist_bench_{world}.json"), "w") as f:
+        suffix = "" if select is None else "_selected"
+        with open(os.path.join(out_dir, f"dist_bench_{world}{suffix}.json"), "w") as f:
             json.dump(result, f, indent=1)
     dist.barrier()
     return result

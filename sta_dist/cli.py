@@ -73,10 +73,14 @@ def _bench(args) -> int:
     replay = None
     if args.replay:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
+    from .bench_selection import SELECTION_CASES
+
     cases = [c for c in args.cases.split(",") if c] if args.cases else ([] if replay else list(bench.STANDARD_CASES))
-    unknown = [c for c in cases if c not in bench.STANDARD_CASES]
+    known = {**bench.STANDARD_CASES, **SELECTION_CASES}
+    unknown = [c for c in cases if c not in known or (args.sweep and c in SELECTION_CASES)]
     if unknown:
-        raise CLIError(f"--cases must name cases of {sorted(bench.STANDARD_CASES)}, got {unknown}")
+        names = sorted(bench.STANDARD_CASES) if args.sweep else sorted(known)
+        raise CLIError(f"--cases must name cases of {names}, got {unknown}")
     if args.sweep:
         if args.config is not None and not 0 <= args.config < len(bench.SWEEP_CONFIGS):
             raise CLIError(f"--config must be in [0, {len(bench.SWEEP_CONFIGS)}), got --config {args.config}")
@@ -100,12 +104,30 @@ def _bench_dist(args) -> int:
         raise CLIError(f"--modes must be a comma-separated list of head, tile, hybrid, auto, got {args.modes!r}")
     if args.text_valid > args.text_len:
         raise CLIError(f"--text-valid must be in [0, --text-len={args.text_len}], got {args.text_valid}")
+    select = _parse_select(args.select)
     from .bench_dist import run_dist_bench
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
                    heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,
-                   reps=args.reps, modes=modes)
+                   reps=args.reps, modes=modes, select=select)
     return 0
+
+
+def _parse_select(text: str):
+    """``--select``: "" (none), "topk:K" (shared heads) or "mass:P" (per head)."""
+    from .selection import Mass, TopK
+
+    if not text:
+        return None
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "topk":
+            return TopK(int(value))
+        if kind == "mass":
+            return Mass(float(value))
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--select must be topk:K or mass:P, got --select {text!r} ({err})") from None
+    raise CLIError(f"--select must be topk:K or mass:P, got --select {text!r}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     bsub = b.add_subparsers(dest="what", required=True, parser_class=_Parser)
     k = bsub.add_parser("kernel", help="our kernel vs FlexAttention-STA and SDPA, checked and timed")
-    k.add_argument("--cases", default="", help="comma-separated case names (default: all standard cases)")
+    k.add_argument("--cases", default="", help="comma-separated case names (default: all standard cases; "
+                                               "window plus selected tiles: hunyuan_topk8, hunyuan_mass09)")
     k.add_argument("--replay", default="", help="'hunyuan' or a mask strategy JSON to replay")
     k.add_argument("--out", default="out/bench", help="folder for kernel_bench.json and .png")
     k.add_argument("--sweep", action="store_true", help="time launch configs instead")
@@ -178,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-valid", type=nonnegative_int, default=0)
     d.add_argument("--reps", type=positive_int, default=10)
     d.add_argument("--modes", default="head,tile,hybrid")
+    d.add_argument("--select", default="", help="window plus selected tiles: topk:K (heads share it) or mass:P")
     d.add_argument("--out", default="out/bench")
     d.set_defaults(func=_bench_dist)
 

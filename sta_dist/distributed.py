@@ -23,6 +23,10 @@ class DistributedSlidingTileAttention(torch.nn.Module):
     ``attn(q_local, k_local, v_local, window=..., text_length=None) -> o_local``, each
     ``[B, n_local + L, H(kv), D]``, the output in the same token order as the input;
     ``text_length`` is one int or one per batch sample (list, tuple or 1-D tensor).
+    ``select=`` / ``window_rule=`` as in :func:`sta_dist.sliding_tile_attention` (a mask is
+    the whole call's, the same on every rank): each rank selects for its own query tiles
+    and fetches exactly the key tiles they attend; ``return_selection=True`` also returns
+    a :class:`~sta_dist.parallel.selected.SelectionInfo` (what the rank attended and fetched).
     """
 
     def __init__(self, num_heads: int, head_size: int, plan: ShardPlan, num_kv_heads: Optional[int] = None,
@@ -40,9 +44,29 @@ class DistributedSlidingTileAttention(torch.nn.Module):
         return self.impl.plan
 
     def forward(self, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor,
-                window: WindowArg, text_length=None) -> torch.Tensor:
+                window: WindowArg, text_length=None, select=None, window_rule: str = "sta",
+                return_selection: bool = False):
+        if select is None and window_rule == "fastvideo" and window is not None and not return_selection:
+            window, window_rule = _fastvideo_as_sta(window, self.impl.num_heads), "sta"
+        if select is not None or window is None or window_rule != "sta" or return_selection:
+            from .parallel.selected import selected_forward
+
+            return selected_forward(self.impl, q_local, k_local, v_local, window, text_length, select, window_rule,
+                                    return_selection)
         # Checked by the Impl on every rank together: one rank's bad input fails them all.
         meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[window], text_length=text_length)
         box = self.impl.preprocess_qkv((q_local, k_local, v_local), meta)
         partial = self.impl.forward(*box, meta)
         return self.impl.postprocess_output(partial, meta)
+
+
+def _fastvideo_as_sta(window: WindowArg, num_heads: int):
+    """FastVideo-rule windows as the sta_dist windows they equal (the window path); a
+    window that does not parse is passed on as it is, for the collective check to refuse."""
+    from .config import normalize_windows
+    from .selection.rules import sta_window
+
+    try:
+        return [sta_window(w, "fastvideo") for w in normalize_windows(window, num_heads)]
+    except (TypeError, ValueError):
+        return window

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from typing import TYPE_CHECKING, Optional
+
 from . import geometry
 from .local import LocalHeads, LocalLayout, LocalText, tile_row_index
 
 _CHUNK_BYTES = 1 << 28  # bound on one chunk's score tensor
+
+if TYPE_CHECKING:
+    from .selection.tables import KeyTiles
 
 
 def _attend(q, k, v, key_ok, scale):
@@ -35,10 +40,12 @@ def sta_torch(
     text: LocalText,
     scale: float,
     return_lse: bool = False,
+    keys: Optional["KeyTiles"] = None,
 ):
     """Local STA described by ``layout``/``heads``/``text``. Returns ``out_bshd`` in the
     input dtype (rows no query of this call covers stay zero), and with ``return_lse``
-    also ``lse_bhs`` in float32."""
+    also ``lse_bhs`` in float32. ``keys`` (the table path, :mod:`sta_dist.selection.tables`)
+    gives each query tile's key tiles per batch sample and head instead of the windows."""
     B, Sq, H, D = q_bshd.shape
     q32, k32, v32 = (x.float() for x in (q_bshd, k_bshd, v_bshd))
     out = torch.zeros(B, Sq, H, D, dtype=torch.float32, device=q_bshd.device)
@@ -53,7 +60,7 @@ def sta_torch(
     text_keys = layout.kv_video + torch.arange(text.kv_for_video_q, device=dev)
 
     keys_by_window: dict = {}
-    for window in set(heads.windows):
+    for window in set(heads.windows) if keys is None else ():
         win = [
             [slot[t] for t in geometry.window_tiles(geometry.tile_coords(qt, grid), window, grid)]
             for qt in layout.q_tiles
@@ -68,26 +75,50 @@ def sta_torch(
     n_q, vol = q_idx.shape
     for h in range(H):
         kvh = heads.kv_heads[h]
-        k_idx, k_ok = keys_by_window[heads.windows[h]]
-        chunk = max(1, _CHUNK_BYTES // max(1, B * vol * k_idx.shape[1] * 4))
-        for lo in range(0, n_q, chunk):
-            qi, qo, ki, ko = q_idx[lo : lo + chunk], q_ok[lo : lo + chunk], k_idx[lo : lo + chunk], k_ok[lo : lo + chunk]
-            o, l = _attend(q32[:, qi, h], k32[:, ki, kvh], v32[:, ki, kvh], ko, scale)
-            rows = qi[qo]
-            out[:, rows, h] = o[:, qo]
-            lse[:, h, rows] = l[:, qo]
+        # Table path: key lists per batch sample (one sample at a time); else one per window.
+        for samples, (k_idx, k_ok) in (_table_keys(keys, h, len(layout.kv_rows), present, kv_idx_p, kv_ok_p, text_keys)
+                                       if keys is not None else [(slice(None), keys_by_window[heads.windows[h]])]):
+            chunk = max(1, _CHUNK_BYTES // max(1, B * vol * k_idx.shape[1] * 4))
+            for lo in range(0, n_q, chunk):
+                qi, qo, ki, ko = q_idx[lo : lo + chunk], q_ok[lo : lo + chunk], k_idx[lo : lo + chunk], k_ok[lo : lo + chunk]
+                o, l = _attend(q32[samples, qi, h], k32[samples, ki, kvh], v32[samples, ki, kvh], ko, scale)
+                rows = qi[qo]
+                out[samples, rows, h] = o[:, qo]
+                lse[samples, h, rows] = l[:, qo]
 
         if text.q_valid:
             t_rows = layout.q_video + torch.arange(text.q_valid, device=dev)
-            keys = torch.cat(
+            t_keys = torch.cat(
                 [
                     torch.arange(layout.text_q_video_keys, device=dev),
                     layout.kv_video + torch.arange(text.kv_for_text_q, device=dev),
                 ]
             )
-            ok = torch.ones(len(keys), dtype=torch.bool, device=dev)
-            o, l = _attend(q32[:, None, t_rows, h], k32[:, None, keys, kvh], v32[:, None, keys, kvh], ok, scale)
+            ok = torch.ones(len(t_keys), dtype=torch.bool, device=dev)
+            o, l = _attend(q32[:, None, t_rows, h], k32[:, None, t_keys, kvh], v32[:, None, t_keys, kvh], ok, scale)
             out[:, t_rows, h] = o[:, 0]
             lse[:, h, t_rows] = l[:, 0]
     out = out.to(q_bshd.dtype)
     return (out, lse) if return_lse else out
+
+
+def _table_keys(keys: "KeyTiles", h: int, n_tiles: int, present: list, kv_idx_p: torch.Tensor,
+                kv_ok_p: torch.Tensor, text_keys: torch.Tensor):
+    """``(samples, (key rows [n_q, width * vol + text], valid))`` for query head ``h``, one
+    entry per batch sample (all samples at once when the tables are shared by them)."""
+    dev = keys.keys.device
+    slot_of = torch.zeros(n_tiles + 1, dtype=torch.long)  # global id -> slot; padding (id n_tiles) -> 0, masked
+    slot_of[torch.tensor(present, dtype=torch.long)] = torch.arange(len(present))
+    slot_of, kv_idx_p, kv_ok_p = slot_of.to(dev), kv_idx_p.to(dev), kv_ok_p.to(dev)
+    hk = h if keys.keys.shape[1] > 1 else 0
+    out = []
+    for b in range(keys.keys.shape[0]):
+        k_list, count = keys.keys[b, hk].long(), keys.counts[b, hk].long()  # [n_q, width], [n_q]
+        slots = slot_of[k_list]
+        listed = torch.arange(k_list.shape[1], device=dev)[None, :] < count[:, None]
+        idx = kv_idx_p[slots].reshape(len(k_list), -1)
+        ok = (kv_ok_p[slots] & listed[:, :, None]).reshape(len(k_list), -1)
+        idx = torch.cat([idx, text_keys.expand(len(k_list), -1)], 1)
+        ok = torch.cat([ok, torch.ones_like(text_keys, dtype=torch.bool).expand(len(k_list), -1)], 1)
+        out.append((slice(None) if keys.keys.shape[0] == 1 else slice(b, b + 1), (idx, ok)))
+    return out

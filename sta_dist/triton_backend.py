@@ -205,9 +205,20 @@ def _video_launch(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, 
                                                                tables=facts.gluon_tables, lse=lse, **common)
 
 
+def _triton_call(layout: LocalLayout, text: LocalText, facts: _LayoutFacts, scale: float, return_lse: bool) -> dict:
+    """``sta_fwd``'s keyword arguments that describe the local problem."""
+    return dict(
+        canvas=layout.canvas, tile=layout.tile,
+        q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
+        text_q_video_keys=layout.text_q_video_keys,
+        q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
+        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse,
+    )
+
+
 def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
                scale: float, return_lse: bool = False, config: dict | None = None, route_dense: bool = True,
-               route_gluon: bool = True):
+               route_gluon: bool = True, keys=None):
     """Run the kernel on the local problem; same contract as :func:`sta_dist.torch_backend.sta_torch`.
     Whole-canvas heads go to SDPA (cuDNN) when no log-sum-exp is asked for, unless the CUDA
     kernel takes the call (it is faster on them too). The rest go to
@@ -216,11 +227,16 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     (see ``_video_launch``); the text queries then go to SDPA when they are plain dense
     attention and no log-sum-exp is asked for, else to the Triton kernel alone (a launch
     with no query tiles), on a second stream beside the video launch; the caller's stream
-    waits for it before the result is returned."""
+    waits for it before the result is returned. ``keys`` (per-query-tile key-tile lists,
+    :class:`sta_dist.selection.tables.KeyTiles`) takes the Triton kernel's table path: one
+    launch for every query, no routing."""
     from .kernels.sta_fwd import sta_fwd
 
     B, S, H, _ = q_bshd.shape
     facts = _layout_facts(layout, q_bshd.device)
+    if keys is not None:
+        return sta_fwd(q_bshd, k_bshd, v_bshd, facts.q_tiles, facts.kv_tiles, _head_table(heads, tuple(range(H)),
+                       q_bshd.device), config=config, keys=keys, **_triton_call(layout, text, facts, scale, return_lse))
     cuda_kernel = route_gluon and not config and _cuda_kernel_covers(q_bshd, k_bshd, v_bshd, layout, text, facts,
                                                                       return_lse)
     dense = (dense_heads(layout, heads, text, facts.complete)
@@ -234,13 +250,7 @@ def sta_triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     if not sparse:
         return out
     table = _head_table(heads, sparse, q_bshd.device)
-    triton_call = dict(
-        canvas=layout.canvas, tile=layout.tile,
-        q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
-        text_q_video_keys=layout.text_q_video_keys,
-        q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
-        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse, out=out,
-    )
+    triton_call = dict(_triton_call(layout, text, facts, scale, return_lse), out=out)
     launch = (_video_launch(q_bshd, k_bshd, v_bshd, layout, text, facts, scale, cuda_kernel)
               if route_gluon and not config else None)
     if launch is None:

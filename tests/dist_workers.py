@@ -136,3 +136,33 @@ def one_rank_invalid(rank, world):
     except Exception as err:  # noqa: BLE001 - the test checks the message
         return time.monotonic() - start, f"{type(err).__name__}: {err}"
     return time.monotonic() - start, "no error"
+
+
+def run_selected(rank, world, cases):
+    """Each (case, window, select, window_rule, plan kwargs, seed): the rank's local output,
+    its SelectionInfo, the bytes it sent per step, and the call's mode."""
+    from sta_dist.parallel.schedule import call_schedule as schedule_of
+    from sta_dist.selection.attention import table_heads
+
+    results = []
+    for case, window, select, rule, plan_kw, seed in cases:
+        q, k, v = full_inputs(case, seed=seed)
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+        out, info = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=window,
+                         text_length=case.text_length, select=select, window_rule=rule, return_selection=True)
+        windows = None if window is None else normalize_windows(window, case.heads)
+        heads = table_heads(windows, rule, case.heads, plan.grid, case.kv_heads)
+        mode = schedule_of(plan, heads.windows, case.kv_heads, rank).mode
+        results.append((out, info, dict(attn.comm.bytes_sent), mode))
+    return results
+
+
+def dist_bench_selected(rank, world, out_dir):
+    """The 2-GPU selection benchmark's code path, on gloo with tiny shapes."""
+    import sta_dist
+    from sta_dist.bench_dist import run_dist_bench
+
+    result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
+                            text_len=5, text_valid=3, reps=2, modes=("tile", "head"), select=sta_dist.TopK(2))
+    return {name: row.get("max_diff_vs_one_gpu") for name, row in result["rows"].items()}, result["one_gpu_check"]

@@ -109,7 +109,8 @@ def test_any_resolution():
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
-    with pytest.raises(TypeError, match=r"supports WanTransformer3DModel, HunyuanVideoTransformer3DModel, got Linear"):
+    with pytest.raises(TypeError, match=r"supports WanTransformer3DModel, HunyuanVideoTransformer3DModel, "
+                                        r"HunyuanVideo15Transformer3DModel, Kandinsky6SRTransformer3DModel, got Linear"):
         sta_diffusers.enable(torch.nn.Linear(2, 2), tile=(2, 2, 2), window=(1, 1, 1))
     model = dm.wan()
     with pytest.raises(ValueError, match=r"tile entries must all be >= 1, got tile=\(0, 2, 2\)"):

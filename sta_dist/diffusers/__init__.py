@@ -1,4 +1,5 @@
-"""sta_dist inside diffusers' video transformers (Wan 2.1, HunyuanVideo).
+"""sta_dist inside diffusers' video transformers (Wan 2.1, HunyuanVideo; HunyuanVideo-1.5's
+SSTA and Kandinsky 6 SR's NABLA with selected tiles).
 
     import sta_dist.diffusers as sta_diffusers
     handle = sta_diffusers.enable(pipe.transformer, tile=(6, 8, 8), window=(3, 3, 3))
@@ -8,8 +9,9 @@
 
 from .handle import CallContext, STAHandle, disable, enable
 from .hunyuan import HUNYUAN_VIDEO_CP_PLAN, HunyuanVideoSTAProcessor
+from .hunyuan15 import HunyuanVideo15STAProcessor
 from .models import SUPPORTED
 from .wan import WanSTAProcessor
 
 __all__ = ["enable", "disable", "STAHandle", "CallContext", "SUPPORTED", "WanSTAProcessor",
-           "HunyuanVideoSTAProcessor", "HUNYUAN_VIDEO_CP_PLAN"]
+           "HunyuanVideoSTAProcessor", "HUNYUAN_VIDEO_CP_PLAN", "HunyuanVideo15STAProcessor"]

@@ -10,6 +10,7 @@ Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from dataclasses import dataclass
@@ -40,10 +41,28 @@ class CallContext:
     """Video tokens per axis after patching."""
     text_len: int
     """Text tokens in each attention sequence (0 for Wan's self-attention)."""
-    text_length: TextLength
-    """Valid text tokens: one int, or one per batch sample."""
+    text_length: Optional[TextLength]
+    """Valid text tokens: one int, or one per batch sample; ``None`` until the first layer
+    reads them from the text mask it is given (HunyuanVideo-1.5)."""
     plan: Optional[ShardPlan]
     """sta_dist's own sharding of this forward (``parallel=...``), else ``None``."""
+
+
+def _with_text_from_mask(ctx: CallContext, text_mask) -> CallContext:
+    """The context with its valid text counts read from ``text_mask [B, L]`` (valid tokens
+    first; one read to the host per forward)."""
+    if text_mask is None:
+        raise ValueError("this model hands its text validity to the attention blocks, but the processor got "
+                         "attention_mask=None")
+    mask = text_mask.bool()
+    if mask.dim() != 2 or mask.shape[1] != ctx.text_len:
+        raise ValueError(f"the text mask must be [B, L] with L = {ctx.text_len} text tokens, got shape "
+                         f"{tuple(mask.shape)}")
+    counts = mask.sum(1)
+    if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None, :] < counts[:, None]):
+        raise ValueError("sta_dist attends the first text_length text tokens of each sample: the text mask must "
+                         "hold its valid tokens first")
+    return dataclasses.replace(ctx, text_length=check_text_length(counts, ctx.text_len, mask.shape[0]))
 
 
 def _ulysses(parallel_config):
@@ -64,8 +83,9 @@ class STAHandle:
     ``callback_on_step_end``), ``context`` (the current forward's), ``stats()``."""
 
     def __init__(self, transformer: torch.nn.Module, spec: ModelSpec, tile: Triple, windows: WindowTable,
-                 parallel: Optional[str], group, mesh, backend: str):
+                 parallel: Optional[str], group, mesh, backend: str, select=None, window_rule: str = "sta"):
         self.transformer, self.spec, self.tile, self.windows = transformer, spec, tile, windows
+        self.select, self.window_rule = select, window_rule
         self.parallel, self.group, self.mesh, self.backend = parallel, group, mesh, backend
         self.step = 0
         self.context: Optional[CallContext] = None
@@ -100,10 +120,7 @@ class STAHandle:
         canvas = self.spec.canvas(latents)
         text_len, text_length = 0, 0
         if self.spec.joint_text:
-            text_len = bound["encoder_hidden_states"].shape[1]
-            mask = bound.get("encoder_attention_mask")
-            # the model attends the first mask.sum() text tokens of each sample: read once per forward
-            text_length = check_text_length(None if mask is None else mask.sum(1), text_len, latents.shape[0])
+            text_len, text_length = self.spec.text(bound, latents.shape[0])
         plan = None
         if self.parallel is not None:
             self._check_shardable(bound)
@@ -126,27 +143,36 @@ class STAHandle:
                              "(its blocks slice the first frame's tokens out of the full sequence)")
 
     # -- attention ---------------------------------------------------------------------------
-    def attend(self, q_bshd, k_bshd, v_bshd, layer: int, parallel_config=None) -> torch.Tensor:
+    def attend(self, q_bshd, k_bshd, v_bshd, layer: int, parallel_config=None, text_mask=None) -> torch.Tensor:
         """STA for attention layer ``layer`` of the current forward: on this device, over
-        sta_dist's shard plan, or head mode over diffusers' Ulysses group."""
+        sta_dist's shard plan, or head mode over diffusers' Ulysses group. ``text_mask``
+        (``[B, L]``, valid tokens first): where a model hands its text validity to the
+        blocks rather than to the transformer (read at the forward's first layer)."""
         ctx = self.context
         if ctx is None:
             raise RuntimeError("sta_dist's attention processors run inside the transformer's forward (which reads "
                                "the canvas and text of the call); the attention module was called on its own")
+        if ctx.text_length is None:
+            ctx = self.context = _with_text_from_mask(ctx, text_mask)
         window = self.windows.layer(self.step, layer)
         start = self._sync_time() if self.measure else 0.0
         ulysses = _ulysses(parallel_config)
+        kw = dict(window=window, text_length=ctx.text_length)
+        if self.select is not None or self.window_rule != "sta":
+            kw.update(select=self.select, window_rule=self.window_rule)
         if ctx.plan is not None:
-            out = self._distributed(ctx.plan, None)(q_bshd, k_bshd, v_bshd, window=window,
-                                                    text_length=ctx.text_length)
+            out = self._distributed(ctx.plan, None)(q_bshd, k_bshd, v_bshd, **kw)
         elif ulysses is not None:
+            if self.spec.layout != "natural":
+                raise ValueError(f"{self.spec.name} orders its tokens in tiles; diffusers' Ulysses chunks are cut "
+                                 "from the natural order, so sta_dist cannot run on them")
             group, degree = ulysses
             plan = ShardPlan(canvas=ctx.canvas, tile=self.tile, text_len=ctx.text_len, mode="head",
                              world_size=degree, order="natural")
-            out = self._distributed(plan, group)(q_bshd, k_bshd, v_bshd, window=window, text_length=ctx.text_length)
+            out = self._distributed(plan, group)(q_bshd, k_bshd, v_bshd, **kw)
         else:
-            out = sliding_tile_attention(q_bshd, k_bshd, v_bshd, canvas=ctx.canvas, tile=self.tile, window=window,
-                                         text_length=ctx.text_length, backend=self.backend)
+            out = sliding_tile_attention(q_bshd, k_bshd, v_bshd, canvas=ctx.canvas, tile=self.tile, **kw,
+                                         backend=self.backend, layout=self.spec.layout)
         if self.measure:
             self.attention_seconds += self._sync_time() - start
         return out
@@ -176,11 +202,12 @@ class STAHandle:
 
     def describe(self) -> str:
         mode = f"parallel={self.parallel}" if self.parallel else "one process"
-        return f"{self.spec.name}: tile={self.tile}, {mode}, backend={self.backend}"
+        selection = f", select={self.select!r}, window_rule={self.window_rule}" if self.select is not None else ""
+        return f"{self.spec.name}: tile={self.tile}{selection}, {mode}, backend={self.backend}"
 
 
-def enable(transformer: torch.nn.Module, *, tile, window=None, mask_strategy=None, parallel: Optional[str] = None,
-           group=None, mesh=None, backend: str = "auto") -> STAHandle:
+def enable(transformer: torch.nn.Module, *, tile=None, window=None, mask_strategy=None, parallel: Optional[str] = None,
+           group=None, mesh=None, backend: str = "auto", select=None, window_rule: Optional[str] = None) -> STAHandle:
     """Run sliding tile attention in ``transformer`` (``WanTransformer3DModel``: self-attention;
     ``HunyuanVideoTransformer3DModel``: joint video + text attention).
 
@@ -192,15 +219,41 @@ def enable(transformer: torch.nn.Module, *, tile, window=None, mask_strategy=Non
     (default the world); every rank calls the transformer with the full inputs and gets the
     full output. Under diffusers' own ``enable_parallelism(ContextParallelConfig(ulysses_degree=P))``
     leave ``parallel=None``: the processors run head mode on its Ulysses group.
+
+    ``select`` / ``window_rule`` (window plus selected tiles, as in
+    :func:`sta_dist.sliding_tile_attention`): HunyuanVideo-1.5's SSTA is
+    ``select=sta_dist.TopK(k), window_rule="fastvideo"``. A model that ships its own sparse
+    attention brings its defaults: ``Kandinsky6SRTransformer3DModel`` runs its NABLA (tile
+    (1, 8, 8), its ``nabla_window``, ``window_rule="clipped"``, ``select=Mass(nabla_threshold)``)
+    with no argument at all.
     """
+    from ..selection.config import Mass, TopK, check_window_rule
+
     if getattr(transformer, _ATTR, None) is not None:
         raise ValueError("sta_dist is already enabled on this transformer: call sta_dist.diffusers.disable(transformer) first")
     spec = model_spec(transformer)
-    tile = check_triple("tile", tile)
+    if tile is None and spec.tile is None:
+        raise ValueError(f"tile=(tt, th, tw) must be given for {spec.name}, got tile=None")
+    tile = check_triple("tile", spec.tile if tile is None else tile)
+    if spec.tile is not None and tile != spec.tile:
+        raise ValueError(f"{spec.name} orders its tokens in tiles of {spec.tile}: tile must be {spec.tile} "
+                         f"(or None), got tile={tile}")
     check_head_dim(spec.head_dim)
-    windows = WindowTable.build(window, mask_strategy, len(spec.attention), spec.num_heads)
+    if window is None and mask_strategy is None:
+        window = spec.defaults.get("window")
+    select = spec.defaults.get("select") if select is None else select
+    window_rule = check_window_rule(spec.defaults.get("window_rule", "sta") if window_rule is None else window_rule)
+    if select is not None and not isinstance(select, (TopK, Mass)):  # a tile mask fits one call, not a transformer
+        raise TypeError(f"select must be sta_dist.TopK, sta_dist.Mass or None here, got select={select!r}")
+    if window is None and mask_strategy is None and select is not None:
+        windows = WindowTable.none(len(spec.attention))
+    else:
+        windows = WindowTable.build(window, mask_strategy, len(spec.attention), spec.num_heads)
+    if parallel is not None and not spec.shardable:
+        raise ValueError(f"parallel=... shards the natural token order; {spec.name} orders its tokens in tiles, "
+                         f"so parallel must be None, got parallel={parallel!r}")
     mesh = _check_parallel(transformer, parallel, group, mesh)
-    handle = STAHandle(transformer, spec, tile, windows, parallel, group, mesh, backend)
+    handle = STAHandle(transformer, spec, tile, windows, parallel, group, mesh, backend, select, window_rule)
     for layer, module in enumerate(spec.attention):
         stock = module.processor
         processor = spec.processor(handle, layer)

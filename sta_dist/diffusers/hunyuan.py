@@ -66,7 +66,7 @@ class HunyuanVideoSTAProcessor:
                 text[1] = attn.norm_added_k(text[1])
             q_bshd, k_bshd, v_bshd = (torch.cat([x, t], dim=1) for x, t in zip((q_bshd, k_bshd, v_bshd), text))
 
-        o_bshd = self.handle.attend(q_bshd, k_bshd, v_bshd, self.layer, self._parallel_config)
+        o_bshd = self._attend(q_bshd, k_bshd, v_bshd, attention_mask)
         out = o_bshd.flatten(2, 3).to(q_bshd.dtype)
         video, text_out = out[:, :-n_text], out[:, -n_text:]
         if getattr(attn, "to_out", None) is not None:
@@ -74,6 +74,10 @@ class HunyuanVideoSTAProcessor:
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video, text_out
+
+    def _attend(self, q_bshd, k_bshd, v_bshd, attention_mask):
+        """The valid text comes from the transformer's ``encoder_attention_mask``."""
+        return self.handle.attend(q_bshd, k_bshd, v_bshd, self.layer, self._parallel_config)
 
     @staticmethod
     def _rope(x_bshd: torch.Tensor, freqs, n_text: int) -> torch.Tensor:

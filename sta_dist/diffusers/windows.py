@@ -80,6 +80,11 @@ class WindowTable:
                 f"{strategy.num_heads} heads")
         return WindowTable(strategy.windows, per_step=True)
 
+    @staticmethod
+    def none(num_layers: int) -> "WindowTable":
+        """No window at all: selected tiles alone (``enable(..., select=..., window=None)``)."""
+        return WindowTable(((None,) * num_layers,), per_step=False)
+
     @property
     def num_steps(self) -> int:
         return len(self.steps)
@@ -92,9 +97,9 @@ class WindowTable:
         return int(step)
 
     def layer(self, step: int, layer: int) -> LayerWindows:
-        """One window per head of ``layer`` at ``step``."""
+        """One window per head of ``layer`` at ``step`` (``None``: no window, selection alone)."""
         return self.steps[step if self.per_step else 0][layer]
 
     def distinct(self, step: int) -> tuple[Triple, ...]:
         """Every distinct window of ``step`` (the shard plan's hint)."""
-        return tuple(sorted({w for row in self.steps[step if self.per_step else 0] for w in row}))
+        return tuple(sorted({w for row in self.steps[step if self.per_step else 0] if row is not None for w in row}))

@@ -120,3 +120,110 @@ def call_cost(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, bat
     return CallCost(tuple(
         rank_cost(plan, call_schedule(plan, windows, num_kv_heads, r), batch, head_dim, itemsize, text_length)
         for r in range(plan.world_size)))
+
+
+# ---------------------------------------------------------------------------------------
+# Calls with selected tiles (sta_dist.parallel.selected)
+# ---------------------------------------------------------------------------------------
+
+
+def selection_probability(select, selected, heads: int, n_tiles: int):
+    """``[Bs, Hs, n, n]`` float64: the chance that query tile ``i`` selects key tile ``j``.
+    Exact (0 or 1) for a mask or for ``selected``, the selection a call made (``[B, 1 or
+    H, n, n]`` bool, e.g. ``sta_dist.testing.reference_selection``); else a model that
+    knows nothing of the data: ``TopK(k)`` picks any tile with chance ``k / n``, ``Mass(p)``
+    keeps a share ``p`` of the tiles (near-uniform scores, the most it keeps)."""
+    import torch
+
+    if selected is not None or isinstance(select, torch.Tensor):
+        return (select if selected is None else selected).double().cpu()
+    if select is None:
+        return torch.zeros(1, 1, n_tiles, n_tiles, dtype=torch.float64)
+    chance = min(1.0, select.k / n_tiles) if hasattr(select, "k") else select.p
+    return torch.full((1, 1 if select.share_heads else heads, n_tiles, n_tiles), chance, dtype=torch.float64)
+
+
+def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rule: str, select, sel_p, batch: int,
+                       head_dim: int, itemsize: int, text_length: int) -> RankCost:
+    """One rank's work and bytes in a call with selected tiles (``sel_p`` from
+    :func:`selection_probability`): exact when the selection is known, else expected. A
+    query tile attends its window united with its selection; a remote tile is fetched when
+    some query tile of the rank (any sample, any of its heads) attends it."""
+    import torch
+
+    from ..selection.rules import window_mask
+    from .selected import box_tiles
+
+    grid, n = plan.grid, geometry.num_tiles(plan.grid)
+    me = sched.me_in_head_group
+    my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
+    box = list(sched.layout.q_tiles)
+    tok = torch.tensor([_tile_tokens(plan.canvas, plan.tile, t) for t in range(n)], dtype=torch.float64)
+    zeros = torch.zeros(n, n, dtype=torch.bool)
+    win = {h: zeros if windows is None else window_mask(range(n), windows[h], grid, window_rule) for h in my_q}
+    per_sample = batch / sel_p.shape[0]  # a model's one row stands for every sample
+
+    def sel(h):
+        return sel_p[:, 0 if sel_p.shape[1] == 1 else h]
+
+    pairs = 0.0
+    for h in my_q:
+        attended = 1 - (1 - win[h][box].double()) * (1 - sel(h)[:, box])  # [Bs, n_box, n]
+        pairs += per_sample * float((tok[box] * (attended @ tok + text_length)).sum())
+    text_keys = sched.layout.text_q_video_keys + (text_length if sched.counts_text_keys else 0)
+    pairs += batch * len(my_q) * text_length * text_keys
+    flops = 4.0 * pairs * head_dim
+
+    sent: dict = {}
+    L = plan.text_len
+    if len(sched.head_group) > 1:
+        n_held = sched.held_counts[me]
+        into = sum(batch * n_held * (len(qh) + 2 * len(kvh)) * head_dim
+                   for r, qh, kvh in zip(sched.head_group, sched.q_heads, sched.kv_heads) if r != sched.rank)
+        sent["head all-to-all"] = into * itemsize
+        if select is not None and not isinstance(select, torch.Tensor) and select.share_heads:
+            sent["selection sums"] = batch * 2 * len(box) * head_dim * 8 * (len(sched.head_group) - 1)
+        back = sum(batch * (n + L) * len(my_q) * head_dim
+                   for r, n in zip(sched.head_group, sched.held_counts) if r != sched.rank)
+        sent["output all-to-all"] = back * itemsize
+    if len(sched.tile_group) > 1:
+        peers = len(sched.tile_group) - 1
+        boxes = {r: list(box_tiles(plan, plan.head_group(r))) for r in sched.tile_group}
+        if select is not None and not isinstance(select, torch.Tensor):
+            heads_k = 1 if select.share_heads else len(my_kv)
+            sent["tile means"] = batch * heads_k * max(map(len, boxes.values())) * head_dim * 4 * peers
+        sent["tile requests"] = n * peers
+        mine = torch.zeros(n, dtype=torch.bool)
+        mine[box] = True
+        halo = 0.0
+        for r in sched.tile_group:
+            if r == sched.rank:
+                continue
+            theirs = boxes[r]
+            in_window = torch.stack([win[h][theirs].any(0) for h in my_q]).any(0) if my_q else zeros[0]
+            sel_heads = [0] if sel_p.shape[1] == 1 else list(my_q)
+            missed = (1 - sel_p[:, sel_heads][:, :, theirs]).prod(2).prod(1).prod(0) ** per_sample  # [n]
+            wanted = torch.where(in_window, 1.0, 1 - missed) if my_q else torch.zeros(n, dtype=torch.float64)
+            halo += float((wanted * tok)[mine].sum())
+        sent["halo exchange"] = 2 * batch * halo * len(my_kv) * head_dim * itemsize
+        if text_length > 0:
+            sent["text merge"] = batch * L * len(my_q) * (head_dim + 1) * 4 * peers
+    collectives = len(sent) + (1 if plan.world_size > 1 else 0)
+    return RankCost(sched.rank, flops, sent, collectives)
+
+
+def selected_call_cost(plan: ShardPlan, windows, window_rule: str, select, num_heads: int, num_kv_heads: int,
+                       batch: int, head_dim: int, itemsize: int, text_length: int, selected=None) -> CallCost:
+    """Every rank's cost of a call with selected tiles (``windows``: one per query head, or
+    ``None``): exact with ``selected`` (or a mask), expected for a ``TopK`` / ``Mass``
+    without it (:func:`selection_probability`)."""
+    from ..selection.attention import table_heads
+
+    n = geometry.num_tiles(plan.grid)
+    windows = None if windows is None else tuple(tuple(w) for w in windows)
+    heads = table_heads(windows, window_rule, num_heads, plan.grid, num_kv_heads)
+    sel_p = selection_probability(select, selected, num_heads, n)
+    return CallCost(tuple(
+        selected_rank_cost(plan, call_schedule(plan, heads.windows, num_kv_heads, r), windows, window_rule, select,
+                           sel_p, batch, head_dim, itemsize, text_length)
+        for r in range(plan.world_size)))

@@ -106,6 +106,17 @@ def choose_mesh(grid: Triple, world_size: int, windows: Sequence[Triple], num_he
     return best[0], f"mesh {best[0]} by cost: {work:g} tile-heads of work and {traffic:.0f} moved per rank"
 
 
+def expected_selected_halo(box: Box, windows: Sequence[Triple], grid: Triple, selected: float) -> float:
+    """Tiles outside ``box``'s window halo that its queries are expected to fetch when each
+    query tile selects ``selected`` tiles more, chosen with no regard to where they lie
+    (a model: real selections favour nearby tiles, so this is an upper estimate)."""
+    if not selected:
+        return 0.0
+    n = geometry.num_tiles(grid)
+    outside = n - len(geometry.key_tiles(box, windows, grid))
+    return outside * (1.0 - (1.0 - min(1.0, selected / n)) ** box.num_tiles)
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     """Which tokens each rank holds, and the mesh they are exchanged on.
@@ -129,6 +140,10 @@ class ShardPlan:
     num_heads: Optional[int] = None
     """How many query heads the calls will have (a hint): lets ``auto`` and ``hybrid``
     see ranks that head mode would leave without a head."""
+    selected_tiles: Optional[float] = None
+    """Key tiles each query tile will select beyond its window (a hint for ``auto``, e.g.
+    ``k`` of ``TopK(k)``): the tiles a box's queries choose can lie anywhere, so tile mode
+    fetches more than its window halo (:func:`expected_selected_halo`)."""
     reason: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -145,6 +160,9 @@ class ShardPlan:
             raise ValueError(f"world_size must be an int >= 1, got world_size={self.world_size!r}")
         if self.windows is not None:
             set_("windows", tuple(check_triple("windows", w) for w in self.windows))
+        if self.selected_tiles is not None and not (isinstance(self.selected_tiles, (int, float))
+                                                    and 0 <= self.selected_tiles < float("inf")):
+            raise ValueError(f"selected_tiles must be a number >= 0 or None, got selected_tiles={self.selected_tiles!r}")
         if self.num_heads is not None and (int(self.num_heads) != self.num_heads or self.num_heads < 1):
             raise ValueError(f"num_heads must be an int >= 1 or None, got num_heads={self.num_heads!r}")
         if self.mesh is not None and self.mode != "hybrid":
@@ -207,14 +225,15 @@ class ShardPlan:
         if split is None:
             return "head", None, f"auto: {P} ranks exceed the tiles along any split of grid {grid}"
         boxes = geometry.rank_boxes(grid, split)
-        halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles for b in boxes)
+        halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles
+                   + expected_selected_halo(b, windows, grid, self.selected_tiles or 0) for b in boxes)
         held = max(b.num_tiles for b in boxes)
         # per rank, in tiles x heads: tile mode moves the k/v halo; head mode moves q, k, v
         # in and o out, (P - 1) / P of what it holds.
         tile_cost, head_cost = 2 * halo, 4 * held * (P - 1) / P
         if tile_cost < head_cost:
-            return "tile", None, f"auto: tile mode, halo {halo} tiles/rank vs {held} held (split {split})"
-        return "head", None, f"auto: head mode, halo {halo} tiles/rank would cost more than the all-to-all"
+            return "tile", None, f"auto: tile mode, halo {halo:g} tiles/rank vs {held} held (split {split})"
+        return "head", None, f"auto: head mode, halo {halo:g} tiles/rank would cost more than the all-to-all"
 
     # -- geometry of the mesh ----------------------------------------------------------
     @property

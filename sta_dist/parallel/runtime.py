@@ -48,40 +48,54 @@ def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
 
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
     """Steps 1 and 2: local shards -> box inputs of this rank's heads (plus halo)."""
+    return halo_exchange(head_exchange(q_bshd, k_bshd, v_bshd, sched, comm), sched, comm)
+
+
+def head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
+    """Step 1: local shards -> this rank's heads of its box (all the box's tokens), then
+    the text; no halo yet."""
     n_held = q_bshd.shape[1] - sched.layout.q_text
     me = sched.me_in_head_group
     my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
     B, D = q_bshd.shape[0], q_bshd.shape[3]
 
     if len(sched.head_group) == 1:
-        q_box, k_box, v_box = _heads(q_bshd, my_q), _heads(k_bshd, my_kv), _heads(v_bshd, my_kv)
-    else:
-        send = [[_heads(q_bshd[:, :n_held], qh), _heads(k_bshd[:, :n_held], kvh), _heads(v_bshd[:, :n_held], kvh)]
-                for qh, kvh in zip(sched.q_heads, sched.kv_heads)]
-        sizes = [B * n * (len(my_q) + 2 * len(my_kv)) * D for n in sched.held_counts]
-        chunks = comm.all_to_all("head all-to-all", sched.head_group, send, sizes)
-        qs, ks, vs = [], [], []
-        for n, chunk in zip(sched.held_counts, chunks):
-            q_part, k_part, v_part = chunk.split([B * n * len(my_q) * D, B * n * len(my_kv) * D, B * n * len(my_kv) * D])
-            qs.append(q_part.view(B, n, len(my_q), D))
-            ks.append(k_part.view(B, n, len(my_kv), D))
-            vs.append(v_part.view(B, n, len(my_kv), D))
-        # text is replicated: this rank's heads of it are already here
-        q_box = torch.cat(qs + [_heads(q_bshd[:, n_held:], my_q)], 1)
-        k_box = torch.cat(ks + [_heads(k_bshd[:, n_held:], my_kv)], 1)
-        v_box = torch.cat(vs + [_heads(v_bshd[:, n_held:], my_kv)], 1)
+        return BoxInputs(_heads(q_bshd, my_q), _heads(k_bshd, my_kv), _heads(v_bshd, my_kv))
+    send = [[_heads(q_bshd[:, :n_held], qh), _heads(k_bshd[:, :n_held], kvh), _heads(v_bshd[:, :n_held], kvh)]
+            for qh, kvh in zip(sched.q_heads, sched.kv_heads)]
+    sizes = [B * n * (len(my_q) + 2 * len(my_kv)) * D for n in sched.held_counts]
+    chunks = comm.all_to_all("head all-to-all", sched.head_group, send, sizes)
+    qs, ks, vs = [], [], []
+    for n, chunk in zip(sched.held_counts, chunks):
+        q_part, k_part, v_part = chunk.split([B * n * len(my_q) * D, B * n * len(my_kv) * D, B * n * len(my_kv) * D])
+        qs.append(q_part.view(B, n, len(my_q), D))
+        ks.append(k_part.view(B, n, len(my_kv), D))
+        vs.append(v_part.view(B, n, len(my_kv), D))
+    # text is replicated: this rank's heads of it are already here
+    q_box = torch.cat(qs + [_heads(q_bshd[:, n_held:], my_q)], 1)
+    k_box = torch.cat(ks + [_heads(k_bshd[:, n_held:], my_kv)], 1)
+    v_box = torch.cat(vs + [_heads(v_bshd[:, n_held:], my_kv)], 1)
+    return BoxInputs(q_box, k_box, v_box)
 
+
+def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, recvs=None) -> BoxInputs:
+    """Step 2: the k/v rows of the halo tiles over the tile group, appended after the box
+    (before the text). ``sends`` / ``recvs`` (per tile-group member, tile ids) default to
+    the schedule's window halo; a call with selected tiles passes the tiles it chose."""
     if len(sched.tile_group) == 1:
-        return BoxInputs(q_box, k_box, v_box)
-
+        return box
+    sends = sched.halo_send if sends is None else sends
+    recvs = sched.halo_recv if recvs is None else recvs
+    q_box, k_box, v_box = box
+    B, D = k_box.shape[0], k_box.shape[3]
     n_box = sched.box_tokens
     box_tiles = sched.layout.q_tiles
     h_kv = k_box.shape[2]
     canvas, tile = sched.layout.canvas, sched.layout.tile
-    n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in sched.halo_recv]
+    n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in recvs]
     send = []
-    for tiles_out in sched.halo_send:
-        rows = tile_rows(canvas, tile, box_tiles, tiles_out, k_box.device)
+    for tiles_out in sends:
+        rows = tile_rows(canvas, tile, box_tiles, tuple(tiles_out), k_box.device)
         send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
     chunks = comm.all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
     halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, n_in)) if i != sched.me_in_tile_group]
@@ -90,15 +104,17 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     return BoxInputs(q_box, k_kv, v_kv)
 
 
-def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str) -> PartialOutput:
+def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str,
+           keys=None) -> PartialOutput:
     """Step 3: the local kernel. ``text_length`` is one int or a tuple of one per batch
     sample. Text keys count on one rank of the tile group only, so the merged text rows
     see each of them once. Only text rows are merged, so a call without text asks for no
-    log-sum-exp (which lets the fastest kernel take it)."""
+    log-sum-exp (which lets the fastest kernel take it). ``keys``: the table path
+    (selected tiles)."""
     longest = max(text_length) if isinstance(text_length, tuple) else text_length
     merge = len(sched.tile_group) > 1 and longest > 0
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
-    result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge)
+    result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge, keys=keys)
     if merge:
         out, lse = result
         return PartialOutput(out, lse[:, :, sched.box_tokens:])

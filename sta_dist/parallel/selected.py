@@ -1,0 +1,220 @@
+"""A distributed call with selected tiles: each rank selects for its own query tiles and
+fetches exactly the remote key tiles they attend (its window halo united with the tiles
+it chose), wherever on the canvas they lie.
+
+After the head all-to-all (:func:`~sta_dist.parallel.runtime.head_exchange`) a rank holds
+its box's tokens for its heads, and:
+
+1. sums ``q`` and ``k`` over each box tile in float64 (exact, so any split of the sum
+   across ranks gives the same bits); a shared selection adds the head group's partial
+   sums (an all-gather of ``[B, 2, n_box, D]`` float64, summed in rank order);
+2. all-gathers the box's ``k`` means over the tile group: every rank then has every key
+   tile's mean (a few hundred KB at HunyuanVideo's shape, shared);
+3. selects its query tiles' key tiles and unites them with their windows (the lists the
+   kernel walks);
+4. all-gathers over the tile group which tiles it needs (one byte per tile): the counts
+   of the exchange, known only now; the host reads them (the one wait for the device);
+5. fetches exactly those tiles' k/v rows (an all-to-all with uneven splits), runs the
+   kernel over its lists, and finishes as any call (text merge, output all-to-all).
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhnd`` = ``[batch, heads, tiles,
+head_dim]``; ``_bhqn`` = ``[batch, heads, query tiles, key tiles]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..geometry import Triple
+from ..local import LocalLayout
+from ..selection.attention import build_key_tiles
+from ..selection.choose import select_tiles
+from ..selection.means import means, tile_counts, tile_sums
+from .comm import Comm
+from .plan import ShardPlan
+from .runtime import BoxInputs, attend, exchange_out, halo_exchange, head_exchange
+from .schedule import CallSchedule
+
+
+@dataclass(frozen=True)
+class SelectionInfo:
+    """What one rank's call selected and fetched (``return_selection=True``)."""
+
+    q_tiles: tuple[int, ...]
+    """The query tiles this rank computed (global ids, its box)."""
+    q_heads: tuple[int, ...]
+    """The query heads this rank computed."""
+    attended: torch.Tensor
+    """``[B, 1 or len(q_heads), len(q_tiles), n_tiles]`` bool: the key tiles each query tile
+    attended (window and selection united)."""
+    fetched: tuple[tuple[int, ...], ...]
+    """Per member of the tile group: the tiles of its box this rank fetched."""
+
+
+@functools.lru_cache(maxsize=1024)
+def box_tiles(plan: ShardPlan, head_group: tuple[int, ...]) -> tuple[int, ...]:
+    """The tiles of a head group's box, in its storage order."""
+    return tuple(t for r in head_group for t in plan.held_tiles(r))
+
+
+@functools.lru_cache(maxsize=256)
+def _packed(canvas: Triple, tile: Triple, text_len: int, q_tiles: tuple[int, ...],
+            kv_tiles: tuple[int, ...], text_q_video_keys: int) -> LocalLayout:
+    return LocalLayout.packed(canvas, tile, text_len, q_tiles, kv_tiles, text_q_video_keys=text_q_video_keys)
+
+
+def _owned_kv(sched: CallSchedule) -> list[int]:
+    """Local indices of the kv heads this rank counts in a shared sum: each kv head on the
+    first head-group member that holds it, so the group's sum sees it once."""
+    me = sched.me_in_head_group
+    first = {}
+    for m, kvs in enumerate(sched.kv_heads):
+        for j in kvs:
+            first.setdefault(j, m)
+    return [i for i, j in enumerate(sched.kv_heads[me]) if first[j] == me]
+
+
+def _box_means(box: BoxInputs, sched: CallSchedule, select, num_heads: int, num_kv_heads: int, comm: Comm,
+               use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 means of the box tiles: ``qbar [B, Hs, n_box, D]`` for this rank's heads
+    (``Hs = 1`` shared) and ``kbar [B, Hk, n_box, D]`` (its kv heads, or 1 shared). Before
+    the halo arrives, ``k`` holds the box's tokens in the same rows as ``q``."""
+    q_box, k_box, _ = box
+    layout = sched.layout
+    canvas, tile = layout.canvas, layout.tile
+    rows = layout.q_rows
+    q_sums = tile_sums(q_box, rows, layout.q_tiles, canvas, tile, use_triton)
+    k_sums = tile_sums(k_box, rows, layout.q_tiles, canvas, tile, use_triton)
+    counts = tile_counts(layout.q_tiles, canvas, tile, q_box.device)
+    if not select.share_heads:
+        return means(q_sums, counts), means(k_sums, counts)
+    part = torch.stack([q_sums.sum(1), k_sums[:, _owned_kv(sched)].sum(1)], 1)  # [B, 2, n_box, D] float64
+    if len(sched.head_group) > 1:
+        part = torch.stack(comm.all_gather("selection sums", sched.head_group, part)).sum(0)
+    return means(part[:, :1], counts, num_heads), means(part[:, 1:], counts, num_kv_heads)
+
+
+def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm) -> torch.Tensor:
+    """``[B, Hk, n_tiles, D]``: every tile's ``k`` mean, gathered over the tile group (each
+    member sends its box's, padded to the largest box)."""
+    n = len(sched.layout.kv_rows)
+    B, Hk, _, D = kbar_box.shape
+    out = kbar_box.new_zeros(B, Hk, n, D)
+    if len(sched.tile_group) == 1:
+        out[:, :, list(sched.layout.q_tiles)] = kbar_box
+        return out
+    boxes = [box_tiles(plan, plan.head_group(r)) for r in sched.tile_group]
+    widest = max(len(b) for b in boxes)
+    padded = kbar_box.new_zeros(B, Hk, widest, D)
+    padded[:, :, :kbar_box.shape[2]] = kbar_box
+    for tiles, theirs in zip(boxes, comm.all_gather("tile means", sched.tile_group, padded)):
+        out[:, :, list(tiles)] = theirs[:, :, :len(tiles)]
+    return out
+
+
+def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm):
+    """Per tile-group member, the tiles this rank sends it and those it fetches from it,
+    from every member's ``needed [n_tiles]`` (gathered here: the exchange's counts)."""
+    if len(sched.tile_group) == 1:
+        return ((),), ((),)
+    everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8))
+    everyone = torch.stack(everyone).cpu().bool()  # the host learns the sizes: the one wait for the device
+    mine = box_tiles(plan, sched.head_group)
+    me = sched.me_in_tile_group
+    sends, recvs = [], []
+    for i, r in enumerate(sched.tile_group):
+        if i == me:
+            sends.append(())
+            recvs.append(())
+            continue
+        sends.append(tuple(t for t in mine if everyone[i, t]))
+        recvs.append(tuple(t for t in box_tiles(plan, plan.head_group(r)) if everyone[me, t]))
+    return tuple(sends), tuple(recvs)
+
+
+def exchange_in_selected(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select,
+                         windows: Optional[Sequence[Triple]], window_rule: str, num_heads: int, num_kv_heads: int,
+                         use_triton: bool):
+    """Steps 1-5 before the kernel: ``(box inputs with the fetched tiles, the schedule of
+    this call's layout, the key tables, SelectionInfo)``. ``windows``: one per query head
+    of the call (all heads), or ``None``."""
+    box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
+    my_q = sched.q_heads[sched.me_in_head_group]
+    q_tiles = sched.layout.q_tiles
+    if select is None:
+        selected = None
+    elif isinstance(select, torch.Tensor):
+        selected = select[:, :, list(q_tiles)]
+        selected = selected if selected.shape[1] == 1 else selected[:, list(my_q)]
+    else:
+        qbar, kbar_box = _box_means(box, sched, select, num_heads, num_kv_heads, comm, use_triton)
+        kbar = _all_key_means(kbar_box, plan, sched, comm)
+        if not select.share_heads:
+            kbar = kbar[:, list(sched.heads.kv_heads)]
+        selected = select_tiles(qbar, kbar, select, q_bshd.shape[3])
+    my_windows = None if windows is None else [windows[h] for h in my_q]
+    keys, attended = build_key_tiles(selected, my_windows, window_rule, sched.layout, select, q_bshd.device)
+    needed = attended.any(0).any(0).any(0)
+    sends, recvs = _fetch_lists(needed, plan, sched, comm)
+    inputs = halo_exchange(box, sched, comm, sends, recvs)
+    if len(sched.tile_group) > 1:
+        kv_tiles = q_tiles + tuple(t for tiles in recvs for t in tiles)
+        layout = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, kv_tiles, sched.box_tokens)
+        sched = dataclasses.replace(sched, layout=layout, halo_send=sends, halo_recv=recvs)
+    info = SelectionInfo(q_tiles, my_q, attended.expand(q_bshd.shape[0], -1, -1, -1), recvs)
+    return inputs, sched, keys, info
+
+
+def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
+                  window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
+                  use_triton: bool):
+    """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``."""
+    inputs, call_sched, keys, info = exchange_in_selected(
+        q_bshd, k_bshd, v_bshd, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
+    partial = attend(inputs, call_sched, text_length, scale, backend, keys=keys)
+    return exchange_out(partial, call_sched, comm, num_heads), info
+
+
+def selected_forward(impl, q_local, k_local, v_local, window, text_length, select, window_rule: str,
+                     return_selection: bool):
+    """:class:`~sta_dist.DistributedSlidingTileAttention` with selected tiles: every rank
+    checks its call, the ranks agree on it (one digest; a rank's bad input fails them all),
+    then :func:`selected_call`."""
+    from ..api import choose_backend
+    from ..config import normalize_windows
+    from ..selection.attention import table_heads
+    from ..selection.config import check_select, check_window_or_select, check_window_rule, describe
+    from ..validation import check_text_length
+    from .schedule import call_schedule, warn_if_fallback
+
+    plan, comm = impl.plan, impl.comm
+    try:
+        window_rule = check_window_rule(window_rule)
+        check_window_or_select(window, select)
+        impl._check_local(q_local, k_local, v_local)
+        B, H = q_local.shape[0], impl.num_heads
+        text_length = check_text_length(text_length, plan.text_len, B)
+        windows = None if window is None else normalize_windows(window, H)
+        select = check_select(select, B, H, plan.config.num_tiles, q_local.device)
+        description = (f"windows={windows} text_length={text_length} batch={B} dtype={q_local.dtype} "
+                       f"device={q_local.device.type} {describe(select, window_rule)}")
+        error = None
+    except (ValueError, TypeError, IndexError) as err:
+        description, error = f"invalid call ({type(err).__name__}: {err})", err
+    comm.check_agreement("this call", description)
+    if error is not None:
+        raise error
+    heads = table_heads(windows, window_rule, H, plan.grid, impl.num_kv_heads)
+    sched = call_schedule(plan, heads.windows, impl.num_kv_heads, comm.rank)
+    warn_if_fallback(sched, plan)
+    out, info = selected_call(q_local, k_local, v_local, sched, plan, comm, select=select, windows=windows,
+                              window_rule=window_rule, num_heads=H, num_kv_heads=impl.num_kv_heads,
+                              text_length=text_length, scale=impl.softmax_scale, backend=impl.backend,
+                              use_triton=choose_backend(q_local, impl.backend) == "triton")
+    return (out, info) if return_selection else out
