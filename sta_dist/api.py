@@ -16,7 +16,7 @@ from .geometry import Triple
 from .local import LocalHeads, LocalLayout, LocalText
 from .torch_backend import sta_torch
 from .triton_backend import can_run_triton, sta_triton
-from .validation import check_call, check_layout
+from .validation import check_call, check_layout, kernel_head_dim
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -36,8 +36,19 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
 def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
                     scale: float, backend: str = "auto", return_lse: bool = False):
     """Run one local STA problem on the chosen backend (inputs already validated)."""
-    run = sta_triton if choose_backend(q_bshd, backend) == "triton" else sta_torch
-    return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+    if choose_backend(q_bshd, backend) != "triton":
+        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+    D = q_bshd.shape[-1]
+    padded = kernel_head_dim(D)
+    if padded == D:
+        return sta_triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+    # Zero columns change no score q.k (the scale stays the caller's) and give zero
+    # output columns, which are cut off again.
+    q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
+    result = sta_triton(q_p, k_p, v_p, layout, heads, text, scale, return_lse=return_lse)
+    if return_lse:
+        return result[0][..., :D].contiguous(), result[1]
+    return result[..., :D].contiguous()
 
 
 @functools.lru_cache(maxsize=64)
