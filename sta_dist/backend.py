@@ -318,9 +318,11 @@ class SlidingTileAttentionImpl:
         return tuple(out)
 
     def _is_search(self, attn_metadata, num_local_heads: int) -> bool:
-        """FastVideo's mask search: the layer lists fewer windows than the heads of all
-        ranks (candidates, then the full window)."""
-        return len(self.layer_windows(attn_metadata)) < num_local_heads * self.sequence_parallel()[1]
+        """FastVideo's mask search: the layer does not list one window per head of all
+        ranks but candidates, then the full window. (FastVideo's own test is "fewer than
+        the heads"; its strategies always list exactly one per head, so a layer of any
+        other length is a search, also where the candidates outnumber the heads.)"""
+        return len(self.layer_windows(attn_metadata)) != num_local_heads * self.sequence_parallel()[1]
 
     def record_search(self, attn_metadata, losses: dict) -> None:
         """Where one layer call's search losses go; FastVideo's adapter writes them into
