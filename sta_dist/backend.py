@@ -19,7 +19,6 @@ Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -28,7 +27,7 @@ import torch
 
 from .api import sliding_tile_attention, to_natural, to_tiled
 from .config import STAConfig, check_triple, normalize_windows
-from .geometry import Triple, fastvideo_window, grid_shape
+from .geometry import Triple, fastvideo_window
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan

@@ -20,8 +20,7 @@ from sta_dist.testing import error_bound, max_error, reference_attention
 from tests import fastvideo_workers as fw
 from tests.fastvideo_support import import_fastvideo
 
-# One xdist worker runs them all (pyproject: --dist loadgroup), so each world size spawns once.
-pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("fastvideo")]
+pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYER1_STEP1 = [[1, 1, 1], [2, 1, 1], [1, 2, 1], [1, 1, 2], [2, 2, 2], [1, 2, 2]]  # even and odd, per head
 
@@ -71,27 +70,7 @@ def rope(x, cos, sin):
     return _apply_rotary_emb(x, cos, sin, is_neox_style=False)
 
 
-@pytest.fixture(scope="module")
-def ranks(request, strategy, tmp_path_factory):
-    """One spawn per world size runs every scenario of it (FastVideo takes ~10 s to import)."""
-    world = request.param
-    workdir = tmp_path_factory.mktemp(f"search{world}")
-    args = (strategy, str(workdir), str(workdir / "missing.json"))
-    return world, spawn_local(fw.run_all, world, args, timeout_s=280)
-
-
-@pytest.fixture
-def head_mode(ranks):
-    world, results = ranks
-    return world, [r["head"] for r in results]
-
-
-ALL = pytest.mark.parametrize("ranks", [1, 2, 3], indirect=True)
-
-
-@ALL
-def test_head_mode_per_head_windows_with_text(head_mode):
-    world, results = head_mode
+def check_head_mode_per_head_windows_with_text(results):
     q, k, v, _ = fw.inputs(1)
     out = assemble([r["windows"] for r in results])
     grid = grid_shape(fw.CANVAS, (6, 8, 8))
@@ -101,10 +80,8 @@ def test_head_mode_per_head_windows_with_text(head_mode):
     assert_matches_reference(out, q, k, v, (6, 8, 8), [fastvideo_window(w, grid) for w in LAYER1_STEP1], rows=fw.N)
 
 
-@ALL
-def test_head_mode_even_windows_inside_the_grid(head_mode):
+def check_head_mode_even_windows_inside_the_grid(results):
     """Tile 3x4x4 on 9x10x14: grid 3x3x4, so FastVideo's even windows take k + 1 tiles."""
-    world, results = head_mode
     q, k, v, _ = fw.inputs(4)
     grid = grid_shape(fw.CANVAS, (3, 4, 4))
     windows = [fastvideo_window(w, grid) for w in LAYER1_STEP1]
@@ -112,9 +89,7 @@ def test_head_mode_even_windows_inside_the_grid(head_mode):
     assert_matches_reference(assemble([r["small_tile"] for r in results]), q, k, v, (3, 4, 4), windows)
 
 
-@ALL
-def test_whole_grid_equals_fastvideos_sdpa_backend(head_mode):
-    world, results = head_mode
+def check_whole_grid_equals_fastvideos_sdpa_backend(results):
     q, k, v, _ = fw.inputs(3)
     ours, sdpa = assemble([r["whole"] for r in results]), assemble([r["sdpa"] for r in results])
     ref = reference_attention(q, k, v, canvas=fw.CANVAS, tile=(6, 8, 8), window=(2, 2, 2))
@@ -122,10 +97,7 @@ def test_whole_grid_equals_fastvideos_sdpa_backend(head_mode):
     assert max_error(ours, sdpa) <= 2 * error_bound(max_error(sdpa, ref), torch.float32, ref)
 
 
-@pytest.mark.parametrize("ranks", [1], indirect=True)
-def test_local_attention_calls_forward_alone(ranks):
-    world, results = ranks
-    out = results[0]["local"]
+def check_local_attention_calls_forward_alone(out):
     q, k, v, _ = fw.inputs(5)
     angles = torch.rand(fw.N + fw.L, fw.D // 2, generator=torch.Generator().manual_seed(5))
     q, k = rope(q, angles.cos(), angles.sin()), rope(k, angles.cos(), angles.sin())
@@ -133,10 +105,7 @@ def test_local_attention_calls_forward_alone(ranks):
     assert_matches_reference(out, q, k, v, (6, 8, 8), [fastvideo_window(w, grid) for w in LAYER1_STEP1])
 
 
-@pytest.mark.parametrize("ranks, parallel", [(2, "tile"), (3, "tile"), (2, "auto")], indirect=["ranks"])
-def test_tile_mode_replaces_the_head_all_to_all(ranks, parallel):
-    world, results = ranks
-    results = [r[parallel] for r in results]
+def check_tile_mode_replaces_the_head_all_to_all(results):
     q, k, v, (cos, sin) = fw.inputs(6)
     q = torch.cat([rope(q[:, :fw.N], cos, sin), q[:, fw.N:]], 1)
     k = torch.cat([rope(k[:, :fw.N], cos, sin), k[:, fw.N:]], 1)
@@ -151,10 +120,7 @@ def test_tile_mode_replaces_the_head_all_to_all(ranks, parallel):
     assert sum(r["held"] for r in results) == fw.N
 
 
-@pytest.mark.parametrize("ranks", [1, 2], indirect=True)
-def test_search_and_tuning_produce_a_strategy(ranks):
-    world, results = ranks
-    result = results[0]["search"]
+def check_search_and_tuning_produce_a_strategy(result):
     candidates = [tuple(c) for c in result["candidates"]]
     grid = grid_shape(fw.CANVAS, (3, 4, 4))
     assert candidates[-1] == grid and len(candidates) > 2
@@ -177,14 +143,48 @@ def test_search_and_tuning_produce_a_strategy(ranks):
     assert set(result["STA_tuning_cfg"]) == set(tuned)
 
 
-@pytest.mark.parametrize("ranks", [1], indirect=True)
-def test_bad_input_names_the_setting(ranks):
-    world, results = ranks
-    out = results[0]["errors"]
+def check_bad_input_names_the_setting(out):
     assert "FASTVIDEO_ATTENTION_CONFIG must name an existing mask-strategy file" in out["missing_file"]
     assert "missing.json" in out["missing_file"]
     assert "head dim must be one of (32, 64, 96, 128, 160, 192, 224, 256), got head_dim=48" in out["head_size"]
     assert "STA_param has no layer 5 (this Impl's layer_idx, prefix='model.blocks.5.attn.impl')" in out["no_layer"]
+
+
+def run_world(world, strategy, tmp_path):
+    """One spawn per world size runs every scenario of it (FastVideo takes ~10 s to import)."""
+    args = (strategy, str(tmp_path), str(tmp_path / "missing.json"))
+    return spawn_local(fw.run_all, world, args, timeout_s=360)
+
+
+def check_head_mode(results):
+    head = [r["head"] for r in results]
+    check_head_mode_per_head_windows_with_text(head)
+    check_head_mode_even_windows_inside_the_grid(head)
+    check_whole_grid_equals_fastvideos_sdpa_backend(head)
+
+
+def test_fastvideo_layers_on_one_rank(strategy, tmp_path):
+    """World size 1: DistributedAttention, LocalAttention, search and tuning, bad input."""
+    results = run_world(1, strategy, tmp_path)
+    check_head_mode(results)
+    check_local_attention_calls_forward_alone(results[0]["local"])
+    check_search_and_tuning_produce_a_strategy(results[0]["search"])
+    check_bad_input_names_the_setting(results[0]["errors"])
+
+
+def test_fastvideo_sequence_parallel_on_two_ranks(strategy, tmp_path):
+    """FastVideo's head all-to-all; tile and auto mode instead of it; search over SP."""
+    results = run_world(2, strategy, tmp_path)
+    check_head_mode(results)
+    check_tile_mode_replaces_the_head_all_to_all([r["tile"] for r in results])
+    check_tile_mode_replaces_the_head_all_to_all([r["auto"] for r in results])
+    check_search_and_tuning_produce_a_strategy(results[0]["search"])
+
+
+def test_fastvideo_sequence_parallel_on_three_ranks(strategy, tmp_path):
+    results = run_world(3, strategy, tmp_path)
+    check_head_mode(results)
+    check_tile_mode_replaces_the_head_all_to_all([r["tile"] for r in results])
 
 
 def test_installed_by_pth_without_code(fastvideo, tmp_path):
