@@ -108,3 +108,25 @@ def test_protocol_errors_name_the_setting():
         SlidingTileAttentionImpl(num_heads=H, head_size=48, causal=False, softmax_scale=None)
     with pytest.raises(TypeError, match=r"build\(\) with raw_latent_shape needs patch_size"):
         SlidingTileAttentionMetadataBuilder().build(STA_param=None, current_timestep=0, raw_latent_shape=(2, 2, 2))
+
+
+def test_fastvideo_kernel_fallback_is_fastvideos_call():
+    """``fastvideo_kernel.sliding_tile_attention`` as served where FastVideo's kernel package
+    is missing: [B, H, S, D] in tiled order (tile 6x8x8), FastVideo's windows, valid text."""
+    from sta_dist import to_natural, to_tiled
+    from sta_dist.integrations.fastvideo import kernel
+
+    torch.manual_seed(3)
+    canvas, tile, L = (12, 16, 24), (6, 8, 8), 4  # grid 2x2x3
+    n = 12 * 16 * 24
+    q, k, v = (torch.randn(1, n + L, 2, D) for _ in range(3))
+    windows = [[1, 2, 2], [2, 1, 3]]
+    out = kernel.sliding_tile_attention(*(to_tiled(x, canvas, tile).transpose(1, 2) for x in (q, k, v)),
+                                        windows, 3, True, "12x16x24")
+    out = to_natural(out.transpose(1, 2), canvas, tile)
+    grid = grid_shape(canvas, tile)
+    ref = reference_attention(q, k, v, canvas=canvas, tile=tile, window=[fastvideo_window(w, grid) for w in windows],
+                              text_length=3)
+    base = reference_attention(q, k, v, canvas=canvas, tile=tile, window=[fastvideo_window(w, grid) for w in windows],
+                               text_length=3, compute_dtype=torch.float32)
+    assert max_error(out, ref) <= error_bound(max_error(base, ref), torch.float32, ref)
