@@ -117,12 +117,12 @@ def test_fastvideo_kernel_fallback_is_fastvideos_call():
     from sta_dist.integrations.fastvideo import kernel
 
     torch.manual_seed(3)
-    canvas, tile, L = (12, 16, 24), (6, 8, 8), 4  # grid 2x2x3
-    n = 12 * 16 * 24
+    canvas, tile, L = (6, 8, 32), (6, 8, 8), 4  # grid 1x1x4: an even window 2 takes 3 tiles
+    n = 6 * 8 * 32
     q, k, v = (torch.randn(1, n + L, 2, D) for _ in range(3))
-    windows = [[1, 2, 2], [2, 1, 3]]
+    windows = [[1, 1, 2], [2, 1, 1]]
     out = kernel.sliding_tile_attention(*(to_tiled(x, canvas, tile).transpose(1, 2) for x in (q, k, v)),
-                                        windows, 3, True, "12x16x24")
+                                        windows, 3, True, "6x8x32")
     out = to_natural(out.transpose(1, 2), canvas, tile)
     grid = grid_shape(canvas, tile)
     ref = reference_attention(q, k, v, canvas=canvas, tile=tile, window=[fastvideo_window(w, grid) for w in windows],
@@ -130,3 +130,29 @@ def test_fastvideo_kernel_fallback_is_fastvideos_call():
     base = reference_attention(q, k, v, canvas=canvas, tile=tile, window=[fastvideo_window(w, grid) for w in windows],
                                text_length=3, compute_dtype=torch.float32)
     assert max_error(out, ref) <= error_bound(max_error(base, ref), torch.float32, ref)
+
+
+def test_fastvideo_settings_name_the_setting(monkeypatch):
+    from sta_dist.integrations.fastvideo import parallel
+
+    monkeypatch.setattr(parallel, "_settings", None)
+    monkeypatch.setenv("STA_DIST_FASTVIDEO_PARALLEL", "ring")
+    with pytest.raises(ValueError, match=r"STA_DIST_FASTVIDEO_PARALLEL \(parallel=\) must be one of .* got 'ring'"):
+        parallel.settings()
+    monkeypatch.setenv("STA_DIST_FASTVIDEO_PARALLEL", "tile")
+    monkeypatch.setenv("STA_DIST_FASTVIDEO_TILE", "6,8")
+    with pytest.raises(ValueError, match=r"STA_DIST_FASTVIDEO_TILE \(tile=\) must be 3 ints"):
+        parallel.settings()
+    monkeypatch.setenv("STA_DIST_FASTVIDEO_TILE", "4,8,8")
+    assert parallel.settings() == parallel.Settings("tile", (4, 8, 8))
+
+
+def test_search_candidates_scale_to_the_grid():
+    """FastVideo's candidates on its own grid, and scaled (odd or whole axis, no full window)."""
+    from sta_dist.integrations.fastvideo.search import FASTVIDEO_CANDIDATES, FASTVIDEO_GRID, search_candidates
+
+    assert [tuple(c) for c in search_candidates(FASTVIDEO_GRID)] == list(FASTVIDEO_CANDIDATES)  # its own grid
+    for grid in [(2, 2, 2), (5, 12, 20), (9, 3, 4)]:
+        cands = search_candidates(grid)
+        assert cands and list(grid) not in cands and len({tuple(c) for c in cands}) == len(cands)
+        assert all(1 <= k <= n and (k % 2 or k == n) for c in cands for k, n in zip(c, grid))

@@ -60,18 +60,21 @@ _settings: Optional[Settings] = None
 
 
 def settings() -> Settings:
-    """The settings given to :func:`configure`, else from the environment."""
-    if _settings is not None:
-        return _settings
-    tile = os.environ.get("STA_DIST_FASTVIDEO_TILE", "6,8,8")
-    try:
-        tile_triple = tuple(int(x) for x in tile.split(","))
-    except ValueError:
-        raise ValueError(f"STA_DIST_FASTVIDEO_TILE must be 't,h,w' ints, got {tile!r}") from None
-    return Settings(os.environ.get("STA_DIST_FASTVIDEO_PARALLEL", "head"), tile_triple)  # type: ignore[arg-type]
+    """The settings given to :func:`configure`, else read once from the environment
+    (every DistributedAttention call asks)."""
+    global _settings
+    if _settings is None:
+        tile = os.environ.get("STA_DIST_FASTVIDEO_TILE", "6,8,8")
+        try:
+            tile_triple = tuple(int(x) for x in tile.split(","))
+        except ValueError:
+            raise ValueError(f"STA_DIST_FASTVIDEO_TILE must be 't,h,w' ints, got {tile!r}") from None
+        _settings = Settings(os.environ.get("STA_DIST_FASTVIDEO_PARALLEL", "head"), tile_triple)  # type: ignore[arg-type]
+    return _settings
 
 
 def configure(parallel: Optional[str] = None, tile=None) -> Settings:
+    """Set what :func:`settings` returns; what is not given stays as it was."""
     global _settings
     base = settings()
     _settings = Settings(parallel or base.parallel, tuple(tile) if tile is not None else base.tile)
