@@ -61,7 +61,6 @@ class SlidingTileAttentionMetadataBuilder(core.SlidingTileAttentionMetadataBuild
         super().__init__(tile=parallel.settings().tile)
 
 
-
 class SlidingTileAttentionImpl(core.SlidingTileAttentionImpl):
     def __init__(self, num_heads, head_size, causal, softmax_scale, num_kv_heads=None, prefix="",
                  **extra_impl_args) -> None:
