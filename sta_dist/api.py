@@ -13,7 +13,7 @@ import torch
 from . import geometry
 from .config import WindowArg
 from .geometry import Triple
-from .local import LocalHeads, LocalLayout, LocalText
+from .local import LocalHeads, LocalLayout, LocalText, sample_groups
 from .torch_backend import sta_torch
 from .triton_backend import can_run_triton, sta_triton
 from .validation import check_call, check_layout, kernel_head_dim
@@ -33,22 +33,51 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
     return backend
 
 
-def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-                    scale: float, backend: str = "auto", return_lse: bool = False):
-    """Run one local STA problem on the chosen backend (inputs already validated)."""
+def _kernel(q_bshd, backend: str):
+    """The chosen backend's call. The Triton kernels are built for head dims 32, 64, 96,
+    128 and 256: other sizes of FastVideo's list (160, 192, 224) run zero-padded to the
+    next of those."""
     if choose_backend(q_bshd, backend) != "triton":
-        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
-    D = q_bshd.shape[-1]
-    padded = kernel_head_dim(D)
-    if padded == D:
-        return sta_triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+        return sta_torch
+    padded = kernel_head_dim(q_bshd.shape[-1])
+    return sta_triton if padded == q_bshd.shape[-1] else functools.partial(_padded_triton, padded)
+
+
+def _padded_triton(padded: int, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=False):
     # Zero columns change no score q.k (the scale stays the caller's) and give zero
     # output columns, which are cut off again.
+    D = q_bshd.shape[-1]
     q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
     result = sta_triton(q_p, k_p, v_p, layout, heads, text, scale, return_lse=return_lse)
     if return_lse:
         return result[0][..., :D].contiguous(), result[1]
     return result[..., :D].contiguous()
+
+
+def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
+                    scale: float, backend: str = "auto", return_lse: bool = False):
+    """Run one local STA problem on the chosen backend (inputs already validated).
+
+    ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
+    sample: then the batch is split into groups of samples with equal text, and each
+    group runs as its own call (one kernel launch per distinct text length; a contiguous
+    run of samples is a view, others are gathered)."""
+    run = _kernel(q_bshd, backend)
+    if isinstance(text, LocalText):
+        return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
+    groups = sample_groups(text)
+    if len(groups) == 1:
+        return run(q_bshd, k_bshd, v_bshd, layout, heads, groups[0][0], scale, return_lse=return_lse)
+    B, S, H, _ = q_bshd.shape
+    out = torch.empty_like(q_bshd)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
+    for group_text, idx in groups:
+        result = run(q_bshd[idx], k_bshd[idx], v_bshd[idx], layout, heads, group_text, scale, return_lse=return_lse)
+        if return_lse:
+            out[idx], lse[idx] = result
+        else:
+            out[idx] = result
+    return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,7 +93,7 @@ def sliding_tile_attention(
     canvas,
     tile,
     window: WindowArg,
-    text_length: Optional[int] = None,
+    text_length=None,
     scale: Optional[float] = None,
     backend: str = "auto",
     layout: str = "natural",
@@ -74,7 +103,8 @@ def sliding_tile_attention(
 
     ``q [B, S, H, D]``, ``k, v [B, S, Hkv, D]`` with ``S = T*H*W + L``: the video tokens of
     ``canvas = (T, H, W)`` then ``L`` text tokens, of which the first ``text_length``
-    (default ``L``) are valid. ``window`` is one ``(kt, kh, kw)`` in tiles of ``tile`` or
+    (default ``L``) are valid: one int, or one per batch sample (a list, tuple or 1-D
+    tensor; samples with different counts run as one launch per distinct count). ``window`` is one ``(kt, kh, kw)`` in tiles of ``tile`` or
     one per query head. ``layout="tiled"`` says the video tokens are already in tiled order
     (see :func:`to_tiled`); the output comes back in the input's order.
 
@@ -84,7 +114,7 @@ def sliding_tile_attention(
     cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
     local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
     heads = LocalHeads.build(windows, cfg.grid, hkv)
-    return local_attention(q, k, v, local, heads, LocalText.single(text_length), scale, backend, return_lse)
+    return local_attention(q, k, v, local, heads, LocalText.per_sample(text_length), scale, backend, return_lse)
 
 
 @functools.lru_cache(maxsize=64)

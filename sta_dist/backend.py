@@ -32,7 +32,7 @@ from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan
 from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
-from .parallel.schedule import CallSchedule, call_schedule
+from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
     SUPPORTED_HEAD_DIMS,
     check_causal,
@@ -379,9 +379,9 @@ class SlidingTileAttentionImpl:
         plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
         try:
             self._check_local(q, k, v, plan, comm.rank)
-            self._text_length(attn_metadata)
+            text_length = check_text_length(attn_metadata.text_length, plan.text_len, q.shape[0])
             windows = self._call_windows(attn_metadata, plan.grid)
-            description = (f"windows={windows} text_length={attn_metadata.text_length} batch={q.shape[0]} "
+            description = (f"windows={windows} text_length={text_length} batch={q.shape[0]} "
                            f"dtype={q.dtype} device={q.device.type}")
             error = None
         except (ValueError, TypeError, IndexError) as err:
@@ -402,7 +402,9 @@ class SlidingTileAttentionImpl:
         if self._plan(attn_metadata) is not None:
             q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
             self._check_call(q, k, v, attn_metadata)
-            return exchange_in(q, k, v, self._schedule(attn_metadata), self._comm(attn_metadata))
+            sched = self._schedule(attn_metadata)
+            warn_if_fallback(sched, self._plan(attn_metadata))
+            return exchange_in(q, k, v, sched, self._comm(attn_metadata))
         if self._fastvideo(attn_metadata):
             cfg = self._config(attn_metadata)
             self._check_video_tokens(qkv, cfg, attn_metadata)

@@ -17,6 +17,7 @@ from . import anchors, geometry
 from .api import sliding_tile_attention
 from .bench import environment
 from .distributed import DistributedSlidingTileAttention
+from .parallel.cost import H100_NVLINK, call_cost
 from .parallel.env import init_distributed
 from .parallel.plan import ShardPlan
 from .parallel.schedule import call_schedule
@@ -96,7 +97,8 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     attn.comm.check_calls = False  # what the per-call agreement check costs: the same layer without it
     ms_unchecked = _time_ms(lambda: attn(*local, window=windows, text_length=text_valid), reps, device)
     attn.comm.check_calls = True
-    return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked,
+    predicted = call_cost(plan, windows, heads, 1, head_dim, qkv[0].element_size(), text_valid).time_ms(H100_NVLINK)
+    return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked, predicted_ms=predicted,
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
                                                      call_mode=call_schedule(plan, windows, heads, rank).mode)
 
@@ -131,12 +133,13 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
     if rank == 0:
         one_ms = rows["one GPU (ours, all heads)"]["ms"]
         print(f"| what ({world} ranks, {result['env'].get('card')}) | ms | speedup vs one GPU | max diff vs one GPU "
-              f"| ms without the per-call check |")
-        print("|---|---|---|---|---|")
+              f"| ms without the per-call check | predicted ms (H100 model) |")
+        print("|---|---|---|---|---|---|")
         for name, r in rows.items():
             diff = f"{r['max_diff_vs_one_gpu']:.2e}" if "max_diff_vs_one_gpu" in r else ""
             unchecked = f"{r['ms_without_call_check']:.2f}" if "ms_without_call_check" in r else ""
-            print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} | {unchecked} |")
+            predicted = f"{r['predicted_ms']:.2f}" if "predicted_ms" in r else ""
+            print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} | {unchecked} | {predicted} |")
         print("one GPU output vs fp32 reference:", check)
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"dist_bench_{world}.json"), "w") as f:

@@ -49,7 +49,8 @@ def _run(args) -> int:
     cfg, job = run.prepare(args.config, steps=args.steps, layers=args.layers, start_step=args.start_step,
                            mode=args.mode, mesh=args.mesh, canvas=args.canvas, heads=args.heads,
                            timeout_s=args.timeout)
-    return run.main(cfg, job, timeout_s=args.timeout)
+    return run.main(cfg, job, timeout_s=args.timeout, summary_path=args.summary,
+                    rendezvous_timeout_s=args.rendezvous_timeout)
 
 
 def _plan(args) -> int:
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--heads", type=positive_int, default=None, help="shrink the heads (one kv head per head)")
     r.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds before a spawned (no torchrun) job is stopped")
+    r.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
+    r.add_argument("--rendezvous-timeout", type=positive_float, default=None, metavar="S",
+                   help="seconds ranks wait for each other to form the job (default 15)")
     r.set_defaults(func=_run)
 
     p = sub.add_parser("plan", help="print the shard plan of a config: mode, mesh, each rank's tokens and halo")
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--modes", default="head,tile,hybrid")
     d.add_argument("--out", default="out/bench")
     d.set_defaults(func=_bench_dist)
+
+    from .generate import register as register_generate
+    register_generate(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from .backend import SlidingTileAttentionImpl, SlidingTileAttentionMetadata
-from .config import WindowArg, normalize_windows
+from .config import WindowArg
 from .parallel.plan import ShardPlan
 
 
@@ -21,7 +21,8 @@ class DistributedSlidingTileAttention(torch.nn.Module):
     """STA over a process group, sharded as ``plan`` says.
 
     ``attn(q_local, k_local, v_local, window=..., text_length=None) -> o_local``, each
-    ``[B, n_local + L, H(kv), D]``, the output in the same token order as the input.
+    ``[B, n_local + L, H(kv), D]``, the output in the same token order as the input;
+    ``text_length`` is one int or one per batch sample (list, tuple or 1-D tensor).
     """
 
     def __init__(self, num_heads: int, head_size: int, plan: ShardPlan, num_kv_heads: Optional[int] = None,
@@ -39,9 +40,9 @@ class DistributedSlidingTileAttention(torch.nn.Module):
         return self.impl.plan
 
     def forward(self, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor,
-                window: WindowArg, text_length: Optional[int] = None) -> torch.Tensor:
-        windows = normalize_windows(window, self.impl.num_heads)
-        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[list(windows)], text_length=text_length)
+                window: WindowArg, text_length=None) -> torch.Tensor:
+        # Checked by the Impl on every rank together: one rank's bad input fails them all.
+        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[window], text_length=text_length)
         box = self.impl.preprocess_qkv((q_local, k_local, v_local), meta)
         partial = self.impl.forward(*box, meta)
         return self.impl.postprocess_output(partial, meta)

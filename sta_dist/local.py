@@ -138,6 +138,24 @@ class LocalText:
     def single(text_length: int) -> "LocalText":
         return LocalText(text_length, text_length, text_length)
 
+    @staticmethod
+    def per_sample(text_length, kv_for_text_q: bool = True):
+        """One ``LocalText`` for an int (every sample), a tuple of them for a tuple of
+        per-sample counts. ``kv_for_text_q=False``: text queries attend no text keys."""
+        def one(n: int) -> "LocalText":
+            return LocalText(n, n, n if kv_for_text_q else 0)
+
+        return tuple(one(n) for n in text_length) if isinstance(text_length, tuple) else one(text_length)
+
+
+def sample_groups(per_sample: Sequence) -> list[tuple[object, object]]:
+    """Batch samples grouped by equal value, in order of first appearance: ``(value,
+    index)``, the index a slice for a contiguous run of samples (a view), else a list."""
+    groups: dict = {}
+    for b, value in enumerate(per_sample):
+        groups.setdefault(value, []).append(b)
+    return [(value, head_index(samples)) for value, samples in groups.items()]
+
 
 def tile_row_index(
     layout_rows: Sequence[TileRows], tile_ids: Sequence[int], canvas: Triple, tile: Triple

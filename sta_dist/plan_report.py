@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import geometry
+from .parallel.cost import H100_NVLINK, call_cost
 from .parallel.plan import ShardPlan, choose_mesh
 from .parallel.schedule import CallSchedule, call_schedule
 from .run import DTYPES, RunConfig
 
 DETAIL_RANKS = 8
 """Up to this many ranks the report has one line per rank without being asked."""
+CANDIDATE_RANKS = 64
+"""Up to this many ranks the report also models the other modes (a schedule per rank each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +60,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
     windows = tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
     plan = cfg.shard_plan(world_size, strategy)
     loads = [RankLoad.of(plan, call_schedule(plan, windows, cfg.kv_heads, r)) for r in range(world_size)]
-    itemsize = DTYPES[cfg.dtype].itemsize
-    kv_bytes = 2 * cfg.batch * cfg.head_dim * itemsize  # per token and kv head, k + v
+    kv_bytes = 2 * cfg.batch * cfg.head_dim * DTYPES[cfg.dtype].itemsize  # per token and kv head, k + v
 
     lines = [f"config {cfg.name}: canvas {cfg.canvas}, tile {cfg.tile}, grid {plan.grid}, {cfg.heads} heads",
              f"plan: {plan.describe()}",
@@ -76,6 +78,17 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
         shown = ", ".join(map(str, idle[:8])) + (f" ... ({len(idle)} in all)" if len(idle) > 8 else "")
         lines.append(f"WARNING: {len(idle)} of {world_size} ranks compute no head in this call (ranks {shown}); "
                      f"{idle_advice(cfg, plan, windows)}")
+    itemsize = DTYPES[cfg.dtype].itemsize
+    lines.append(f"model ({H100_NVLINK.attention_tflops:g} TFLOP/s kernel, {H100_NVLINK.link_gbps:g} GB/s link, "
+                 f"one H100 = {_predict(cfg, _one(cfg), windows, itemsize):.2f} ms):")
+    candidates = [plan] + (_candidates(cfg, world_size, plan) if world_size <= CANDIDATE_RANKS else [])
+    for candidate in candidates:
+        cost = call_cost(candidate, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid)
+        mark = "*" if candidate is plan else " "
+        runs_as = call_schedule(candidate, windows, cfg.kv_heads, 0).mode
+        lines.append(f" {mark} mode {candidate.mode:<6} mesh {str(candidate.mesh):<9} predicted "
+                     f"{cost.time_ms(H100_NVLINK):8.2f} ms, at most {cost.max_bytes() / 1e6:7.1f} MB sent per rank"
+                     + (f" (this call: {runs_as})" if runs_as != candidate.mode else ""))
     if per_rank or world_size <= DETAIL_RANKS:
         for l in loads:
             r = l.rank
@@ -84,3 +97,28 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
     else:
         lines.append("(one line per rank: --ranks)")
     return "\n".join(lines)
+
+
+def _one(cfg: RunConfig) -> ShardPlan:
+    return ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode="head", world_size=1)
+
+
+def _predict(cfg: RunConfig, plan: ShardPlan, windows, itemsize: int) -> float:
+    return call_cost(plan, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid).time_ms(
+        H100_NVLINK)
+
+
+def _candidates(cfg: RunConfig, world_size: int, chosen: ShardPlan) -> list[ShardPlan]:
+    """The other plans of this world size: head, tile, and each 2-D mesh."""
+    out = []
+    kinds = [("head", None), ("tile", None)] + [
+        ("hybrid", (p, world_size // p)) for p in range(2, world_size) if world_size % p == 0]
+    for mode, mesh in kinds:
+        try:
+            plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=mode, world_size=world_size,
+                             mesh=mesh, windows=chosen.windows, num_heads=cfg.heads)
+        except ValueError:  # e.g. more tile ranks than tiles along any split
+            continue
+        if (plan.mode, plan.mesh, plan.tile_split) != (chosen.mode, chosen.mesh, chosen.tile_split):
+            out.append(plan)
+    return out

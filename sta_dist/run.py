@@ -352,15 +352,18 @@ def _spawned_job(rank: int, world_size: int, cfg: RunConfig, job: JobRange) -> d
     return run_job(cfg, rank, world_size, job)
 
 
-def main(cfg: RunConfig, job: JobRange, timeout_s: float = 600.0) -> int:
+def main(cfg: RunConfig, job: JobRange, timeout_s: float = 600.0, summary_path: Optional[str] = None,
+         rendezvous_timeout_s: Optional[float] = None) -> int:
     """Entry of ``sta-dist run`` (arguments already checked by :func:`prepare`); returns
-    the exit code (1 if verification failed)."""
+    the exit code (1 if verification failed). ``summary_path``: rank 0 also writes the
+    summary there as JSON."""
     env = detect_env()
     if env.source != "single":
-        init_distributed()
+        init_distributed(**({} if rendezvous_timeout_s is None else dict(rendezvous_timeout_s=rendezvous_timeout_s)))
         summary = run_job(cfg, env.rank, env.world_size, job)
         if env.rank == 0:
             print(format_summary(summary), flush=True)
+            _write_summary(summary, summary_path)
         dist.barrier()
         dist.destroy_process_group()
     else:
@@ -377,7 +380,15 @@ def main(cfg: RunConfig, job: JobRange, timeout_s: float = 600.0) -> int:
                                  f"job with --steps/--layers/--canvas/--heads", err.details) from None
             raise
         print(format_summary(summary), flush=True)
+        _write_summary(summary, summary_path)
     return 0 if summary["verified"] else 1
+
+
+def _write_summary(summary: dict, path: Optional[str]) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1)
 
 
 def local_ranks(cfg: RunConfig) -> int:

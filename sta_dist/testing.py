@@ -66,7 +66,7 @@ def reference_attention(
     canvas: Sequence[int],
     tile: Sequence[int],
     window: WindowArg,
-    text_length: Optional[int] = None,
+    text_length=None,
     scale: Optional[float] = None,
     rows: Optional[torch.Tensor] = None,
     compute_dtype: torch.dtype = torch.float64,
@@ -74,41 +74,53 @@ def reference_attention(
 ):
     """Dense masked STA in ``compute_dtype`` (default float64), natural token order.
 
-    Returns ``out_bshd`` of shape ``[B, R, H, D]`` in ``compute_dtype`` for the query
-    ``rows`` (default all), and with ``return_lse`` also ``lse_bhs`` ``[B, H, R]``
+    ``text_length`` is one int (default ``L``) or one per batch sample (a list, tuple or
+    1-D tensor). Returns ``out_bshd`` of shape ``[B, R, H, D]`` in ``compute_dtype`` for
+    the query ``rows`` (default all), and with ``return_lse`` also ``lse_bhs`` ``[B, H, R]``
     (natural log; ``-inf`` for rows that attend nothing, whose output is zero).
     """
     B, S, H, D = q_bshd.shape
     Hkv = k_bshd.shape[2]
     cfg = STAConfig(canvas=canvas, tile=tile, text_len=S - (canvas[0] * canvas[1] * canvas[2]))
     windows = cfg.windows(window, H)
-    text_length = cfg.text_len if text_length is None else text_length
+    lengths = _per_sample(text_length, cfg.text_len, B)
     scale = D**-0.5 if scale is None else scale
     rows = torch.arange(S, device=q_bshd.device) if rows is None else rows.to(q_bshd.device)
 
     out = torch.zeros(B, len(rows), H, D, dtype=compute_dtype, device=q_bshd.device)
     lse = torch.full((B, H, len(rows)), float("-inf"), dtype=compute_dtype, device=q_bshd.device)
     masks: dict = {}
-    for h in range(H):
-        if windows[h] not in masks:
-            masks[windows[h]] = sta_mask(
-                canvas, tile, windows[h], cfg.text_len, text_length, rows, q_bshd.device
-            )
-        mask = masks[windows[h]]
-        kvh = h // (H // Hkv)
-        q = q_bshd[:, rows, h].to(compute_dtype)
-        k = k_bshd[:, :, kvh].to(compute_dtype)
-        v = v_bshd[:, :, kvh].to(compute_dtype)
-        # Low precision as flash-attention's attention_ref: products in the dtype,
-        # softmax in float32, probabilities rounded back to the dtype.
-        soft_dtype = compute_dtype if compute_dtype in (torch.float32, torch.float64) else torch.float32
-        scores = ((q @ k.transpose(1, 2)) * scale).to(soft_dtype)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        has_keys = mask.any(-1)
-        probs = torch.softmax(scores, -1).nan_to_num(0.0).to(compute_dtype)
-        out[:, :, h] = (probs @ v) * has_keys[None, :, None]
-        lse[:, h] = torch.where(has_keys, torch.logsumexp(scores, -1), float("-inf")).to(compute_dtype)
+    for b in range(B):
+        for h in range(H):
+            key = (windows[h], lengths[b])
+            if key not in masks:
+                masks[key] = sta_mask(canvas, tile, windows[h], cfg.text_len, lengths[b], rows, q_bshd.device)
+            mask = masks[key]
+            kvh = h // (H // Hkv)
+            q = q_bshd[b, rows, h].to(compute_dtype)
+            k = k_bshd[b, :, kvh].to(compute_dtype)
+            v = v_bshd[b, :, kvh].to(compute_dtype)
+            # Low precision as flash-attention's attention_ref: products in the dtype,
+            # softmax in float32, probabilities rounded back to the dtype.
+            soft_dtype = compute_dtype if compute_dtype in (torch.float32, torch.float64) else torch.float32
+            scores = ((q @ k.transpose(0, 1)) * scale).to(soft_dtype)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            has_keys = mask.any(-1)
+            probs = torch.softmax(scores, -1).nan_to_num(0.0).to(compute_dtype)
+            out[b, :, h] = (probs @ v) * has_keys[:, None]
+            lse[b, h] = torch.where(has_keys, torch.logsumexp(scores, -1), float("-inf")).to(compute_dtype)
     return (out, lse) if return_lse else out
+
+
+def _per_sample(text_length, text_len: int, batch: int) -> list[int]:
+    """One valid-text count per batch sample (no validation: the reference trusts its caller)."""
+    if text_length is None:
+        return [text_len] * batch
+    if isinstance(text_length, torch.Tensor):
+        text_length = text_length.tolist()
+    if isinstance(text_length, (list, tuple)):
+        return [int(n) for n in text_length]
+    return [int(text_length)] * batch
 
 
 def max_error(out: torch.Tensor, ref: torch.Tensor) -> float:

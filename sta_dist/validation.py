@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -76,15 +76,46 @@ def infer_config(seq_len: int, canvas, tile) -> STAConfig:
     return STAConfig(canvas=probe.canvas, tile=probe.tile, text_len=seq_len - probe.num_video)
 
 
-def check_text_length(text_length: Optional[int], text_len: int) -> int:
-    """``text_length`` defaults to every text token and must lie in ``[0, L]``."""
+TextLength = Union[int, tuple[int, ...]]
+"""Valid text tokens: one count for every batch sample, or one per sample."""
+
+
+def _one_text_length(value, text_len: int, name: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name} must be an int in [0, L] = [0, {text_len}], got {name}={value!r} "
+                        f"({type(value).__name__})")
+    value = int(value)
+    if not 0 <= value <= text_len:
+        raise ValueError(f"{name} must be an int in [0, L] = [0, {text_len}], got {name}={value!r}")
+    return value
+
+
+def check_text_length(text_length, text_len: int, batch: Optional[int] = None) -> TextLength:
+    """``text_length``: ``None`` (every text token), one int for every sample, or one per
+    batch sample (a list or tuple, or a 1-D integer tensor, which is read to the host
+    once per call), each in ``[0, L]``; with ``batch`` given, a per-sample value must have
+    ``batch`` entries.
+
+    Returns one int when every sample has the same count (the fast path: one launch),
+    else a tuple of one int per sample.
+    """
     if text_length is None:
         return text_len
     if isinstance(text_length, torch.Tensor):
-        text_length = int(text_length.item())
-    if int(text_length) != text_length or not 0 <= text_length <= text_len:
-        raise ValueError(f"text_length must be an int in [0, L] = [0, {text_len}], got text_length={text_length!r}")
-    return int(text_length)
+        if text_length.is_floating_point() or text_length.is_complex() or text_length.dtype == torch.bool:
+            raise TypeError(f"text_length must hold integers, got a tensor of dtype={text_length.dtype}")
+        if text_length.dim() > 1:
+            raise ValueError(f"text_length must be one int or one per batch sample (a 1-D tensor), got a "
+                             f"tensor of shape {tuple(text_length.shape)}")
+        text_length = text_length.item() if text_length.dim() == 0 else text_length.tolist()
+    if not isinstance(text_length, (list, tuple)):
+        return _one_text_length(text_length, text_len, "text_length")
+    if not text_length or (batch is not None and len(text_length) != batch):
+        expected = f"B={batch}" if batch is not None else "at least one"
+        raise ValueError(f"text_length must be one int or one per batch sample: expected {expected} values, "
+                         f"got len(text_length)={len(text_length)}")
+    lengths = tuple(_one_text_length(v, text_len, f"text_length[{i}]") for i, v in enumerate(text_length))
+    return lengths[0] if len(set(lengths)) == 1 else lengths
 
 
 def check_scale(scale: Optional[float], head_dim: int) -> float:
@@ -112,9 +143,10 @@ def check_layout(layout: str) -> str:
 def check_call(q, k, v, canvas, tile, window: WindowArg, text_length, scale):
     """Everything :func:`sta_dist.sliding_tile_attention` needs to trust its inputs.
 
-    Returns ``(cfg, windows, text_length, scale, num_kv_heads)``.
+    Returns ``(cfg, windows, text_length, scale, num_kv_heads)``; ``text_length`` as
+    :func:`check_text_length` gives it.
     """
-    _, S, H, Hkv, D = check_qkv(q, k, v)
+    B, S, H, Hkv, D = check_qkv(q, k, v)
     cfg = infer_config(S, canvas, tile)
     windows: tuple[Triple, ...] = cfg.windows(window, H)
-    return cfg, windows, check_text_length(text_length, cfg.text_len), check_scale(scale, D), Hkv
+    return cfg, windows, check_text_length(text_length, cfg.text_len, B), check_scale(scale, D), Hkv

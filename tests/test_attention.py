@@ -33,7 +33,7 @@ def test_torch_backend_matches_reference(seed, dtype):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_kernel_matches_reference(seed, dtype):
-    check_backend(random_case(seed), "triton", dtype, seed)
+    check_backend(random_case(seed, max_tile_pairs=2000), "triton", dtype, seed)
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 96, 128])

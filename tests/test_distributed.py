@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from sta_dist import ShardPlan, geometry
+from sta_dist.config import normalize_windows
+from sta_dist.parallel.cost import call_cost
 from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
 from tests import dist_workers
@@ -55,6 +57,10 @@ def test_every_mode_matches_reference(world):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         outs = [results[r][i][0] for r in range(world)]
         check_against_reference(case, plan, outs, seed=i)
+        predicted = call_cost(plan, normalize_windows(case.window, case.heads), case.kv_heads, case.batch,
+                              case.head_dim, 4, case.text_length)
+        for r in range(world):  # the cost model's bytes are the bytes that moved
+            assert predicted.ranks[r].bytes_sent == results[r][i][1], (case, plan_kw, r)
         modes = {results[r][i][2] for r in range(world)}
         assert len(modes) == 1
         if plan.mesh[1] > 1:

@@ -7,7 +7,9 @@ import torch
 
 from sta_dist import ShardPlan, geometry
 from sta_dist.parallel.plan import _mesh_cost, assign_heads, best_tile_split
+from sta_dist.parallel.cost import H100_NVLINK, call_cost
 from sta_dist.parallel.schedule import call_schedule
+from sta_dist.testing import sta_mask
 
 HUNYUAN = dict(canvas=(30, 48, 80), tile=(6, 8, 8), text_len=256)
 
@@ -132,3 +134,18 @@ def test_auto_gives_every_rank_work_when_ranks_exceed_heads():
     scheds = [call_schedule(plan, windows, 24, r) for r in range(64)]
     assert min(len(s.q_heads[s.me_in_head_group]) for s in scheds) >= 1
     assert ShardPlan(**HUNYUAN, mode="auto", world_size=64, windows=((3, 3, 3),)).mode in ("tile", "head")
+
+
+@pytest.mark.parametrize("world, kw", [(1, dict(mode="head")), (3, dict(mode="head")), (2, dict(mode="tile")),
+                                       (4, dict(mode="hybrid", mesh=(2, 2))), (3, dict(mode="tile"))])
+def test_cost_model_work_adds_up_to_the_token_mask(world, kw):
+    """Over all ranks the modelled work is every attended (query, key) pair of the mask, once."""
+    canvas, tile, L, valid = (5, 7, 9), (2, 3, 2), 3, 2
+    windows = ((1, 1, 1), (2, 3, 1), (3, 1, 2), (9, 9, 9))
+    plan = ShardPlan(canvas=canvas, tile=tile, text_len=L, world_size=world, **kw)
+    cost = call_cost(plan, windows, 2, batch=2, head_dim=8, itemsize=2, text_length=valid)
+    pairs = sum(int(sta_mask(canvas, tile, w, L, valid).sum()) for w in windows)
+    assert sum(r.flops for r in cost.ranks) == 4 * 2 * 8 * pairs
+    one = call_cost(ShardPlan(canvas=canvas, tile=tile, text_len=L, world_size=1, mode="head"), windows, 2, 2, 8, 2,
+                    valid)
+    assert cost.time_ms(H100_NVLINK) > 0 and one.max_bytes() == 0

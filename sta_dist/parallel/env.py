@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
-RENDEZVOUS_TIMEOUT_S = 20.0
+RENDEZVOUS_TIMEOUT_S = 15.0
 """How long ranks wait for each other to form the job: past it, a missing rank or an
 unreachable master is an error, not a hang."""
 

@@ -81,7 +81,7 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in sched.halo_recv]
     send = []
     for tiles_out in sched.halo_send:
-        rows = tile_rows(canvas, tile, box_tiles, tiles_out).to(k_box.device)
+        rows = tile_rows(canvas, tile, box_tiles, tiles_out, k_box.device)
         send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
     chunks = comm.all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
     halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, n_in)) if i != sched.me_in_tile_group]
@@ -90,12 +90,14 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
     return BoxInputs(q_box, k_kv, v_kv)
 
 
-def attend(inputs: BoxInputs, sched: CallSchedule, text_length: int, scale: float, backend: str) -> PartialOutput:
-    """Step 3: the local kernel. Text keys count on one rank of the tile group only, so
-    the merged text rows see each of them once. Only text rows are merged, so a call
-    without text asks for no log-sum-exp (which lets the fastest kernel take it)."""
-    merge = len(sched.tile_group) > 1 and text_length > 0
-    text = LocalText(text_length, text_length, text_length if sched.counts_text_keys else 0)
+def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str) -> PartialOutput:
+    """Step 3: the local kernel. ``text_length`` is one int or a tuple of one per batch
+    sample. Text keys count on one rank of the tile group only, so the merged text rows
+    see each of them once. Only text rows are merged, so a call without text asks for no
+    log-sum-exp (which lets the fastest kernel take it)."""
+    longest = max(text_length) if isinstance(text_length, tuple) else text_length
+    merge = len(sched.tile_group) > 1 and longest > 0
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge)
     if merge:
         out, lse = result

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -82,8 +81,6 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     costs = [geometry.volume(w) for w in eff]
     fallback = whole_canvas_halo(plan, tuple(sorted(set(eff))))
     if fallback:
-        if rank == 0:  # once per job, not once per rank
-            _warn_fallback(plan, tuple(eff))
         head_group, tile_group = tuple(range(plan.world_size)), (rank,)
     else:
         head_group, tile_group = plan.head_group(rank), plan.tile_group(rank)
@@ -129,6 +126,13 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
                         tuple(recvs), layout, heads, tile_group.index(rank) == 0)
 
 
+def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
+    """Say once per job (rank 0, once per plan and windows) that a call fell back to head
+    mode; called when a call runs, not when a schedule is only modelled."""
+    if sched.mode == "head (fallback)" and sched.rank == 0:
+        _warn_fallback(plan, tuple(sorted(set(sched.heads.windows))))
+
+
 @functools.lru_cache(maxsize=64)
 def _warn_fallback(plan: ShardPlan, windows: tuple[Triple, ...]) -> None:
     logger.warning(
@@ -139,9 +143,13 @@ def _warn_fallback(plan: ShardPlan, windows: tuple[Triple, ...]) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...]) -> torch.Tensor:
+def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...],
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """Row index, within a packed storage of the ``storage`` tiles, of the tokens of the
-    ``wanted`` tiles (in wanted order)."""
+    ``wanted`` tiles (in wanted order), on ``device`` (cached there: a copy per call would
+    make the host wait for the GPU)."""
+    if device.type != "cpu":
+        return tile_rows(canvas, tile, storage, wanted).to(device)
     grid = geometry.grid_shape(canvas, tile)
     base = {t: r.base for t, r in zip(storage, geometry.packed_tile_rows(canvas, tile, storage))}
     size = {t: geometry.volume(geometry.tile_extent(geometry.tile_coords(t, grid), canvas, tile)) for t in wanted}

@@ -1,0 +1,15 @@
+"""sta_dist inside diffusers' video transformers (Wan 2.1, HunyuanVideo).
+
+    import sta_dist.diffusers as sta_diffusers
+    handle = sta_diffusers.enable(pipe.transformer, tile=(6, 8, 8), window=(3, 3, 3))
+    video = pipe(prompt, callback_on_step_end=handle.callback).frames[0]
+    sta_diffusers.disable(pipe.transformer)
+"""
+
+from .handle import CallContext, STAHandle, disable, enable
+from .hunyuan import HUNYUAN_VIDEO_CP_PLAN, HunyuanVideoSTAProcessor
+from .models import SUPPORTED
+from .wan import WanSTAProcessor
+
+__all__ = ["enable", "disable", "STAHandle", "CallContext", "SUPPORTED", "WanSTAProcessor",
+           "HunyuanVideoSTAProcessor", "HUNYUAN_VIDEO_CP_PLAN"]
