@@ -40,6 +40,15 @@ def guard_torchvision() -> None:
     except Exception:  # noqa: BLE001 - PyPI's CUDA build raises RuntimeError beside a CPU torch
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
+    # transformers and diffusers decide once, on import, whether torchvision is there: they
+    # must see that it is not (transformers 5 would import torchvision.io from the guard).
+    import importlib
+
+    for probe in ("transformers", "diffusers"):
+        try:
+            importlib.import_module(probe)
+        except ImportError:
+            pass
     for name in TORCHVISION_MODULES:
         module = _Unused(name)
         module.__spec__ = importlib.machinery.ModuleSpec(name, None)
