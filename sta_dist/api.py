@@ -16,7 +16,7 @@ from .geometry import Triple
 from .local import LocalHeads, LocalLayout, LocalText, sample_groups
 from .torch_backend import sta_torch
 from .triton_backend import can_run_triton, sta_triton
-from .validation import check_call, check_layout
+from .validation import check_call, check_layout, kernel_head_dim
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -33,6 +33,27 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
     return backend
 
 
+def _kernel(q_bshd, backend: str):
+    """The chosen backend's call. The Triton kernels are built for head dims 32, 64, 96,
+    128 and 256: other sizes of FastVideo's list (160, 192, 224) run zero-padded to the
+    next of those."""
+    if choose_backend(q_bshd, backend) != "triton":
+        return sta_torch
+    padded = kernel_head_dim(q_bshd.shape[-1])
+    return sta_triton if padded == q_bshd.shape[-1] else functools.partial(_padded_triton, padded)
+
+
+def _padded_triton(padded: int, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=False, keys=None):
+    # Zero columns change no score q.k (the scale stays the caller's) and give zero
+    # output columns, which are cut off again.
+    D = q_bshd.shape[-1]
+    q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
+    result = sta_triton(q_p, k_p, v_p, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+    if return_lse:
+        return result[0][..., :D].contiguous(), result[1]
+    return result[..., :D].contiguous()
+
+
 def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
                     scale: float, backend: str = "auto", return_lse: bool = False, keys=None):
     """Run one local STA problem on the chosen backend (inputs already validated).
@@ -42,7 +63,7 @@ def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHea
     group runs as its own call (one kernel launch per distinct text length; a contiguous
     run of samples is a view, others are gathered). ``keys``: the table path
     (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch."""
-    kernel = sta_triton if choose_backend(q_bshd, backend) == "triton" else sta_torch
+    kernel = _kernel(q_bshd, backend)
     run = kernel if keys is None else functools.partial(kernel, keys=keys)
     if isinstance(text, LocalText):
         return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)

@@ -81,6 +81,17 @@ def window_span(q: int, k: int, n: int) -> tuple[int, int]:
     return lo, lo + min(k, n)
 
 
+def fastvideo_window(window: Triple, grid: Triple) -> Triple:
+    """The window, in this module's rule, that covers what FastVideo's rule covers.
+
+    FastVideo's kernels centre a half-width ``k // 2`` on the query tile, the centre
+    clamped to ``[k // 2, n - 1 - k // 2]``: ``k`` tiles for odd ``k``, but ``k + 1`` for
+    even ``k < n``, and the whole axis for ``k >= n``. With :func:`window_start`'s rule
+    that is window ``k + 1`` for even ``k < n``, ``min(k, n)`` otherwise.
+    """
+    return tuple(k + 1 if k % 2 == 0 and k < n else min(k, n) for k, n in zip(window, grid))  # type: ignore[return-value]
+
+
 @dataclass(frozen=True, slots=True)
 class Box:
     """A box of tiles ``[lo, hi)`` per axis, in tile coordinates."""

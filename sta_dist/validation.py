@@ -10,7 +10,11 @@ import torch
 from .config import STAConfig, WindowArg
 from .geometry import Triple
 
-SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)
+SUPPORTED_HEAD_DIMS = tuple(range(32, 257, 32))
+"""FastVideo's list, 32 to 256 in steps of 32."""
+KERNEL_HEAD_DIMS = (32, 64, 96, 128, 256)
+"""Head dims the GPU kernels are built and tested for; the others are zero-padded to the
+next of these (:func:`kernel_head_dim`)."""
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -46,6 +50,11 @@ def check_head_dim(head_dim: int) -> int:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got head_dim={head_dim}")
     return head_dim
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The kernel head dim that ``head_dim`` runs at: itself, or the next larger one."""
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
 def check_seq_len(seq_len: int, cfg: STAConfig, name: str = "q.shape[1]") -> None:

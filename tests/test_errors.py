@@ -69,7 +69,7 @@ def test_text_length_range(bad):
 
 def test_unsupported_head_dim():
     q, k, v = qkv(D=48)
-    with pytest.raises(ValueError, match=r"head dim must be one of \(32, 64, 96, 128, 256\), got head_dim=48"):
+    with pytest.raises(ValueError, match=r"head dim must be one of \(32, 64, 96, 128, 160, 192, 224, 256\), got head_dim=48"):
         call(q, k, v)
     with pytest.raises(ValueError, match=r"got head_dim=80"):
         SlidingTileAttentionImpl(2, 80, False, None)

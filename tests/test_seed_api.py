@@ -26,19 +26,22 @@ def test_backend_class_surface():
     b = SlidingTileAttentionBackend
     assert b.accept_output_buffer is True
     assert b.get_name() == "SLIDING_TILE_ATTN"
-    assert b.get_supported_head_sizes() == [32, 64, 96, 128, 256]
+    assert b.get_supported_head_sizes() == [32, 64, 96, 128, 160, 192, 224, 256]
     assert b.get_impl_cls() is SlidingTileAttentionImpl
     assert b.get_metadata_cls() is SlidingTileAttentionMetadata
     assert b.get_builder_cls() is SlidingTileAttentionMetadataBuilder
-    assert sta_dist.logger.name == "sta_dist"
+    assert sta_dist.logger.name == "sta_dist.backend"  # the module's own, as FastVideo's
 
 
 def test_range_dict():
-    d = RangeDict({(0, 9): "small", (10, 99): "big", 5: "five"})
-    assert d[3] == "small" and d[10] == "big" and d[99] == "big" and d[5] == "five"
-    assert 50 in d and 100 not in d and d.get(100, "none") == "none"
-    with pytest.raises(KeyError, match="100 matches no key"):
-        d[100]
+    """FastVideo's semantics: str(value), and the first match in insertion order wins."""
+    d = RangeDict({(0, 9): "small", (10, 99): "big", 5: "five", 100: 7})
+    assert d[3] == "small" and d[10] == "big" and d[99] == "big" and d[100] == "7"
+    assert d[5] == "small"  # the range was inserted first
+    assert RangeDict({5: "five", (0, 9): "small"})[5] == "five"
+    assert 50 in d and 101 not in d and d.get(101, "none") == "none"
+    with pytest.raises(KeyError, match="seq_len 101 not supported for STA"):
+        d[101]
 
 
 def test_real_mask_strategy_loads():
