@@ -6,10 +6,9 @@
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 source tools/gpu_setup.sh
-python3 -m pip install -q --no-deps --no-index .whl/*.whl >"$OUT/wheels.log" 2>&1 || { cat "$OUT/wheels.log"; exit 1; }
 python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
 ARGS=${BENCH_ARGS:-}
-python3 tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 | grep -v Warn | tee "$OUT/step_1gpu.log" | tail -n 12
-torchrun --standalone --nproc-per-node ${NGPU:-2} tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 \
+timeout 330 python3 tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 | grep -v Warn | tee "$OUT/step_1gpu.log" | tail -n 12
+timeout 330 torchrun --standalone --nproc-per-node ${NGPU:-2} tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 \
   | grep -v Warn | tee "$OUT/step_2gpu.log" | tail -n 16
 rm -f "$OUT"/*_1gpu.pt  # the saved one-GPU outputs (compared already)
