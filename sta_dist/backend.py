@@ -386,7 +386,10 @@ class SlidingTileAttentionImpl:
             error = None
         except (ValueError, TypeError, IndexError) as err:
             description, error = f"invalid call ({type(err).__name__}: {err})", err
-        comm.check_agreement("this call", description)
+        # Over NCCL the check runs on the host beside the call's GPU exchanges and is settled in
+        # postprocess_output, before any output is returned; on gloo the exchanges themselves
+        # run on the host, so it is settled before them.
+        comm.check_agreement("this call", description, defer=error is None and comm.backend == "nccl")
         if error is not None:
             raise error
 
@@ -417,7 +420,10 @@ class SlidingTileAttentionImpl:
         all-to-all -> this rank's tokens, all heads. FastVideo's protocol: tiled -> natural
         order. Otherwise nothing moves."""
         if self._plan(attn_metadata) is not None:
-            return exchange_out(output, self._schedule(attn_metadata), self._comm(attn_metadata), self.num_heads)
+            comm = self._comm(attn_metadata)
+            out = exchange_out(output, self._schedule(attn_metadata), comm, self.num_heads)
+            comm.settle_agreements()  # a call the ranks disagreed on returns no output
+            return out
         if self._fastvideo(attn_metadata):
             cfg = self._config(attn_metadata)
             return to_natural(output, cfg.canvas, cfg.tile)

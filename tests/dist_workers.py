@@ -166,3 +166,18 @@ def dist_bench_selected(rank, world, out_dir):
     result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
                             text_len=5, text_valid=3, reps=2, modes=("tile", "head"), select=sta_dist.TopK(2))
     return {name: row.get("max_diff_vs_one_gpu") for name, row in result["rows"].items()}, result["one_gpu_check"]
+
+
+def deferred_disagreement(rank, world):
+    """A deferred agreement check (the NCCL path's) settled later: the last rank differs."""
+    from sta_dist.parallel.comm import Comm
+
+    comm = Comm()
+    comm.check_agreement("this call", "same", defer=True)
+    comm.settle_agreements()  # agreed: nothing raised
+    comm.check_agreement("this call", f"rank {rank}" if rank == world - 1 else "same", defer=True)
+    try:
+        comm.settle_agreements()
+    except ValueError as err:
+        return str(err)
+    return "no error"

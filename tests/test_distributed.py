@@ -183,3 +183,8 @@ def test_one_invalid_rank_fails_every_rank_at_once():
     for seconds, message in results:
         assert seconds < 10, (seconds, message)
         assert "ranks disagree on this call" in message and "rank 2: invalid call (ValueError: text_length" in message
+
+
+def test_a_deferred_agreement_check_raises_on_every_rank_when_settled():
+    for message in spawn_local(dist_workers.deferred_disagreement, 3, timeout_s=60):
+        assert message.startswith("ranks disagree on this call: rank 0: same; rank 1: same; rank 2: rank 2"), message
