@@ -197,7 +197,7 @@ def selected_forward(impl, q_local, k_local, v_local, window, text_length, selec
     try:
         window_rule = check_window_rule(window_rule)
         check_window_or_select(window, select)
-        impl._check_local(q_local, k_local, v_local)
+        impl._check_local(q_local, k_local, v_local, plan, comm.rank)
         B, H = q_local.shape[0], impl.num_heads
         text_length = check_text_length(text_length, plan.text_len, B)
         windows = None if window is None else normalize_windows(window, H)
