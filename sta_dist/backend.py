@@ -501,6 +501,8 @@ def plan_groups(plan: ShardPlan) -> list[tuple[int, ...]]:
 
 class SlidingTileAttentionBackend:
     accept_output_buffer: bool = True
+    classes: tuple = (SlidingTileAttentionImpl, SlidingTileAttentionMetadata, SlidingTileAttentionMetadataBuilder)
+    """Impl, metadata and builder; a client's subclass (FastVideo's adapter) names its own."""
 
     @staticmethod
     def get_name() -> str:
@@ -510,14 +512,14 @@ class SlidingTileAttentionBackend:
     def get_supported_head_sizes() -> list[int]:
         return list(SUPPORTED_HEAD_DIMS)
 
-    @staticmethod
-    def get_impl_cls() -> type[SlidingTileAttentionImpl]:
-        return SlidingTileAttentionImpl
+    @classmethod
+    def get_impl_cls(cls) -> type[SlidingTileAttentionImpl]:
+        return cls.classes[0]
 
-    @staticmethod
-    def get_metadata_cls() -> type[SlidingTileAttentionMetadata]:
-        return SlidingTileAttentionMetadata
+    @classmethod
+    def get_metadata_cls(cls) -> type[SlidingTileAttentionMetadata]:
+        return cls.classes[1]
 
-    @staticmethod
-    def get_builder_cls() -> type[SlidingTileAttentionMetadataBuilder]:
-        return SlidingTileAttentionMetadataBuilder
+    @classmethod
+    def get_builder_cls(cls) -> type[SlidingTileAttentionMetadataBuilder]:
+        return cls.classes[2]

@@ -89,14 +89,5 @@ class SlidingTileAttentionImpl(core.SlidingTileAttentionImpl):
 
 
 class SlidingTileAttentionBackend(core.SlidingTileAttentionBackend, AttentionBackend):
-    @staticmethod
-    def get_impl_cls() -> type[SlidingTileAttentionImpl]:
-        return SlidingTileAttentionImpl
-
-    @staticmethod
-    def get_metadata_cls() -> type[SlidingTileAttentionMetadata]:
-        return SlidingTileAttentionMetadata
-
-    @staticmethod
-    def get_builder_cls() -> type[SlidingTileAttentionMetadataBuilder]:
-        return SlidingTileAttentionMetadataBuilder
+    # The core's classmethods come first in the MRO and serve FastVideo's abstract getters.
+    classes = (SlidingTileAttentionImpl, SlidingTileAttentionMetadata, SlidingTileAttentionMetadataBuilder)
