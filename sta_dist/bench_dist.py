@@ -40,6 +40,18 @@ def _time_ms(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
+def _time_with_and_without_check(fn, comm, reps: int, device) -> tuple[float, float]:
+    """Median ms of ``fn`` with the per-call agreement check and without it, the two
+    interleaved rep by rep so that clock drift falls on both alike."""
+    with_check, without = [], []
+    for _ in range(reps):
+        for on, times in ((True, with_check), (False, without)):
+            comm.check_calls = on
+            times.append(_time_ms(fn, 1, device))
+    comm.check_calls = True
+    return statistics.median(with_check), statistics.median(without)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -94,11 +106,9 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     attn.comm.bytes_sent.clear()
-    ms = _time_ms(lambda: call(*local, window=windows, text_length=text_valid), reps, device)
-    sent = {step: n / reps for step, n in attn.comm.bytes_sent.items()}
-    attn.comm.check_calls = False  # what the per-call agreement check costs: the same layer without it
-    ms_unchecked = _time_ms(lambda: call(*local, window=windows, text_length=text_valid), reps, device)
-    attn.comm.check_calls = True
+    ms, ms_unchecked = _time_with_and_without_check(lambda: call(*local, window=windows, text_length=text_valid),
+                                                    attn.comm, reps, device)
+    sent = {step: n / (2 * reps) for step, n in attn.comm.bytes_sent.items()}  # two calls a rep
     itemsize = qkv[0].element_size()
     if select is None:
         predicted = call_cost(plan, windows, heads, 1, head_dim, itemsize, text_valid).time_ms(H100_NVLINK)
