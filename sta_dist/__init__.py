@@ -7,7 +7,7 @@ try:
 except PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
-from .api import local_attention, sliding_tile_attention, to_natural, to_tiled
+from .api import local_attention, route_of, sliding_tile_attention, to_natural, to_tiled
 from .backend import (
     RangeDict,
     SlidingTileAttentionBackend,
@@ -29,6 +29,7 @@ __all__ = [
     "to_tiled",
     "to_natural",
     "local_attention",
+    "route_of",
     "TopK",
     "Mass",
     "STAConfig",

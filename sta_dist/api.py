@@ -1,4 +1,4 @@
-"""The public single-call entry point and the backend choice.
+"""The public single-call entry point (:mod:`sta_dist.dispatch` runs it).
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 """
@@ -13,75 +13,10 @@ import torch
 from . import geometry
 from .config import WindowArg
 from .geometry import Triple
+from .dispatch import call_route, local_attention
 from .local import LocalHeads, LocalLayout, LocalText, sample_groups
-from .torch_backend import sta_torch
-from .triton_backend import can_run_triton, sta_triton
-from .validation import check_call, check_layout, kernel_head_dim
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """``"auto"`` takes the Triton kernel on a GPU and the torch backend elsewhere; an
-    explicit request is checked and refused with the reason."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
-    if backend == "auto":
-        return "triton" if q.is_cuda and can_run_triton(q) else "torch"
-    if backend == "triton":
-        can_run_triton(q, raise_error=True)
-    return backend
-
-
-def _kernel(q_bshd, backend: str):
-    """The chosen backend's call. The Triton kernels are built for head dims 32, 64, 96,
-    128 and 256: other sizes of FastVideo's list (160, 192, 224) run zero-padded to the
-    next of those."""
-    if choose_backend(q_bshd, backend) != "triton":
-        return sta_torch
-    padded = kernel_head_dim(q_bshd.shape[-1])
-    return sta_triton if padded == q_bshd.shape[-1] else functools.partial(_padded_triton, padded)
-
-
-def _padded_triton(padded: int, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=False, keys=None):
-    # Zero columns change no score q.k (the scale stays the caller's) and give zero
-    # output columns, which are cut off again.
-    D = q_bshd.shape[-1]
-    q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
-    result = sta_triton(q_p, k_p, v_p, layout, heads, text, scale, return_lse=return_lse, keys=keys)
-    if return_lse:
-        return result[0][..., :D].contiguous(), result[1]
-    return result[..., :D].contiguous()
-
-
-def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
-                    scale: float, backend: str = "auto", return_lse: bool = False, keys=None):
-    """Run one local STA problem on the chosen backend (inputs already validated).
-
-    ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
-    sample: then the batch is split into groups of samples with equal text, and each
-    group runs as its own call (one kernel launch per distinct text length; a contiguous
-    run of samples is a view, others are gathered). ``keys``: the table path
-    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch."""
-    kernel = _kernel(q_bshd, backend)
-    run = kernel if keys is None else functools.partial(kernel, keys=keys)
-    if isinstance(text, LocalText):
-        return run(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse)
-    groups = sample_groups(text)
-    if len(groups) == 1:
-        return run(q_bshd, k_bshd, v_bshd, layout, heads, groups[0][0], scale, return_lse=return_lse)
-    B, S, H, _ = q_bshd.shape
-    out = torch.empty_like(q_bshd)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
-    for group_text, idx in groups:
-        if keys is not None:
-            run = functools.partial(kernel, keys=keys.samples(idx))
-        result = run(q_bshd[idx], k_bshd[idx], v_bshd[idx], layout, heads, group_text, scale, return_lse=return_lse)
-        if return_lse:
-            out[idx], lse[idx] = result
-        else:
-            out[idx] = result
-    return (out, lse) if return_lse else out
+from .route import Route
+from .validation import check_call, check_layout
 
 
 @functools.lru_cache(maxsize=64)
@@ -115,6 +50,11 @@ def sliding_tile_attention(
     one per query head. ``layout="tiled"`` says the video tokens are already in tiled order
     (see :func:`to_tiled`); the output comes back in the input's order.
 
+    ``backend``: ``"auto"`` (the fastest kernel that can run the call: on Hopper the CUDA
+    or Gluon kernel, elsewhere on a GPU the Triton kernel, off a GPU the torch backend),
+    or one of ``"cuda"``, ``"gluon"``, ``"triton"``, ``"torch"`` (refused with the reason if
+    it cannot run the call). :func:`sta_dist.dispatch.call_route` says which runs and why.
+
     ``select`` adds key tiles chosen from the data to each query tile's window:
     :class:`sta_dist.TopK`, :class:`sta_dist.Mass` or a bool tile mask ``[B, H or 1, n, n]``
     (``window=None``: the selection alone); ``window_rule`` is ``"sta"`` (default),
@@ -134,6 +74,22 @@ def sliding_tile_attention(
     local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
     heads = LocalHeads.build(windows, cfg.grid, hkv)
     return local_attention(q, k, v, local, heads, LocalText.per_sample(text_length), scale, backend, return_lse)
+
+
+def route_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, canvas, tile, window: WindowArg,
+             text_length=None, backend: str = "auto", layout: str = "natural", return_lse: bool = False) -> Route:
+    """Which kernels :func:`sliding_tile_attention` runs for these arguments, and why each
+    faster one does not (:class:`sta_dist.route.Route`; nothing is computed). With
+    per-sample text lengths: the route of the first sample's. A kernel named in
+    ``backend`` that cannot run the call raises ``ValueError`` with the reason, as the call
+    would."""
+    cfg, windows, text_length, _, hkv = check_call(q, k, v, canvas, tile, window, text_length, None)
+    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
+    heads = LocalHeads.build(windows, cfg.grid, hkv)
+    text = LocalText.per_sample(text_length)
+    if not isinstance(text, LocalText):
+        text = sample_groups(text)[0][0]
+    return call_route(q, k, v, local, heads, text, backend, return_lse)
 
 
 @functools.lru_cache(maxsize=64)

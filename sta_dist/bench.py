@@ -127,7 +127,7 @@ def run_case(case: BenchCase, dtype=torch.bfloat16, seed: int = 0, with_anchors:
     kw = dict(canvas=case.canvas, tile=case.tile, window=list(case.windows), text_length=case.text_valid)
 
     def ours():
-        return sliding_tile_attention(q, k, v, **kw, backend="triton")
+        return sliding_tile_attention(q, k, v, **kw)
 
     out = ours()
     check = sampled_check(q, k, v, out, **kw, seed=seed)
@@ -162,7 +162,7 @@ def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> lis
     """Time the kernel under each launch config; each output checked on sampled rows."""
     from .config import STAConfig
     from .local import LocalHeads, LocalLayout, LocalText
-    from .triton_backend import sta_triton
+    from .dispatch import run_local
 
     g = torch.Generator(device="cuda").manual_seed(1)
     shape = (1, case.seq, case.heads, case.head_dim)
@@ -175,8 +175,8 @@ def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> lis
     rows = []
     for config in configs:
         try:
-            fn = functools.partial(sta_triton, q, k, v, layout, heads, text, case.head_dim**-0.5, config=config,
-                                   route_dense=False)
+            fn = functools.partial(run_local, q, k, v, layout, heads, text, case.head_dim**-0.5, backend="triton",
+                                   config=config)
             check = sampled_check(q, k, v, fn(), **kw)
             rows.append((config, time_ms(fn), check))
         except Exception as err:  # a config the compiler cannot fit is reported, not fatal
@@ -261,10 +261,10 @@ def run_replay(strategy: MaskStrategy, out_dir: str, canvas: Triple = HUNYUAN, h
 
     def measure(windows, seed):
         kw = dict(canvas=canvas, tile=TILE, window=list(windows), text_length=0)
-        out = sliding_tile_attention(q, k, v, **kw, backend="triton")
+        out = sliding_tile_attention(q, k, v, **kw)
         check = sampled_check(q, k, v, out, **kw, n_rows=32, seed=seed)
         del out
-        ours = time_ms(lambda: sliding_tile_attention(q, k, v, **kw, backend="triton"), 3, 30.0)
+        ours = time_ms(lambda: sliding_tile_attention(q, k, v, **kw), 3, 30.0)
         flex.set_windows(windows, per_head_mask=True)
         return ours, time_ms(lambda: flex(qt, kt, vt), 3, 30.0), check
 

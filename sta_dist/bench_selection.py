@@ -18,6 +18,7 @@ import torch
 from . import geometry
 from .anchors import FlexTileLists
 from .api import _layout, sliding_tile_attention, to_natural
+from .dispatch import run_local
 from .geometry import Triple
 from .local import LocalHeads, LocalText
 from .selection import Mass, TopK
@@ -64,8 +65,6 @@ def case_inputs(case: SelectionCase, device, dtype, seed: int = 0):
 
 def case_functions(case: SelectionCase, q, k, v, compile_flex: bool = True) -> dict[str, Callable]:
     """What is timed, by row name: each a call with no arguments."""
-    from .triton_backend import sta_triton
-
     kw = dict(canvas=case.canvas, tile=case.tile, window=case.window, text_length=case.text_valid)
     layout = _layout(case.canvas, case.tile, case.text_len, "natural")
     grid = geometry.grid_shape(case.canvas, case.tile)
@@ -82,14 +81,12 @@ def case_functions(case: SelectionCase, q, k, v, compile_flex: bool = True) -> d
 
     fns = {
         "ours (selection included)": lambda: sliding_tile_attention(q, k, v, **kw, select=case.select,
-                                                                    window_rule=case.window_rule, backend="triton"),
+                                                                    window_rule=case.window_rule),
         "selection alone": selection,
-        "window alone (as routed)": lambda: sliding_tile_attention(q, k, v, **kw, backend="triton"),
-        "window alone (Triton, window path)": lambda: sta_triton(q, k, v, layout, window_heads, text,
-                                                                 case.head_dim**-0.5, route_gluon=False,
-                                                                 route_dense=False),
-        "window alone (Triton, table path)": lambda: sliding_tile_attention(q, k, v, **kw, select=nothing,
-                                                                            backend="triton"),
+        "window alone (as routed)": lambda: sliding_tile_attention(q, k, v, **kw),
+        "window alone (Triton, window path)": lambda: run_local(q, k, v, layout, window_heads, text,
+                                                                case.head_dim**-0.5, backend="triton"),
+        "window alone (Triton, table path)": lambda: sliding_tile_attention(q, k, v, **kw, select=nothing),
     }
     flex = _flex_anchor(case, compile_flex)
     if flex is not None:
@@ -115,8 +112,7 @@ def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) ->
     # The reference's selection once (the mask every checked row is compared under).
     sel = dict(select=reference_selection(q, k, case.canvas, case.tile, case.select), window_rule=case.window_rule)
     out, tiles = sliding_tile_attention(q, k, v, **{x: kw[x] for x in ("canvas", "tile", "window", "text_length")},
-                                        select=case.select, window_rule=case.window_rule, backend="triton",
-                                        return_selection=True)
+                                        select=case.select, window_rule=case.window_rule, return_selection=True)
     checks = {"ours (selection included)": sampled_check(q, k, v, out, **kw, **sel, selection=tiles)}
     del out
     for name in ("window alone (as routed)", "window alone (Triton, window path)", "window alone (Triton, table path)"):

@@ -1,4 +1,4 @@
-"""GPU-only (Hopper, capability 9): the hand-written CUDA kernel ``kernels/sta_fwd_cuda.cu``
+"""GPU-only (Hopper, capability 9): the hand-written CUDA kernel ``sta_dist/kernels/sta_fwd_cuda.cu``
 against the dense float64 reference, on whole-tile canvases in natural order, bf16, with
 text rows after the canvas that video queries may attend.
 
@@ -114,15 +114,20 @@ def test_hunyuan_shape(windows):
 
 @pytest.mark.timeout(120, method="thread")
 def test_unsupported_calls_are_refused():
-    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda, supported
+    """The launcher refuses what the route's rule refuses, with the rule's reason."""
+    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
+    from sta_dist.route import Call, Device, cuda_rule
 
     canvas, tile = (4, 16, 24), (2, 8, 8)
     q = randn((1, math.prod(canvas), 2, 128), torch.bfloat16, 0)
-    assert supported(q, q, q, canvas, tile)
-    assert not supported(q.half(), q.half(), q.half(), canvas, tile)
-    assert not supported(q, q, q, canvas, (2, 4, 8))
-    assert not supported(q, q, q, canvas, (3, 8, 8))
-    assert not supported(q, q, q, canvas, tile, text_keys=1)  # no text rows to attend
-    with pytest.raises(ValueError, match="unsupported call"):
+
+    def reason(x=q, tile=tile, text_keys=0):
+        return cuda_rule(Call.of(x, x, x, canvas, tile, "natural", text_keys=text_keys), Device.hopper())
+
+    assert reason() is None
+    assert "bfloat16" in reason(q.half())
+    assert "tiles (even, 8, 8)" in reason(tile=(2, 4, 8)) and "tiles (even, 8, 8)" in reason(tile=(1, 8, 8))
+    assert "text keys" in reason(text_keys=1)  # no text rows to attend
+    with pytest.raises(ValueError, match="unsupported call: the kernel is built for bfloat16"):
         sta_fwd_cuda(q.half(), q.half(), q.half(), head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q.half(),
                      canvas=canvas, tile=tile, scale=1.0)

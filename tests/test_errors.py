@@ -104,8 +104,9 @@ def test_bad_tile_and_canvas():
 
 def test_bad_backend_and_layout():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got backend='cuda'"):
-        call(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'gluon', 'triton', 'torch'\), "
+                                         r"got backend='cudnn'"):
+        call(q, k, v, backend="cudnn")
     with pytest.raises(ValueError, match=r"layout must be 'natural' or 'tiled', got layout='rows'"):
         call(q, k, v, layout="rows")
 
@@ -121,8 +122,13 @@ def test_triton_refused_with_reason(monkeypatch):
     q, k, v = qkv()
     if q.is_cuda:
         pytest.skip("CPU tensors only")
-    with pytest.raises(RuntimeError, match=r"the triton backend needs CUDA tensors .* got q.device=cpu"):
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run here: the triton kernel needs CUDA tensors "
+                                         r".* the tensors are on cpu"):
         call(q, k, v, backend="triton")
+    for kernel in ("cuda", "gluon"):
+        with pytest.raises(ValueError, match=rf"backend='{kernel}' cannot run this call: the {kernel} kernel needs a "
+                                             r"CUDA GPU, the tensors are on cpu"):
+            call(q, k, v, backend=kernel)
 
 
 def impl_call(impl, q, k, v):

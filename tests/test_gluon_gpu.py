@@ -1,4 +1,4 @@
-"""GPU-only (Hopper, capability 9): the experimental Gluon kernel ``kernels/sta_fwd_gluon.py``
+"""GPU-only (Hopper, capability 9): the experimental Gluon kernel ``sta_dist/kernels/sta_fwd_gluon.py``
 against the dense float64/float32 reference, on whole-tile canvases in natural order with
 text rows that the kernel ignores (the reference gets ``text_length=0``: no text keys).
 
@@ -14,7 +14,7 @@ import torch
 import sta_dist
 from sta_dist.local import LocalLayout
 from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
-from sta_dist.triton_backend import gluon_tables
+from sta_dist.kernel_calls import gluon_tables
 
 cuda_hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
@@ -40,7 +40,7 @@ def head_table(windows, canvas, tile, n_heads, n_kv):
     """The kernel's ``heads [n, 5]`` table, built as the Triton backend builds it."""
     from sta_dist import geometry
     from sta_dist.local import LocalHeads
-    from sta_dist.triton_backend import _head_table
+    from sta_dist.kernel_calls import head_table as _head_table
 
     heads = LocalHeads.build(windows, geometry.grid_shape(canvas, tile), n_kv)
     return _head_table(heads, tuple(range(n_heads)), torch.device("cuda"))

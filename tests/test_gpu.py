@@ -33,8 +33,7 @@ def randn(shape, dtype=torch.bfloat16, seed=0):
 def test_bf16_real_shapes(canvas, window, text_len, text_valid):
     S = canvas[0] * canvas[1] * canvas[2] + text_len
     q, k, v = (randn((1, S, 24, 128), seed=i) for i in range(3))
-    out = sta_dist.sliding_tile_attention(q, k, v, canvas=canvas, tile=TILE, window=window,
-                                          text_length=text_valid, backend="triton")
+    out = sta_dist.sliding_tile_attention(q, k, v, canvas=canvas, tile=TILE, window=window, text_length=text_valid)
     check = sampled_check(q, k, v, out, canvas=canvas, tile=TILE, window=window, text_length=text_valid)
     assert check["ok"], check
 
@@ -73,83 +72,76 @@ def lse_error(lse, ref):
     return max_error(lse.nan_to_num(neginf=0.0), ref.nan_to_num(neginf=0.0))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the Hopper kernels need capability 9")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                            reason="the Hopper kernels need capability 9")
+
+
+@hopper
 @pytest.mark.timeout(120, method="thread")
-def test_hopper_route(monkeypatch):
+def test_hopper_route():
     """On Hopper the whole canvas goes to the Hopper kernels (text queries to SDPA): in
     natural order without a log-sum-exp to the CUDA kernel, whole-canvas heads included;
     with a log-sum-exp to the Gluon kernel; in tiled order to the Gluon kernel as "packed"
-    tiles, and with ``STA_DIST_CUDA=0`` natural order to the Gluon kernel too, whole-canvas
-    heads then to SDPA; with and without text. The route is taken, it passes the sampled
+    tiles; asked for, the Gluon kernel takes natural order too; with and without text.
+    The route is the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled
     check, and it agrees with the Triton kernel."""
-    from sta_dist.kernels import sta_fwd_cuda, sta_fwd_gluon
+    from sta_dist.dispatch import call_route, run_local
+    from sta_dist.kernels import sta_fwd_cuda
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
-    from sta_dist.triton_backend import sta_triton
 
     assert sta_fwd_cuda.available(), sta_fwd_cuda.build_error()
-    calls = []
-    real_gluon, real_cuda = sta_fwd_gluon.sta_fwd_gluon, sta_fwd_cuda.sta_fwd_cuda
-    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(
-        ("gluon", a[3].shape[0], kw["text_keys"], kw["order"])) or real_gluon(*a, **kw))
-    monkeypatch.setattr(sta_fwd_cuda, "sta_fwd_cuda", lambda *a, **kw: calls.append(
-        ("cuda", a[3].shape[0], kw["text_keys"], "natural")) or real_cuda(*a, **kw))
     windows = [(3, 3, 5), (3, 1, 10), (1, 6, 10), (3, 6, 10), (2, 2, 2), (3, 6, 10)]
     heads = LocalHeads.build(windows, LocalLayout.natural(WAN, TILE, 0).grid, 6)
-    for order, text_len, text_valid, cuda_env in (("natural", 0, 0, "1"), ("natural", 256, 200, "1"),
-                                                  ("natural", 256, 200, "0"), ("tiled", 256, 200, "1")):
-        monkeypatch.setenv("STA_DIST_CUDA", cuda_env)
+    for order, text_len, text_valid, backend in (("natural", 0, 0, "auto"), ("natural", 256, 200, "auto"),
+                                                 ("natural", 256, 200, "gluon"), ("tiled", 256, 200, "auto")):
         q, k, v = (randn((1, 18 * 48 * 80 + text_len, 6, 128), seed=i) for i in range(3))
         layout = getattr(LocalLayout, order)(WAN, TILE, text_len)
         tensors = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, WAN, TILE) for x in (q, k, v))
-        args = (*tensors, layout, heads, LocalText.single(text_valid), 128**-0.5)
-        out = sta_triton(*args)
+        args = (*tensors, layout, heads, LocalText.single(text_valid))
+        route = call_route(*args, backend=backend)
         # The two (3,6,10) heads cover the 3x6x10 grid: the CUDA kernel takes them with the
-        # rest (faster than cuDNN there too); beside the Gluon kernel they go to SDPA.
-        kernel = "cuda" if order == "natural" and cuda_env == "1" else "gluon"
-        assert calls.pop() == (kernel, 6 if kernel == "cuda" else 4, text_valid,
-                               "natural" if order == "natural" else "packed")
+        # rest (faster than cuDNN there too); beside the Gluon kernel auto sends them to SDPA.
+        cuda = order == "natural" and backend == "auto"
+        assert route.video == ("cuda" if cuda else "gluon"), route
+        assert route.dense == (() if cuda or backend == "gluon" else (3, 5)), route
+        assert route.text == ("sdpa" if text_len else None), route
+        out = run_local(*args, 128**-0.5, backend=backend)
         natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
-        assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
+        assert max_error(out, run_local(*args, 128**-0.5, backend="triton")) <= 1e-2
         # With a log-sum-exp every head goes to the Gluon kernel and the text queries to
         # the Triton kernel alone; both parts agree with the Triton kernel's.
-        out, lse = sta_triton(*args, return_lse=True)
-        assert calls.pop() == ("gluon", 6, text_valid, "natural" if order == "natural" else "packed")
-        ref_out, ref_lse = sta_triton(*args, return_lse=True, route_gluon=False)
+        route = call_route(*args, backend="auto", return_lse=True)
+        assert (route.video, route.dense, route.text) == ("gluon", (), "triton" if text_len else None), route
+        assert route.declined[0][0] == "cuda" and "log-sum-exp" in route.declined[0][1]
+        out, lse = run_local(*args, 128**-0.5, return_lse=True)
+        ref_out, ref_lse = run_local(*args, 128**-0.5, backend="triton", return_lse=True)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
-        assert not calls, calls
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the Gluon kernel needs Hopper (capability 9)")
+@hopper
 @pytest.mark.timeout(120, method="thread")
-def test_gluon_route_tile_rank(monkeypatch):
+def test_gluon_route_tile_rank():
     """A tile-mode rank's local call (own box, box + halo keys, packed) goes to the Gluon
     kernel as "packed" and agrees with the Triton kernel: without text (no log-sum-exp),
     and with text merged across ranks (text keys counted here or not; a log-sum-exp,
     the text queries through the Triton kernel alone)."""
     from tests.test_gluon_gpu import box_and_halo
 
-    from sta_dist.kernels import sta_fwd_gluon
+    from sta_dist.dispatch import call_route, run_local
     from sta_dist.local import LocalHeads, LocalText
-    from sta_dist.triton_backend import sta_triton
 
-    calls = []
-    real = sta_fwd_gluon.sta_fwd_gluon
-    monkeypatch.setattr(sta_fwd_gluon, "sta_fwd_gluon", lambda *a, **kw: calls.append(kw["order"]) or real(*a, **kw))
     canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
     _, local, layout, _ = box_and_halo(canvas, tile, text=0, seed=41)
-    args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), LocalText.single(0), 128**-0.5)
-    out = sta_triton(*args)
-    assert calls.pop() == "packed"
-    assert max_error(out, sta_triton(*args, route_gluon=False)) <= 1e-2
+    args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), LocalText.single(0))
+    route = call_route(*args)
+    assert route.video == "gluon" and "natural order" in dict(route.declined)["cuda"], route
+    assert max_error(run_local(*args, 128**-0.5), run_local(*args, 128**-0.5, backend="triton")) <= 1e-2
     _, local, layout, _ = box_and_halo(canvas, tile, text=96, seed=43)
     for text in (LocalText(80, 80, 80), LocalText(80, 80, 0)):
-        args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), text, 128**-0.5)
-        out, lse = sta_triton(*args, return_lse=True)
-        assert calls.pop() == "packed"
-        ref_out, ref_lse = sta_triton(*args, return_lse=True, route_gluon=False)
+        args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), text)
+        assert call_route(*args, return_lse=True).video == "gluon"
+        out, lse = run_local(*args, 128**-0.5, return_lse=True)
+        ref_out, ref_lse = run_local(*args, 128**-0.5, backend="triton", return_lse=True)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
-    assert not calls, calls

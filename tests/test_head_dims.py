@@ -18,15 +18,16 @@ def test_supported_head_dims_are_fastvideos():
 @pytest.mark.parametrize("D", [160, 224])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_padded_head_dims_match_the_reference(D, backend, monkeypatch):
-    if backend == "triton" and not sta_dist.triton_backend.can_run_triton(torch.empty(0)) and not torch.cuda.is_available():
+    if backend == "triton" and sta_dist.dispatch.device_facts(torch.device("cpu")).triton and not torch.cuda.is_available():
         pytest.skip("no Triton here")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     canvas, tile, window = (2, 3, 5), (1, 2, 3), [(1, 1, 1), (2, 2, 1)]
     g = torch.Generator().manual_seed(D)
     q, k, v = (torch.randn(1, 30 + 3, 2, D, generator=g).to(device) for _ in range(3))
     seen = []
-    real = sta_dist.api.sta_triton
-    monkeypatch.setattr(sta_dist.api, "sta_triton", lambda q, *a, **kw: seen.append(q.shape[-1]) or real(q, *a, **kw))
+    real = sta_dist.dispatch.execute  # what the kernels are given
+    monkeypatch.setattr(sta_dist.dispatch, "execute",
+                        lambda r, q, *a, **kw: seen.append(q.shape[-1]) or real(r, q, *a, **kw))
     scale = 0.7 * D**-0.5  # not the default: the padded kernel must keep the caller's scale
     out, lse = sta_dist.sliding_tile_attention(q, k, v, canvas=canvas, tile=tile, window=window, text_length=2,
                                                scale=scale, backend=backend, return_lse=True)

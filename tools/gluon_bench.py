@@ -18,7 +18,8 @@ import torch
 from sta_dist import geometry, to_tiled
 from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
 from sta_dist.local import LocalHeads, LocalLayout, LocalText
-from sta_dist.triton_backend import _head_table, gluon_tables, sta_triton
+from sta_dist.dispatch import run_local
+from sta_dist.kernel_calls import gluon_tables, head_table as _head_table
 
 CASE = STANDARD_CASES["hunyuan_333"]
 CANVAS, TILE, HEADS, D = CASE.canvas, CASE.tile, CASE.heads, CASE.head_dim
@@ -47,7 +48,7 @@ def main() -> None:
     layout = getattr(LocalLayout, args.order)(CANVAS, TILE, 0)
     heads = LocalHeads.build(CASE.windows, layout.grid, HEADS)
     # The Triton kernel alone: the router would send this call to the Gluon kernel on Hopper.
-    triton_kernel = lambda: sta_triton(q, k, v, layout, heads, LocalText.single(0), scale, route_gluon=False)  # noqa: E731
+    triton_kernel = lambda: run_local(q, k, v, layout, heads, LocalText.single(0), scale, backend="triton")  # noqa: E731
     if args.impl == "gluon":
         from sta_dist.kernels.sta_fwd_gluon import DEFAULT_CONFIG, sta_fwd_gluon
 
@@ -68,7 +69,7 @@ def main() -> None:
         name = f"gluon {args.order} stages={stages} pingpong={config['PINGPONG']} {args.set}".strip()
     else:
         fn = triton_kernel
-        name = f"triton {args.order} (kernels/sta_fwd.py)"
+        name = f"triton {args.order} (sta_dist/kernels/sta_fwd.py)"
     res = fn()
     torch.cuda.synchronize()
     err = None

@@ -1,4 +1,4 @@
-"""Compile the Gluon STA kernel (``kernels/sta_fwd_gluon.py``) for Hopper (sm_90) without a
+"""Compile the Gluon STA kernel (``sta_dist/kernels/sta_fwd_gluon.py``) for Hopper (sm_90) without a
 GPU, at the HunyuanVideo shape (tile 6x8x8, head dim 128, bf16, 5-D boxes [1,2,8,8,128]),
 for a few configs, and report per config: registers, spills, shared memory, the TMA box
 metadata, and per loop of the SASS the tensor-core products (HGMMA), their waits

@@ -1,14 +1,15 @@
 """Shared by the offline compile checks (``sass_report.py``, ``gluon_compile_check.py``):
-import a kernel module from ``kernels/`` without installing the package, run the bundled
+import a kernel module from ``sta_dist/kernels/`` without importing the package, run the bundled
 ``cuobjdump`` on a cubin, and split SASS into instructions and loops."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import triton
@@ -16,12 +17,22 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_kernel_module(name: str):
-    """``kernels/<name>.py`` as the module ``kernels.<name>`` of the repo root, without
-    installing the package (its relative imports resolve inside ``kernels/``)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(f"kernels.{name}")
+KERNELS = ROOT / "sta_dist" / "kernels"
+
+
+def load_kernel_module(name: str, kernels_dir: Path = KERNELS, tag: str = "kernels"):
+    """``<kernels_dir>/<name>.py`` as a module of a package of its own named ``tag`` (its
+    relative imports resolve inside ``kernels_dir``), without importing ``sta_dist``; a
+    copy of the kernels from another commit loads beside the tree's under another tag."""
+    if tag not in sys.modules:
+        pkg = types.ModuleType(tag)
+        pkg.__path__ = [str(kernels_dir)]
+        sys.modules[tag] = pkg
+    spec = importlib.util.spec_from_file_location(f"{tag}.{name}", Path(kernels_dir) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def cubin_text(cubin: bytes, name: str, out: Path | None = None) -> tuple[str, str]:

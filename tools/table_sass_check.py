@@ -1,5 +1,5 @@
 """Prove on a machine without a GPU that the table path (``TABLE``, window plus selected
-tiles) leaves the window path's code alone: compile ``kernels/sta_fwd.py``'s kernel for
+tiles) leaves the window path's code alone: compile ``sta_dist/kernels/sta_fwd.py``'s kernel for
 Hopper (sm_90) at HunyuanVideo's shape with ``TABLE`` off, and the kernel of a git ref
 (default ``main``) the same way, for each bulk-copy mode (TMA 2: natural order, 1: packed
 tiles, 0: gathered rows), and compare their SASS instruction by instruction (the constant
@@ -13,32 +13,27 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import inspect
 import re
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sass import ROOT, cubin_text
+from sass import KERNELS, ROOT, cubin_text, load_kernel_module
 
 
-def load(kernels_dir: Path, tag: str):
-    """``kernels_dir/sta_fwd.py`` as a module of its own package (its relative imports)."""
-    pkg = types.ModuleType(f"kernels_{tag}")
-    pkg.__path__ = [str(kernels_dir)]
-    sys.modules[pkg.__name__] = pkg
-    spec = importlib.util.spec_from_file_location(f"{pkg.__name__}.sta_fwd", kernels_dir / "sta_fwd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def _show(ref: str, name: str) -> str:
+    """A kernel file at ``ref``: in ``sta_dist/kernels/``, or ``kernels/`` before the move."""
+    for folder in (KERNELS.relative_to(ROOT), "kernels"):
+        found = subprocess.run(["git", "show", f"{ref}:{folder}/{name}"], cwd=ROOT, capture_output=True, text=True)
+        if found.returncode == 0:
+            return found.stdout
+    raise SystemExit(f"table_sass_check: {name} is in neither sta_dist/kernels/ nor kernels/ at {ref}")
 
 
 def compile_sm90(module, tma: int, extra: dict):
@@ -76,10 +71,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         base_dir = Path(tmp)
         for name in ("sta_fwd.py", "descriptors.py"):
-            text = subprocess.run(["git", "show", f"{args.ref}:kernels/{name}"], cwd=ROOT, capture_output=True,
-                                  text=True, check=True).stdout
+            text = _show(args.ref, name)
             (base_dir / name).write_text(text)
-        base, mine = load(base_dir, "base"), load(ROOT / "kernels", "mine")
+        base, mine = (load_kernel_module("sta_fwd", base_dir, "kernels_base"),
+                      load_kernel_module("sta_fwd", KERNELS, "kernels_mine"))
         same = True
         for tma in (2, 1, 0):
             u0, a = sass_lines(compile_sm90(base, tma, {}), f"base_tma{tma}")

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from sta_dist import cli, sliding_tile_attention, triton_backend
+from sta_dist import cli, kernel_calls, sliding_tile_attention
 from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
 
 
@@ -36,7 +36,7 @@ def parts(q, k, v, case, kw) -> None:
     layout = LocalLayout.natural(case.canvas, case.tile, case.text_len)
     heads = LocalHeads.build(case.windows, layout.grid, case.heads)
     text = LocalText.single(case.text_valid)
-    table = triton_backend._head_table(heads, tuple(range(case.heads)), q.device)
+    table = kernel_calls.head_table(heads, tuple(range(case.heads)), q.device)
     out = torch.empty_like(q)
     scale = case.head_dim**-0.5
 
@@ -45,12 +45,12 @@ def parts(q, k, v, case, kw) -> None:
                                      text_keys=text_keys)
 
     def text_queries():
-        triton_backend._sdpa_dense(q, k, v, layout, heads, text, tuple(range(case.heads)), scale, out,
+        kernel_calls.sdpa_dense(q, k, v, layout, heads, text, tuple(range(case.heads)), scale, out,
                                    first_row=layout.q_video)
 
     def beside(fn):  # fn with the text queries on the second stream, as the router runs them
         def run():
-            main, side = torch.cuda.current_stream(), triton_backend._text_stream(q.device)
+            main, side = torch.cuda.current_stream(), kernel_calls.text_stream(q.device)
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 text_queries()
@@ -58,7 +58,7 @@ def parts(q, k, v, case, kw) -> None:
             main.wait_stream(side)
         return run
 
-    pieces = [("routed call (text queries beside)", lambda: sliding_tile_attention(q, k, v, **kw, backend="triton")),
+    pieces = [("routed call (text queries beside)", lambda: sliding_tile_attention(q, k, v, **kw)),
               ("video queries, no text keys", video(0)),
               ("video queries, 128 text keys", video(128)),
               (f"video queries, {case.text_valid} text keys", video(case.text_valid)),
@@ -73,7 +73,7 @@ def parts(q, k, v, case, kw) -> None:
 
 def main() -> None:
     if sys.argv[1:2] == ["--text-after"]:
-        triton_backend._text_stream = text_after
+        kernel_calls.text_stream = text_after
         sys.exit(cli.main(sys.argv[sys.argv.index("--") + 1:]))
     case = STANDARD_CASES["hunyuan_333_text"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -82,16 +82,16 @@ def main() -> None:
     kw = dict(canvas=case.canvas, tile=case.tile, window=list(case.windows), text_length=case.text_valid)
     if sys.argv[1:2] == ["--parts"]:
         return parts(q, k, v, case, kw)
-    fn = lambda: sliding_tile_attention(q, k, v, **kw, backend="triton")  # noqa: E731
-    side_stream = triton_backend._text_stream
+    fn = lambda: sliding_tile_attention(q, k, v, **kw)  # noqa: E731
+    side_stream = kernel_calls.text_stream
     rows = []
     for label in ("beside", "after", "beside", "after"):
-        triton_backend._text_stream = side_stream if label == "beside" else text_after
+        kernel_calls.text_stream = side_stream if label == "beside" else text_after
         out = fn()
         ms = time_ms(fn)
         rows.append(dict(text_launch=label, ms=round(ms, 3), tflops=round(4 * attended_pairs(case) * 128 / ms / 1e9, 1),
                          out=out))
-    triton_backend._text_stream = side_stream
+    kernel_calls.text_stream = side_stream
     first = rows[0].pop("out")
     for r in rows[1:]:
         r["max_diff_vs_first"] = (r.pop("out").float() - first.float()).abs().max().item()

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import geometry
-from ..api import local_attention
+from ..dispatch import local_attention
 from ..local import LocalText, head_index
 from .comm import Comm
 from .schedule import CallSchedule, tile_rows

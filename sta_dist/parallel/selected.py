@@ -186,7 +186,7 @@ def selected_forward(impl, q_local, k_local, v_local, window, text_length, selec
     """:class:`~sta_dist.DistributedSlidingTileAttention` with selected tiles: every rank
     checks its call, the ranks agree on it (one digest; a rank's bad input fails them all),
     then :func:`selected_call`."""
-    from ..api import choose_backend
+    from ..dispatch import choose_backend
     from ..config import normalize_windows
     from ..selection.attention import table_heads
     from ..selection.config import check_select, check_window_or_select, check_window_rule, describe

@@ -93,7 +93,8 @@ def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, bac
                        window_rule, return_selection):
     """:func:`sta_dist.sliding_tile_attention` with ``select`` / ``window_rule`` /
     ``return_selection`` (same arguments and results)."""
-    from ..api import _layout, choose_backend, local_attention
+    from ..api import _layout
+    from ..dispatch import choose_backend, local_attention
 
     window_rule = check_window_rule(window_rule)
     check_window_or_select(window, select)

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .descriptors import bulk_copy_layout_ok
-
 LOG2E = 1.4426950408889634
-HEAD_DIM = 128
 SOURCE = Path(__file__).with_name("sta_fwd_cuda.cu")
 NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC")
 _errors: list[str] = []
@@ -89,20 +86,6 @@ def build_error() -> str | None:
     return _errors[-1] if _errors else None
 
 
-def supported(q, k, v, canvas, tile, text_keys: int = 0) -> bool:
-    """Whether this kernel covers the video queries of a natural-order call: a Hopper GPU,
-    bf16, head dim 128, tiles ``(TT, 8, 8)`` with ``TT`` even dividing the canvas, the
-    canvas first in ``q``/``k``/``v`` and at least ``text_keys`` text rows after it in
-    ``k``/``v``, rows the copy engine can read. Does not build the library."""
-    T, H, W = canvas
-    n = T * H * W
-    return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.shape[3] == HEAD_DIM
-            and tile[1] == tile[2] == 8 and tile[0] % 2 == 0 and T % tile[0] == 0 and H % 8 == 0 and W % 8 == 0
-            and q.shape[1] >= n and min(k.shape[1], v.shape[1]) >= n + text_keys and k.shape[1] == v.shape[1]
-            and bulk_copy_layout_ok(q, k, v))
-
-
 def available() -> bool:
     return library() is not None
 
@@ -111,10 +94,13 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0):
     """Fill the video rows of ``out`` (``q``'s shape and strides, bf16) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
     q_head)``, on q's device); video queries also attend the first ``text_keys`` text
-    rows of ``k``/``v``. Text query rows of ``out`` are not written. Raises if the call is
-    not ``supported`` or the library is missing."""
-    if not supported(q, k, v, canvas, tile, text_keys):
-        raise ValueError("sta_fwd_cuda: unsupported call (Hopper, bf16, D=128, tiles (even, 8, 8), natural order)")
+    rows of ``k``/``v``. Text query rows of ``out`` are not written. Raises if the call
+    breaks :func:`sta_dist.route.cuda_rule` or the library is missing."""
+    from ..route import Call, Device, cuda_rule
+
+    reason = cuda_rule(Call.of(q, k, v, canvas, tile, "natural", text_keys=text_keys), Device.hopper())
+    if reason:
+        raise ValueError(f"sta_fwd_cuda: unsupported call: the kernel {reason}")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_cuda: out must match q's shape, dtype and strides")
     lib = library()

@@ -1,6 +1,6 @@
 """Sliding tile attention forward in Gluon for Hopper (sm_90), FA3-style.
 
-Covers whole tiles (the router, ``sta_dist/triton_backend.py``, keeps the Triton kernel
+Covers whole tiles (the route, ``sta_dist/route.py``, keeps the Triton kernel
 ``kernels/sta_fwd.py`` for everything else): q/k/v ``[B, S, heads, D]`` holding video
 tokens in natural order (the whole canvas; token ``(t, h, w)`` is row ``(t*H + h)*W + w``)
 or packed (each tile's tokens consecutive rows in ``(t, h, w)`` order, tiles placed by two
@@ -101,11 +101,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .descriptors import bulk_copy_layout_ok, natural_box
+from ..route import GLUON_BLOCK as BLOCK
+from .descriptors import natural_box
 
 LOG2E = 1.4426950408889634
-HEAD_DIM = 128
-BLOCK = 128
 DEFAULT_CONFIG = dict(K_STAGES=2, V_STAGES=2, num_warps=4, PINGPONG=True, CONSUMER_REGS=256)
 
 
@@ -399,25 +398,6 @@ def box_layout(dtype: torch.dtype, rank: int = 5):
     return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=rank)
 
 
-def supported(q, k, v, canvas, tile, text_keys: int = 0, order: str = "natural", kv_video: int | None = None) -> bool:
-    """Whether this kernel covers the call (the router falls back otherwise): whole tiles
-    of ``BLOCK``-row blocks (natural order: whole t-slices of a tile); ``order`` "natural"
-    (q, k, v the whole canvas in natural order) or "packed" (tiles of consecutive rows
-    placed by tables); then, from k/v row ``kv_video`` (default: the canvas volume), at
-    least ``text_keys`` text key rows."""
-    T, H, W = canvas
-    tt, th, tw = tile
-    plane = th * tw
-    natural = order == "natural"
-    blocks = (BLOCK // 2) % plane == 0 and tt % (BLOCK // plane) == 0 if natural else (tt * plane) % BLOCK == 0
-    kv_video = T * H * W if kv_video is None else kv_video
-    return (order in ("natural", "packed") and blocks
-            and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[3] == HEAD_DIM and T % tt == 0 and H % th == 0 and W % tw == 0
-            and (q.shape[1] >= T * H * W or not natural) and min(k.shape[1], v.shape[1]) >= kv_video + text_keys
-            and bulk_copy_layout_ok(q, k, v))
-
-
 def _five_d(x: torch.Tensor, canvas, tile, rows: int = BLOCK):
     """A 5-D natural-order descriptor whose box is ``rows`` tokens: ``rows // (TH*TW)``
     t-slices of a tile."""
@@ -448,7 +428,7 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
       (q_tiles, kv_tiles, kv_video)`` put them: ``q_tiles [n_q, >=2]`` int32 holds per query
       tile to compute (global tile id, first row in q), ``kv_tiles [n_tiles, >=1]`` per
       global tile its first row in k/v (read for the tiles some window reaches), and text
-      keys start at k/v row ``kv_video`` (``sta_dist.triton_backend.gluon_tables`` makes
+      keys start at k/v row ``kv_video`` (``sta_dist.kernel_calls.gluon_tables`` makes
       them for any ``LocalLayout``, such as the whole canvas in tiled order).
 
     Video queries also attend the ``text_keys`` text key rows; text query rows of ``out``
@@ -460,8 +440,11 @@ def sta_fwd_gluon(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, orde
         raise ValueError("sta_fwd_gluon: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
     packed = order == "packed"
     kv_video = tables[2] if packed else math.prod(canvas)
-    if not supported(q, k, v, canvas, tile, text_keys, order, kv_video):
-        raise ValueError(f"sta_fwd_gluon: unsupported shapes/layout (whole tiles, {order} order, D=128, bf16/fp16)")
+    from ..route import Call, Device, gluon_rule
+
+    reason = gluon_rule(Call.of(q, k, v, canvas, tile, order, kv_video=kv_video, text_keys=text_keys), Device.hopper())
+    if reason:
+        raise ValueError(f"sta_fwd_gluon: unsupported call: the kernel {reason}")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_gluon: out must match q's shape, dtype and strides")
     cfg = dict(DEFAULT_CONFIG, **(config or {}))

@@ -1,0 +1,202 @@
+"""Runs one local call: describes it and its device for :func:`sta_dist.route.route`, then
+calls the kernels the route names (:mod:`sta_dist.kernel_calls`, the torch backend).
+
+Below the public face: :mod:`sta_dist.api` (one device) and :mod:`sta_dist.parallel.runtime`
+(a rank's call) both come here.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+
+from . import kernel_calls as calls
+from .kernels.descriptors import bulk_copy_layout_ok
+from .local import LocalHeads, LocalLayout, LocalText, sample_groups
+from .route import BACKENDS, Call, Device, Route, route
+from .torch_backend import sta_torch
+from .validation import kernel_head_dim
+
+
+def device_facts(device: torch.device) -> Device:
+    """What the route needs to know of ``device`` (cached; a failed CUDA build shows)."""
+    from .kernels import sta_fwd_cuda
+
+    return _device_facts(device, sta_fwd_cuda.build_error(), os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.lru_cache(maxsize=16)
+def _device_facts(device: torch.device, cuda_build_error, interpreted: bool) -> Device:
+    triton = None
+    if device.type != "cuda" and not (interpreted and device.type == "cpu"):
+        triton = (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported), "
+                  f"the tensors are on {device}")
+    else:
+        try:
+            import triton as _  # noqa: F401
+        except ImportError as err:
+            triton = f"needs the triton package: {err}"
+    if device.type != "cuda":
+        return Device(device.type, None, triton)
+    capability = torch.cuda.get_device_capability(device)
+    gluon = cuda_library = None
+    if capability[0] == 9:
+        try:
+            from .kernels import sta_fwd_gluon  # noqa: F401
+        except ImportError as err:
+            gluon = f"cannot be imported: {err}"
+        from .kernels import sta_fwd_cuda
+
+        cuda_library = cuda_build_error or (None if sta_fwd_cuda.nvcc() else
+                                            "needs nvcc to build (set STA_DIST_NVCC, or put nvcc on the PATH)")
+    return Device("cuda", capability, triton, gluon, cuda_library)
+
+
+def describe(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+             return_lse: bool = False, table: bool = False) -> Call:
+    """The route's view of one local call (one text group) on these tensors."""
+    call = layout_call(layout, heads, text, str(q_bshd.dtype).removeprefix("torch."), q_bshd.shape[3],
+                       return_lse, table)
+    return dataclasses.replace(call, q_rows=q_bshd.shape[1], kv_rows=min(k_bshd.shape[1], v_bshd.shape[1]),
+                               bulk_copy=bulk_copy_layout_ok(q_bshd, k_bshd, v_bshd))
+
+
+def layout_call(layout: LocalLayout, heads: LocalHeads, text: LocalText, dtype: str, head_dim: int,
+                return_lse: bool = False, table: bool = False) -> Call:
+    """The route's view of a call on contiguous tensors holding what ``layout`` says (what
+    ``sta-dist doctor`` routes without tensors)."""
+    facts = calls.layout_facts(layout, torch.device("cpu"))
+    order = ("natural" if facts.whole_natural else
+             "packed" if facts.even and facts.packed and facts.q_packed else "other")
+    return Call(dtype=dtype, head_dim=head_dim, canvas=layout.canvas, tile=layout.tile, order=order,
+                heads=len(heads.windows), q_rows=layout.q_video + layout.q_text,
+                kv_rows=layout.kv_video + layout.q_text, kv_video=layout.kv_video, text_keys=text.kv_for_video_q,
+                q_text=layout.q_text, text_dense=calls.text_by_sdpa(layout, text),
+                dense_heads=calls.dense_heads(layout, heads, text, facts.complete), return_lse=return_lse,
+                table=table)
+
+
+def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """``"torch"`` when the torch backend runs calls of ``backend`` on ``q``'s device, else
+    ``"triton"`` (the kernels :func:`sta_dist.route.route` chooses among); ``"triton"``
+    asked for where it cannot run is refused with the reason (the route refuses the rest)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got backend={backend!r}")
+    device = device_facts(q.device)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and device.triton is None else "torch"
+    if backend == "triton" and device.triton:
+        raise ValueError(f"backend='triton' cannot run here: the triton kernel {device.triton}")
+    return "torch" if backend == "torch" else "triton"
+
+
+def call_route(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+               backend: str = "auto", return_lse: bool = False, table: bool = False) -> Route:
+    """The route of one local call on its tensors' device (what :func:`run_local` runs)."""
+    return _route(describe(q_bshd, k_bshd, v_bshd, layout, heads, text, return_lse, table),
+                  device_facts(q_bshd.device), backend)
+
+
+_route = functools.lru_cache(maxsize=1024)(route)
+
+
+def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText, scale: float,
+              backend: str = "auto", return_lse: bool = False, keys=None, config: dict | None = None):
+    """One local call with one text group, on the kernels its route names. ``keys``: the
+    Triton kernel's table path; ``config``: a Triton launch config (``backend="triton"``
+    only). The Triton family runs head dims 160, 192 and 224 zero-padded to the next
+    built size."""
+    if config is not None and backend != "triton":
+        raise ValueError(f"a Triton launch config needs backend='triton', got backend={backend!r}")
+    if choose_backend(q_bshd, backend) == "torch":
+        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+    D = q_bshd.shape[-1]
+    padded = kernel_head_dim(D)
+    if padded != D:  # zero columns change no score q.k and give zero output columns, cut off again
+        q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
+        result = run_local(q_p, k_p, v_p, layout, heads, text, scale, backend, return_lse, keys, config)
+        if return_lse:
+            return result[0][..., :D].contiguous(), result[1]
+        return result[..., :D].contiguous()
+    r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None)
+    if r.video == "cuda":
+        from .kernels import sta_fwd_cuda
+
+        if not sta_fwd_cuda.available():  # the build failed: route again, now knowing why
+            r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None)
+    return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse, keys, config)
+
+
+def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+            scale: float, return_lse: bool = False, keys=None, config: dict | None = None):
+    """Run route ``r``: SDPA for its dense heads, its video kernel for the other heads'
+    video rows and, beside a Hopper kernel, its text kernel for their text rows on a
+    second stream (the caller's stream waits for it before the result is returned)."""
+    if r.video == "torch":
+        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+    B, S, H, _ = q_bshd.shape
+    sparse = tuple(h for h in range(H) if h not in r.dense)
+    if r.video == "triton" and not r.dense:
+        return calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, return_lse=return_lse,
+                            config=config, keys=keys)
+    if not sparse and layout.q_video + text.q_valid == S:  # plain dense attention, no padding rows
+        return calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, r.dense, scale, None)
+    out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
+    if r.dense:
+        calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, r.dense, scale, out)
+    if not sparse:
+        return out
+    if r.video == "triton":
+        return calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse, config)
+    table = calls.head_table(heads, sparse, q_bshd.device)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
+    main = torch.cuda.current_stream(q_bshd.device)
+    if r.text:
+        side = calls.text_stream(q_bshd.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if r.text == "sdpa":
+                calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out,
+                                 first_row=layout.q_video)
+            else:
+                calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
+                             lse=lse, video=False)
+    launch = calls.cuda if r.video == "cuda" else calls.gluon
+    launch(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse)
+    if r.text:
+        main.wait_stream(side)
+    return (out, lse) if return_lse else out
+
+
+def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
+                    scale: float, backend: str = "auto", return_lse: bool = False, keys=None):
+    """Run one local STA problem (inputs already validated).
+
+    ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
+    sample: then the batch is split into groups of samples with equal text, and each
+    group runs as its own call (one kernel launch per distinct text length; a contiguous
+    run of samples is a view, others are gathered). ``keys``: the table path
+    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch."""
+    run = functools.partial(run_local, layout=layout, heads=heads, scale=scale, backend=backend,
+                            return_lse=return_lse)
+    if isinstance(text, LocalText):
+        return run(q_bshd, k_bshd, v_bshd, text=text, keys=keys)
+    groups = sample_groups(text)
+    if len(groups) == 1:
+        return run(q_bshd, k_bshd, v_bshd, text=groups[0][0], keys=keys)
+    B, S, H, _ = q_bshd.shape
+    out = torch.empty_like(q_bshd)
+    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
+    for group_text, idx in groups:
+        result = run(q_bshd[idx], k_bshd[idx], v_bshd[idx], text=group_text,
+                     keys=None if keys is None else keys.samples(idx))
+        if return_lse:
+            out[idx], lse[idx] = result
+        else:
+            out[idx] = result
+    return (out, lse) if return_lse else out

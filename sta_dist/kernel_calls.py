@@ -1,0 +1,184 @@
+"""How each kernel is called on one local problem (a :mod:`sta_dist.local` description):
+the device tables of a layout, the Triton, CUDA and Gluon launches, and SDPA for dense
+heads and text queries. No decisions here: :mod:`sta_dist.route` decides which of these
+run, :mod:`sta_dist.dispatch` runs them.
+
+Triton is imported lazily: the package works without it (the torch backend), and the
+interpreter (``TRITON_INTERPRET=1``) must be chosen before triton is first imported.
+
+Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import geometry
+from .local import LocalHeads, LocalLayout, LocalText, head_index
+
+
+@dataclass(frozen=True)
+class LayoutFacts:
+    """What the launch needs to know of a layout, computed once per (layout, device)."""
+
+    q_tiles: torch.Tensor
+    kv_tiles: torch.Tensor
+    even: bool
+    """Whole tiles only (the canvas divides by the tile)."""
+    packed: bool
+    """Every present k/v tile is consecutive rows (tiled storage)."""
+    q_packed: bool
+    """Every query tile is consecutive rows."""
+    natural: bool
+    """k/v hold the whole canvas in natural order."""
+    complete: bool
+    """Every query and key tile present, text queries see exactly the video keys."""
+    whole_natural: bool
+    """q and k/v hold the whole canvas in natural order, then the text."""
+    kv_video: int
+    """The first text key row."""
+
+    @property
+    def gluon_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The Gluon kernel's "packed" tables: per query tile (global id, first row), per
+        global tile its first k/v row, and the first text key row."""
+        return self.q_tiles, self.kv_tiles, self.kv_video
+
+
+@functools.lru_cache(maxsize=64)
+def layout_facts(layout: LocalLayout, device: torch.device) -> LayoutFacts:
+    q_tiles = torch.tensor(
+        [[gid, r.base, r.stride_t, r.stride_h] for gid, r in zip(layout.q_tiles, layout.q_rows)],
+        dtype=torch.int32,
+    ).reshape(-1, 4)
+    kv_tiles = torch.tensor(
+        [[r.base, r.stride_t, r.stride_h] if r is not None else [0, 0, 0] for r in layout.kv_rows],
+        dtype=torch.int32,
+    ).reshape(-1, 3)
+    th, tw = layout.tile[1], layout.tile[2]
+
+    def consecutive(r) -> bool:  # a tile's rows follow each other (tiled storage)
+        return r.stride_t == th * tw and r.stride_h == tw
+
+    return LayoutFacts(
+        q_tiles.to(device),
+        kv_tiles.to(device),
+        even=all(c % t == 0 for c, t in zip(layout.canvas, layout.tile)),
+        packed=all(r is None or consecutive(r) for r in layout.kv_rows),
+        q_packed=all(consecutive(r) for r in layout.q_rows),
+        natural=layout.kv_rows == tuple(geometry.natural_tile_rows(layout.canvas, layout.tile)),
+        complete=(len(layout.q_tiles) == len(layout.kv_rows) and all(r is not None for r in layout.kv_rows)
+                  and layout.text_q_video_keys == layout.kv_video and layout.q_video == layout.kv_video),
+        whole_natural=layout == LocalLayout.natural(layout.canvas, layout.tile, layout.q_text),
+        kv_video=layout.kv_video,
+    )
+
+
+def gluon_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Gluon kernel's "packed" tables for ``layout`` (see ``LayoutFacts.gluon_tables``)."""
+    return layout_facts(layout, device).gluon_tables
+
+
+@functools.lru_cache(maxsize=256)
+def head_table(heads: LocalHeads, subset: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    rows = [[*heads.windows[h], heads.kv_heads[h], h] for h in subset]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
+
+
+def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText, complete: bool) -> tuple[int, ...]:
+    """Heads that are plain dense attention here: their window is the whole grid, the
+    layout is ``complete`` and every text row sees the same keys as the video rows.
+    Those go to the best dense kernel (cuDNN through SDPA)."""
+    if not (complete and text.kv_for_video_q == text.kv_for_text_q == text.q_valid):
+        return ()
+    return tuple(h for h, w in enumerate(heads.windows) if geometry.covers_grid(w, layout.grid))
+
+
+def sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+                subset: tuple[int, ...], scale: float, out: torch.Tensor | None, first_row: int = 0):
+    """Dense attention of the ``subset`` heads for the query rows from ``first_row`` on,
+    into ``out``: keys are every video token and the valid text; padding text rows are
+    zero. (``first_row = q_video``: the text queries alone.) With ``out=None`` (every
+    head, every row valid) SDPA's own output is returned as ``[B, S, H, D]``, no copy."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n_keys = layout.kv_video + text.kv_for_video_q
+    valid_rows = layout.q_video + text.q_valid
+    idx, kv_idx = head_index(subset), head_index([heads.kv_heads[h] for h in subset])
+    q = q_bshd[:, first_row:valid_rows][:, :, idx]
+    k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    if out is None:
+        return o.transpose(1, 2).contiguous()  # cuDNN writes [B, S, H, D] order already: a no-op
+    out[:, first_row:valid_rows, idx] = o.transpose(1, 2)
+    out[:, valid_rows:, idx] = 0
+    return out
+
+
+def text_by_sdpa(layout: LocalLayout, text: LocalText) -> bool:
+    """Whether text queries are plain dense attention (SDPA): they see every local video
+    key and the same valid text keys as the video queries."""
+    return text.kv_for_video_q == text.kv_for_text_q and layout.text_q_video_keys == layout.kv_video
+
+
+@functools.lru_cache(maxsize=16)
+def text_stream(device: torch.device) -> torch.cuda.Stream:
+    """A second stream per device for the text queries, so their launch runs beside the
+    Hopper kernel's instead of before it (it has a few dozen programs; the GPU has ~132
+    multiprocessors)."""
+    return torch.cuda.Stream(device=device)
+
+
+def triton_args(layout: LocalLayout, text: LocalText, facts: LayoutFacts, scale: float, return_lse: bool) -> dict:
+    """``sta_fwd``'s keyword arguments that describe the local problem."""
+    return dict(
+        canvas=layout.canvas, tile=layout.tile,
+        q_video=layout.q_video, q_text=layout.q_text, kv_video=layout.kv_video,
+        text_q_video_keys=layout.text_q_video_keys,
+        q_text_valid=text.q_valid, kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
+        scale=scale, even=facts.even, packed=facts.packed, natural=facts.natural, return_lse=return_lse,
+    )
+
+
+
+
+def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText, scale: float,
+           subset: tuple[int, ...], out=None, return_lse: bool = False, config: dict | None = None, keys=None,
+           lse=None, video: bool = True):
+    """The Triton kernel for the ``subset`` heads, into ``out`` (``None``: a new tensor);
+    ``video=False``: the text query rows alone (a launch with no video query tiles).
+    Returns ``out``, or ``(out, lse)`` with ``return_lse``. ``keys``: the table path."""
+    from .kernels.sta_fwd import sta_fwd
+
+    facts = layout_facts(layout, q_bshd.device)
+    q_tiles = facts.q_tiles if video else facts.q_tiles[:0]
+    return sta_fwd(q_bshd, k_bshd, v_bshd, q_tiles, facts.kv_tiles, head_table(heads, subset, q_bshd.device),
+                   config=config, keys=keys, out=out, lse=lse, **triton_args(layout, text, facts, scale, return_lse))
+
+
+def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
+         lse=None):
+    """The hand-written CUDA kernel: the video rows of ``out`` for the heads of ``table``
+    (``lse`` must be ``None``: it writes none)."""
+    from .kernels.sta_fwd_cuda import sta_fwd_cuda
+
+    assert lse is None, "the CUDA kernel writes no log-sum-exp"
+    return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
+                        text_keys=text.kv_for_video_q)
+
+
+def gluon(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
+          lse=None):
+    """The Gluon kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
+    reading natural order or packed tiles through the layout's tables."""
+    from .kernels.sta_fwd_gluon import sta_fwd_gluon
+
+    facts = layout_facts(layout, q_bshd.device)
+    return sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
+                         text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
+                         tables=facts.gluon_tables, lse=lse)

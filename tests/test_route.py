@@ -1,0 +1,127 @@
+"""The route, on a CPU, for any machine: which kernel each call takes and why the faster ones
+do not, from the call's and the device's descriptions (no monkeypatching, no GPU)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sta_dist.dispatch import describe
+from sta_dist.local import LocalHeads, LocalLayout, LocalText
+from sta_dist.route import Call, Device, Route, can_run, route
+
+HOPPER = Device.hopper()
+CANVAS, TILE = (18, 48, 80), (6, 8, 8)
+GRID = (3, 6, 10)
+WINDOWS = [(3, 3, 5), (3, 6, 10), (1, 1, 1), (3, 6, 10)]
+
+
+def hunyuan_call(**change) -> Call:
+    """A natural-order bf16 call at Wan's canvas, 256 text rows (200 valid)."""
+    n = 18 * 48 * 80
+    call = Call(dtype="bfloat16", head_dim=128, canvas=CANVAS, tile=TILE, order="natural", heads=4,
+                q_rows=n + 256, kv_rows=n + 256, kv_video=n, text_keys=200, q_text=256, dense_heads=(1, 3))
+    return dataclasses.replace(call, **change)
+
+
+def test_hopper_natural_order_takes_the_cuda_kernel_whole_canvas_heads_included():
+    r = route(hunyuan_call(), HOPPER)
+    assert r == Route("cuda", "sdpa", (), ())
+    assert r.describe() == "video: cuda, text queries: sdpa"
+
+
+def test_a_log_sum_exp_takes_the_gluon_kernel_and_says_why_not_cuda():
+    r = route(hunyuan_call(return_lse=True), HOPPER)
+    assert (r.video, r.text, r.dense) == ("gluon", "triton", ())
+    assert r.declined == (("cuda", "does not return the log-sum-exp (a call whose partial results are merged "
+                                   "needs it)"),)
+
+
+def test_a_tile_rank_box_is_packed_for_gluon_and_whole_grid_heads_go_to_sdpa():
+    r = route(hunyuan_call(order="packed"), HOPPER)
+    assert (r.video, r.text, r.dense) == ("gluon", "sdpa", (1, 3))
+    assert dict(r.declined)["cuda"] == "reads the whole canvas in natural order, the tokens here are packed"
+    assert "heads 1, 3: sdpa (whole grid), other heads: gluon" in r.describe()
+
+
+def test_every_head_dense_is_sdpa_alone():
+    r = route(hunyuan_call(order="packed", dense_heads=(0, 1, 2, 3)), HOPPER)
+    assert (r.video, r.dense) == (None, (0, 1, 2, 3))
+
+
+@pytest.mark.parametrize("change, reasons", [
+    (dict(dtype="float32"), dict(cuda="is built for bfloat16, got dtype=float32",
+                                 gluon="is built for bfloat16 and float16, got dtype=float32")),
+    (dict(head_dim=64), dict(cuda="is built for head dim 128, got head_dim=64",
+                             gluon="is built for head dim 128, got head_dim=64")),
+    (dict(canvas=(17, 48, 80)), dict(cuda="needs whole tiles: canvas=(17, 48, 80) does not divide by tile=(6, 8, 8)")),
+    (dict(order="other"), dict(gluon="reads the natural canvas or whole tiles of consecutive rows, the tokens here "
+                                     "are other")),
+    (dict(bulk_copy=False), dict(cuda="reads rows through the copy engine: heads must be adjacent and row strides "
+                                      "16-byte multiples")),
+    (dict(table=True), dict(cuda="takes windows only, not per-query-tile key lists (selected tiles, "
+                                 "window_rule='clipped')")),
+])
+def test_what_keeps_a_call_on_the_triton_kernel(change, reasons):
+    r = route(hunyuan_call(**change), HOPPER)
+    assert r.video == "triton" and r.text is None
+    assert r.dense == (() if change.get("table") else (1, 3))
+    assert [k for k, _ in r.declined] == ["cuda", "gluon"]
+    for kernel, reason in reasons.items():
+        assert dict(r.declined)[kernel] == reason
+
+
+def test_devices():
+    assert route(hunyuan_call(), Device("cuda", (8, 0))).declined[0] == ("cuda", "needs Hopper (sm_90), this GPU is sm_80")
+    no_nvcc = Device("cuda", (9, 0), cuda_library="needs nvcc to build (set STA_DIST_NVCC, or put nvcc on the PATH)")
+    r = route(hunyuan_call(), no_nvcc)
+    assert r.video == "gluon" and dict(r.declined)["cuda"].startswith("needs nvcc")
+    no_gluon = dataclasses.replace(no_nvcc, gluon="cannot be imported: no module")
+    assert route(hunyuan_call(), no_gluon).video == "triton"
+    no_triton = dataclasses.replace(no_gluon, triton="needs the triton package: no module")
+    assert route(hunyuan_call(), no_triton).video == "torch"
+    r = route(hunyuan_call(), Device.cpu())
+    assert r.video == "torch" and dict(r.declined)["cuda"] == "needs a CUDA GPU, the tensors are on cpu"
+    assert dict(route(hunyuan_call(dtype="float32"), Device.cpu(interpreter=True)).declined)["triton"].startswith(
+        "off a GPU auto takes the torch backend")
+
+
+def test_an_explicit_kernel_is_taken_or_refused_with_its_reason():
+    assert route(hunyuan_call(), HOPPER, "gluon") == Route("gluon", "sdpa")
+    assert route(hunyuan_call(return_lse=True), HOPPER, "triton") == Route("triton")
+    assert route(hunyuan_call(), Device.cpu(), "torch") == Route("torch")
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run this call: the cuda kernel does not return "
+                                         r"the log-sum-exp"):
+        route(hunyuan_call(return_lse=True), HOPPER, "cuda")
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: the triton kernel runs bfloat16 "
+                                         r"wrongly under the CPU interpreter"):
+        route(hunyuan_call(), Device.cpu(interpreter=True), "triton")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'gluon', 'triton', 'torch'\), "
+                                         r"got backend='flash'"):
+        route(hunyuan_call(), HOPPER, "flash")
+    assert not can_run("gluon", hunyuan_call(dtype="float32"), HOPPER)
+
+
+@pytest.mark.parametrize("order, text, lse, expected", [
+    ("natural", LocalText.single(200), False, ("cuda", "sdpa", ())),
+    ("natural", LocalText.single(200), True, ("gluon", "triton", ())),
+    ("tiled", LocalText.single(200), False, ("gluon", "sdpa", (1, 3))),
+    ("tiled", LocalText(200, 200, 0), False, ("gluon", "triton", ())),  # text keys counted elsewhere: no SDPA
+])
+def test_described_from_real_tensors(order, text, lse, expected):
+    """``describe`` reads the tensors and the layout; the route is then Hopper's."""
+    layout = getattr(LocalLayout, order)(CANVAS, TILE, 256)
+    q, k, v = (torch.empty(1, 18 * 48 * 80 + 256, 4, 128, dtype=torch.bfloat16) for _ in range(3))
+    heads = LocalHeads.build(WINDOWS, GRID, 4)
+    r = route(describe(q, k, v, layout, heads, text, return_lse=lse), HOPPER)
+    assert (r.video, r.text, r.dense) == expected
+
+
+def test_strided_views_of_one_projection_still_bulk_copy_but_a_gap_between_heads_does_not():
+    qkv = torch.empty(1, 18 * 48 * 80, 3, 4, 128, dtype=torch.bfloat16)
+    layout = LocalLayout.natural(CANVAS, TILE, 0)
+    heads = LocalHeads.build([(3, 3, 3)] * 4, GRID, 4)
+    assert describe(*qkv.unbind(2), layout, heads, LocalText.single(0)).bulk_copy
+    padded = torch.empty(1, 18 * 48 * 80, 4, 136, dtype=torch.bfloat16)[..., :128]
+    call = describe(padded, padded, padded, layout, heads, LocalText.single(0))
+    assert not call.bulk_copy and route(call, HOPPER).video == "triton"
