@@ -1,4 +1,4 @@
-"""``sta-dist``: run (the main job), plan, bench.
+"""``sta-dist``: run (the main job), plan, doctor, bench.
 
 Every argument is checked before any process starts; a misuse ends with one line naming
 the argument, the rule and the value, and a non-zero exit (``--debug`` shows the
@@ -59,6 +59,16 @@ def _plan(args) -> int:
 
     cfg = RunConfig.load(args.config, mode=args.mode, mesh=args.mesh)
     print(plan_report(cfg, args.world_size, step=args.step, layer=args.layer, per_rank=args.ranks))
+    return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import doctor_report
+    from .run import RunConfig
+
+    cfg = RunConfig.load(args.config, mode=args.mode, mesh=args.mesh)
+    print(doctor_report(cfg, args.world_size, step=args.step, layer=args.layer, backend=args.backend,
+                        assume_gpu=args.assume_gpu))
     return 0
 
 
@@ -179,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=nonnegative_int, default=0)
     p.add_argument("--ranks", action="store_true", help="one line per rank (default: only up to 8 ranks)")
     p.set_defaults(func=_plan)
+
+    dr = sub.add_parser("doctor", help="which kernel each rank's call of a config takes, and why not the faster ones")
+    dr.add_argument("--config", default="hunyuan_720p")
+    dr.add_argument("--world-size", type=positive_int, default=1)
+    dr.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
+    dr.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None, help="hybrid mesh (default: by cost)",
+                    **dict(triple, nargs=2))
+    dr.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
+    dr.add_argument("--layer", type=nonnegative_int, default=0)
+    dr.add_argument("--backend", default="auto", choices=["auto", "cuda", "gluon", "triton", "torch"])
+    dr.add_argument("--assume-gpu", default=None, choices=["h100"],
+                    help="route as on this GPU (with triton and nvcc) instead of this machine")
+    dr.set_defaults(func=_doctor)
 
     b = sub.add_parser("bench", help="benchmarks (GPU)")
     bsub = b.add_subparsers(dest="what", required=True, parser_class=_Parser)

@@ -171,3 +171,28 @@ def test_a_config_given_by_path(capsys, tmp_path):
     path.write_text(json.dumps(spec))
     assert cli.main(["plan", "--config", str(path), "--world-size", "2"]) == 0
     assert "windows at step 2, layer 0: [(1, 2, 2)]" in capsys.readouterr().out
+
+
+def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys):
+    """``sta-dist doctor`` shows, per rank, the route :func:`sta_dist.route.route` gives the
+    rank's local call (here as on an H100), and refuses a kernel that cannot take it."""
+    from sta_dist.dispatch import layout_call
+    from sta_dist.local import LocalText
+    from sta_dist.parallel.schedule import call_schedule
+    from sta_dist.route import Device, route
+    from sta_dist.run import RunConfig
+
+    assert cli.main(["doctor", "--assume-gpu", "h100", "--world-size", "2", "--mode", "tile", "--step", "49"]) == 0
+    printed = capsys.readouterr().out
+    cfg = RunConfig.load("hunyuan_720p", mode="tile")
+    strategy = cfg.strategy()
+    plan = cfg.shard_plan(2, strategy)
+    windows = tuple(strategy.layer_windows(49, 0)[h % 24] for h in range(cfg.heads))
+    sched = call_schedule(plan, windows, cfg.kv_heads, 0)
+    text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
+    merge = len(sched.tile_group) > 1 and cfg.text_valid > 0
+    expected = route(layout_call(sched.layout, sched.heads, text, cfg.dtype, cfg.head_dim, merge), Device.hopper())
+    assert f"every rank: {sched.mode}: {expected.describe()}" in printed
+    assert cli.main(["doctor", "--assume-gpu", "h100", "--backend", "cuda", "--world-size", "2", "--mode", "tile"]) == 0
+    assert "refused: backend='cuda' cannot run this call: the cuda kernel reads the whole canvas in natural order" \
+        in capsys.readouterr().out

@@ -1,0 +1,74 @@
+"""What ``sta-dist doctor`` prints: this machine's kernels, then for one call of a config
+(a step and a layer of its mask strategy) the route of every rank's local call: which
+kernel takes it and why each faster one does not. Nothing runs; the routes come from
+:func:`sta_dist.route.route` on the plan's local layouts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .dispatch import device_facts, layout_call
+from .local import LocalText
+from .parallel.schedule import call_schedule
+from .route import Device, route
+from .run import RunConfig
+from .validation import kernel_head_dim
+
+ASSUMED = {"h100": Device.hopper()}
+"""Devices ``--assume-gpu`` routes for: an H100/H200 with triton and nvcc."""
+
+
+def machine_lines(device: torch.device, facts: Device) -> list[str]:
+    """This machine, as the route sees it."""
+    if facts.type != "cuda":
+        return [f"this machine: {device} (no CUDA GPU); triton: {facts.triton or 'usable (interpreter)'}"]
+    name = torch.cuda.get_device_name(device)
+    return [f"this machine: {name} (sm_{facts.capability[0]}{facts.capability[1]})",
+            f"  triton: {facts.triton or 'usable'}",
+            f"  gluon kernel: {facts.gluon or 'importable'}" if facts.capability[0] == 9 else "  gluon kernel: Hopper only",
+            f"  cuda kernel: {facts.cuda_library or 'library built or buildable (nvcc found)'}"
+            if facts.capability[0] == 9 else "  cuda kernel: Hopper only"]
+
+
+def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, layer: int = 0,
+                  backend: str = "auto", assume_gpu: Optional[str] = None) -> str:
+    strategy = cfg.strategy()
+    step = strategy.num_steps - 1 if step is None else step
+    if not 0 <= step < strategy.num_steps:
+        raise ValueError(f"--step must be in [0, {strategy.num_steps}) for config {cfg.name!r}, got --step {step}")
+    if not 0 <= layer < strategy.num_layers:
+        raise ValueError(f"--layer must be in [0, {strategy.num_layers}) for config {cfg.name!r}, got --layer {layer}")
+    here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    facts = device_facts(here)
+    lines = machine_lines(here, facts)
+    if assume_gpu:
+        facts = ASSUMED[assume_gpu]
+        lines.append(f"routes as on an {assume_gpu.upper()} with triton and nvcc (--assume-gpu {assume_gpu}):")
+    layer_windows = strategy.layer_windows(step, layer)
+    windows = tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
+    plan = cfg.shard_plan(world_size, strategy)
+    lines.append(f"config {cfg.name}, step {step}, layer {layer}, {cfg.dtype}, head dim {cfg.head_dim}, "
+                 f"backend={backend!r}; plan: {plan.describe()}")
+    routes: dict[str, list[int]] = {}
+    for rank in range(world_size):
+        sched = call_schedule(plan, windows, cfg.kv_heads, rank)
+        merge = len(sched.tile_group) > 1 and cfg.text_valid > 0  # as parallel.runtime.attend asks
+        text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
+        call = layout_call(sched.layout, sched.heads, text, cfg.dtype, kernel_head_dim(cfg.head_dim), merge)
+        try:
+            line = f"{sched.mode}: {route(call, facts, backend).describe()}"
+        except ValueError as refusal:
+            line = f"{sched.mode}: refused: {refusal}"
+        routes.setdefault(line, []).append(rank)
+    for line, ranks in routes.items():
+        lines.append(f"  {_ranks(ranks, world_size)}: {line}")
+    return "\n".join(lines)
+
+
+def _ranks(ranks: list[int], world_size: int) -> str:
+    if len(ranks) == world_size:
+        return "every rank" if world_size > 1 else "rank 0"
+    shown = ", ".join(map(str, ranks[:8])) + (f" ... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
+    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
