@@ -1,6 +1,6 @@
 """GPU-only: window plus selected tiles in bf16 at real video shapes, small cases in every
 dtype, the tile sums against the torch path bit for bit, and no host sync in a call.
-Skipped without CUDA; tools/gpu_selection.sh runs them on the GPU machine."""
+Skipped without CUDA; ``bash tools/gpu.sh selection`` runs them on the GPU machine."""
 
 import pytest
 import torch

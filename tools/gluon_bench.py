@@ -1,7 +1,7 @@
 """Time one STA forward implementation at the HunyuanVideo shape (canvas 30x48x80, tile
 6x8x8, window 3x3x3 for all 24 heads, head dim 128, bf16, B=1, no text) and print one
 line ``impl config ms TFLOP/s max_err_vs_triton``. One implementation per process, so
-the caller can put a time limit on each (``tools/gpu_gluon.sh``).
+the caller can put a time limit on each (``bash tools/gpu.sh gluon``).
 
     python3 tools/gluon_bench.py --impl triton
     python3 tools/gluon_bench.py --impl gluon --k-stages 2 --v-stages 3

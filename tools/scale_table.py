@@ -1,4 +1,4 @@
-"""The table of tools/gpu_scale.sh: from its JSON files, the layer and the real strategy on
+"""The table of ``bash tools/gpu.sh scale``: from its JSON files, the layer and the real strategy on
 1..P GPUs, measured beside predicted (parallel/cost.py with H100 rates), and the 50-step
 total extrapolated from the three steps run (15 whole-canvas steps, the first sparse step
 with its compiles, 34 warm sparse steps).

@@ -1,4 +1,4 @@
-"""The short table of tools/gpu_selection.sh: window plus selected tiles against the
+"""The short table of ``bash tools/gpu.sh selection``: window plus selected tiles against the
 window alone and FlexAttention, from kernel_bench.json (and dist_bench_2_selected.json).
 
     python3 tools/selection_table.py OUT_DIR

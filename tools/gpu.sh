@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# One call on the GPU machine, from the repo root: bash tools/gpu.sh JOB [args...]
+# Every job first runs `setup` (the package installed from the working tree, carried wheels,
+# the card named); outputs land in $OUT (out/ when unset). The jobs:
+#   kernel [bench args]  GPU tests, `sta-dist bench kernel`, first-call compile time (1 GPU)
+#   sweep                real-shape checks, the launch-config sweep, chosen cases, bench dist on one rank
+#   dist                 bench dist (every mode, with and without text) and the main job (NGPU, default 2)
+#   gluon [switch sets]  the Gluon kernel against the Triton kernel, then its GPU tests (Hopper)
+#   profile              Nsight Compute on one launch of the Triton and of the Gluon kernel
+#   scale                the layer and the real strategy on 1, 2 and P GPUs (P = NGPU or all visible)
+#   diffusers            one diffusers denoising step, stock vs sta_dist, on 1 GPU then NGPU (default 2)
+#   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
+#   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
+#   lanes                diffusers, fastvideo + GPU tests, selection side by side on 4 GPUs
+set -uo pipefail
+JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes"
+
+# $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
+# the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
+# running several jobs side by side installed it once), and the card named.
+setup() {
+  OUT=${OUT:-out}
+  mkdir -p "$OUT"
+  export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
+  if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
+      || { cat "$OUT/install.log"; exit 1; }
+    # Wheels carried in .whl/ (diffusers, FastVideo, what their imports need): only those whose
+    # module the machine lacks, into a scratch folder, never over the machine's own packages.
+    if ls .whl/*.whl >/dev/null 2>&1; then
+      SITE=${SITE:-$(mktemp -d)}
+      for wheel in .whl/*.whl; do
+        module=$(basename "$wheel" | cut -d- -f1)
+        python3 -c "import $module" 2>/dev/null && continue
+        python3 -m pip install -q --no-deps --no-index --target "$SITE" "$wheel" >>"$OUT/install.log" 2>&1 \
+          && echo "installed $module" || echo "could not install $wheel"
+      done
+      export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+  fi
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+}
+
+# GPU tests, then the kernel benchmark (check + time + table), then the first call at a new
+# shape. Arguments go to the bench, e.g. --cases hunyuan_333,hunyuan_full. SKIP_TESTS=1: no tests.
+job_kernel() {
+  setup
+  if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    timeout 500 python3 -m pytest -q -x tests/test_gpu.py tests/test_cuda_gpu.py tests/test_gluon_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
+  fi
+  python3 -m sta_dist.cli bench kernel --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+  # First call at a new shape (compile, no autotuning) with empty and then warm on-disk
+  # caches (Triton's, and sta_dist's for the CUDA kernel's nvcc build), each in a new
+  # process: tile 5x8x8 takes the Triton kernel (5 t-slices do not make 128-row blocks),
+  # tile 4x8x8 the CUDA kernel on Hopper.
+  for tt in 5 4; do
+    for cache in fresh warm; do
+      TRITON_CACHE_DIR=/tmp/tc_$tt STA_DIST_CACHE=/tmp/sc_$tt python3 -c "
+import time, torch, sta_dist
+q = torch.randn(1, 20*40*64 + 50, 24, 128, device='cuda', dtype=torch.bfloat16)
+t = time.perf_counter()
+sta_dist.sliding_tile_attention(q, q, q, canvas=(20, 40, 64), tile=($tt, 8, 8), window=(3, 3, 3), text_length=50)
+torch.cuda.synchronize()
+print('tile ${tt}x8x8, $cache cache: first call at a new shape %.1f s' % (time.perf_counter() - t))" 2>&1 | tail -n 1
+    done
+  done | tee "$OUT/first_call.log"
+}
+
+# Kernel work: real-shape GPU checks, the launch-config sweep (SWEEP_CASES), chosen bench
+# cases (CASES), the distributed bench on one rank (code path). First-call time: job kernel.
+job_sweep() {
+  setup
+  python3 -m pytest -q -x tests/test_gpu.py -k "real_shapes" 2>&1 | tail -n 4
+  # One process per config with a time limit: a config that hangs costs 120 s, not the call.
+  local n_configs i
+  n_configs=$(python3 -c "from sta_dist.bench import SWEEP_CONFIGS; print(len(SWEEP_CONFIGS))")
+  for i in $(seq 0 $((n_configs - 1))); do
+    timeout 120 python3 -m sta_dist.cli bench kernel --sweep --config "$i" --cases ${SWEEP_CASES:-hunyuan_333} 2>&1 \
+      | grep --line-buffered '^sweep' | tee -a "$OUT/sweep.log"
+  done
+  python3 -m sta_dist.cli bench kernel --out "$OUT" --cases ${CASES:-hunyuan_full} 2>&1 | grep -v Warn | tail -n 6
+  torchrun --standalone --nproc-per-node 1 -m sta_dist.cli bench dist --reps 3 --out "$OUT" 2>&1 | grep -v Warn | tail -n 8
+}
+
+# On NGPU GPUs (default 2): the distributed bench (every mode vs one GPU and the Ulysses +
+# FlexAttention-STA anchor, HunyuanVideo shape, bf16), the same with 256 text tokens, and the
+# main job under torchrun at real shapes.
+job_dist() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  setup
+  nvidia-smi topo -m | head -n 4
+  local NG=${NGPU:-2}
+  torchrun --standalone --nproc-per-node $NG -m sta_dist.cli bench dist --reps 10 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist.log" | tail -n 12
+  mv "$OUT/dist_bench_$NG.json" "$OUT/dist_bench_${NG}_notext.json"
+  torchrun --standalone --nproc-per-node $NG -m sta_dist.cli bench dist --reps 5 --text-len 256 --text-valid 200 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_text.log" | tail -n 8
+  NGPU=$NG CONFIG=hunyuan_720p bash launch/torchrun.sh --start-step 20 --steps 1 --layers 6 2>&1 | grep -v Warn | tail -n 8
+}
+
+# One Gluon timing (tools/gluon_bench.py) in its own process under `timeout 90` (a deadlocked
+# config costs 90 s, not the call), appended to $OUT/bench_gluon.jsonl.
+gluon_case() {
+  local label=$1; shift
+  local line
+  line=$(timeout 90 python3 tools/gluon_bench.py "$@" 2>"$OUT/bench_err_${label}.log" | tail -n 1)
+  local rc=$?
+  [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
+}
+
+# The Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only: the Hunyuan timing of its default
+# and of the switch sets given as arguments (such as V_STAGES=3) against the Triton kernel,
+# then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
+job_gluon() {
+  setup
+  : >"$OUT/bench_gluon.jsonl"
+  gluon_case triton --impl triton
+  gluon_case base --impl gluon --check
+  local variants=("$@")  # e.g. V_STAGES=3 (v13's switch sets TREE, EARLY_S, POLY are in git history: 7fbe99c)
+  local v
+  for v in "${variants[@]+"${variants[@]}"}"; do gluon_case "${v//[=,]/_}" --impl gluon --set "$v" --check; done
+  python3 - "$OUT/bench_gluon.jsonl" <<'PY'
+import json, sys
+print("| impl | ms | TFLOP/s | max diff vs triton |")
+print("|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| {r['impl']} | {r.get('ms', r.get('error'))} | {r.get('tflops', '')} | {r.get('max_diff_vs_triton', '')} |")
+PY
+  timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
+  echo "pytest exit: ${PIPESTATUS[0]} (124 = the 270 s limit)"
+}
+
+# Nsight Compute on one launch of the Triton and of the Gluon kernel at the Hunyuan (3,3,3)
+# shape (tools/gluon_bench.py --no-time), clocks left free: headline metrics, then for the
+# Gluon kernel the stall reasons and the per-instruction stall samples of its SASS (CSV).
+job_profile() {
+  setup
+  local NCU="ncu --clock-control none --launch-count 1 -k regex:sta"
+  local impl
+  for impl in triton gluon; do
+    timeout 150 $NCU --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
+      --section SourceCounters --import-source no -o "$OUT/$impl" python3 tools/gluon_bench.py --impl $impl --no-time \
+      >"$OUT/ncu_log_$impl.txt" 2>&1
+    echo "ncu $impl rc=$? (124 = timeout 150 s)"
+    ncu -i "$OUT/$impl.ncu-rep" --page details --print-details all >"$OUT/ncu_$impl.txt" 2>&1
+    grep -E "Duration|SM Busy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_$impl.txt" | head -30
+  done
+  ncu -i "$OUT/gluon.ncu-rep" --page source --print-source sass --csv >"$OUT/gluon_sass.csv" 2>&1
+  rm -f "$OUT"/*.ncu-rep
+  wc -c "$OUT/gluon_sass.csv"
+}
+
+# On P GPUs (NGPU, default all visible): the scaling of the layer and of the real HunyuanVideo
+# strategy from one GPU to P (and to 2 on the way), every output checked against one GPU's,
+# the cost model's prediction beside each measured layer, and the cost of the per-call
+# agreement check (each mode timed with and without it); the table by tools/scale_table.py.
+job_scale() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  setup
+  local P=${NGPU:-$(nvidia-smi -L | wc -l)}
+  nvidia-smi topo -m | head -n $((P + 1))
+  local SIZES n
+  SIZES=$(python3 -c "print(' '.join(str(n) for n in sorted({1, 2, $P}) if n <= $P))")
+  for n in $SIZES; do
+    [ "$n" = 1 ] && continue
+    # the (3,3,3) layer: every mode beside one GPU and the Ulysses + FlexAttention-STA anchor
+    timeout 300 torchrun --standalone --nproc-per-node "$n" -m sta_dist.cli bench dist --reps 10 \
+      --modes head,tile,hybrid,auto --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_$n.log" | tail -n 9
+  done
+  # The real strategy (steps 0-14 whole canvas, 15-49 sparse): step 14 (whole), 15 (first sparse
+  # step of the process: its compiles) and 16 (sparse, warm), on 1 GPU and on each size.
+  for n in $SIZES; do
+    timeout 420 torchrun --standalone --nproc-per-node "$n" -m sta_dist.cli run --config hunyuan_720p \
+      --start-step 14 --steps 3 --summary "$OUT/run_$n.json" 2>&1 | grep -v Warn | tail -n 5
+  done
+  python3 tools/scale_table.py "$OUT" $SIZES | tee "$OUT/scale_table.md"
+}
+
+# One denoising step of full-size random-weight HunyuanVideo and Wan 2.1 14B in diffusers
+# (bf16), stock vs sta_dist, on one GPU and then on NGPU (default 2)
+# (tools/diffusers_step_bench.py, extra arguments in BENCH_ARGS). diffusers comes from the
+# wheelhouse carried in .whl/ (the device has no package index).
+job_diffusers() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  setup
+  python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
+  local ARGS=${BENCH_ARGS:-}
+  timeout 330 python3 tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 | grep -v Warn | tee "$OUT/step_1gpu.log" | tail -n 12
+  timeout 330 torchrun --standalone --nproc-per-node ${NGPU:-2} tools/diffusers_step_bench.py --out "$OUT" $ARGS 2>&1 \
+    | grep -v Warn | tee "$OUT/step_2gpu.log" | tail -n 16
+  rm -f "$OUT"/*_1gpu.pt  # the saved one-GPU outputs (compared already)
+}
+
+# tools/fastvideo_bench.py (arguments go to it) after `setup` put the wheels carried in .whl/
+# that the machine lacks (FastVideo 0.1.7, fastvideo-kernel 0.2.2, and what FastVideo's
+# imports need) into a scratch folder with --no-deps.
+job_fastvideo() {
+  setup
+  timeout 280 python3 tools/fastvideo_bench.py "$OUT" "$@" 2>&1 | tee "$OUT/fastvideo_bench.log"
+}
+
+# Window plus selected tiles (issue 16), bf16. One GPU (default): the selection GPU tests,
+# then `sta-dist bench kernel` at HunyuanVideo 30x48x80 + 256 text (200 valid), tile (6,8,8),
+# window (3,3,3) with TopK(8) shared and Mass(0.9), each timed with the selection included
+# beside the window alone and FlexAttention with the same block mask built per call (mask
+# build timed), every output checked on sampled rows. NGPU=2: the 2-GPU tile-mode row
+# (TopK(8)) and head mode beside one GPU, outputs compared with one GPU's. The short table last.
+job_selection() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  setup
+  if [ "${NGPU:-1}" -ge 2 ]; then
+    timeout 360 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 5 --modes tile,head \
+      --text-len 256 --text-valid 200 --select topk:8 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_selected.log" \
+      | tail -n 8
+  else
+    timeout 180 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 | tee "$OUT/selection_gpu_tests.log"
+    timeout 300 python3 -m sta_dist.cli bench kernel --cases hunyuan_topk8,hunyuan_mass09 --out "$OUT" 2>&1 \
+      | grep -v -i warn | tee "$OUT/bench_selection.log" | tail -n 18
+  fi
+  python3 tools/selection_table.py "$OUT" | tee "$OUT/selection_table.md"
+}
+
+# On 4 GPUs, the client and selection benchmarks side by side on disjoint GPUs (timings on one
+# GPU do not depend on work on another): GPUs 0-1 job diffusers (1 GPU, then 2), GPU 2 job
+# fastvideo then the GPU tests, GPU 3 job selection. Installs once; every lane's logs and JSON
+# in one tarball, $OUT/lanes.tgz.
+job_lanes() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  local FINAL=${OUT:-out}
+  local RES
+  RES=$(mktemp -d)
+  OUT=$RES
+  setup
+  export SKIP_INSTALL=1
+  (CUDA_VISIBLE_DEVICES=0,1 OUT=$RES/diffusers timeout 560 bash tools/gpu.sh diffusers >"$RES/diffusers.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=2 OUT=$RES/fastvideo timeout 300 bash tools/gpu.sh fastvideo >"$RES/fastvideo.log" 2>&1
+   CUDA_VISIBLE_DEVICES=2 timeout 240 python3 -m pytest -q -x tests/test_gpu.py tests/test_cuda_gpu.py \
+     tests/test_gluon_gpu.py >"$RES/gpu_tests.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=3 OUT=$RES/selection timeout 540 bash tools/gpu.sh selection >"$RES/selection.log" 2>&1) &
+  wait
+  mkdir -p "$FINAL" && tar czf "$FINAL/lanes.tgz" -C "$RES" .
+  local lane
+  for lane in gpu_tests fastvideo selection diffusers; do echo "=== $lane"; tail -n 22 "$RES/$lane.log"; done
+}
+
+if [ $# -lt 1 ] || [[ " $JOBS " != *" $1 "* ]]; then
+  echo "usage: bash tools/gpu.sh {${JOBS// /|}} [args...]  (what each job does: the top of tools/gpu.sh)" >&2
+  exit 2
+fi
+job=$1
+shift
+"job_$job" "$@"
