@@ -11,12 +11,12 @@ hand for any machine.
 
 Kernels, fastest first (``auto`` takes the first that can run the video queries):
 
-- ``cuda``: the hand-written Hopper kernel (``kernels/sta_fwd_cuda.cu``); whole canvas in
+- ``cuda``: the hand-written Hopper kernel (``sta_dist/kernels/sta_fwd_cuda.cu``); whole canvas in
   natural order, bf16, head dim 128, tiles ``(even, 8, 8)``; no log-sum-exp.
-- ``gluon``: the Gluon Hopper kernel (``kernels/sta_fwd_gluon.py``); natural order or
+- ``gluon``: the Gluon Hopper kernel (``sta_dist/kernels/sta_fwd_gluon.py``); natural order or
   whole tiles placed by tables (a head-mode rank, a tile-mode rank's box and halo), bf16
   or fp16, head dim 128; the log-sum-exp too.
-- ``triton``: the portable Triton kernel (``kernels/sta_fwd.py``); every case, on any
+- ``triton``: the portable Triton kernel (``sta_dist/kernels/sta_fwd.py``); every case, on any
   CUDA GPU, and on a CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``torch``: the torch backend (``torch_backend.py``); every case, any device.
 

@@ -106,7 +106,7 @@ gluon_case() {
   [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
 }
 
-# The Gluon kernel (kernels/sta_fwd_gluon.py), Hopper only: the Hunyuan timing of its default
+# The Gluon kernel (sta_dist/kernels/sta_fwd_gluon.py), Hopper only: the Hunyuan timing of its default
 # and of the switch sets given as arguments (such as V_STAGES=3) against the Triton kernel,
 # then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
 job_gluon() {
