@@ -12,8 +12,9 @@
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
 #   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
 #   lanes                diffusers, fastvideo + GPU tests, selection side by side on 4 GPUs
+#   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 set -uo pipefail
-JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes"
+JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes route"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -240,6 +241,23 @@ job_lanes() {
   mkdir -p "$FINAL" && tar czf "$FINAL/lanes.tgz" -C "$RES" .
   local lane
   for lane in gpu_tests fastvideo selection diffusers; do echo "=== $lane"; tail -n 22 "$RES/$lane.log"; done
+}
+
+# On 2 GPUs: the GPU tests of the kernels and their route, half on each card side by side (the
+# conformance test on its Hopper cases and two random seeds; the Triton kernel's 36 small
+# cases are the kernel job's), then job selection's 2-GPU rows. Logs in $OUT.
+job_route() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+  setup
+  (CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q tests/test_gpu.py tests/test_cuda_gpu.py \
+     tests/test_attention.py -k "not small_cases and (not kernel_matches or hopper or seed0 or seed3)" \
+     >"$OUT/tests_gpu0.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q tests/test_gluon_gpu.py tests/test_selection_gpu.py \
+     tests/test_route.py >"$OUT/tests_gpu1.log" 2>&1) &
+  wait
+  local log
+  for log in tests_gpu0 tests_gpu1; do echo "=== $log"; tail -n 12 "$OUT/$log.log"; done
+  SKIP_INSTALL=1 NGPU=2 job_selection
 }
 
 if [ $# -lt 1 ] || [[ " $JOBS " != *" $1 "* ]]; then
