@@ -43,8 +43,12 @@ def test_failing_compiler(fresh, monkeypatch):
 
 
 def test_cpu_tensors_are_not_supported():
+    from sta_dist.dispatch import device_facts
+    from sta_dist.route import Call, cuda_rule
+
     q = torch.zeros(1, 2 * 8 * 8, 1, 128, dtype=torch.bfloat16)
-    assert not sta_fwd_cuda.supported(q, q, q, (2, 8, 8), (2, 8, 8))
+    call = Call.of(q, q, q, (2, 8, 8), (2, 8, 8), "natural")
+    assert cuda_rule(call, device_facts(q.device)) == "needs a CUDA GPU, the tensors are on cpu"
 
 
 @pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
