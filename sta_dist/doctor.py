@@ -12,6 +12,7 @@ import torch
 from .dispatch import device_facts, layout_call
 from .local import LocalText
 from .parallel.schedule import call_schedule
+from .plan_report import call_windows
 from .route import Device, route
 from .run import RunConfig
 from .validation import kernel_head_dim
@@ -35,19 +36,13 @@ def machine_lines(device: torch.device, facts: Device) -> list[str]:
 def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, layer: int = 0,
                   backend: str = "auto", assume_gpu: Optional[str] = None) -> str:
     strategy = cfg.strategy()
-    step = strategy.num_steps - 1 if step is None else step
-    if not 0 <= step < strategy.num_steps:
-        raise ValueError(f"--step must be in [0, {strategy.num_steps}) for config {cfg.name!r}, got --step {step}")
-    if not 0 <= layer < strategy.num_layers:
-        raise ValueError(f"--layer must be in [0, {strategy.num_layers}) for config {cfg.name!r}, got --layer {layer}")
+    step, windows = call_windows(cfg, strategy, step, layer)
     here = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     facts = device_facts(here)
     lines = machine_lines(here, facts)
     if assume_gpu:
         facts = ASSUMED[assume_gpu]
         lines.append(f"routes as on an {assume_gpu.upper()} with triton and nvcc (--assume-gpu {assume_gpu}):")
-    layer_windows = strategy.layer_windows(step, layer)
-    windows = tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
     plan = cfg.shard_plan(world_size, strategy)
     lines.append(f"config {cfg.name}, step {step}, layer {layer}, {cfg.dtype}, head dim {cfg.head_dim}, "
                  f"backend={backend!r}; plan: {plan.describe()}")

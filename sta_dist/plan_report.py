@@ -48,16 +48,22 @@ def idle_advice(cfg: RunConfig, plan: ShardPlan, windows) -> str:
     return f"{flag} would use them ({why})"
 
 
-def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, layer: int = 0,
-                per_rank: bool = False) -> str:
-    strategy = cfg.strategy()
+def call_windows(cfg: RunConfig, strategy, step: Optional[int], layer: int) -> tuple[int, tuple]:
+    """The step (default: the last) and each head's window of one call of the strategy,
+    ``--step`` and ``--layer`` checked against it."""
     step = strategy.num_steps - 1 if step is None else step
     if not 0 <= step < strategy.num_steps:
         raise ValueError(f"--step must be in [0, {strategy.num_steps}) for config {cfg.name!r}, got --step {step}")
     if not 0 <= layer < strategy.num_layers:
         raise ValueError(f"--layer must be in [0, {strategy.num_layers}) for config {cfg.name!r}, got --layer {layer}")
     layer_windows = strategy.layer_windows(step, layer)
-    windows = tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
+    return step, tuple(layer_windows[h % len(layer_windows)] for h in range(cfg.heads))
+
+
+def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, layer: int = 0,
+                per_rank: bool = False) -> str:
+    strategy = cfg.strategy()
+    step, windows = call_windows(cfg, strategy, step, layer)
     plan = cfg.shard_plan(world_size, strategy)
     loads = [RankLoad.of(plan, call_schedule(plan, windows, cfg.kv_heads, r)) for r in range(world_size)]
     kv_bytes = 2 * cfg.batch * cfg.head_dim * DTYPES[cfg.dtype].itemsize  # per token and kv head, k + v
