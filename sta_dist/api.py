@@ -70,10 +70,8 @@ def sliding_tile_attention(
         return selected_attention(q, k, v, canvas=canvas, tile=tile, window=window, text_length=text_length,
                                   scale=scale, backend=backend, layout=layout, return_lse=return_lse, select=select,
                                   window_rule=window_rule, return_selection=return_selection)
-    cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
-    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
-    heads = LocalHeads.build(windows, cfg.grid, hkv)
-    return local_attention(q, k, v, local, heads, LocalText.per_sample(text_length), scale, backend, return_lse)
+    local, heads, text, scale = _local_call(q, k, v, canvas, tile, window, text_length, scale, layout)
+    return local_attention(q, k, v, local, heads, text, scale, backend, return_lse)
 
 
 def route_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, canvas, tile, window: WindowArg,
@@ -83,13 +81,18 @@ def route_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, canvas, tile,
     per-sample text lengths: the route of the first sample's. A kernel named in
     ``backend`` that cannot run the call raises ``ValueError`` with the reason, as the call
     would."""
-    cfg, windows, text_length, _, hkv = check_call(q, k, v, canvas, tile, window, text_length, None)
-    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
-    heads = LocalHeads.build(windows, cfg.grid, hkv)
-    text = LocalText.per_sample(text_length)
+    local, heads, text, _ = _local_call(q, k, v, canvas, tile, window, text_length, None, layout)
     if not isinstance(text, LocalText):
         text = sample_groups(text)[0][0]
     return call_route(q, k, v, local, heads, text, backend, return_lse)
+
+
+def _local_call(q, k, v, canvas, tile, window, text_length, scale, layout: str):
+    """The checked arguments of a window-only call as one local problem: ``(layout,
+    heads, text, scale)``, ``text`` one :class:`LocalText` or one per sample."""
+    cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
+    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
+    return local, LocalHeads.build(windows, cfg.grid, hkv), LocalText.per_sample(text_length), scale
 
 
 @functools.lru_cache(maxsize=64)

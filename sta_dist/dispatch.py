@@ -61,16 +61,17 @@ def describe(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, tex
              return_lse: bool = False, table: bool = False) -> Call:
     """The route's view of one local call (one text group) on these tensors."""
     call = layout_call(layout, heads, text, str(q_bshd.dtype).removeprefix("torch."), q_bshd.shape[3],
-                       return_lse, table)
+                       return_lse, table, q_bshd.device)
     return dataclasses.replace(call, q_rows=q_bshd.shape[1], kv_rows=min(k_bshd.shape[1], v_bshd.shape[1]),
                                bulk_copy=bulk_copy_layout_ok(q_bshd, k_bshd, v_bshd))
 
 
 def layout_call(layout: LocalLayout, heads: LocalHeads, text: LocalText, dtype: str, head_dim: int,
-                return_lse: bool = False, table: bool = False) -> Call:
+                return_lse: bool = False, table: bool = False, device: torch.device = torch.device("cpu")) -> Call:
     """The route's view of a call on contiguous tensors holding what ``layout`` says (what
-    ``sta-dist doctor`` routes without tensors)."""
-    facts = calls.layout_facts(layout, torch.device("cpu"))
+    ``sta-dist doctor`` routes without tensors); ``device``: where the layout's tables are
+    cached (the call's own device, so that its launch finds them built)."""
+    facts = calls.layout_facts(layout, device)
     order = ("natural" if facts.whole_natural else
              "packed" if facts.even and facts.packed and facts.q_packed else "other")
     return Call(dtype=dtype, head_dim=head_dim, canvas=layout.canvas, tile=layout.tile, order=order,

@@ -12,6 +12,8 @@ import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.embeddings import apply_rotary_emb
 
+from .handle import LayerProcessor
+
 # Video tokens split after the patch embedding (with their RoPE rows), text kept whole on
 # every rank, the output gathered after the projection. Pass it as
 # ``transformer.enable_parallelism(config=..., cp_plan=HUNYUAN_VIDEO_CP_PLAN)``.
@@ -27,19 +29,12 @@ HUNYUAN_VIDEO_CP_PLAN = {
 }
 
 
-class HunyuanVideoSTAProcessor:
+class HunyuanVideoSTAProcessor(LayerProcessor):
     """Projections, QK norms and RoPE (on the video rows) as diffusers'
     ``HunyuanVideoAttnProcessor2_0`` computes them, then sliding tile attention: video
     queries see their window and the valid text, text queries see everything valid. The
     valid text count of each sample comes from the transformer's ``encoder_attention_mask``
     (read once per forward), so the ``attention_mask`` argument is not needed."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, handle, layer: int):
-        self.handle = handle
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):

@@ -16,20 +16,16 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_kandinsky6_sr import FRACTAL_BLOCK_SIZE, apply_rotary
 
+from .handle import LayerProcessor
+
 FRACTAL = (1, FRACTAL_BLOCK_SIZE, FRACTAL_BLOCK_SIZE)
 """The tile of the model's token order."""
 
 
-class Kandinsky6SRSTAProcessor:
+class Kandinsky6SRSTAProcessor(LayerProcessor):
     """For ``Kandinsky6SRTransformer3DModel``'s ``visual_transformer_blocks[i].self_attention``.
     The window, threshold and tile are the handle's (by default the model's config:
     ``nabla_window``, ``nabla_threshold``); ``sparse_params`` is not read."""
-
-    _parallel_config = None
-
-    def __init__(self, handle, layer: int):
-        self.handle = handle
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, rotary_emb: torch.Tensor, sparse_params=None):
         q_bshd, k_bshd, v_bshd = (proj(hidden_states).unflatten(-1, (attn.num_heads, -1))

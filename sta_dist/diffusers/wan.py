@@ -10,18 +10,12 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
+from .handle import LayerProcessor
 
-class WanSTAProcessor:
+
+class WanSTAProcessor(LayerProcessor):
     """Projections, QK norms and RoPE as diffusers' ``WanAttnProcessor`` computes them (its
     own helpers), then sliding tile attention over the canvas of the current call."""
-
-    # diffusers' enable_parallelism() writes its config here (Ulysses: head mode on its group)
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, handle, layer: int):
-        self.handle = handle
-        self.layer = layer
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  rotary_emb=None) -> torch.Tensor:
