@@ -31,7 +31,7 @@ too).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from .kernels.descriptors import bulk_copy_layout_ok
@@ -221,7 +221,7 @@ class Route:
     tiles) for the text query rows; ``None`` otherwise."""
     dense: tuple[int, ...] = ()
     """Heads SDPA (cuDNN) runs whole: their window covers the grid."""
-    declined: tuple[tuple[str, str], ...] = field(default=())
+    declined: tuple[tuple[str, str], ...] = ()
     """Each faster kernel not taken, with why."""
 
     def describe(self) -> str:
