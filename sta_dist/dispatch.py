@@ -167,8 +167,7 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)
-    launch = calls.cuda if r.video == "cuda" else calls.gluon
-    launch(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse)
+    calls.hopper(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, kernel=r.video)
     if r.text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out

@@ -42,8 +42,8 @@ class LayoutFacts:
     """The first text key row."""
 
     @property
-    def gluon_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The Gluon kernel's "packed" tables: per query tile (global id, first row), per
+    def packed_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The Hopper kernels' "packed" tables: per query tile (global id, first row), per
         global tile its first k/v row, and the first text key row."""
         return self.q_tiles, self.kv_tiles, self.kv_video
 
@@ -77,9 +77,9 @@ def layout_facts(layout: LocalLayout, device: torch.device) -> LayoutFacts:
     )
 
 
-def gluon_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The Gluon kernel's "packed" tables for ``layout`` (see ``LayoutFacts.gluon_tables``)."""
-    return layout_facts(layout, device).gluon_tables
+def packed_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The Hopper kernels' "packed" tables for ``layout`` (see ``LayoutFacts.packed_tables``)."""
+    return layout_facts(layout, device).packed_tables
 
 
 @functools.lru_cache(maxsize=256)
@@ -161,24 +161,17 @@ def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text:
                    config=config, keys=keys, out=out, lse=lse, **triton_args(layout, text, facts, scale, return_lse))
 
 
-def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-         lse=None):
-    """The hand-written CUDA kernel: the video rows of ``out`` for the heads of ``table``
-    (``lse`` must be ``None``: it writes none)."""
-    from .kernels.sta_fwd_cuda import sta_fwd_cuda
-
-    assert lse is None, "the CUDA kernel writes no log-sum-exp"
-    return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
-                        text_keys=text.kv_for_video_q)
-
-
-def gluon(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-          lse=None):
-    """The Gluon kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
-    reading natural order or packed tiles through the layout's tables."""
-    from .kernels.sta_fwd_gluon import sta_fwd_gluon
+def hopper(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
+           lse=None, kernel: str = "cuda"):
+    """A Hopper kernel (``"cuda"`` or ``"gluon"``): the video rows of ``out`` (and ``lse``)
+    for the heads of ``table``, reading natural order or packed tiles through the layout's
+    tables."""
+    if kernel == "cuda":
+        from .kernels.sta_fwd_cuda import sta_fwd_cuda as launch
+    else:
+        from .kernels.sta_fwd_gluon import sta_fwd_gluon as launch
 
     facts = layout_facts(layout, q_bshd.device)
-    return sta_fwd_gluon(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
-                         text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
-                         tables=facts.gluon_tables, lse=lse)
+    return launch(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
+                  text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
+                  tables=facts.packed_tables, lse=lse)

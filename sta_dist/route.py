@@ -41,8 +41,8 @@ KERNELS = ("cuda", "gluon", "triton", "torch")
 BACKENDS = ("auto",) + KERNELS
 HOPPER_HEAD_DIM = 128
 """The one head dim the Hopper kernels are built for."""
-GLUON_BLOCK = 128
-"""Rows of one Gluon query or key block."""
+HOPPER_BLOCK = 128
+"""Rows of one query or key block of the Hopper kernels."""
 
 Triple = tuple[int, int, int]
 
@@ -148,39 +148,33 @@ def _common(call: Call) -> Optional[str]:
     return None
 
 
+def _hopper_call(call: Call) -> Optional[str]:
+    """What the Hopper kernels' launches can read: the natural canvas or packed whole
+    tiles, in blocks of 128 rows, bf16 or fp16, and the text keys after the video keys."""
+    tt, th, tw = call.tile
+    plane = th * tw
+    if call.order == "natural":
+        blocks = (HOPPER_BLOCK // 2) % plane == 0 and tt % (HOPPER_BLOCK // plane) == 0
+    else:
+        blocks = (tt * plane) % HOPPER_BLOCK == 0
+    return ((f"reads the natural canvas or whole tiles of consecutive rows, the tokens here are {call.order}"
+             if call.order not in ("natural", "packed") else None)
+            or (f"is built for bfloat16 and float16, got dtype={call.dtype}"
+                if call.dtype not in ("bfloat16", "float16") else None)
+            or (f"reads blocks of {HOPPER_BLOCK} rows: tile={call.tile} does not split into them in {call.order} order"
+                if not blocks else None)
+            or (f"needs {call.text_keys} text keys after k/v row {call.kv_video}, k/v hold {call.kv_rows} rows"
+                if call.kv_rows < call.kv_video + call.text_keys else None))
+
+
 def cuda_rule(call: Call, device: Device) -> Optional[str]:
     """Why the CUDA kernel cannot take the call's video queries; ``None``: it can."""
-    T, H, W = call.canvas
-    n = T * H * W
-    return (_hopper(device) or device.cuda_library or _common(call)
-            or ("does not return the log-sum-exp (a call whose partial results are merged needs it)"
-                if call.return_lse else None)
-            or (f"reads the whole canvas in natural order, the tokens here are {call.order}"
-                if call.order != "natural" else None)
-            or (f"is built for bfloat16, got dtype={call.dtype}" if call.dtype != "bfloat16" else None)
-            or (f"needs tiles (even, 8, 8), got tile={call.tile}"
-                if call.tile[1:] != (8, 8) or call.tile[0] % 2 else None)
-            or (f"needs the canvas then {call.text_keys} text keys in k/v, k/v hold {call.kv_rows} rows"
-                if call.q_rows < n or call.kv_rows < n + call.text_keys else None))
+    return _hopper(device) or device.cuda_library or _common(call) or _hopper_call(call)
 
 
 def gluon_rule(call: Call, device: Device) -> Optional[str]:
     """Why the Gluon kernel cannot take the call's video queries; ``None``: it can."""
-    tt, th, tw = call.tile
-    plane = th * tw
-    if call.order == "natural":
-        blocks = (GLUON_BLOCK // 2) % plane == 0 and tt % (GLUON_BLOCK // plane) == 0
-    else:
-        blocks = (tt * plane) % GLUON_BLOCK == 0
-    return (_hopper(device) or device.gluon or _common(call)
-            or (f"reads the natural canvas or whole tiles of consecutive rows, the tokens here are {call.order}"
-                if call.order not in ("natural", "packed") else None)
-            or (f"is built for bfloat16 and float16, got dtype={call.dtype}"
-                if call.dtype not in ("bfloat16", "float16") else None)
-            or (f"reads blocks of {GLUON_BLOCK} rows: tile={call.tile} does not split into them in {call.order} order"
-                if not blocks else None)
-            or (f"needs {call.text_keys} text keys after k/v row {call.kv_video}, k/v hold {call.kv_rows} rows"
-                if call.kv_rows < call.kv_video + call.text_keys else None))
+    return _hopper(device) or device.gluon or _common(call) or _hopper_call(call)
 
 
 def triton_rule(call: Call, device: Device) -> Optional[str]:

@@ -79,12 +79,12 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 @hopper
 @pytest.mark.timeout(120, method="thread")
 def test_hopper_route():
-    """On Hopper the whole canvas goes to the Hopper kernels (text queries to SDPA): in
-    natural order without a log-sum-exp to the CUDA kernel, whole-canvas heads included;
-    with a log-sum-exp to the Gluon kernel; in tiled order to the Gluon kernel as "packed"
-    tiles; asked for, the Gluon kernel takes natural order too; with and without text.
-    The route is the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled
-    check, and it agrees with the Triton kernel."""
+    """On Hopper the CUDA kernel takes the whole canvas in natural order and in tiled order
+    (as "packed" tiles), whole-grid heads included (it is faster than cuDNN there too), with
+    and without the log-sum-exp; text queries go to SDPA, or with a log-sum-exp to the
+    Triton kernel alone; asked for, the Gluon kernel takes natural order too. The route is
+    the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled check, and
+    it agrees with the Triton kernel."""
     from sta_dist.dispatch import call_route, run_local
     from sta_dist.kernels import sta_fwd_cuda
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
@@ -99,22 +99,18 @@ def test_hopper_route():
         tensors = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, WAN, TILE) for x in (q, k, v))
         args = (*tensors, layout, heads, LocalText.single(text_valid))
         route = call_route(*args, backend=backend)
-        # The two (3,6,10) heads cover the 3x6x10 grid: the CUDA kernel takes them with the
-        # rest (faster than cuDNN there too); beside the Gluon kernel auto sends them to SDPA.
-        cuda = order == "natural" and backend == "auto"
-        assert route.video == ("cuda" if cuda else "gluon"), route
-        assert route.dense == (() if cuda or backend == "gluon" else (3, 5)), route
+        assert route.video == ("cuda" if backend == "auto" else "gluon"), route
+        assert route.dense == (), route
         assert route.text == ("sdpa" if text_len else None), route
         out = run_local(*args, 128**-0.5, backend=backend)
         natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
         assert max_error(out, run_local(*args, 128**-0.5, backend="triton")) <= 1e-2
-        # With a log-sum-exp every head goes to the Gluon kernel and the text queries to
-        # the Triton kernel alone; both parts agree with the Triton kernel's.
+        # With a log-sum-exp every head goes to the CUDA kernel and the text queries to the
+        # Triton kernel alone; both parts agree with the Triton kernel's.
         route = call_route(*args, backend="auto", return_lse=True)
-        assert (route.video, route.dense, route.text) == ("gluon", (), "triton" if text_len else None), route
-        assert route.declined[0][0] == "cuda" and "log-sum-exp" in route.declined[0][1]
+        assert (route.video, route.dense, route.text) == ("cuda", (), "triton" if text_len else None), route
         out, lse = run_local(*args, 128**-0.5, return_lse=True)
         ref_out, ref_lse = run_local(*args, 128**-0.5, backend="triton", return_lse=True)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3
@@ -122,12 +118,12 @@ def test_hopper_route():
 
 @hopper
 @pytest.mark.timeout(120, method="thread")
-def test_gluon_route_tile_rank():
-    """A tile-mode rank's local call (own box, box + halo keys, packed) goes to the Gluon
+def test_cuda_route_tile_rank():
+    """A tile-mode rank's local call (own box, box + halo keys, packed) goes to the CUDA
     kernel as "packed" and agrees with the Triton kernel: without text (no log-sum-exp),
     and with text merged across ranks (text keys counted here or not; a log-sum-exp,
     the text queries through the Triton kernel alone)."""
-    from tests.test_gluon_gpu import box_and_halo
+    from tests.hopper_support import box_and_halo
 
     from sta_dist.dispatch import call_route, run_local
     from sta_dist.local import LocalHeads, LocalText
@@ -136,12 +132,12 @@ def test_gluon_route_tile_rank():
     _, local, layout, _ = box_and_halo(canvas, tile, text=0, seed=41)
     args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), LocalText.single(0))
     route = call_route(*args)
-    assert route.video == "gluon" and "natural order" in dict(route.declined)["cuda"], route
+    assert route.video == "cuda" and not route.declined, route
     assert max_error(run_local(*args, 128**-0.5), run_local(*args, 128**-0.5, backend="triton")) <= 1e-2
     _, local, layout, _ = box_and_halo(canvas, tile, text=96, seed=43)
     for text in (LocalText(80, 80, 80), LocalText(80, 80, 0)):
         args = (*local, layout, LocalHeads.build(windows, layout.grid, 4), text)
-        assert call_route(*args, return_lse=True).video == "gluon"
+        assert call_route(*args, return_lse=True).video == "cuda"
         out, lse = run_local(*args, 128**-0.5, return_lse=True)
         ref_out, ref_lse = run_local(*args, 128**-0.5, backend="triton", return_lse=True)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3

@@ -13,8 +13,9 @@
 #   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
 #   lanes                diffusers, fastvideo + GPU tests, selection side by side on 4 GPUs
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
+#   hopper [kernels]     the Hopper kernels' GPU tests, then tools/hopper_bench.py (default cuda,gluon)
 set -uo pipefail
-JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes route"
+JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes route hopper"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -128,6 +129,17 @@ for line in open(sys.argv[1]):
 PY
   timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
   echo "pytest exit: ${PIPESTATUS[0]} (124 = the 270 s limit)"
+}
+
+# The Hopper kernels: their GPU tests and the route's (each test limited to 120 s), then
+# side by side on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
+# tile-mode rank's box and halo).
+job_hopper() {
+  setup
+  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_gpu.py -k "hopper or route" \
+    2>&1 | tee "$OUT/hopper_tests.log" | tail -n 25
+  echo "pytest exit: ${PIPESTATUS[0]} (124 = the 330 s limit)"
+  timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,gluon}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench.log"
 }
 
 # Nsight Compute on one launch of the Triton and of the Gluon kernel at the Hunyuan (3,3,3)

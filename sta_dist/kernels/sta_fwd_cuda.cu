@@ -1,21 +1,31 @@
 // Sliding tile attention forward for Hopper (sm_90a), hand-written CUDA in FA3's
-// structure. Covers the natural-order calls of the router (sta_dist/triton_backend.py):
-// q/k/v [B, S, heads, 128] bf16 holding the canvas in natural order (token (t, h, w) at
-// row (t*H + h)*W + w), then text rows; tiles (TT, 8, 8) with TT even; per-head windows
-// from heads[n, 5] = (kt, kh, kw, kv_head, q_head); video queries attend their window's
-// key tiles and the first n_text text rows. Text queries and log-sum-exp are the
-// caller's (the router keeps them on its other kernels). Semantics as kernels/sta_fwd.py.
+// structure: the one Hopper kernel of the route (sta_dist/route.py, rule ``cuda_rule``).
+// Semantics as kernels/sta_fwd.py (the portable Triton kernel).
 //
-// Program (query block, head row): 128 query rows = two t-slices of one tile, 384
-// threads in three warpgroups.
+// q/k/v [B, S, heads, 128], bf16 or fp16 (template F16), video tokens placed by one of
+// two orders, then text rows:
+// - natural: the whole canvas, token (t, h, w) at row (t*H + h)*W + w;
+// - packed: whole tiles of consecutive rows, each tile's tokens in (t, h, w) order inside
+//   it, placed by two tables: q_tiles [n_q, >=2] per query tile to compute (global tile
+//   id, first row), kv_tiles [n_tiles, >=1] per global tile its first k/v row (the whole
+//   canvas in tiled order, a head-mode rank's tokens, a tile-mode rank's box and halo).
+// Tiles (TT, TH, TW): packed, TT*TH*TW a multiple of 128; natural, TH*TW divides 64 and
+// TT is a multiple of 128 / (TH*TW). Per-head windows come from heads[n, 5] = (kt, kh,
+// kw, kv_head, q_head); video queries attend their window's key tiles and the first
+// n_text text rows (from text_row on). Text queries are the caller's (the route gives them
+// to SDPA or to a Triton launch). Optionally the natural-log log-sum-exp of every video
+// row, lse [B, q heads, S] float32.
+//
+// Program (query block, head row): 128 query rows (consecutive rows of one tile, packed;
+// 128 / (TH*TW) t-slices of one tile, natural), 384 threads in three warpgroups.
 // - Warpgroup 0 (setmaxnreg 24) loads: warp 0 issues the bulk tensor copies (TMA) of q
 //   and of every K block, warp 1 of every V block, each into a two-slot ring guarded by
 //   mbarriers (full: the copy's bytes; empty: one arrival per consumer warp).
-// - Warpgroups 1 and 2 (setmaxnreg 240) each compute 64 query rows (t-slice c of the
+// - Warpgroups 1 and 2 (setmaxnreg 240) each compute 64 query rows (half c of the
 //   block): S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued together as asynchronous wgmma,
 //   the softmax of S_j run while PV_{j-1} is in flight (FA3's intra-warpgroup overlap),
 //   and the two warpgroups take turns issuing (FA3's ping-pong, named barriers 1 and 2).
-// - P_j is converted to its bf16 register operand while PV_{j-1} still reads P_{j-1}:
+// - P_j is converted to its 16-bit register operand while PV_{j-1} still reads P_{j-1}:
 //   the trip loop is unrolled by two with two operand arrays, and the wait that retires
 //   PV_{j-1} sits at the top of the next trip (after the ready waits, whose loops ptxas
 //   does not move it across). ``keep_live`` gives P_{j-1} a real use after that wait, so
@@ -24,11 +34,12 @@
 //
 // Key blocks: text blocks first (the partial one as block 0, so the one column mask
 // sits outside the loop), then the window's video blocks, tile by tile (t, then h, then
-// w), two t-slices at a time: a 5-D box [1, 2, 8, 8, 64] of the view [B, T, H, W,
-// heads*128] per 64-column half (128-byte swizzle; two copies per block). Text blocks
-// are 3-D boxes [1, 128, 64] of [B, S, heads*128].
+// w), 128 rows at a time. Natural: a 5-D box [1, 128/(TH*TW), TH, TW, 64] of the view
+// [B, T, H, W, heads*128] per 64-column half; packed: a 3-D box [1, 128, 64] of [B, S,
+// heads*128] at the tile's first row from kv_tiles. Either way shared memory holds 128
+// rows of 128 bytes in (t, h, w) order with the 128-byte swizzle (two copies per block).
+// Text blocks are such 3-D boxes from text_row on.
 #include <cuda.h>
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
@@ -41,13 +52,16 @@ constexpr int THREADS = 384;                        // loader + two consumer war
 constexpr int Q_BYTES = 2 * 16384, KV_BYTES = 32768;  // q: two 64-row halves; K or V: 128 rows
 constexpr int SMEM_BYTES = Q_BYTES + (KST + VST) * KV_BYTES + 1024 /*barriers*/ + 1024 /*alignment*/;
 constexpr uint32_t DESC_HI = 0x40000040u;           // descriptor high word: 128-byte swizzle, SBO 1024 B
+constexpr float LN2 = 0.6931471805599453f;
 
 struct Params {
-  CUtensorMap q, k, v, kt, vt;  // 5-D natural-order views (q box: 1 t-slice; k/v: 2); 3-D text rows
-  __nv_bfloat16* out;
-  const int* heads;
-  long long so_b, so_s;
-  int n_heads, grid_t, grid_h, grid_w, TT, canvas_h, canvas_w, text_row, n_text, never;
+  CUtensorMap q, k, v, kt, vt;  // q: 5-D (natural) or 3-D rows (packed); k, v: 5-D (natural); kt, vt: 3-D rows
+  uint16_t* out;                // bf16 or fp16
+  float* lse;                   // nullptr: none
+  const int *heads, *q_tiles, *kv_tiles;
+  long long so_b, so_s, lse_b, lse_h;
+  int q_stride, kv_stride, packed, n_heads, grid_t, grid_h, grid_w, TT, TH, TW, bpt, canvas_h, canvas_w, text_row,
+      n_text, never;
   float scale;  // softmax scale * log2(e)
 };
 
@@ -116,45 +130,61 @@ DEV float ex2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-DEV uint32_t pack_bf16(float lo, float hi) {
+// Two fp32 values as one register of two 16-bit values (lo in the low half).
+template <bool F16>
+DEV uint32_t pack2(float lo, float hi) {
   uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  if constexpr (F16)
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
 // wgmma m64n128k16, fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
 // r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors: the low word
 // is (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI.
+#define ACC64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
+#define D64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define WGMMA_SS(T)                                                                                  \
+  "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"                                 \
+  "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"                                            \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", da, db, p, 1, 1, 0, 0;\n}\n"
+#define WGMMA_RS(T)                                      \
+  "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"         \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
+
+template <bool F16>
 DEV void wgmma_ss(float (&d)[64], uint32_t a_lo, uint32_t b_lo, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
-      "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, da, db, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
+  if constexpr (F16)
+    asm volatile(WGMMA_SS("f16") : D64(d) : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
+  else
+    asm volatile(WGMMA_SS("bf16") : D64(d) : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
 }
 // A from registers (four per 16-column step, the accumulator layout packed in pairs),
 // B (V) transposed: N = head dim contiguous.
+template <bool F16>
 DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint32_t b_lo) {
-  asm volatile(
-      "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
+  if constexpr (F16)
+    asm volatile(WGMMA_RS("f16") : D64(d)
+                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
+  else
+    asm volatile(WGMMA_RS("bf16") : D64(d)
+                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
 }
 
 // --- loading -------------------------------------------------------------------------------
 // Which key block j is: text blocks first (the partial last one as block 0), then the
-// window's video tiles (t, then h, then w), two t-slices at a time.
+// window's video tiles (t, then h, then w), 128 rows (``slices`` t-slices) at a time.
 struct Window {
-  int b, kv_col, st, sh, sw, kh, kw, TT, n_tb, text_row, n;
+  const int* kv_tiles;  // packed: per global tile its first k/v row (stride kv_stride); natural: unused
+  int kv_stride, packed, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW, slices, bpt, grid_h, grid_w, n_tb, text_row, n;
 };
 
 // One ring (K or V): fill u = j / 2 of slot j % 2 waits for the consumers' release of
 // fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves.
-DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* text, uint32_t base, uint32_t full,
+DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
                    uint32_t empty) {
   int sub = 0, ti = 0, hi = 0, wi = 0;  // the next video block, without divisions
-  const int bpt = w.TT / 2;
   for (int j = 0; j < w.n; ++j) {
     const int s = j % KST;
     if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
@@ -162,12 +192,18 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
     mbar_expect_tx(bar, KV_BYTES);
     if (j < w.n_tb) {
       const int row = w.text_row + (w.n_tb - 1 - j) * 128;
-      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, text, bar, w.kv_col + h * 64, row, w.b);
+      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, rows, bar, w.kv_col + h * 64, row, w.b);
       continue;
     }
-    const int t0 = (w.st + ti) * w.TT + sub * 2, h0 = (w.sh + hi) * 8, w0 = (w.sw + wi) * 8;
-    for (int h = 0; h < 2; ++h) tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
-    if (++sub < bpt) continue;
+    if (w.packed) {
+      const int g = ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
+      const int row = __ldg(w.kv_tiles + g * w.kv_stride) + sub * 128;
+      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, rows, bar, w.kv_col + h * 64, row, w.b);
+    } else {
+      const int t0 = (w.st + ti) * w.TT + sub * w.slices, h0 = (w.sh + hi) * w.TH, w0 = (w.sw + wi) * w.TW;
+      for (int h = 0; h < 2; ++h) tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
+    }
+    if (++sub < w.bpt) continue;
     sub = 0;
     if (++wi < w.kw) continue;
     wi = 0;
@@ -179,7 +215,7 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 
 // --- computing -----------------------------------------------------------------------------
 // One consumer warpgroup: 64 query rows. Per thread two rows (r0, r0 + 8) of S and O.
-template <int C>
+template <int C, bool F16>
 struct Consumer {
   float S[64];
   float O[64];
@@ -203,14 +239,14 @@ struct Consumer {
     const uint32_t kd = k_desc + sk * (KV_BYTES >> 4);
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss(S, q_desc + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16, kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16,
-               kk > 0);
+      wgmma_ss<F16>(S, q_desc + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16,
+                    kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16, kk > 0);
     wg_commit();
   }
   DEV void issue_pv(const uint32_t (&P)[32], int sv) {
     const uint32_t vd = v_desc + sv * (KV_BYTES >> 4);
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) wgmma_rs(O, P, kk, vd + kk * (2048 / 16));
+    for (int kk = 0; kk < 8; ++kk) wgmma_rs<F16>(O, P, kk, vd + kk * (2048 / 16));
     wg_commit();
   }
   // Online softmax of S (exp2, the scale folded into one FMA), each pair of exponentials
@@ -240,7 +276,7 @@ struct Consumer {
       const int r = i & 1;  // S[2i], S[2i+1] lie in row r0 for even i, r0 + 8 for odd i
       const float e0 = ex2(fmaf(S[2 * i], scale, -m[r])), e1 = ex2(fmaf(S[2 * i + 1], scale, -m[r]));
       sum[r] += e0 + e1;
-      P[i] = pack_bf16(e0, e1);
+      P[i] = pack2<F16>(e0, e1);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) l[r] = first ? sum[r] : fmaf(l[r], alpha[r], sum[r]);
@@ -313,9 +349,21 @@ struct Consumer {
   }
 };
 
-// Normalise O and write the warpgroup's 64 rows: t-slice q_t (h, w) = (q_h + r / 8, q_w + r % 8).
-template <int C>
-DEV void store(const Params& p, const Consumer<C>& cs, int b, int qh, int q_t, int q_h, int q_w) {
+// Where the program's query rows are: packed, consecutive rows from ``row0``; natural,
+// row i of the block is t-slice t0 + i / (TH*TW), (h0, w0) + ((i % (TH*TW)) / TW, i % TW).
+struct QueryRows {
+  int packed, row0, t0, h0, w0, plane, TW, canvas_h, canvas_w;
+  DEV long long token(int i) const {
+    if (packed) return row0 + i;
+    const int r = i % plane;
+    return (static_cast<long long>(t0 + i / plane) * canvas_h + h0 + r / TW) * canvas_w + w0 + r % TW;
+  }
+};
+
+// Normalise O and write the warpgroup's 64 rows (block rows 64*C on), and their
+// log-sum-exp if asked: (m + log2 l) in natural-log units (m is kept in log2 units).
+template <int C, bool F16>
+DEV void store(const Params& p, const Consumer<C, F16>& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -323,22 +371,22 @@ DEV void store(const Params& p, const Consumer<C>& cs, int b, int qh, int q_t, i
     s += __shfl_xor_sync(0xffffffff, s, 1);
     s += __shfl_xor_sync(0xffffffff, s, 2);
     const float inv = 1.f / s;
-    const int rr = 16 * warp + lane / 4 + 8 * r;
-    const long long tok = (static_cast<long long>(q_t) * p.canvas_h + q_h + rr / 8) * p.canvas_w + q_w + rr % 8;
-    __nv_bfloat16* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
+    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
+    uint16_t* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int i = 4 * jj + 2 * r;
-      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack_bf16(cs.O[i] * inv, cs.O[i + 1] * inv);
+      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<F16>(cs.O[i] * inv, cs.O[i + 1] * inv);
     }
+    if (p.lse && lane % 4 == 0) p.lse[b * p.lse_b + qh * p.lse_h + tok] = (cs.m[r] + __log2f(s)) * LN2;
   }
 }
 
-template <int C>
+template <int C, bool F16>
 DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, uint32_t q_full, uint32_t k_full,
-                 uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh, int q_t, int q_h,
-                 int q_w) {
-  Consumer<C> cs;
+                 uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh,
+                 const QueryRows& rows) {
+  Consumer<C, F16> cs;
   cs.n = n;
   cs.never = p.never;
   cs.scale = p.scale;
@@ -350,9 +398,10 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   mbar_wait(q_full, 0);
   const int partial = p.n_text % 128;
   cs.run(n_tb > 0 && partial ? partial : 128);
-  store(p, cs, b, qh, q_t + C, q_h, q_w);
+  store(p, cs, b, qh, rows);
 }
 
+template <bool F16>
 __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -366,16 +415,18 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const int b = bh / p.n_heads, row = bh % p.n_heads;
   const int kt = p.heads[row * 5 + 0], kh = p.heads[row * 5 + 1], kw = p.heads[row * 5 + 2];
   const int kvh = p.heads[row * 5 + 3], qh = p.heads[row * 5 + 4];
-  const int bpt = p.TT / 2;  // query (and key) blocks per tile
-  const int qi = pid / bpt;
-  const int ct = qi / (p.grid_h * p.grid_w), ch = (qi / p.grid_w) % p.grid_h, cw = qi % p.grid_w;
-  const int q_t = ct * p.TT + (pid % bpt) * 2, q_h = ch * 8, q_w = cw * 8;
+  const int qi = pid / p.bpt, sub = pid % p.bpt;  // query tile (of the table, packed), block in it
+  const int gid = p.packed ? __ldg(p.q_tiles + qi * p.q_stride) : qi;
+  const int ct = gid / (p.grid_h * p.grid_w), ch = (gid / p.grid_w) % p.grid_h, cw = gid % p.grid_w;
+  const int slices = 128 / (p.TH * p.TW);  // natural: t-slices per block
+  const QueryRows rows{p.packed, p.packed ? __ldg(p.q_tiles + qi * p.q_stride + 1) + sub * 128 : 0,
+                       ct * p.TT + sub * slices, ch * p.TH, cw * p.TW, p.TH * p.TW, p.TW, p.canvas_h, p.canvas_w};
   // Window start per axis: clamp(c - (k - 1) / 2, 0, n - k), k already <= n.
   const int st = min(max(ct - (kt - 1) / 2, 0), p.grid_t - kt);
   const int sh = min(max(ch - (kh - 1) / 2, 0), p.grid_h - kh);
   const int sw = min(max(cw - (kw - 1) / 2, 0), p.grid_w - kw);
   const int n_tb = (p.n_text + 127) / 128;
-  const int n = n_tb + kt * kh * kw * bpt;
+  const int n = n_tb + kt * kh * kw * p.bpt;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -390,12 +441,18 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     const int warp = threadIdx.x / 32;
     if ((threadIdx.x & 31) != 0 || warp >= 2) return;
-    const Window w{b, kvh * 128, st, sh, sw, kh, kw, p.TT, n_tb, p.text_row, n};
+    const Window w{p.kv_tiles, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, kh, kw, p.TT, p.TH, p.TW,
+                   slices, p.bpt, p.grid_h, p.grid_w, n_tb, p.text_row, n};
     if (warp == 0) {
       mbar_expect_tx(q_full, Q_BYTES);
       for (int c = 0; c < 2; ++c)
-        for (int h = 0; h < 2; ++h)
-          tma_load5(q_base + c * 16384 + h * 8192, &p.q, q_full, qh * 128 + h * 64, q_w, q_h, q_t + c, b);
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t dst = q_base + c * 16384 + h * 8192;
+          if (p.packed)
+            tma_load3(dst, &p.q, q_full, qh * 128 + h * 64, rows.row0 + 64 * c, b);
+          else
+            tma_load5(dst, &p.q, q_full, qh * 128 + h * 64, rows.w0, rows.h0, rows.t0 + c * slices / 2, b);
+        }
       load_ring(w, &p.k, &p.kt, k_base, k_full, k_empty);
     } else {
       load_ring(w, &p.v, &p.vt, v_base, v_full, v_empty);
@@ -404,9 +461,9 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
   if (wg == 1)
-    consume<0>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, q_t, q_h, q_w);
+    consume<0, F16>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
   else
-    consume<1>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, q_t, q_h, q_w);
+    consume<1, F16>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
 }
 
 // --- host ----------------------------------------------------------------------------------
@@ -427,60 +484,79 @@ EncodeFn encode_fn() {
   return fn;
 }
 
-int encode(CUtensorMap* map, void* ptr, cuuint32_t rank, const cuuint64_t* dims, const cuuint64_t* strides,
+int encode(CUtensorMap* map, void* ptr, bool f16, cuuint32_t rank, const cuuint64_t* dims, const cuuint64_t* strides,
            const cuuint32_t* box) {
   EncodeFn fn = encode_fn();
   if (!fn) return 1;
   const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
-  CUresult r = fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, ptr, dims, strides, box, ones,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  CUresult r = fn(map, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, ptr, dims,
+                  strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? 0 : 100 + static_cast<int>(r);
 }
 
-// The 5-D view [B, T, H, W, heads*128] of a natural-order canvas, box [1, slices, 8, 8, 64].
-int video_map(CUtensorMap* map, void* ptr, int B, int T, int H, int W, int heads, long long s_b, long long s_s,
-              int slices) {
+// The 5-D view [B, T, H, W, heads*128] of a natural-order canvas, box [1, slices, TH, TW, 64].
+int video_map(CUtensorMap* map, void* ptr, bool f16, int B, int T, int H, int W, int heads, long long s_b,
+              long long s_s, int slices, int TH, int TW) {
   const cuuint64_t dims[5] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(W),
                               static_cast<cuuint64_t>(H), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
   const cuuint64_t strides[4] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(W * s_s) * 2,
                                  static_cast<cuuint64_t>(H * W * s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
-  const cuuint32_t box[5] = {64, 8, 8, static_cast<cuuint32_t>(slices), 1};
-  return encode(map, ptr, 5, dims, strides, box);
+  const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(TW), static_cast<cuuint32_t>(TH),
+                             static_cast<cuuint32_t>(slices), 1};
+  return encode(map, ptr, f16, 5, dims, strides, box);
 }
 
-// The 3-D view [B, S, heads*128] (text rows), box [1, 128, 64].
-int rows_map(CUtensorMap* map, void* ptr, int B, long long S, int heads, long long s_b, long long s_s) {
+// The 3-D view [B, S, heads*128] (packed tiles, text rows), box [1, box_rows, 64].
+int rows_map(CUtensorMap* map, void* ptr, bool f16, int B, long long S, int heads, long long s_b, long long s_s,
+             int box_rows) {
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(S),
                               static_cast<cuuint64_t>(B)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
-  const cuuint32_t box[3] = {64, 128, 1};
-  return encode(map, ptr, 3, dims, strides, box);
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
+  return encode(map, ptr, f16, 3, dims, strides, box);
 }
 
 }  // namespace
 
-// Launch on ``stream``. Strides in elements. Returns 0, or 1 (no tensor-map encoder),
-// 100 + CUresult (a tensor map), 1000 + cudaError_t (the launch).
-extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, const int* heads, int n_heads, int B, int T, int H,
-                            int W, int TT, int q_heads, int kv_heads, long long s_kv, long long sq_b, long long sq_s,
+// Launch on ``stream``. Strides in elements. ``q_tiles``/``kv_tiles``: the packed order's
+// tables (``n_q_tiles`` query tiles; ignored in natural order); ``lse``: nullptr or [B,
+// q heads, S] float32 with strides (lse_b, lse_h, 1). Returns 0, or 1 (no tensor-map
+// encoder), 100 + CUresult (a tensor map), 1000 + cudaError_t (the launch).
+extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, const int* heads, int n_heads,
+                            const int* q_tiles, int q_stride, int n_q_tiles, const int* kv_tiles, int kv_stride,
+                            int packed, int f16, int B, int T, int H, int W, int TT, int TH, int TW, int q_heads,
+                            int kv_heads, long long s_q, long long s_kv, long long sq_b, long long sq_s,
                             long long sk_b, long long sk_s, long long sv_b, long long sv_s, long long so_b,
-                            long long so_s, int text_row, int n_text, float scale, void* stream) {
+                            long long so_s, long long lse_b, long long lse_h, int text_row, int n_text, float scale,
+                            void* stream) {
   Params p;
   int e;
-  if ((e = video_map(&p.q, q, B, T, H, W, q_heads, sq_b, sq_s, 1)) || (e = video_map(&p.k, k, B, T, H, W, kv_heads, sk_b, sk_s, 2)) ||
-      (e = video_map(&p.v, v, B, T, H, W, kv_heads, sv_b, sv_s, 2)) ||
-      (e = rows_map(&p.kt, k, B, s_kv, kv_heads, sk_b, sk_s)) || (e = rows_map(&p.vt, v, B, s_kv, kv_heads, sv_b, sv_s)))
+  const int slices = 128 / (TH * TW);
+  if (packed) {
+    e = rows_map(&p.q, q, f16, B, s_q, q_heads, sq_b, sq_s, 64);
+  } else {
+    (e = video_map(&p.q, q, f16, B, T, H, W, q_heads, sq_b, sq_s, slices / 2, TH, TW)) ||
+        (e = video_map(&p.k, k, f16, B, T, H, W, kv_heads, sk_b, sk_s, slices, TH, TW)) ||
+        (e = video_map(&p.v, v, f16, B, T, H, W, kv_heads, sv_b, sv_s, slices, TH, TW));
+  }
+  if (e || (e = rows_map(&p.kt, k, f16, B, s_kv, kv_heads, sk_b, sk_s, 128)) ||
+      (e = rows_map(&p.vt, v, f16, B, s_kv, kv_heads, sv_b, sv_s, 128)))
     return e;
-  p.out = static_cast<__nv_bfloat16*>(out);
-  p.heads = heads;
-  p.so_b = so_b, p.so_s = so_s;
-  p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / 8, p.grid_w = W / 8, p.TT = TT;
+  p.out = static_cast<uint16_t*>(out);
+  p.lse = lse;
+  p.heads = heads, p.q_tiles = q_tiles, p.kv_tiles = kv_tiles;
+  p.so_b = so_b, p.so_s = so_s, p.lse_b = lse_b, p.lse_h = lse_h;
+  p.q_stride = q_stride, p.kv_stride = kv_stride, p.packed = packed;
+  p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / TH, p.grid_w = W / TW;
+  p.TT = TT, p.TH = TH, p.TW = TW, p.bpt = TT * TH * TW / 128;
   p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.never = 0, p.scale = scale;
+  const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
+  const dim3 grid(q_blocks, B * n_heads);
+  auto kernel = f16 ? sta_fwd_kernel<true> : sta_fwd_kernel<false>;
   // Per launch, not once per process: the attribute belongs to the current device's context.
-  cudaFuncSetAttribute(sta_fwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-  const dim3 grid(p.grid_t * p.grid_h * p.grid_w * (TT / 2), B * n_heads);
-  sta_fwd_kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+  kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? 0 : 1000 + static_cast<int>(err);
 }

@@ -5,7 +5,7 @@ seconds) into a shared library in the cache directory (``$STA_DIST_CACHE`` or
 ``~/.cache/sta_dist``), named by the hash of the source and the compiler's version, so
 the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
 ``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, or if the build fails,
-``library()`` is ``None`` (``build_error()`` says why) and the router keeps the Gluon
+``library()`` is ``None`` (``build_error()`` says why) and the route takes the Triton
 kernel. The call goes through ``ctypes`` on the caller's CUDA stream.
 """
 
@@ -76,7 +76,7 @@ def library():
         _errors.append(f"building {SOURCE.name} with {compiler} failed: {detail.strip()[-2000:]}")
         return None
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-    lib.sta_fwd_cuda.argtypes = [P] * 5 + [I] * 8 + [L] * 9 + [I, I, ctypes.c_float, P]
+    lib.sta_fwd_cuda.argtypes = [P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [I, I, ctypes.c_float, P]
     lib.sta_fwd_cuda.restype = I
     return lib
 
@@ -90,32 +90,61 @@ def available() -> bool:
     return library() is not None
 
 
-def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0):
-    """Fill the video rows of ``out`` (``q``'s shape and strides, bf16) with sliding tile
+def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None):
+    """Fill the video rows of ``out`` (``q``'s shape, dtype and strides) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
-    q_head)``, on q's device); video queries also attend the first ``text_keys`` text
-    rows of ``k``/``v``. Text query rows of ``out`` are not written. Raises if the call
+    q_head)``, on q's device). ``q``, ``k``, ``v`` are ``[B, S, H, D]``, bf16 or fp16,
+    placed by ``order``:
+
+    - ``"natural"``: the whole canvas first, token ``(t, h, w)`` at row ``(t*H + h)*W + w``;
+    - ``"packed"``: tiles of consecutive rows, each tile's tokens in ``(t, h, w)`` order
+      inside it (as ``sta_dist.to_tiled`` lays them), wherever ``tables = (q_tiles,
+      kv_tiles, kv_video)`` put them: ``q_tiles [n_q, >=2]`` int32 holds per query tile to
+      compute (global tile id, first row in q), ``kv_tiles [n_tiles, >=1]`` per global tile
+      its first row in k/v (read for the tiles some window reaches), and text keys start at
+      k/v row ``kv_video`` (``sta_dist.kernel_calls.packed_tables`` makes them for any
+      ``LocalLayout``).
+
+    Video queries also attend the first ``text_keys`` text rows; text query rows of
+    ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim
+    contiguous), gets the natural-log log-sum-exp of the video rows. Raises if the call
     breaks :func:`sta_dist.route.cuda_rule` or the library is missing."""
     from ..route import Call, Device, cuda_rule
 
-    reason = cuda_rule(Call.of(q, k, v, canvas, tile, "natural", text_keys=text_keys), Device.hopper())
+    packed = order == "packed"
+    if packed and tables is None:
+        raise ValueError("sta_fwd_cuda: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
+    kv_video = tables[2] if packed else math.prod(canvas)
+    reason = cuda_rule(Call.of(q, k, v, canvas, tile, order, kv_video=kv_video, text_keys=text_keys), Device.hopper())
     if reason:
         raise ValueError(f"sta_fwd_cuda: unsupported call: the kernel {reason}")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
         raise ValueError("sta_fwd_cuda: out must match q's shape, dtype and strides")
+    if lse is not None and (lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32
+                            or lse.stride(2) != 1):
+        raise ValueError(f"sta_fwd_cuda: lse must be [B, Hq, S] float32 with the last dim contiguous, got "
+                         f"{tuple(lse.shape)} {lse.dtype} strides {lse.stride()}")
+    q_tiles, kv_tiles = tables[:2] if packed else (heads, heads)  # unread in natural order
+    if packed and (q_tiles.stride(1) != 1 or kv_tiles.stride(1) != 1):
+        raise ValueError("sta_fwd_cuda: the tables' rows must be contiguous")
     lib = library()
     if lib is None:
         raise RuntimeError(f"sta_fwd_cuda: kernel library unavailable: {build_error()}")
     T, H, W = canvas
     n = heads.shape[0]
     B = q.shape[0]
-    if n == 0 or B == 0:
+    n_q = q_tiles.shape[0] if packed else 0
+    if n == 0 or B == 0 or (packed and n_q == 0):
         return out
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    rc = lib.sta_fwd_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), heads.data_ptr(), n, B, T, H, W,
-                          tile[0], q.shape[2], k.shape[2], k.shape[1], q.stride(0), q.stride(1), k.stride(0),
-                          k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), math.prod(canvas),
-                          text_keys, scale * LOG2E, stream)
+    rc = lib.sta_fwd_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                          lse.data_ptr() if lse is not None else None, heads.data_ptr(), n,
+                          q_tiles.data_ptr(), q_tiles.stride(0), n_q, kv_tiles.data_ptr(), kv_tiles.stride(0),
+                          int(packed), int(q.dtype == torch.float16), B, T, H, W, *tile, q.shape[2], k.shape[2],
+                          q.shape[1], min(k.shape[1], v.shape[1]), q.stride(0), q.stride(1), k.stride(0),
+                          k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+                          lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+                          kv_video, text_keys, scale * LOG2E, stream)
     if rc:
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")

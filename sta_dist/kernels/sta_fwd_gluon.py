@@ -101,7 +101,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ..route import GLUON_BLOCK as BLOCK
+from ..route import HOPPER_BLOCK as BLOCK
 from .descriptors import natural_box
 
 LOG2E = 1.4426950408889634

@@ -1,0 +1,201 @@
+"""GPU-only (Hopper, capability 9): the Hopper kernels (``sta_dist/kernels/sta_fwd_cuda.cu``,
+and the Gluon kernel while it is in the tree) against the dense float64 reference, on
+whole-tile canvases in natural order and in packed tiles (the whole canvas in tiled order,
+a tile-mode rank's box and halo), bf16 and fp16, with the log-sum-exp, GQA, batch and
+text keys. Text query rows are the route's other kernels': the launch leaves them (and
+their log-sum-exp) unwritten, which a NaN fill shows.
+
+Every test has a 120 s limit (thread method: a hung kernel blocks the main thread inside
+CUDA, where the signal method never fires), so a barrier-phase bug shows as a failure."""
+
+import math
+
+import pytest
+import torch
+
+import sta_dist
+from sta_dist.kernel_calls import packed_tables
+from sta_dist.local import LocalLayout
+from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
+from tests.hopper_support import box_and_halo, head_table, randn
+
+cuda_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="needs a CUDA device of capability 9 (Hopper)",
+)
+pytestmark = [cuda_hopper, pytest.mark.gpu, pytest.mark.timeout(120, method="thread")]
+
+HUNYUAN, TILE = (30, 48, 80), (6, 8, 8)
+HOPPER_KERNELS = ("cuda", "gluon")
+
+
+def launcher(kernel):
+    if kernel == "cuda":
+        from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
+
+        return sta_fwd_cuda
+    from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+
+    return sta_fwd_gluon
+
+
+def run(kernel, canvas, tile, windows, n_heads, n_kv, dtype=torch.bfloat16, text=16, batch=1, seed=0, lse=False,
+        fill=float("nan"), text_keys=0, order="natural"):
+    """Run ``kernel``; ``out`` (and ``lse``) start as ``fill`` (NaN shows rows it did not
+    write). ``text`` rows follow the canvas; video queries attend the first ``text_keys``.
+    With ``order="tiled"`` the kernel gets tiled copies as packed tiles (the tables of the
+    tiled layout) and ``out`` and ``lse`` come back in natural order."""
+    S = math.prod(canvas) + text
+    q = randn((batch, S, n_heads, 128), dtype, seed)
+    k = randn((batch, S, n_kv, 128), dtype, seed + 1)
+    v = randn((batch, S, n_kv, 128), dtype, seed + 2)
+    out = torch.full_like(q, fill)
+    lse_t = torch.full((batch, n_heads, S), float("nan"), device="cuda") if lse else None
+    tiled = order == "tiled"
+    args = tuple(sta_dist.to_tiled(x, canvas, tile) for x in (q, k, v)) if tiled else (q, k, v)
+    tables = packed_tables(LocalLayout.tiled(canvas, tile, text), q.device) if tiled else None
+    launcher(kernel)(*args, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
+                     scale=128**-0.5, lse=lse_t, text_keys=text_keys, order="packed" if tiled else order,
+                     tables=tables)
+    torch.cuda.synchronize()
+    if tiled:
+        out = sta_dist.to_natural(out, canvas, tile)
+        lse_t = sta_dist.to_natural(lse_t.transpose(1, 2), canvas, tile).transpose(1, 2) if lse else None
+    return q, k, v, out, lse_t
+
+
+def assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=0, dtype=torch.bfloat16):
+    """The video rows of ``out`` (and ``lse``) against the float64 reference, where video
+    queries also see ``text_keys`` text rows; the text rows left unwritten (NaN)."""
+    n = math.prod(canvas)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=torch.arange(n), scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=dtype)
+    err = max_error(out[:, :n], ref)
+    assert err <= error_bound(max_error(base, ref), dtype, ref), (err, max_error(base, ref))
+    assert torch.isnan(out[:, n:]).all()
+    if lse is not None:
+        assert max_error(lse[:, :, :n], ref_lse) <= 1e-3
+        assert torch.isnan(lse[:, :, n:]).all()
+
+
+SMALL = [
+    # canvas, tile, per-head windows (tiles), heads, kv heads: one key block per query block
+    # up to whole-grid windows, tiles of one, two and three 128-row blocks, 4x8 planes
+    ((2, 8, 8), (2, 8, 8), [(1, 1, 1)], 1, 1),
+    ((6, 16, 16), (6, 8, 8), [(1, 1, 1), (1, 2, 2)], 2, 2),
+    ((4, 16, 24), (2, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 2), (9, 9, 9)], 4, 2),
+    ((8, 24, 16), (4, 8, 8), [(3, 3, 3), (1, 3, 1), (2, 1, 2), (2, 2, 2)], 4, 1),
+    ((12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)], 4, 4),
+    ((8, 8, 16), (4, 4, 8), [(2, 1, 1), (1, 2, 2), (1, 1, 1), (2, 2, 2)], 4, 2),
+]
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+@pytest.mark.parametrize("case", range(len(SMALL)))
+@pytest.mark.parametrize("dtype, batch", [(torch.bfloat16, 1), (torch.float16, 2)])
+def test_small_shapes(kernel, case, dtype, batch):
+    canvas, tile, windows, n_heads, n_kv = SMALL[case]
+    q, k, v, out, lse = run(kernel, canvas, tile, windows, n_heads, n_kv, dtype, batch=batch, seed=3 * case + batch,
+                            lse=True)
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, dtype=dtype)
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+@pytest.mark.parametrize("case", range(len(SMALL)))
+def test_tiled_order(kernel, case):
+    """The same problems in tiled order (tile by tile, as ``to_tiled`` lays them): 3-D row
+    boxes throughout, text keys, log-sum-exp."""
+    canvas, tile, windows, n_heads, n_kv = SMALL[case]
+    q, k, v, out, lse = run(kernel, canvas, tile, windows, n_heads, n_kv, text=40, seed=21, lse=True, text_keys=33,
+                            order="tiled")
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=33)
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+@pytest.mark.parametrize("text_keys", [1, 77, 128, 200, 256])
+def test_text_keys(kernel, text_keys):
+    """Video queries also attend the first ``text_keys`` text rows: a partial text block is
+    masked, 128 is one whole block; with 200 text rows the last block reaches past the
+    tensor (the copy engine fills zeros, the mask drops them); 256 rows for 256 keys."""
+    canvas, tile, windows = (12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
+    text = 256 if text_keys == 256 else 200
+    q, k, v, out, lse = run(kernel, canvas, tile, windows, 4, 2, text=text, text_keys=text_keys, seed=7, lse=True)
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=text_keys)
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+def test_strided_views(kernel):
+    """q/k/v as head slices of wider tensors (row strides larger than heads * 128)."""
+    canvas, tile, windows = (4, 16, 24), (2, 8, 8), [(2, 1, 3), (1, 2, 2)]
+    S = math.prod(canvas) + 40
+    wide = randn((1, S, 6, 128), torch.bfloat16, 13)
+    q, k, v = wide[:, :, 0:2], wide[:, :, 2:4], wide[:, :, 4:6]
+    out = torch.full_like(wide, float("nan"))[:, :, 0:2]  # the kernel writes with q's strides
+    launcher(kernel)(q, k, v, head_table(windows, canvas, tile, 2, 2), out, canvas=canvas, tile=tile,
+                     scale=128**-0.5, text_keys=33)
+    torch.cuda.synchronize()
+    assert_video_rows_match(q, k, v, out, None, canvas, tile, windows, text_keys=33)
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+@pytest.mark.parametrize("order", ["natural", "tiled"])
+@pytest.mark.parametrize("windows, n_kv", [([(3, 3, 3)] * 24, 24),
+                                           ([(3, 3, 3)] * 8 + [(5, 6, 10)] * 4 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4
+                                            + [(1, 1, 1)] * 4, 24),
+                                           ([(3, 3, 3)] * 12 + [(1, 6, 10)] * 12, 4)])
+def test_hunyuan_shape(kernel, order, windows, n_kv):
+    """HunyuanVideo's canvas, sampled rows against the reference (text queries, which the
+    launch leaves at the 0 fill, count as the route's)."""
+    q, k, v, out, _ = run(kernel, HUNYUAN, TILE, windows, 24, n_kv, text=256, seed=5, fill=0.0, order=order)
+    check = sampled_check(q, k, v, out, canvas=HUNYUAN, tile=TILE, window=windows, text_length=0)
+    assert check["ok"], check
+
+
+@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
+@pytest.mark.parametrize("text_keys, dtype", [(0, torch.bfloat16), (77, torch.bfloat16), (77, torch.float16)])
+def test_packed_box_and_halo(kernel, text_keys, dtype):
+    """Packed tiles placed by tables (a tile-mode rank's box and halo): the box's rows
+    against the reference on the natural tensors, with text keys and log-sum-exp; rows the
+    kernel does not own (text queries) left unwritten."""
+    canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
+    (q, k, v), local, layout, box_rows = box_and_halo(canvas, tile, text=96, seed=31)
+    (q, k, v), (ql, kl, vl) = ((x.to(dtype) for x in (q, k, v)), (x.to(dtype) for x in local))
+    out = torch.full_like(ql, float("nan"))
+    lse = torch.full((1, 4, ql.shape[1]), float("nan"), device="cuda")
+    launcher(kernel)(ql, kl, vl, head_table(windows, canvas, tile, 4, 4), out, canvas=canvas, tile=tile,
+                     scale=128**-0.5, text_keys=text_keys, order="packed", tables=packed_tables(layout, q.device),
+                     lse=lse)
+    torch.cuda.synchronize()
+    n_box = len(box_rows)
+    kw = dict(canvas=canvas, tile=tile, window=windows, text_length=text_keys, rows=box_rows.cpu(), scale=128**-0.5)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=dtype)
+    err = max_error(out[:, :n_box], ref)
+    assert err <= error_bound(max_error(base, ref), dtype, ref), (err, max_error(base, ref))
+    assert max_error(lse[:, :, :n_box], ref_lse) <= 1e-3
+    assert torch.isnan(out[:, n_box:]).all() and torch.isnan(lse[:, :, n_box:]).all()
+
+
+def test_cuda_refuses_what_its_rule_refuses():
+    """The launcher refuses what the route's rule refuses, with the rule's reason."""
+    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
+    from sta_dist.route import Call, Device, cuda_rule
+
+    canvas, tile = (4, 16, 24), (2, 8, 8)
+    q = randn((1, math.prod(canvas), 2, 128), torch.bfloat16, 0)
+
+    def reason(x=q, tile=tile, text_keys=0, order="natural"):
+        return cuda_rule(Call.of(x, x, x, canvas, tile, order, text_keys=text_keys), Device.hopper())
+
+    assert reason() is None and reason(q.half()) is None
+    assert "bfloat16 and float16" in reason(q.float())
+    assert "blocks of 128 rows" in reason(tile=(1, 8, 8)) and "blocks of 128 rows" in reason(tile=(2, 4, 4))
+    assert "text keys" in reason(text_keys=1)  # no text rows to attend
+    assert "tokens here are other" in reason(order="other")
+    with pytest.raises(ValueError, match="unsupported call: the kernel is built for bfloat16 and float16"):
+        sta_fwd_cuda(q.float(), q.float(), q.float(), head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q.float(),
+                     canvas=canvas, tile=tile, scale=1.0)
+    with pytest.raises(ValueError, match="order='packed' needs tables"):
+        sta_fwd_cuda(q, q, q, head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q, canvas=canvas, tile=tile,
+                     scale=1.0, order="packed")
