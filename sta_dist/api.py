@@ -51,8 +51,8 @@ def sliding_tile_attention(
     (see :func:`to_tiled`); the output comes back in the input's order.
 
     ``backend``: ``"auto"`` (the fastest kernel that can run the call: on Hopper the CUDA
-    or Gluon kernel, elsewhere on a GPU the Triton kernel, off a GPU the torch backend),
-    or one of ``"cuda"``, ``"gluon"``, ``"triton"``, ``"torch"`` (refused with the reason if
+    kernel, elsewhere on a GPU the Triton kernel, off a GPU the torch backend),
+    or one of ``"cuda"``, ``"triton"``, ``"torch"`` (refused with the reason if
     it cannot run the call). :func:`sta_dist.dispatch.call_route` says which runs and why.
 
     ``select`` adds key tiles chosen from the data to each query tile's window:

@@ -12,6 +12,8 @@ import importlib.resources
 import sys
 from typing import Optional, Sequence
 
+from .route import BACKENDS
+
 USAGE_ERROR, JOB_FAILED = 2, 1
 
 
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                     **dict(triple, nargs=2))
     dr.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
     dr.add_argument("--layer", type=nonnegative_int, default=0)
-    dr.add_argument("--backend", default="auto", choices=["auto", "cuda", "gluon", "triton", "torch"])
+    dr.add_argument("--backend", default="auto", choices=list(BACKENDS))
     dr.add_argument("--assume-gpu", default=None, choices=["h100"],
                     help="route as on this GPU (with triton and nvcc) instead of this machine")
     dr.set_defaults(func=_doctor)

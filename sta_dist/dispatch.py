@@ -44,17 +44,12 @@ def _device_facts(device: torch.device, cuda_build_error, interpreted: bool) -> 
     if device.type != "cuda":
         return Device(device.type, None, triton)
     capability = torch.cuda.get_device_capability(device)
-    gluon = cuda_library = None
+    cuda_library = None
     if capability[0] == 9:
-        try:
-            from .kernels import sta_fwd_gluon  # noqa: F401
-        except ImportError as err:
-            gluon = f"cannot be imported: {err}"
         from .kernels import sta_fwd_cuda
 
-        cuda_library = cuda_build_error or (None if sta_fwd_cuda.nvcc() else
-                                            "needs nvcc to build (set STA_DIST_NVCC, or put nvcc on the PATH)")
-    return Device("cuda", capability, triton, gluon, cuda_library)
+        cuda_library = cuda_build_error or sta_fwd_cuda.missing()
+    return Device("cuda", capability, triton, cuda_library)
 
 
 def describe(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -136,7 +131,7 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
 def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
             scale: float, return_lse: bool = False, keys=None, config: dict | None = None):
     """Run route ``r``: SDPA for its dense heads, its video kernel for the other heads'
-    video rows and, beside a Hopper kernel, its text kernel for their text rows on a
+    video rows and, beside the CUDA kernel, its text kernel for their text rows on a
     second stream (the caller's stream waits for it before the result is returned)."""
     if r.video == "torch":
         return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
@@ -167,7 +162,7 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)
-    calls.hopper(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, kernel=r.video)
+    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse)
     if r.text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out

@@ -28,7 +28,6 @@ def machine_lines(device: torch.device, facts: Device) -> list[str]:
     name = torch.cuda.get_device_name(device)
     return [f"this machine: {name} (sm_{facts.capability[0]}{facts.capability[1]})",
             f"  triton: {facts.triton or 'usable'}",
-            f"  gluon kernel: {facts.gluon or 'importable'}" if facts.capability[0] == 9 else "  gluon kernel: Hopper only",
             f"  cuda kernel: {facts.cuda_library or 'library built or buildable (nvcc found)'}"
             if facts.capability[0] == 9 else "  cuda kernel: Hopper only"]
 

@@ -1,5 +1,5 @@
 """How each kernel is called on one local problem (a :mod:`sta_dist.local` description):
-the device tables of a layout, the Triton, CUDA and Gluon launches, and SDPA for dense
+the device tables of a layout, the Triton and CUDA launches, and SDPA for dense
 heads and text queries. No decisions here: :mod:`sta_dist.route` decides which of these
 run, :mod:`sta_dist.dispatch` runs them.
 
@@ -161,17 +161,13 @@ def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text:
                    config=config, keys=keys, out=out, lse=lse, **triton_args(layout, text, facts, scale, return_lse))
 
 
-def hopper(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-           lse=None, kernel: str = "cuda"):
-    """A Hopper kernel (``"cuda"`` or ``"gluon"``): the video rows of ``out`` (and ``lse``)
-    for the heads of ``table``, reading natural order or packed tiles through the layout's
-    tables."""
-    if kernel == "cuda":
-        from .kernels.sta_fwd_cuda import sta_fwd_cuda as launch
-    else:
-        from .kernels.sta_fwd_gluon import sta_fwd_gluon as launch
+def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
+         lse=None):
+    """The CUDA kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
+    reading natural order or packed tiles through the layout's tables."""
+    from .kernels.sta_fwd_cuda import sta_fwd_cuda
 
     facts = layout_facts(layout, q_bshd.device)
-    return launch(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
-                  text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
-                  tables=facts.packed_tables, lse=lse)
+    return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
+                        text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
+                        tables=facts.packed_tables, lse=lse)

@@ -11,11 +11,10 @@ hand for any machine.
 
 Kernels, fastest first (``auto`` takes the first that can run the video queries):
 
-- ``cuda``: the hand-written Hopper kernel (``sta_dist/kernels/sta_fwd_cuda.cu``); whole canvas in
-  natural order, bf16, head dim 128, tiles ``(even, 8, 8)``; no log-sum-exp.
-- ``gluon``: the Gluon Hopper kernel (``sta_dist/kernels/sta_fwd_gluon.py``); natural order or
-  whole tiles placed by tables (a head-mode rank, a tile-mode rank's box and halo), bf16
-  or fp16, head dim 128; the log-sum-exp too.
+- ``cuda``: the hand-written Hopper kernel (``sta_dist/kernels/sta_fwd_cuda.cu``); the whole
+  canvas in natural order or whole tiles placed by tables (tiled order, a head-mode rank,
+  a tile-mode rank's box and halo), in blocks of 128 rows; bf16 or fp16, head dim 128; the
+  log-sum-exp too. Built with ``nvcc`` on first use.
 - ``triton``: the portable Triton kernel (``sta_dist/kernels/sta_fwd.py``); every case, on any
   CUDA GPU, and on a CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``torch``: the torch backend (``torch_backend.py``); every case, any device.
@@ -23,7 +22,7 @@ Kernels, fastest first (``auto`` takes the first that can run the video queries)
 With ``auto`` on a GPU, heads whose window covers the whole grid go to SDPA (cuDNN) when
 the call is complete and asks no log-sum-exp, unless the CUDA kernel takes the call (it
 is faster on them too); text query rows go to SDPA when they are plain dense attention,
-else to a Triton launch with no video query tiles, beside the Hopper kernel's launch.
+else to a Triton launch with no video query tiles, beside the CUDA kernel's launch.
 An explicit kernel takes every head's video rows (``triton`` and ``torch``: the text rows
 too).
 """
@@ -36,13 +35,13 @@ from typing import Optional
 
 from .kernels.descriptors import bulk_copy_layout_ok
 
-KERNELS = ("cuda", "gluon", "triton", "torch")
+KERNELS = ("cuda", "triton", "torch")
 """Every kernel, fastest first."""
 BACKENDS = ("auto",) + KERNELS
 HOPPER_HEAD_DIM = 128
-"""The one head dim the Hopper kernels are built for."""
+"""The one head dim the CUDA kernel is built for."""
 HOPPER_BLOCK = 128
-"""Rows of one query or key block of the Hopper kernels."""
+"""Rows of one query or key block of the CUDA kernel."""
 
 Triple = tuple[int, int, int]
 
@@ -58,8 +57,6 @@ class Device:
     triton: Optional[str] = None
     """Why the Triton kernel cannot run here (no triton, a CPU without the interpreter);
     ``None``: it can."""
-    gluon: Optional[str] = None
-    """Why the Gluon kernel cannot be imported here; ``None``: it can."""
     cuda_library: Optional[str] = None
     """Why the CUDA kernel's library cannot load (no nvcc, a failed build); ``None``: it
     is loaded or will be built on first use."""
@@ -136,7 +133,8 @@ def _hopper(device: Device) -> Optional[str]:
 
 
 def _common(call: Call) -> Optional[str]:
-    """What both Hopper kernels need."""
+    """What the CUDA kernel's program reads: windows, head dim 128, whole tiles, rows the
+    copy engine can read."""
     if call.table:
         return "takes windows only, not per-query-tile key lists (selected tiles, window_rule='clipped')"
     if call.head_dim != HOPPER_HEAD_DIM:
@@ -148,9 +146,9 @@ def _common(call: Call) -> Optional[str]:
     return None
 
 
-def _hopper_call(call: Call) -> Optional[str]:
-    """What the Hopper kernels' launches can read: the natural canvas or packed whole
-    tiles, in blocks of 128 rows, bf16 or fp16, and the text keys after the video keys."""
+def _blocks(call: Call) -> Optional[str]:
+    """What the CUDA kernel's copies can read: the natural canvas or packed whole tiles, in
+    blocks of 128 rows, bf16 or fp16, and the text keys after the video keys."""
     tt, th, tw = call.tile
     plane = th * tw
     if call.order == "natural":
@@ -169,12 +167,7 @@ def _hopper_call(call: Call) -> Optional[str]:
 
 def cuda_rule(call: Call, device: Device) -> Optional[str]:
     """Why the CUDA kernel cannot take the call's video queries; ``None``: it can."""
-    return _hopper(device) or device.cuda_library or _common(call) or _hopper_call(call)
-
-
-def gluon_rule(call: Call, device: Device) -> Optional[str]:
-    """Why the Gluon kernel cannot take the call's video queries; ``None``: it can."""
-    return _hopper(device) or device.gluon or _common(call) or _hopper_call(call)
+    return _hopper(device) or device.cuda_library or _common(call) or _blocks(call)
 
 
 def triton_rule(call: Call, device: Device) -> Optional[str]:
@@ -191,7 +184,7 @@ def torch_rule(call: Call, device: Device) -> Optional[str]:
     return None
 
 
-RULES = {"cuda": cuda_rule, "gluon": gluon_rule, "triton": triton_rule, "torch": torch_rule}
+RULES = {"cuda": cuda_rule, "triton": triton_rule, "torch": torch_rule}
 
 
 def can_run(kernel: str, call: Call, device: Device, raise_error: bool = False) -> bool:
@@ -211,7 +204,7 @@ class Route:
     """The kernel for the video query rows of every head not in ``dense`` (``None``: no
     such head). ``"triton"`` and ``"torch"`` take that whole call, text rows too."""
     text: Optional[str] = None
-    """Beside a Hopper kernel: ``"sdpa"`` or ``"triton"`` (a launch with no video query
+    """Beside the CUDA kernel: ``"sdpa"`` or ``"triton"`` (a launch with no video query
     tiles) for the text query rows; ``None`` otherwise."""
     dense: tuple[int, ...] = ()
     """Heads SDPA (cuDNN) runs whole: their window covers the grid."""
@@ -247,7 +240,7 @@ def route(call: Call, device: Device, backend: str = "auto") -> Route:
         return Route(backend, _text(call, backend))
     declined = []
     if device.type != "cuda":
-        declined = [(k, RULES[k](call, device) or "") for k in ("cuda", "gluon")]
+        declined = [("cuda", cuda_rule(call, device) or "")]
         declined.append(("triton", device.triton or "off a GPU auto takes the torch backend (the interpreter is for tests)"))
         return Route("torch", declined=tuple(declined))
     for kernel in KERNELS:
@@ -262,7 +255,7 @@ def route(call: Call, device: Device, backend: str = "auto") -> Route:
 
 
 def _text(call: Call, kernel: str) -> Optional[str]:
-    """Who takes the text query rows beside a Hopper kernel's video launch."""
+    """Who takes the text query rows beside the CUDA kernel's video launch."""
     if kernel in ("triton", "torch") or not call.q_text:
         return None
     return "sdpa" if call.text_dense and not call.return_lse else "triton"

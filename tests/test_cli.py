@@ -173,7 +173,7 @@ def test_a_config_given_by_path(capsys, tmp_path):
     assert "windows at step 2, layer 0: [(1, 2, 2)]" in capsys.readouterr().out
 
 
-def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys):
+def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     """``sta-dist doctor`` shows, per rank, the route :func:`sta_dist.route.route` gives the
     rank's local call (here as on an H100), and refuses a kernel that cannot take it."""
     from sta_dist.dispatch import layout_call
@@ -193,6 +193,9 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys):
     merge = len(sched.tile_group) > 1 and cfg.text_valid > 0
     expected = route(layout_call(sched.layout, sched.heads, text, cfg.dtype, cfg.head_dim, merge), Device.hopper())
     assert f"every rank: {sched.mode}: {expected.describe()}" in printed
-    assert cli.main(["doctor", "--assume-gpu", "h100", "--backend", "cuda", "--world-size", "2", "--mode", "tile"]) == 0
-    assert "refused: backend='cuda' cannot run this call: the cuda kernel reads the whole canvas in natural order" \
+    path = tmp_path / "tile3.json"  # 3x8x8 tiles: 192 rows, no 128-row blocks
+    spec = json.loads(open(cli.packaged("hunyuan_720p.json")).read())
+    path.write_text(json.dumps(dict(spec, tile=[3, 8, 8])))
+    assert cli.main(["doctor", "--assume-gpu", "h100", "--backend", "cuda", "--config", str(path)]) == 0
+    assert "refused: backend='cuda' cannot run this call: the cuda kernel reads blocks of 128 rows: tile=(3, 8, 8)" \
         in capsys.readouterr().out

@@ -22,13 +22,33 @@ def fresh(monkeypatch, tmp_path):
     sta_fwd_cuda._errors.clear()
 
 
-def test_no_compiler(fresh, monkeypatch):
+def no_compiler(fresh, monkeypatch):
     monkeypatch.delenv("STA_DIST_NVCC", raising=False)
     monkeypatch.setenv("CUDA_HOME", str(fresh / "no-cuda"))
     monkeypatch.setattr(sta_fwd_cuda.shutil, "which", lambda name: None)
+
+
+def test_no_compiler_and_nothing_prebuilt(fresh, monkeypatch):
+    no_compiler(fresh, monkeypatch)
     assert sta_fwd_cuda.nvcc() is None
     assert sta_fwd_cuda.library() is None and not sta_fwd_cuda.available()
-    assert "no nvcc" in sta_fwd_cuda.build_error()
+    assert sta_fwd_cuda.build_error() == sta_fwd_cuda.missing()
+    assert "needs nvcc to build" in sta_fwd_cuda.missing() and "python -m sta_dist.kernels.sta_fwd_cuda" in \
+        sta_fwd_cuda.missing()
+
+
+def test_without_a_compiler_a_library_built_ahead_for_this_source_is_loaded(fresh, monkeypatch):
+    """The loader tries the prebuilt file of this source (any compiler), not another
+    source's: a file that is no library fails to load with the path named."""
+    no_compiler(fresh, monkeypatch)
+    (fresh / "cuda").mkdir()
+    (fresh / "cuda" / "sta_fwd_cuda_0123456789abcdef_00000000.so").write_bytes(b"other source")
+    assert sta_fwd_cuda.prebuilt() is None and sta_fwd_cuda.missing() is not None
+    mine = fresh / "cuda" / f"sta_fwd_cuda_{sta_fwd_cuda.source_key()}_00000000.so"
+    mine.write_bytes(b"not a library")
+    assert sta_fwd_cuda.prebuilt() == mine and sta_fwd_cuda.missing() is None
+    assert sta_fwd_cuda.library() is None
+    assert sta_fwd_cuda.build_error().startswith(f"loading {mine} failed")
 
 
 def test_failing_compiler(fresh, monkeypatch):
@@ -59,3 +79,15 @@ def test_real_build_is_cached(fresh):
     stamp = os.stat(first).st_mtime_ns
     assert sta_fwd_cuda.build(compiler) == first and os.stat(first).st_mtime_ns == stamp
     assert sta_fwd_cuda.library() is not None  # loads without a GPU (the launch needs one)
+    assert sta_fwd_cuda.prebuilt() == first  # what a machine without nvcc would load
+
+
+@pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
+def test_build_ahead_of_time_from_the_command_line(fresh):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sta_dist.kernels.sta_fwd_cuda"], capture_output=True, text=True,
+                          env=dict(os.environ, STA_DIST_CACHE=str(fresh)), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sta_fwd_cuda.prebuilt())

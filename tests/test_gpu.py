@@ -82,8 +82,7 @@ def test_hopper_route():
     """On Hopper the CUDA kernel takes the whole canvas in natural order and in tiled order
     (as "packed" tiles), whole-grid heads included (it is faster than cuDNN there too), with
     and without the log-sum-exp; text queries go to SDPA, or with a log-sum-exp to the
-    Triton kernel alone; asked for, the Gluon kernel takes natural order too. The route is
-    the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled check, and
+    Triton kernel alone; asked for by name, it takes the same call. The route is the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled check, and
     it agrees with the Triton kernel."""
     from sta_dist.dispatch import call_route, run_local
     from sta_dist.kernels import sta_fwd_cuda
@@ -93,14 +92,13 @@ def test_hopper_route():
     windows = [(3, 3, 5), (3, 1, 10), (1, 6, 10), (3, 6, 10), (2, 2, 2), (3, 6, 10)]
     heads = LocalHeads.build(windows, LocalLayout.natural(WAN, TILE, 0).grid, 6)
     for order, text_len, text_valid, backend in (("natural", 0, 0, "auto"), ("natural", 256, 200, "auto"),
-                                                 ("natural", 256, 200, "gluon"), ("tiled", 256, 200, "auto")):
+                                                 ("natural", 256, 200, "cuda"), ("tiled", 256, 200, "auto")):
         q, k, v = (randn((1, 18 * 48 * 80 + text_len, 6, 128), seed=i) for i in range(3))
         layout = getattr(LocalLayout, order)(WAN, TILE, text_len)
         tensors = (q, k, v) if order == "natural" else tuple(sta_dist.to_tiled(x, WAN, TILE) for x in (q, k, v))
         args = (*tensors, layout, heads, LocalText.single(text_valid))
         route = call_route(*args, backend=backend)
-        assert route.video == ("cuda" if backend == "auto" else "gluon"), route
-        assert route.dense == (), route
+        assert route.video == "cuda" and route.dense == (), route
         assert route.text == ("sdpa" if text_len else None), route
         out = run_local(*args, 128**-0.5, backend=backend)
         natural_out = out if order == "natural" else sta_dist.to_natural(out, WAN, TILE)

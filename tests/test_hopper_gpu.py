@@ -1,5 +1,5 @@
-"""GPU-only (Hopper, capability 9): the Hopper kernels (``sta_dist/kernels/sta_fwd_cuda.cu``,
-and the Gluon kernel while it is in the tree) against the dense float64 reference, on
+"""GPU-only (Hopper, capability 9): the CUDA kernel (``sta_dist/kernels/sta_fwd_cuda.cu``)
+against the dense float64 reference, on
 whole-tile canvases in natural order and in packed tiles (the whole canvas in tiled order,
 a tile-mode rank's box and halo), bf16 and fp16, with the log-sum-exp, GQA, batch and
 text keys. Text query rows are the route's other kernels': the launch leaves them (and
@@ -26,22 +26,17 @@ cuda_hopper = pytest.mark.skipif(
 pytestmark = [cuda_hopper, pytest.mark.gpu, pytest.mark.timeout(120, method="thread")]
 
 HUNYUAN, TILE = (30, 48, 80), (6, 8, 8)
-HOPPER_KERNELS = ("cuda", "gluon")
 
 
-def launcher(kernel):
-    if kernel == "cuda":
-        from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
+def launch(*args, **kwargs):
+    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
 
-        return sta_fwd_cuda
-    from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
-
-    return sta_fwd_gluon
+    return sta_fwd_cuda(*args, **kwargs)
 
 
-def run(kernel, canvas, tile, windows, n_heads, n_kv, dtype=torch.bfloat16, text=16, batch=1, seed=0, lse=False,
+def run(canvas, tile, windows, n_heads, n_kv, dtype=torch.bfloat16, text=16, batch=1, seed=0, lse=False,
         fill=float("nan"), text_keys=0, order="natural"):
-    """Run ``kernel``; ``out`` (and ``lse``) start as ``fill`` (NaN shows rows it did not
+    """Run the kernel; ``out`` (and ``lse``) start as ``fill`` (NaN shows rows it did not
     write). ``text`` rows follow the canvas; video queries attend the first ``text_keys``.
     With ``order="tiled"`` the kernel gets tiled copies as packed tiles (the tables of the
     tiled layout) and ``out`` and ``lse`` come back in natural order."""
@@ -54,7 +49,7 @@ def run(kernel, canvas, tile, windows, n_heads, n_kv, dtype=torch.bfloat16, text
     tiled = order == "tiled"
     args = tuple(sta_dist.to_tiled(x, canvas, tile) for x in (q, k, v)) if tiled else (q, k, v)
     tables = packed_tables(LocalLayout.tiled(canvas, tile, text), q.device) if tiled else None
-    launcher(kernel)(*args, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
+    launch(*args, head_table(windows, canvas, tile, n_heads, n_kv), out, canvas=canvas, tile=tile,
                      scale=128**-0.5, lse=lse_t, text_keys=text_keys, order="packed" if tiled else order,
                      tables=tables)
     torch.cuda.synchronize()
@@ -91,70 +86,64 @@ SMALL = [
 ]
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
 @pytest.mark.parametrize("case", range(len(SMALL)))
 @pytest.mark.parametrize("dtype, batch", [(torch.bfloat16, 1), (torch.float16, 2)])
-def test_small_shapes(kernel, case, dtype, batch):
+def test_small_shapes(case, dtype, batch):
     canvas, tile, windows, n_heads, n_kv = SMALL[case]
-    q, k, v, out, lse = run(kernel, canvas, tile, windows, n_heads, n_kv, dtype, batch=batch, seed=3 * case + batch,
+    q, k, v, out, lse = run(canvas, tile, windows, n_heads, n_kv, dtype, batch=batch, seed=3 * case + batch,
                             lse=True)
     assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, dtype=dtype)
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
 @pytest.mark.parametrize("case", range(len(SMALL)))
-def test_tiled_order(kernel, case):
+def test_tiled_order(case):
     """The same problems in tiled order (tile by tile, as ``to_tiled`` lays them): 3-D row
     boxes throughout, text keys, log-sum-exp."""
     canvas, tile, windows, n_heads, n_kv = SMALL[case]
-    q, k, v, out, lse = run(kernel, canvas, tile, windows, n_heads, n_kv, text=40, seed=21, lse=True, text_keys=33,
+    q, k, v, out, lse = run(canvas, tile, windows, n_heads, n_kv, text=40, seed=21, lse=True, text_keys=33,
                             order="tiled")
     assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=33)
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
 @pytest.mark.parametrize("text_keys", [1, 77, 128, 200, 256])
-def test_text_keys(kernel, text_keys):
+def test_text_keys(text_keys):
     """Video queries also attend the first ``text_keys`` text rows: a partial text block is
     masked, 128 is one whole block; with 200 text rows the last block reaches past the
     tensor (the copy engine fills zeros, the mask drops them); 256 rows for 256 keys."""
     canvas, tile, windows = (12, 16, 24), (6, 8, 8), [(1, 1, 1), (2, 2, 3), (3, 1, 2), (9, 9, 9)]
     text = 256 if text_keys == 256 else 200
-    q, k, v, out, lse = run(kernel, canvas, tile, windows, 4, 2, text=text, text_keys=text_keys, seed=7, lse=True)
+    q, k, v, out, lse = run(canvas, tile, windows, 4, 2, text=text, text_keys=text_keys, seed=7, lse=True)
     assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, text_keys=text_keys)
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
-def test_strided_views(kernel):
+def test_strided_views():
     """q/k/v as head slices of wider tensors (row strides larger than heads * 128)."""
     canvas, tile, windows = (4, 16, 24), (2, 8, 8), [(2, 1, 3), (1, 2, 2)]
     S = math.prod(canvas) + 40
     wide = randn((1, S, 6, 128), torch.bfloat16, 13)
     q, k, v = wide[:, :, 0:2], wide[:, :, 2:4], wide[:, :, 4:6]
     out = torch.full_like(wide, float("nan"))[:, :, 0:2]  # the kernel writes with q's strides
-    launcher(kernel)(q, k, v, head_table(windows, canvas, tile, 2, 2), out, canvas=canvas, tile=tile,
+    launch(q, k, v, head_table(windows, canvas, tile, 2, 2), out, canvas=canvas, tile=tile,
                      scale=128**-0.5, text_keys=33)
     torch.cuda.synchronize()
     assert_video_rows_match(q, k, v, out, None, canvas, tile, windows, text_keys=33)
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
 @pytest.mark.parametrize("order", ["natural", "tiled"])
 @pytest.mark.parametrize("windows, n_kv", [([(3, 3, 3)] * 24, 24),
                                            ([(3, 3, 3)] * 8 + [(5, 6, 10)] * 4 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4
                                             + [(1, 1, 1)] * 4, 24),
                                            ([(3, 3, 3)] * 12 + [(1, 6, 10)] * 12, 4)])
-def test_hunyuan_shape(kernel, order, windows, n_kv):
+def test_hunyuan_shape(order, windows, n_kv):
     """HunyuanVideo's canvas, sampled rows against the reference (text queries, which the
     launch leaves at the 0 fill, count as the route's)."""
-    q, k, v, out, _ = run(kernel, HUNYUAN, TILE, windows, 24, n_kv, text=256, seed=5, fill=0.0, order=order)
+    q, k, v, out, _ = run(HUNYUAN, TILE, windows, 24, n_kv, text=256, seed=5, fill=0.0, order=order)
     check = sampled_check(q, k, v, out, canvas=HUNYUAN, tile=TILE, window=windows, text_length=0)
     assert check["ok"], check
 
 
-@pytest.mark.parametrize("kernel", HOPPER_KERNELS)
 @pytest.mark.parametrize("text_keys, dtype", [(0, torch.bfloat16), (77, torch.bfloat16), (77, torch.float16)])
-def test_packed_box_and_halo(kernel, text_keys, dtype):
+def test_packed_box_and_halo(text_keys, dtype):
     """Packed tiles placed by tables (a tile-mode rank's box and halo): the box's rows
     against the reference on the natural tensors, with text keys and log-sum-exp; rows the
     kernel does not own (text queries) left unwritten."""
@@ -163,7 +152,7 @@ def test_packed_box_and_halo(kernel, text_keys, dtype):
     (q, k, v), (ql, kl, vl) = ((x.to(dtype) for x in (q, k, v)), (x.to(dtype) for x in local))
     out = torch.full_like(ql, float("nan"))
     lse = torch.full((1, 4, ql.shape[1]), float("nan"), device="cuda")
-    launcher(kernel)(ql, kl, vl, head_table(windows, canvas, tile, 4, 4), out, canvas=canvas, tile=tile,
+    launch(ql, kl, vl, head_table(windows, canvas, tile, 4, 4), out, canvas=canvas, tile=tile,
                      scale=128**-0.5, text_keys=text_keys, order="packed", tables=packed_tables(layout, q.device),
                      lse=lse)
     torch.cuda.synchronize()

@@ -30,33 +30,35 @@ def test_hopper_natural_order_takes_the_cuda_kernel_whole_canvas_heads_included(
     assert r.describe() == "video: cuda, text queries: sdpa"
 
 
-def test_a_log_sum_exp_takes_the_gluon_kernel_and_says_why_not_cuda():
+def test_a_log_sum_exp_takes_the_cuda_kernel_and_the_text_queries_the_triton_kernel():
     r = route(hunyuan_call(return_lse=True), HOPPER)
-    assert (r.video, r.text, r.dense) == ("gluon", "triton", ())
-    assert r.declined == (("cuda", "does not return the log-sum-exp (a call whose partial results are merged "
-                                   "needs it)"),)
+    assert r == Route("cuda", "triton", (), ())
 
 
-def test_a_tile_rank_box_is_packed_for_gluon_and_whole_grid_heads_go_to_sdpa():
+def test_a_tile_rank_box_is_packed_tiles_for_the_cuda_kernel():
     r = route(hunyuan_call(order="packed"), HOPPER)
-    assert (r.video, r.text, r.dense) == ("gluon", "sdpa", (1, 3))
-    assert dict(r.declined)["cuda"] == "reads the whole canvas in natural order, the tokens here are packed"
-    assert "heads 1, 3: sdpa (whole grid), other heads: gluon" in r.describe()
+    assert r == Route("cuda", "sdpa", (), ())
+    assert route(hunyuan_call(order="packed", tile=(2, 8, 8)), HOPPER).video == "cuda"
+    assert dict(route(hunyuan_call(order="packed", tile=(3, 8, 8)), HOPPER).declined)["cuda"] == (
+        "reads blocks of 128 rows: tile=(3, 8, 8) does not split into them in packed order")  # 192 rows
 
 
-def test_every_head_dense_is_sdpa_alone():
-    r = route(hunyuan_call(order="packed", dense_heads=(0, 1, 2, 3)), HOPPER)
+def test_whole_grid_heads_go_to_sdpa_beside_the_triton_kernel_and_alone():
+    r = route(hunyuan_call(order="other"), HOPPER)
+    assert (r.video, r.dense) == ("triton", (1, 3))
+    assert "heads 1, 3: sdpa (whole grid), other heads: triton" in r.describe()
+    r = route(hunyuan_call(order="other", dense_heads=(0, 1, 2, 3)), HOPPER)
     assert (r.video, r.dense) == (None, (0, 1, 2, 3))
 
 
 @pytest.mark.parametrize("change, reasons", [
-    (dict(dtype="float32"), dict(cuda="is built for bfloat16, got dtype=float32",
-                                 gluon="is built for bfloat16 and float16, got dtype=float32")),
-    (dict(head_dim=64), dict(cuda="is built for head dim 128, got head_dim=64",
-                             gluon="is built for head dim 128, got head_dim=64")),
+    (dict(dtype="float32"), dict(cuda="is built for bfloat16 and float16, got dtype=float32")),
+    (dict(head_dim=64), dict(cuda="is built for head dim 128, got head_dim=64")),
     (dict(canvas=(17, 48, 80)), dict(cuda="needs whole tiles: canvas=(17, 48, 80) does not divide by tile=(6, 8, 8)")),
-    (dict(order="other"), dict(gluon="reads the natural canvas or whole tiles of consecutive rows, the tokens here "
-                                     "are other")),
+    (dict(order="other"), dict(cuda="reads the natural canvas or whole tiles of consecutive rows, the tokens here "
+                                    "are other")),
+    (dict(tile=(1, 8, 8), canvas=(18, 48, 80)), dict(cuda="reads blocks of 128 rows: tile=(1, 8, 8) does not split "
+                                                          "into them in natural order")),
     (dict(bulk_copy=False), dict(cuda="reads rows through the copy engine: heads must be adjacent and row strides "
                                       "16-byte multiples")),
     (dict(table=True), dict(cuda="takes windows only, not per-query-tile key lists (selected tiles, "
@@ -66,7 +68,7 @@ def test_what_keeps_a_call_on_the_triton_kernel(change, reasons):
     r = route(hunyuan_call(**change), HOPPER)
     assert r.video == "triton" and r.text is None
     assert r.dense == (() if change.get("table") else (1, 3))
-    assert [k for k, _ in r.declined] == ["cuda", "gluon"]
+    assert [k for k, _ in r.declined] == ["cuda"]
     for kernel, reason in reasons.items():
         assert dict(r.declined)[kernel] == reason
 
@@ -75,10 +77,8 @@ def test_devices():
     assert route(hunyuan_call(), Device("cuda", (8, 0))).declined[0] == ("cuda", "needs Hopper (sm_90), this GPU is sm_80")
     no_nvcc = Device("cuda", (9, 0), cuda_library="needs nvcc to build (set STA_DIST_NVCC, or put nvcc on the PATH)")
     r = route(hunyuan_call(), no_nvcc)
-    assert r.video == "gluon" and dict(r.declined)["cuda"].startswith("needs nvcc")
-    no_gluon = dataclasses.replace(no_nvcc, gluon="cannot be imported: no module")
-    assert route(hunyuan_call(), no_gluon).video == "triton"
-    no_triton = dataclasses.replace(no_gluon, triton="needs the triton package: no module")
+    assert r.video == "triton" and dict(r.declined)["cuda"].startswith("needs nvcc")
+    no_triton = dataclasses.replace(no_nvcc, triton="needs the triton package: no module")
     assert route(hunyuan_call(), no_triton).video == "torch"
     r = route(hunyuan_call(), Device.cpu())
     assert r.video == "torch" and dict(r.declined)["cuda"] == "needs a CUDA GPU, the tensors are on cpu"
@@ -87,26 +87,26 @@ def test_devices():
 
 
 def test_an_explicit_kernel_is_taken_or_refused_with_its_reason():
-    assert route(hunyuan_call(), HOPPER, "gluon") == Route("gluon", "sdpa")
+    assert route(hunyuan_call(), HOPPER, "cuda") == Route("cuda", "sdpa")
     assert route(hunyuan_call(return_lse=True), HOPPER, "triton") == Route("triton")
     assert route(hunyuan_call(), Device.cpu(), "torch") == Route("torch")
-    with pytest.raises(ValueError, match=r"backend='cuda' cannot run this call: the cuda kernel does not return "
-                                         r"the log-sum-exp"):
-        route(hunyuan_call(return_lse=True), HOPPER, "cuda")
+    with pytest.raises(ValueError, match=r"backend='cuda' cannot run this call: the cuda kernel is built for "
+                                         r"bfloat16 and float16, got dtype=float32"):
+        route(hunyuan_call(dtype="float32"), HOPPER, "cuda")
     with pytest.raises(ValueError, match=r"backend='triton' cannot run this call: the triton kernel runs bfloat16 "
                                          r"wrongly under the CPU interpreter"):
         route(hunyuan_call(), Device.cpu(interpreter=True), "triton")
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'gluon', 'triton', 'torch'\), "
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cuda', 'triton', 'torch'\), "
                                          r"got backend='flash'"):
         route(hunyuan_call(), HOPPER, "flash")
-    assert not can_run("gluon", hunyuan_call(dtype="float32"), HOPPER)
+    assert not can_run("cuda", hunyuan_call(dtype="float32"), HOPPER)
 
 
 @pytest.mark.parametrize("order, text, lse, expected", [
     ("natural", LocalText.single(200), False, ("cuda", "sdpa", ())),
-    ("natural", LocalText.single(200), True, ("gluon", "triton", ())),
-    ("tiled", LocalText.single(200), False, ("gluon", "sdpa", (1, 3))),
-    ("tiled", LocalText(200, 200, 0), False, ("gluon", "triton", ())),  # text keys counted elsewhere: no SDPA
+    ("natural", LocalText.single(200), True, ("cuda", "triton", ())),
+    ("tiled", LocalText.single(200), False, ("cuda", "sdpa", ())),
+    ("tiled", LocalText(200, 200, 0), False, ("cuda", "triton", ())),  # text keys counted elsewhere: no SDPA
 ])
 def test_described_from_real_tensors(order, text, lse, expected):
     """``describe`` reads the tensors and the layout; the route is then Hopper's."""

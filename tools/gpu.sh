@@ -5,17 +5,16 @@
 #   kernel [bench args]  GPU tests, `sta-dist bench kernel`, first-call compile time (1 GPU)
 #   sweep                real-shape checks, the launch-config sweep, chosen cases, bench dist on one rank
 #   dist                 bench dist (every mode, with and without text) and the main job (NGPU, default 2)
-#   gluon [switch sets]  the Gluon kernel against the Triton kernel, then its GPU tests (Hopper)
-#   profile              Nsight Compute on one launch of the Triton and of the Gluon kernel
+#   profile              Nsight Compute on one launch of the Triton and of the CUDA kernel
 #   scale                the layer and the real strategy on 1, 2 and P GPUs (P = NGPU or all visible)
 #   diffusers            one diffusers denoising step, stock vs sta_dist, on 1 GPU then NGPU (default 2)
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
 #   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
-#   lanes                diffusers, fastvideo + GPU tests, selection side by side on 4 GPUs
+#   lanes                on 4 GPUs, two 2-GPU lanes: diffusers; the layer in every mode, then selection
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
-#   hopper [kernels]     the Hopper kernels' GPU tests, then tools/hopper_bench.py (default cuda,gluon)
+#   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
 set -uo pipefail
-JOBS="kernel sweep dist gluon profile scale diffusers fastvideo selection lanes route hopper"
+JOBS="kernel sweep dist profile scale diffusers fastvideo selection lanes route hopper"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -48,7 +47,7 @@ setup() {
 job_kernel() {
   setup
   if [ "${SKIP_TESTS:-0}" != 1 ]; then
-    timeout 500 python3 -m pytest -q -x tests/test_gpu.py tests/test_cuda_gpu.py tests/test_gluon_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
+    timeout 500 python3 -m pytest -q -x tests/test_gpu.py tests/test_hopper_gpu.py 2>&1 | tail -n 15 | tee "$OUT/gpu_tests.log"
   fi
   python3 -m sta_dist.cli bench kernel --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
   # First call at a new shape (compile, no autotuning) with empty and then warm on-disk
@@ -98,68 +97,35 @@ job_dist() {
   NGPU=$NG CONFIG=hunyuan_720p bash launch/torchrun.sh --start-step 20 --steps 1 --layers 6 2>&1 | grep -v Warn | tail -n 8
 }
 
-# One Gluon timing (tools/gluon_bench.py) in its own process under `timeout 90` (a deadlocked
-# config costs 90 s, not the call), appended to $OUT/bench_gluon.jsonl.
-gluon_case() {
-  local label=$1; shift
-  local line
-  line=$(timeout 90 python3 tools/gluon_bench.py "$@" 2>"$OUT/bench_err_${label}.log" | tail -n 1)
-  local rc=$?
-  [ -n "$line" ] && echo "$line" >>"$OUT/bench_gluon.jsonl" || echo "{\"impl\": \"$label\", \"error\": \"rc=$rc (124 = timeout 90 s)\"}" >>"$OUT/bench_gluon.jsonl"
-}
-
-# The Gluon kernel (sta_dist/kernels/sta_fwd_gluon.py), Hopper only: the Hunyuan timing of its default
-# and of the switch sets given as arguments (such as V_STAGES=3) against the Triton kernel,
-# then its GPU tests (each test has a 120 s pytest limit; the whole run 270 s).
-job_gluon() {
-  setup
-  : >"$OUT/bench_gluon.jsonl"
-  gluon_case triton --impl triton
-  gluon_case base --impl gluon --check
-  local variants=("$@")  # e.g. V_STAGES=3 (v13's switch sets TREE, EARLY_S, POLY are in git history: 7fbe99c)
-  local v
-  for v in "${variants[@]+"${variants[@]}"}"; do gluon_case "${v//[=,]/_}" --impl gluon --set "$v" --check; done
-  python3 - "$OUT/bench_gluon.jsonl" <<'PY'
-import json, sys
-print("| impl | ms | TFLOP/s | max diff vs triton |")
-print("|---|---|---|---|")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"| {r['impl']} | {r.get('ms', r.get('error'))} | {r.get('tflops', '')} | {r.get('max_diff_vs_triton', '')} |")
-PY
-  timeout 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_gluon_gpu.py 2>&1 | tee "$OUT/test_gluon.log" | tail -n 25
-  echo "pytest exit: ${PIPESTATUS[0]} (124 = the 270 s limit)"
-}
-
-# The Hopper kernels: their GPU tests and the route's (each test limited to 120 s), then
-# side by side on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
+# The CUDA kernel: its GPU tests and the route's (each test limited to 120 s), then beside
+# the other kernels on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
 # tile-mode rank's box and halo).
 job_hopper() {
   setup
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_gpu.py -k "hopper or route" \
     2>&1 | tee "$OUT/hopper_tests.log" | tail -n 25
   echo "pytest exit: ${PIPESTATUS[0]} (124 = the 330 s limit)"
-  timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,gluon}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench.log"
+  timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench.log"
 }
 
-# Nsight Compute on one launch of the Triton and of the Gluon kernel at the Hunyuan (3,3,3)
-# shape (tools/gluon_bench.py --no-time), clocks left free: headline metrics, then for the
-# Gluon kernel the stall reasons and the per-instruction stall samples of its SASS (CSV).
+# Nsight Compute on one launch of the Triton and of the CUDA kernel at the Hunyuan (3,3,3)
+# shape (tools/hopper_bench.py --once), clocks left free: headline metrics, then for the
+# CUDA kernel the stall reasons and the per-instruction stall samples of its SASS (CSV).
 job_profile() {
   setup
   local NCU="ncu --clock-control none --launch-count 1 -k regex:sta"
   local impl
-  for impl in triton gluon; do
+  for impl in triton cuda; do
     timeout 150 $NCU --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-      --section SourceCounters --import-source no -o "$OUT/$impl" python3 tools/gluon_bench.py --impl $impl --no-time \
+      --section SourceCounters --import-source no -o "$OUT/$impl" python3 tools/hopper_bench.py --kernels $impl --cases natural --once \
       >"$OUT/ncu_log_$impl.txt" 2>&1
     echo "ncu $impl rc=$? (124 = timeout 150 s)"
     ncu -i "$OUT/$impl.ncu-rep" --page details --print-details all >"$OUT/ncu_$impl.txt" 2>&1
     grep -E "Duration|SM Busy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_$impl.txt" | head -30
   done
-  ncu -i "$OUT/gluon.ncu-rep" --page source --print-source sass --csv >"$OUT/gluon_sass.csv" 2>&1
+  ncu -i "$OUT/cuda.ncu-rep" --page source --print-source sass --csv >"$OUT/cuda_sass.csv" 2>&1
   rm -f "$OUT"/*.ncu-rep
-  wc -c "$OUT/gluon_sass.csv"
+  wc -c "$OUT/cuda_sass.csv"
 }
 
 # On P GPUs (NGPU, default all visible): the scaling of the layer and of the real HunyuanVideo
@@ -232,10 +198,10 @@ job_selection() {
   python3 tools/selection_table.py "$OUT" | tee "$OUT/selection_table.md"
 }
 
-# On 4 GPUs, the client and selection benchmarks side by side on disjoint GPUs (timings on one
-# GPU do not depend on work on another): GPUs 0-1 job diffusers (1 GPU, then 2), GPU 2 job
-# fastvideo then the GPU tests, GPU 3 job selection. Installs once; every lane's logs and JSON
-# in one tarball, $OUT/lanes.tgz.
+# On 4 GPUs, the 2-GPU measurements as two lanes side by side on disjoint pairs (NVLink within
+# a pair; timings on one pair do not depend on work on the other): GPUs 0-1 job diffusers (one
+# GPU, then two); GPUs 2-3 the (3,3,3) layer in every mode beside the anchor, then job
+# selection's 2-GPU rows. Installs once; every lane's logs and JSON in $OUT/lanes.tgz.
 job_lanes() {
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
   local FINAL=${OUT:-out}
@@ -244,15 +210,16 @@ job_lanes() {
   OUT=$RES
   setup
   export SKIP_INSTALL=1
-  (CUDA_VISIBLE_DEVICES=0,1 OUT=$RES/diffusers timeout 560 bash tools/gpu.sh diffusers >"$RES/diffusers.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=2 OUT=$RES/fastvideo timeout 300 bash tools/gpu.sh fastvideo >"$RES/fastvideo.log" 2>&1
-   CUDA_VISIBLE_DEVICES=2 timeout 240 python3 -m pytest -q -x tests/test_gpu.py tests/test_cuda_gpu.py \
-     tests/test_gluon_gpu.py >"$RES/gpu_tests.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=3 OUT=$RES/selection timeout 540 bash tools/gpu.sh selection >"$RES/selection.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=0,1 OUT=$RES/diffusers timeout 570 bash tools/gpu.sh diffusers >"$RES/diffusers.log" 2>&1) &
+  (export CUDA_VISIBLE_DEVICES=2,3
+   mkdir -p "$RES/layer"
+   timeout 240 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 10 \
+     --modes head,tile,hybrid,auto --out "$RES/layer" >"$RES/layer.log" 2>&1
+   OUT=$RES/selection NGPU=2 timeout 300 bash tools/gpu.sh selection >"$RES/selection.log" 2>&1) &
   wait
   mkdir -p "$FINAL" && tar czf "$FINAL/lanes.tgz" -C "$RES" .
   local lane
-  for lane in gpu_tests fastvideo selection diffusers; do echo "=== $lane"; tail -n 22 "$RES/$lane.log"; done
+  for lane in layer selection diffusers; do echo "=== $lane"; grep -v Warn "$RES/$lane.log" | tail -n 16; done
 }
 
 # On 2 GPUs: the GPU tests of the kernels and their route, half on each card side by side (the
@@ -261,10 +228,10 @@ job_lanes() {
 job_route() {
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
   setup
-  (CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q tests/test_gpu.py tests/test_cuda_gpu.py \
+  (CUDA_VISIBLE_DEVICES=0 timeout 240 python3 -m pytest -q tests/test_gpu.py \
      tests/test_attention.py -k "not small_cases and (not kernel_matches or hopper or seed0 or seed3)" \
      >"$OUT/tests_gpu0.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q tests/test_gluon_gpu.py tests/test_selection_gpu.py \
+  (CUDA_VISIBLE_DEVICES=1 timeout 240 python3 -m pytest -q tests/test_hopper_gpu.py tests/test_selection_gpu.py \
      tests/test_route.py >"$OUT/tests_gpu1.log" 2>&1) &
   wait
   local log

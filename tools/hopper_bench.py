@@ -1,4 +1,4 @@
-"""The Hopper kernels side by side on the local calls the runtime makes (HunyuanVideo
+"""The kernels side by side on the local calls the runtime makes (HunyuanVideo
 30x48x80, tile 6x8x8, 24 heads, head dim 128): one process, interleaved timing, one line
 per case ``case kernel ms vs_first max_diff``, then the JSON of the table in ``--out``.
 
@@ -7,7 +7,8 @@ Cases: the whole canvas in natural order (one GPU), with the log-sum-exp, in fp1
 (a head-mode rank's tokens), and a tile-mode rank's half of the canvas with its halo
 (packed tiles, the log-sum-exp as the text merge asks).
 
-    python3 tools/hopper_bench.py --kernels cuda,gluon,triton --out out/
+    python3 tools/hopper_bench.py --kernels cuda,triton --out out/
+    python3 tools/hopper_bench.py --kernels cuda --cases natural --once   # one call each (a profiler)
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ CASES = ("natural", "lse", "fp16", "text", "tiled", "box_halo")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", default="cuda,gluon", help="comma-separated backends; the first is the baseline")
+    parser.add_argument("--kernels", default="cuda,triton", help="comma-separated backends; the first is the baseline")
+    parser.add_argument("--once", action="store_true", help="one call per kernel and case, no timing (for a profiler)")
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -72,6 +74,11 @@ def main() -> None:
                                                  return_lse=lse)) for kern in kernels}
         first = fns[kernels[0]]()
         first = first[0] if lse else first
+        if args.once:
+            for fn in list(fns.values())[1:]:
+                fn()
+            torch.cuda.synchronize()
+            continue
         times = {kern: [] for kern in kernels}
         for _ in range(3):  # interleaved: each kernel timed three times, the median kept
             for kern, fn in fns.items():

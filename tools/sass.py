@@ -1,4 +1,4 @@
-"""Shared by the offline compile checks (``sass_report.py``, ``gluon_compile_check.py``):
+"""Shared by the offline compile checks (``sass_report.py``, ``table_sass_check.py``):
 import a kernel module from ``sta_dist/kernels/`` without importing the package, run the bundled
 ``cuobjdump`` on a cubin, and split SASS into instructions and loops."""
 

@@ -1,7 +1,7 @@
-"""Time the text queries' launch beside the Gluon kernel's (a second stream, the router's
+"""Time the text queries' launch beside the CUDA kernel's (a second stream, the router's
 default) against one after the other on the caller's stream, at the bench's text cases
 (HunyuanVideo 30x48x80 with 256 text rows, 200 valid; (3,3,3)), in one process, outputs
-compared. ``--parts`` times the pieces of that call one by one instead: the Gluon
+compared. ``--parts`` times the pieces of that call one by one instead: the CUDA
 launch of the video queries with 0, 128, the valid and 256 text keys, the text queries
 alone, and the text queries put beside a video launch by hand.
 One GPU; the same router runs a tile-mode rank's local problem, so with
@@ -30,7 +30,7 @@ def text_after(device):
 
 def parts(q, k, v, case, kw) -> None:
     """Time the pieces of the routed call: where its time over the no-text kernel goes."""
-    from sta_dist.kernels.sta_fwd_gluon import sta_fwd_gluon
+    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
 
     layout = LocalLayout.natural(case.canvas, case.tile, case.text_len)
@@ -41,8 +41,8 @@ def parts(q, k, v, case, kw) -> None:
     scale = case.head_dim**-0.5
 
     def video(text_keys):
-        return lambda: sta_fwd_gluon(q, k, v, table, out, canvas=case.canvas, tile=case.tile, scale=scale,
-                                     text_keys=text_keys)
+        return lambda: sta_fwd_cuda(q, k, v, table, out, canvas=case.canvas, tile=case.tile, scale=scale,
+                                    text_keys=text_keys)
 
     def text_queries():
         kernel_calls.sdpa_dense(q, k, v, layout, heads, text, tuple(range(case.heads)), scale, out,

@@ -1,5 +1,5 @@
-"""Bulk-copy (TMA) geometry shared by the Triton kernel (``sta_fwd.py``) and the Gluon
-kernel (``sta_fwd_gluon.py``): which ``[B, S, heads, D]`` tensors the copy engine can
+"""Bulk-copy (TMA) geometry of the Triton kernel (``sta_fwd.py``), whose rule the route
+shares with the CUDA kernel (``sta_fwd_cuda.cu``): which ``[B, S, heads, D]`` tensors the copy engine can
 read, and the 5-D view of a canvas in natural token order whose box is whole t-slices of
 one tile. Pure functions of shapes and strides."""
 

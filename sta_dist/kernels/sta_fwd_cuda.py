@@ -1,12 +1,15 @@
 """The hand-written Hopper kernel ``kernels/sta_fwd_cuda.cu``: build, load and call.
 
-The source is compiled with ``nvcc`` for sm_90a the first time it is needed (about two
-seconds) into a shared library in the cache directory (``$STA_DIST_CACHE`` or
-``~/.cache/sta_dist``), named by the hash of the source and the compiler's version, so
-the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
-``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, or if the build fails,
-``library()`` is ``None`` (``build_error()`` says why) and the route takes the Triton
-kernel. The call goes through ``ctypes`` on the caller's CUDA stream.
+The source is compiled with ``nvcc`` for sm_90a the first time it is needed (a few
+seconds; no GPU needed) into a shared library in the cache directory (``$STA_DIST_CACHE``
+or ``~/.cache/sta_dist``), named by the hash of the source and of the compiler's version,
+so the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
+``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, a library built ahead of time
+for this source is loaded from the cache (``python -m sta_dist.kernels.sta_fwd_cuda`` builds
+one where ``nvcc`` is, e.g. on a login node into a shared ``$STA_DIST_CACHE``). With
+neither, or if the build fails, ``library()`` is ``None`` (``build_error()`` says why) and
+the route takes the Triton kernel. The call goes through ``ctypes`` on the caller's CUDA
+stream.
 """
 
 from __future__ import annotations
@@ -42,12 +45,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STA_DIST_CACHE", Path.home() / ".cache" / "sta_dist")) / "cuda"
 
 
+def source_key() -> str:
+    """The hash of the source and the build flags: the first part of a library's name."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
+
+
+def prebuilt() -> Path | None:
+    """A library for this source in the cache, built by any compiler (newest first)."""
+    found = sorted(cache_dir().glob(f"sta_fwd_cuda_{source_key()}_*.so"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def build(compiler: str) -> Path:
     """The shared library for this source and compiler, compiled if the cache lacks it
     (written to a temporary name first, so concurrent builds never load a partial file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"sta_fwd_cuda_{key}.so"
+    target = cache_dir() / f"sta_fwd_cuda_{source_key()}_{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -66,19 +79,30 @@ def build(compiler: str) -> Path:
 def library():
     """The loaded kernel library, or ``None`` (see ``build_error``)."""
     compiler = nvcc()
-    if compiler is None:
-        _errors.append("no nvcc (set STA_DIST_NVCC, or put nvcc on the PATH)")
+    path = prebuilt() if compiler is None else None
+    if compiler is None and path is None:
+        _errors.append(missing())
         return None
     try:
-        lib = ctypes.CDLL(str(build(compiler)))
+        lib = ctypes.CDLL(str(path or build(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
-        _errors.append(f"building {SOURCE.name} with {compiler} failed: {detail.strip()[-2000:]}")
+        what = f"loading {path}" if path else f"building {SOURCE.name} with {compiler}"
+        _errors.append(f"{what} failed: {detail.strip()[-2000:]}")
         return None
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.sta_fwd_cuda.argtypes = [P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [I, I, ctypes.c_float, P]
     lib.sta_fwd_cuda.restype = I
     return lib
+
+
+def missing() -> str | None:
+    """Why the library cannot even be tried here (no compiler and nothing prebuilt), else
+    ``None``."""
+    if nvcc() or prebuilt():
+        return None
+    return (f"needs nvcc to build (set STA_DIST_NVCC, or put nvcc on the PATH), or a library built ahead of time "
+            f"in {cache_dir()} (python -m sta_dist.kernels.sta_fwd_cuda where nvcc is)")
 
 
 def build_error() -> str | None:
@@ -149,3 +173,15 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")
     return out
+
+
+if __name__ == "__main__":  # build ahead of time (no GPU needed): python -m sta_dist.kernels.sta_fwd_cuda
+    import sys
+
+    compiler = nvcc()
+    if compiler is None:
+        sys.exit(missing())
+    try:
+        print(build(compiler))
+    except subprocess.CalledProcessError as err:
+        sys.exit(f"building {SOURCE.name} with {compiler} failed: {err.stderr.strip()[-2000:]}")
