@@ -162,7 +162,7 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)
-    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse)
+    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, keys)
     if r.text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out

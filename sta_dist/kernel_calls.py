@@ -162,12 +162,13 @@ def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text:
 
 
 def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-         lse=None):
+         lse=None, keys=None):
     """The CUDA kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
-    reading natural order or packed tiles through the layout's tables."""
+    reading natural order or packed tiles through the layout's tables; ``keys``: the table
+    path."""
     from .kernels.sta_fwd_cuda import sta_fwd_cuda
 
     facts = layout_facts(layout, q_bshd.device)
     return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                         text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
-                        tables=facts.packed_tables, lse=lse)
+                        tables=facts.packed_tables, lse=lse, keys=keys)

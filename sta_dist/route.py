@@ -13,8 +13,9 @@ Kernels, fastest first (``auto`` takes the first that can run the video queries)
 
 - ``cuda``: the hand-written Hopper kernel (``sta_dist/kernels/sta_fwd_cuda.cu``); the whole
   canvas in natural order or whole tiles placed by tables (tiled order, a head-mode rank,
-  a tile-mode rank's box and halo), in blocks of 128 rows; bf16 or fp16, head dim 128; the
-  log-sum-exp too. Built with ``nvcc`` on first use.
+  a tile-mode rank's box and halo), in blocks of 128 rows; windows or per-query-tile key
+  lists (selected tiles, other window rules); bf16 or fp16, head dim 128; the log-sum-exp
+  too. Built with ``nvcc`` on first use.
 - ``triton``: the portable Triton kernel (``sta_dist/kernels/sta_fwd.py``); every case, on any
   CUDA GPU, and on a CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``torch``: the torch backend (``torch_backend.py``); every case, any device.
@@ -133,10 +134,8 @@ def _hopper(device: Device) -> Optional[str]:
 
 
 def _common(call: Call) -> Optional[str]:
-    """What the CUDA kernel's program reads: windows, head dim 128, whole tiles, rows the
-    copy engine can read."""
-    if call.table:
-        return "takes windows only, not per-query-tile key lists (selected tiles, window_rule='clipped')"
+    """What the CUDA kernel's program reads: head dim 128, whole tiles, rows the copy
+    engine can read."""
     if call.head_dim != HOPPER_HEAD_DIM:
         return f"is built for head dim {HOPPER_HEAD_DIM}, got head_dim={call.head_dim}"
     if not call.whole_tiles:

@@ -188,3 +188,61 @@ def test_cuda_refuses_what_its_rule_refuses():
     with pytest.raises(ValueError, match="order='packed' needs tables"):
         sta_fwd_cuda(q, q, q, head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q, canvas=canvas, tile=tile,
                      scale=1.0, order="packed")
+
+
+def table_route(tensors, canvas, tile, order, text_len, text_valid):
+    """The video kernel of a table-path call with a log-sum-exp on these tensors."""
+    from sta_dist.dispatch import call_route
+    from sta_dist.local import LocalHeads, LocalText
+
+    layout = getattr(LocalLayout, order)(canvas, tile, text_len)
+    heads = LocalHeads.build([(1, 1, 1)] * tensors[0].shape[2], layout.grid, tensors[1].shape[2])
+    return call_route(*tensors, layout, heads, LocalText.single(text_valid), return_lse=True, table=True).video
+
+
+@pytest.mark.parametrize("canvas, window, select, rule, layout", [
+    (HUNYUAN, (3, 3, 3), sta_dist.TopK(8), "sta", "natural"),
+    (HUNYUAN, (3, 3, 3), sta_dist.TopK(8, share_heads=False), "fastvideo", "tiled"),
+    ((18, 48, 80), None, sta_dist.Mass(0.5), "sta", "natural"),
+    ((18, 48, 80), (3, 3, 5), None, "clipped", "tiled"),
+])
+def test_key_tables_at_real_shapes(canvas, window, select, rule, layout):
+    """The table path (window plus selected tiles, other window rules) on the CUDA kernel:
+    the route takes it, sampled rows pass against the reference with the tiles the call
+    returned, and output and log-sum-exp agree with the Triton kernel's on those tiles."""
+    S = math.prod(canvas) + 256
+    q, k, v = (randn((1, S, 24, 128), torch.bfloat16, i) for i in range(3))
+    kw = dict(canvas=canvas, tile=TILE, window=window, text_length=200)
+    args = (q, k, v) if layout == "natural" else tuple(sta_dist.to_tiled(x, canvas, TILE) for x in (q, k, v))
+    call = dict(kw, select=select, window_rule=rule, layout=layout)
+    assert table_route(args, canvas, TILE, layout, 256, 200) == "cuda"
+    out, lse, tiles = sta_dist.sliding_tile_attention(*args, **call, return_lse=True, return_selection=True)
+    natural = out if layout == "natural" else sta_dist.to_natural(out, canvas, TILE)
+    check = sampled_check(q, k, v, natural, **kw, select=select, window_rule=rule, selection=tiles, n_rows=256)
+    assert check["ok"], check
+    fixed = dict(call, select=tiles if select is not None else None)
+    ref_out, ref_lse = sta_dist.sliding_tile_attention(*args, **fixed, backend="triton", return_lse=True)
+    assert max_error(out, ref_out) <= 1e-2
+    assert max_error(lse.nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0)) <= 1e-3
+
+
+def test_key_tables_with_an_empty_row_batch_and_gqa():
+    """An explicit tile mask, per sample and head, with a query tile that attends no video
+    tile (window None, no text: its rows are 0 and their log-sum-exp -inf), fp16, against
+    the float64 reference."""
+    canvas, tile = (4, 16, 24), (2, 8, 8)
+    n = 2 * 2 * 3
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(2, 4, n, n, generator=g) < 0.3
+    mask[0, 1, 3] = False
+    mask[1, :, 0, 0] = True
+    q = randn((2, math.prod(canvas), 4, 128), torch.float16, 1)
+    k, v = (randn((2, math.prod(canvas), 2, 128), torch.float16, s) for s in (2, 3))
+    kw = dict(canvas=canvas, tile=tile, window=None, select=mask.cuda())
+    assert table_route((q, k, v), canvas, tile, "natural", 0, 0) == "cuda"
+    out, lse = sta_dist.sliding_tile_attention(q, k, v, **kw, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, **kw, return_lse=True)
+    base = reference_attention(q, k, v, **kw, compute_dtype=torch.float16)
+    assert max_error(out, ref) <= error_bound(max_error(base, ref), torch.float16, ref)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)) and torch.isneginf(lse).any()
+    assert max_error(lse.nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0)) <= 1e-3

@@ -43,6 +43,11 @@ def test_a_tile_rank_box_is_packed_tiles_for_the_cuda_kernel():
         "reads blocks of 128 rows: tile=(3, 8, 8) does not split into them in packed order")  # 192 rows
 
 
+def test_key_tables_take_the_cuda_kernel_and_no_head_goes_to_sdpa():
+    assert route(hunyuan_call(table=True), HOPPER) == Route("cuda", "sdpa", (), ())
+    assert route(hunyuan_call(table=True, order="other"), HOPPER).dense == ()  # a table decides per tile
+
+
 def test_whole_grid_heads_go_to_sdpa_beside_the_triton_kernel_and_alone():
     r = route(hunyuan_call(order="other"), HOPPER)
     assert (r.video, r.dense) == ("triton", (1, 3))
@@ -61,13 +66,11 @@ def test_whole_grid_heads_go_to_sdpa_beside_the_triton_kernel_and_alone():
                                                           "into them in natural order")),
     (dict(bulk_copy=False), dict(cuda="reads rows through the copy engine: heads must be adjacent and row strides "
                                       "16-byte multiples")),
-    (dict(table=True), dict(cuda="takes windows only, not per-query-tile key lists (selected tiles, "
-                                 "window_rule='clipped')")),
 ])
 def test_what_keeps_a_call_on_the_triton_kernel(change, reasons):
     r = route(hunyuan_call(**change), HOPPER)
     assert r.video == "triton" and r.text is None
-    assert r.dense == (() if change.get("table") else (1, 3))
+    assert r.dense == (1, 3)
     assert [k for k, _ in r.declined] == ["cuda"]
     for kernel, reason in reasons.items():
         assert dict(r.declined)[kernel] == reason

@@ -11,10 +11,13 @@
 //   canvas in tiled order, a head-mode rank's tokens, a tile-mode rank's box and halo).
 // Tiles (TT, TH, TW): packed, TT*TH*TW a multiple of 128; natural, TH*TW divides 64 and
 // TT is a multiple of 128 / (TH*TW). Per-head windows come from heads[n, 5] = (kt, kh,
-// kw, kv_head, q_head); video queries attend their window's key tiles and the first
-// n_text text rows (from text_row on). Text queries are the caller's (the route gives them
-// to SDPA or to a Triton launch). Optionally the natural-log log-sum-exp of every video
-// row, lse [B, q heads, S] float32.
+// kw, kv_head, q_head); video queries attend their window's key tiles, or with key tables
+// (selected tiles, other window rules) the tiles of their list, sel_keys[b, q_head, query
+// tile, :sel_counts[b, q_head, query tile]] (global tile ids; stride 0 where one list
+// serves every sample or head), and the first n_text text rows (from text_row on); a query
+// that attends nothing gets 0 (log-sum-exp -inf). Text queries are the caller's (the route
+// gives them to SDPA or to a Triton launch). Optionally the natural-log log-sum-exp of
+// every video row, lse [B, q heads, S] float32.
 //
 // Program (query block, head row): 128 query rows (consecutive rows of one tile, packed;
 // 128 / (TH*TW) t-slices of one tile, natural), 384 threads in three warpgroups.
@@ -58,8 +61,8 @@ struct Params {
   CUtensorMap q, k, v, kt, vt;  // q: 5-D (natural) or 3-D rows (packed); k, v: 5-D (natural); kt, vt: 3-D rows
   uint16_t* out;                // bf16 or fp16
   float* lse;                   // nullptr: none
-  const int *heads, *q_tiles, *kv_tiles;
-  long long so_b, so_s, lse_b, lse_h;
+  const int *heads, *q_tiles, *kv_tiles, *sel_keys, *sel_counts;  // sel_keys nullptr: windows
+  long long so_b, so_s, lse_b, lse_h, sel_kb, sel_kh, sel_kq, sel_cb, sel_ch;
   int q_stride, kv_stride, packed, n_heads, grid_t, grid_h, grid_w, TT, TH, TW, bpt, canvas_h, canvas_w, text_row,
       n_text, never;
   float scale;  // softmax scale * log2(e)
@@ -174,9 +177,11 @@ DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint32_t b_lo
 
 // --- loading -------------------------------------------------------------------------------
 // Which key block j is: text blocks first (the partial last one as block 0), then the
-// window's video tiles (t, then h, then w), 128 rows (``slices`` t-slices) at a time.
+// window's video tiles (t, then h, then w) or the list's, 128 rows (``slices`` t-slices) at
+// a time.
 struct Window {
   const int* kv_tiles;  // packed: per global tile its first k/v row (stride kv_stride); natural: unused
+  const int* list;      // key tables: this program's list of global tile ids; nullptr: the window
   int kv_stride, packed, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW, slices, bpt, grid_h, grid_w, n_tb, text_row, n;
 };
 
@@ -184,7 +189,7 @@ struct Window {
 // fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves.
 DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
                    uint32_t empty) {
-  int sub = 0, ti = 0, hi = 0, wi = 0;  // the next video block, without divisions
+  int sub = 0, ti = 0, hi = 0, wi = 0, e = 0;  // the next video block (window: without divisions)
   for (int j = 0; j < w.n; ++j) {
     const int s = j % KST;
     if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
@@ -196,15 +201,21 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
       continue;
     }
     if (w.packed) {
-      const int g = ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
+      const int g = w.list ? __ldg(w.list + e) : ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
       const int row = __ldg(w.kv_tiles + g * w.kv_stride) + sub * 128;
       for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, rows, bar, w.kv_col + h * 64, row, w.b);
     } else {
-      const int t0 = (w.st + ti) * w.TT + sub * w.slices, h0 = (w.sh + hi) * w.TH, w0 = (w.sw + wi) * w.TW;
+      int ct = w.st + ti, ch = w.sh + hi, cw = w.sw + wi;
+      if (w.list) {
+        const int g = __ldg(w.list + e);
+        ct = g / (w.grid_h * w.grid_w), ch = (g / w.grid_w) % w.grid_h, cw = g % w.grid_w;
+      }
+      const int t0 = ct * w.TT + sub * w.slices, h0 = ch * w.TH, w0 = cw * w.TW;
       for (int h = 0; h < 2; ++h) tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
     }
     if (++sub < w.bpt) continue;
     sub = 0;
+    ++e;
     if (++wi < w.kw) continue;
     wi = 0;
     if (++hi < w.kh) continue;
@@ -370,7 +381,7 @@ DEV void store(const Params& p, const Consumer<C, F16>& cs, int b, int qh, const
     float s = cs.l[r];
     s += __shfl_xor_sync(0xffffffff, s, 1);
     s += __shfl_xor_sync(0xffffffff, s, 2);
-    const float inv = 1.f / s;
+    const float inv = s > 0.f ? 1.f / s : 0.f;  // s == 0: no key at all (an empty list)
     const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
     uint16_t* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
 #pragma unroll
@@ -378,7 +389,8 @@ DEV void store(const Params& p, const Consumer<C, F16>& cs, int b, int qh, const
       const int i = 4 * jj + 2 * r;
       *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<F16>(cs.O[i] * inv, cs.O[i + 1] * inv);
     }
-    if (p.lse && lane % 4 == 0) p.lse[b * p.lse_b + qh * p.lse_h + tok] = (cs.m[r] + __log2f(s)) * LN2;
+    if (p.lse && lane % 4 == 0)
+      p.lse[b * p.lse_b + qh * p.lse_h + tok] = s > 0.f ? (cs.m[r] + __log2f(s)) * LN2 : -INFINITY;
   }
 }
 
@@ -397,7 +409,13 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
   mbar_wait(q_full, 0);
   const int partial = p.n_text % 128;
-  cs.run(n_tb > 0 && partial ? partial : 128);
+  if (n > 0) {
+    cs.run(n_tb > 0 && partial ? partial : 128);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) cs.O[i] = 0.f;
+    cs.l[0] = cs.l[1] = 0.f;
+  }
   store(p, cs, b, qh, rows);
 }
 
@@ -426,7 +444,8 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const int sh = min(max(ch - (kh - 1) / 2, 0), p.grid_h - kh);
   const int sw = min(max(cw - (kw - 1) / 2, 0), p.grid_w - kw);
   const int n_tb = (p.n_text + 127) / 128;
-  const int n = n_tb + kt * kh * kw * p.bpt;
+  const int* list = p.sel_keys ? p.sel_keys + b * p.sel_kb + qh * p.sel_kh + qi * p.sel_kq : nullptr;
+  const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : kt * kh * kw) * p.bpt;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -441,7 +460,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     const int warp = threadIdx.x / 32;
     if ((threadIdx.x & 31) != 0 || warp >= 2) return;
-    const Window w{p.kv_tiles, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, kh, kw, p.TT, p.TH, p.TW,
+    const Window w{p.kv_tiles, list, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, kh, kw, p.TT, p.TH, p.TW,
                    slices, p.bpt, p.grid_h, p.grid_w, n_tb, p.text_row, n};
     if (warp == 0) {
       mbar_expect_tx(q_full, Q_BYTES);
@@ -521,15 +540,18 @@ int rows_map(CUtensorMap* map, void* ptr, bool f16, int B, long long S, int head
 
 // Launch on ``stream``. Strides in elements. ``q_tiles``/``kv_tiles``: the packed order's
 // tables (``n_q_tiles`` query tiles; ignored in natural order); ``lse``: nullptr or [B,
-// q heads, S] float32 with strides (lse_b, lse_h, 1). Returns 0, or 1 (no tensor-map
+// q heads, S] float32 with strides (lse_b, lse_h, 1); ``sel_keys``: nullptr (windows) or
+// the key tables, with ``sel_counts`` and their strides (``sel_strides``: keys b, h, query
+// tile, counts b, h). Returns 0, or 1 (no tensor-map
 // encoder), 100 + CUresult (a tensor map), 1000 + cudaError_t (the launch).
 extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, const int* heads, int n_heads,
                             const int* q_tiles, int q_stride, int n_q_tiles, const int* kv_tiles, int kv_stride,
                             int packed, int f16, int B, int T, int H, int W, int TT, int TH, int TW, int q_heads,
                             int kv_heads, long long s_q, long long s_kv, long long sq_b, long long sq_s,
                             long long sk_b, long long sk_s, long long sv_b, long long sv_s, long long so_b,
-                            long long so_s, long long lse_b, long long lse_h, int text_row, int n_text, float scale,
-                            void* stream) {
+                            long long so_s, long long lse_b, long long lse_h, const int* sel_keys,
+                            const int* sel_counts, const long long* sel_strides, int text_row, int n_text,
+                            float scale, void* stream) {
   Params p;
   int e;
   const int slices = 128 / (TH * TW);
@@ -545,7 +567,9 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
     return e;
   p.out = static_cast<uint16_t*>(out);
   p.lse = lse;
-  p.heads = heads, p.q_tiles = q_tiles, p.kv_tiles = kv_tiles;
+  p.heads = heads, p.q_tiles = q_tiles, p.kv_tiles = kv_tiles, p.sel_keys = sel_keys, p.sel_counts = sel_counts;
+  p.sel_kb = sel_strides[0], p.sel_kh = sel_strides[1], p.sel_kq = sel_strides[2];
+  p.sel_cb = sel_strides[3], p.sel_ch = sel_strides[4];
   p.so_b = so_b, p.so_s = so_s, p.lse_b = lse_b, p.lse_h = lse_h;
   p.q_stride = q_stride, p.kv_stride = kv_stride, p.packed = packed;
   p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / TH, p.grid_w = W / TW;

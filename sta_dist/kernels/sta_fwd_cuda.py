@@ -91,7 +91,7 @@ def library():
         _errors.append(f"{what} failed: {detail.strip()[-2000:]}")
         return None
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-    lib.sta_fwd_cuda.argtypes = [P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [I, I, ctypes.c_float, P]
+    lib.sta_fwd_cuda.argtypes = [P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I, ctypes.c_float, P]
     lib.sta_fwd_cuda.restype = I
     return lib
 
@@ -114,7 +114,8 @@ def available() -> bool:
     return library() is not None
 
 
-def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None):
+def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None,
+                 keys=None):
     """Fill the video rows of ``out`` (``q``'s shape, dtype and strides) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
     q_head)``, on q's device). ``q``, ``k``, ``v`` are ``[B, S, H, D]``, bf16 or fp16,
@@ -129,8 +130,10 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
       k/v row ``kv_video`` (``sta_dist.kernel_calls.packed_tables`` makes them for any
       ``LocalLayout``).
 
-    Video queries also attend the first ``text_keys`` text rows; text query rows of
-    ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim
+    Video queries attend their window's key tiles, or with ``keys`` (a
+    :class:`sta_dist.selection.tables.KeyTiles`: per sample, query head and query tile of
+    the launch, its list of global key tile ids) the tiles of their list, and the first
+    ``text_keys`` text rows; text query rows of ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim
     contiguous), gets the natural-log log-sum-exp of the video rows. Raises if the call
     breaks :func:`sta_dist.route.cuda_rule` or the library is missing."""
     from ..route import Call, Device, cuda_rule
@@ -139,7 +142,8 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     if packed and tables is None:
         raise ValueError("sta_fwd_cuda: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
     kv_video = tables[2] if packed else math.prod(canvas)
-    reason = cuda_rule(Call.of(q, k, v, canvas, tile, order, kv_video=kv_video, text_keys=text_keys), Device.hopper())
+    reason = cuda_rule(Call.of(q, k, v, canvas, tile, order, kv_video=kv_video, text_keys=text_keys,
+                               table=keys is not None), Device.hopper())
     if reason:
         raise ValueError(f"sta_fwd_cuda: unsupported call: the kernel {reason}")
     if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
@@ -151,6 +155,7 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     q_tiles, kv_tiles = tables[:2] if packed else (heads, heads)  # unread in natural order
     if packed and (q_tiles.stride(1) != 1 or kv_tiles.stride(1) != 1):
         raise ValueError("sta_fwd_cuda: the tables' rows must be contiguous")
+    sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()
     if lib is None:
         raise RuntimeError(f"sta_fwd_cuda: kernel library unavailable: {build_error()}")
@@ -168,12 +173,27 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
                           q.shape[1], min(k.shape[1], v.shape[1]), q.stride(0), q.stride(1), k.stride(0),
                           k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
                           lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-                          kv_video, text_keys, scale * LOG2E, stream)
+                          sel_keys, sel_counts, sel_strides, kv_video, text_keys, scale * LOG2E, stream)
     if rc:
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")
     return out
 
+
+
+def _key_tables(keys):
+    """The launch's key-table arguments: the keys' and counts' pointers (``None`` without
+    tables) and their strides (batch, head, query tile; counts batch, head), 0 where one
+    list serves every sample or head."""
+    if keys is None:
+        return None, None, (ctypes.c_longlong * 5)()
+    k, c = keys.keys, keys.counts
+    if k.dtype != torch.int32 or c.dtype != torch.int32 or k.stride(-1) != 1 or c.stride(-1) != 1:
+        raise ValueError(f"sta_fwd_cuda: key tables must be int32 with a contiguous last dim, got {k.dtype}, "
+                         f"{c.dtype}")
+    strides = (k.stride(0) if k.shape[0] > 1 else 0, k.stride(1) if k.shape[1] > 1 else 0, k.stride(2),
+               c.stride(0) if c.shape[0] > 1 else 0, c.stride(1) if c.shape[1] > 1 else 0)
+    return k.data_ptr(), c.data_ptr(), (ctypes.c_longlong * 5)(*strides)
 
 if __name__ == "__main__":  # build ahead of time (no GPU needed): python -m sta_dist.kernels.sta_fwd_cuda
     import sys
