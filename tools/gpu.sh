@@ -11,7 +11,7 @@
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
 #   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
 #   lanes                on 4 GPUs, two 2-GPU lanes: diffusers; the layer in every mode, then selection
-#   tables               on 4 GPUs: GPU tests + 1-GPU selection; 2-GPU selection + strategy; 1-GPU strategy
+#   tables               GPU tests + 1-GPU selection; 2-GPU selection + strategy; 1-GPU strategy (LANES)
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
 set -uo pipefail
@@ -223,37 +223,43 @@ job_lanes() {
   for lane in layer selection diffusers; do echo "=== $lane"; grep -v Warn "$RES/$lane.log" | tail -n 16; done
 }
 
-# On 4 GPUs, three lanes side by side: GPU 0 the CUDA kernel's and the selection's GPU tests,
-# then the 1-GPU selection bench; GPUs 2-3 the 2-GPU selection rows, then the real strategy
-# (steps 14-16) on 2 GPUs; GPU 1 the real strategy on 1 GPU. Logs, JSON and both tables in
-# $OUT/tables.tgz.
+# Three lanes: "tests" (one GPU) the CUDA kernel's and the selection's GPU tests, then the
+# 1-GPU selection bench; "pair" (two GPUs) the 2-GPU selection rows, then the real strategy
+# (steps 14-16) on 2 GPUs; "single" (one GPU) the real strategy on 1 GPU. LANES picks them
+# (default all three, side by side on 4 GPUs; on 2 GPUs call "tests single", then "pair").
+# Logs and JSON in $OUT/tables.tgz; the tables: tools/selection_table.py, tools/scale_table.py.
 job_tables() {
   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-  local FINAL=${OUT:-out}
-  local RES
+  local FINAL=${OUT:-out} RES lanes=${LANES:-tests pair single} gpu=0
   RES=$(mktemp -d)
   OUT=$RES
   setup
-  export SKIP_INSTALL=1
   mkdir -p "$RES/selection" "$RES/scale"
-  (export CUDA_VISIBLE_DEVICES=0
-   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_selection_gpu.py \
-     tests/test_gpu.py -k "not small_cases_on_gpu" >"$RES/tests.log" 2>&1
-   timeout 240 python3 -m sta_dist.cli bench kernel --cases hunyuan_topk8,hunyuan_mass09 --out "$RES/selection" \
-     >"$RES/selection_1gpu.log" 2>&1) &
-  (export CUDA_VISIBLE_DEVICES=2,3
-   timeout 200 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 5 --modes tile,head \
-     --text-len 256 --text-valid 200 --select topk:8 --out "$RES/selection" >"$RES/selection_2gpu.log" 2>&1
-   timeout 330 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p --start-step 14 \
-     --steps 3 --summary "$RES/scale/run_2.json" >"$RES/run_2.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=1 timeout 420 python3 -m sta_dist.cli run --config hunyuan_720p --start-step 14 --steps 3 \
-     --summary "$RES/scale/run_1.json" >"$RES/run_1.log" 2>&1) &
+  for lane in $lanes; do
+    case $lane in
+      tests) (export CUDA_VISIBLE_DEVICES=$gpu
+        timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_selection_gpu.py \
+          tests/test_gpu.py -k "not small_cases_on_gpu" >"$RES/tests.log" 2>&1
+        timeout 240 python3 -m sta_dist.cli bench kernel --cases hunyuan_topk8,hunyuan_mass09 --out "$RES/selection" \
+          >"$RES/selection_1gpu.log" 2>&1) &
+        gpu=$((gpu + 1)) ;;
+      single) (CUDA_VISIBLE_DEVICES=$gpu timeout 420 python3 -m sta_dist.cli run --config hunyuan_720p \
+          --start-step 14 --steps 3 --summary "$RES/scale/run_1.json" >"$RES/run_1.log" 2>&1) &
+        gpu=$((gpu + 1)) ;;
+      pair) (export CUDA_VISIBLE_DEVICES=$gpu,$((gpu + 1))
+        timeout 200 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 5 --modes tile,head \
+          --text-len 256 --text-valid 200 --select topk:8 --out "$RES/selection" >"$RES/selection_2gpu.log" 2>&1
+        timeout 330 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p --start-step 14 \
+          --steps 3 --summary "$RES/scale/run_2.json" >"$RES/run_2.log" 2>&1) &
+        gpu=$((gpu + 2)) ;;
+    esac
+  done
   wait
-  python3 tools/selection_table.py "$RES/selection" >"$RES/selection_table.md" 2>&1
-  python3 tools/scale_table.py "$RES/scale" 1 2 >"$RES/scale_table.md" 2>&1
   mkdir -p "$FINAL" && tar czf "$FINAL/tables.tgz" -C "$RES" .
   local f
-  for f in tests.log selection_table.md scale_table.md run_1.log run_2.log; do echo "=== $f"; grep -v Warn "$RES/$f" | tail -n 14; done
+  for f in tests.log selection_1gpu.log selection_2gpu.log run_1.log run_2.log; do
+    [ -f "$RES/$f" ] && { echo "=== $f"; grep -v Warn "$RES/$f" | tail -n 14; }
+  done
 }
 
 # On 2 GPUs: the GPU tests of the kernels and their route, half on each card side by side (the
