@@ -149,3 +149,40 @@ def test_cost_model_work_adds_up_to_the_token_mask(world, kw):
     one = call_cost(ShardPlan(canvas=canvas, tile=tile, text_len=L, world_size=1, mode="head"), windows, 2, 2, 8, 2,
                     valid)
     assert cost.time_ms(H100_NVLINK) > 0 and one.max_bytes() == 0
+
+
+@pytest.mark.parametrize("world, kw, windows", [
+    (2, dict(mode="tile"), [(1, 1, 1), (1, 3, 3), (3, 1, 1)]),
+    (4, dict(mode="hybrid", mesh=(2, 2)), [(3, 3, 3)] * 4),
+    (3, dict(mode="tile", tile_split=(1, 1, 3)), [(1, 1, 3), (3, 1, 1)]),
+])
+def test_interior_and_border_split_the_box_by_the_halo(world, kw, windows):
+    """The query tiles that run beside the halo exchange see only box keys under every
+    window; the others need a halo tile; together they are the box, each once; the text
+    queries run with the interior, the border launch reads box and halo."""
+    plan = ShardPlan(canvas=(6, 16, 24), tile=(2, 2, 2), text_len=3, world_size=world, **kw)
+    grid = plan.grid
+    for rank in range(world):
+        sched = call_schedule(plan, tuple(windows), 1, rank)
+        assert sched.interior is not None and sched.border is not None, sched.mode
+        box = set(sched.layout.q_tiles)
+        mine = sorted(set(sched.heads.windows))
+
+        def keys(t):
+            c = geometry.tile_coords(t, grid)
+            return set(geometry.key_tiles(geometry.Box(c, tuple(x + 1 for x in c)), mine, grid))
+
+        assert all(keys(t) <= box for t in sched.interior.q_tiles)
+        assert all(not keys(t) <= box for t in sched.border.q_tiles)
+        assert sorted(sched.interior.q_tiles + sched.border.q_tiles) == sorted(box)
+        rows = dict(zip(sched.layout.q_tiles, sched.layout.q_rows))
+        assert all(rows[t] == r for part in (sched.interior, sched.border) for t, r in zip(part.q_tiles, part.q_rows))
+        assert (sched.interior.q_text, sched.border.q_text) == (3, 0)
+        assert sched.interior.kv_video == sched.box_tokens and sched.border.kv_rows == sched.layout.kv_rows
+        assert all(r is None for t, r in enumerate(sched.interior.kv_rows) if t not in box)
+
+
+def test_no_split_when_every_tile_needs_the_halo_or_none_does():
+    plan = ShardPlan(canvas=(4, 8, 8), tile=(2, 2, 2), text_len=0, world_size=2, mode="tile", tile_split=(1, 1, 2))
+    assert call_schedule(plan, ((1, 1, 3),), 1, 0).interior is None  # a box 2 tiles wide: all border
+    assert call_schedule(plan, ((1, 1, 1),), 1, 0).interior is None  # no halo at all
