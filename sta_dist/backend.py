@@ -31,7 +31,7 @@ from .geometry import Triple, fastvideo_window
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan
-from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out, start_exchange_in
+from .parallel.runtime import BoxInputs, attend, exchange_out, start_exchange_in
 from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
     SUPPORTED_HEAD_DIMS,
@@ -229,9 +229,6 @@ class SlidingTileAttentionImpl:
         self._halo = None
         """With a plan: the halo exchange ``preprocess_qkv`` started (the box inputs it
         returned hold no halo yet), for the next ``forward``, which clears it."""
-        self.overlap_halo = True
-        """With a plan: run the query tiles that need no halo beside the halo exchange
-        (``False``: the exchange first, as the benchmark times it for comparison)."""
         if self.plan is not None:
             self._setup_distributed(extra_impl_args.get("group"))
 
@@ -414,8 +411,6 @@ class SlidingTileAttentionImpl:
             self._check_call(q, k, v, attn_metadata)
             sched = self._schedule(attn_metadata)
             warn_if_fallback(sched, self._plan(attn_metadata))
-            if not self.overlap_halo:
-                return exchange_in(q, k, v, sched, self._comm(attn_metadata))
             box, self._halo = start_exchange_in(q, k, v, sched, self._comm(attn_metadata))
             return box
         if self._fastvideo(attn_metadata):

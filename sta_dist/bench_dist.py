@@ -40,17 +40,16 @@ def _time_ms(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
-def _time_switched(fn, switch, reps: int, device) -> tuple[float, float]:
-    """Median ms of ``fn`` after ``switch(True)`` and after ``switch(False)`` (the per-call
-    agreement check, the overlap of the halo exchange), the two interleaved rep by rep so
-    that clock drift falls on both alike; ``switch(True)`` again at the end."""
-    on_times, off_times = [], []
+def _time_with_and_without_check(fn, comm, reps: int, device) -> tuple[float, float]:
+    """Median ms of ``fn`` with the per-call agreement check and without it, the two
+    interleaved rep by rep so that clock drift falls on both alike."""
+    with_check, without = [], []
     for _ in range(reps):
-        for on, times in ((True, on_times), (False, off_times)):
-            switch(on)
+        for on, times in ((True, with_check), (False, without)):
+            comm.check_calls = on
             times.append(_time_ms(fn, 1, device))
-    switch(True)
-    return statistics.median(on_times), statistics.median(off_times)
+    comm.check_calls = True
+    return statistics.median(with_check), statistics.median(without)
 
 
 def _sync(device):
@@ -107,13 +106,9 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     attn.comm.bytes_sent.clear()
-    run = functools.partial(call, *local, window=windows, text_length=text_valid)
-    ms, ms_unchecked = _time_switched(run, lambda on: setattr(attn.comm, "check_calls", on), reps, device)
+    ms, ms_unchecked = _time_with_and_without_check(lambda: call(*local, window=windows, text_length=text_valid),
+                                                    attn.comm, reps, device)
     sent = {step: n / (2 * reps) for step, n in attn.comm.bytes_sent.items()}  # two calls a rep
-    sched = call_schedule(plan, windows, heads, rank)
-    serial = None
-    if sched.interior is not None:  # the same call with the halo exchange before any query tile
-        _, serial = _time_switched(run, lambda on: setattr(attn.impl, "overlap_halo", on), reps, device)
     itemsize = qkv[0].element_size()
     if select is None:
         predicted = call_cost(plan, windows, heads, 1, head_dim, itemsize, text_valid).time_ms(H100_NVLINK)
@@ -122,7 +117,7 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
                                        text_valid).time_ms(H100_NVLINK)
     return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked, predicted_ms=predicted,
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
-                                                     call_mode=sched.mode, ms_halo_not_overlapped=serial)
+                                                     call_mode=call_schedule(plan, windows, heads, rank).mode)
 
 
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
@@ -164,14 +159,13 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
     if rank == 0:
         one_ms = rows["one GPU (ours, all heads)"]["ms"]
         print(f"| what ({world} ranks, {result['env'].get('card')}) | ms | speedup vs one GPU | max diff vs one GPU "
-              f"| ms without the per-call check | ms with the halo exchange not overlapped | predicted ms (H100 model) |")
-        print("|---|---|---|---|---|---|---|")
+              f"| ms without the per-call check | predicted ms (H100 model) |")
+        print("|---|---|---|---|---|---|")
         for name, r in rows.items():
             diff = f"{r['max_diff_vs_one_gpu']:.2e}" if "max_diff_vs_one_gpu" in r else ""
             unchecked = f"{r['ms_without_call_check']:.2f}" if "ms_without_call_check" in r else ""
             predicted = f"{r['predicted_ms']:.2f}" if "predicted_ms" in r else ""
-            serial = f"{r['ms_halo_not_overlapped']:.2f}" if r.get("ms_halo_not_overlapped") else ""
-            print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} | {unchecked} | {serial} | {predicted} |")
+            print(f"| {name} | {r['ms']:.2f} | {one_ms / r['ms']:.2f}x | {diff} | {unchecked} | {predicted} |")
         print("one GPU output vs fp32 reference:", check)
         os.makedirs(out_dir, exist_ok=True)
         suffix = "" if select is None else "_selected"
