@@ -31,7 +31,7 @@ from .geometry import Triple, fastvideo_window
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan
-from .parallel.runtime import BoxInputs, attend, exchange_out, start_exchange_in
+from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
 from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
     SUPPORTED_HEAD_DIMS,
@@ -187,8 +187,7 @@ class SlidingTileAttentionImpl:
 
     With a plan, ``preprocess_qkv`` takes the rank's local ``(q, k, v)`` and returns the
     box inputs, ``forward`` returns a partial output, ``postprocess_output`` returns the
-    rank's local output; between the first two the Impl holds the halo exchange it
-    started (``forward`` runs the query tiles that need no halo beside it).
+    rank's local output; nothing is stored on the Impl between them.
     """
 
     def __init__(
@@ -226,9 +225,6 @@ class SlidingTileAttentionImpl:
         """FastVideo's protocol only: ``preprocess_qkv`` handed out tiled order, so the next
         ``forward`` reads tiled order (FastVideo's LocalAttention calls ``forward`` alone,
         in natural order). Cleared by that ``forward``."""
-        self._halo = None
-        """With a plan: the halo exchange ``preprocess_qkv`` started (the box inputs it
-        returned hold no halo yet), for the next ``forward``, which clears it."""
         if self.plan is not None:
             self._setup_distributed(extra_impl_args.get("group"))
 
@@ -411,8 +407,7 @@ class SlidingTileAttentionImpl:
             self._check_call(q, k, v, attn_metadata)
             sched = self._schedule(attn_metadata)
             warn_if_fallback(sched, self._plan(attn_metadata))
-            box, self._halo = start_exchange_in(q, k, v, sched, self._comm(attn_metadata))
-            return box
+            return exchange_in(q, k, v, sched, self._comm(attn_metadata))
         if self._fastvideo(attn_metadata):
             cfg = self._config(attn_metadata)
             self._check_video_tokens(qkv, cfg, attn_metadata)
@@ -451,9 +446,8 @@ class SlidingTileAttentionImpl:
         tiled, self._tiled_next = self._tiled_next, False
         plan = self._plan(attn_metadata)
         if plan is not None:
-            halo, self._halo = self._halo, None
             return attend(BoxInputs(q, k, v), self._schedule(attn_metadata), self._text_length(attn_metadata),
-                          self.softmax_scale, self.backend, halo=halo)
+                          self.softmax_scale, self.backend)
         if self._fastvideo(attn_metadata):
             return self._forward_fastvideo(q, k, v, attn_metadata, "tiled" if tiled else "natural")
         self._check_tensors(q, k, v)

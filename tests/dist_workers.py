@@ -19,8 +19,7 @@ def full_inputs(case: Case, seed: int):
 
 
 def run_cases(rank, world, cases):
-    """Each (case, plan kwargs): the rank's local output, bytes sent per step, mode, and
-    whether the call ran query tiles beside the halo exchange."""
+    """Each (case, plan kwargs): the rank's local output, bytes sent per step, and mode."""
     results = []
     for i, (case, plan_kw) in enumerate(cases):
         q, k, v = full_inputs(case, seed=i)
@@ -29,7 +28,7 @@ def run_cases(rank, world, cases):
         out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
                    text_length=case.text_length)
         sched = call_schedule(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank)
-        results.append((out, dict(attn.comm.bytes_sent), sched.mode, sched.interior is not None))
+        results.append((out, dict(attn.comm.bytes_sent), sched.mode))
     return results
 
 

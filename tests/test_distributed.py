@@ -68,8 +68,6 @@ def test_every_mode_matches_reference(world):
             assert modes == {expected}
     if world == 2:
         assert {results[0][i][2] for i in range(len(cases))} >= {"tile", "head (fallback)"}
-    if world in (2, 3, 4):  # some call ran its interior query tiles beside the halo exchange
-        assert any(results[r][i][3] for r in range(world) for i in range(len(cases)))
 
 
 def box_sees_whole_canvas(case: Case, plan: ShardPlan) -> bool:
@@ -111,7 +109,7 @@ def test_tile_mode_moves_exactly_the_halo(world, split):
     results = spawn_local(dist_workers.run_cases, world, ([(case, plan_kw)],), timeout_s=120)
     plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
     for rank in range(world):
-        _, sent, mode, _ = results[rank][0]
+        _, sent, mode = results[rank][0]
         assert mode == "tile"
         assert sent["halo exchange"] == halo_bytes_brute_force(case, plan, rank)
         assert "head all-to-all" not in sent and "output all-to-all" not in sent

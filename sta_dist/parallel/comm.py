@@ -85,13 +85,6 @@ class Comm:
         """Send the tensors ``send[i]`` (any shapes, packed back to back) to ``ranks[i]``;
         receive ``recv_numels[i]`` elements from ``ranks[i]``, returned flat. Each tensor
         is copied once, into the send buffer; one ``all_to_all_single`` with uneven splits."""
-        return self.start_all_to_all(step, ranks, send, recv_numels, wait=True).wait()
-
-    def start_all_to_all(self, step: str, ranks: tuple[int, ...], send: Sequence[Sequence[torch.Tensor]],
-                         recv_numels: Sequence[int], wait: bool = False) -> "Started":
-        """:meth:`all_to_all`, started: work enqueued on the caller's stream after this
-        call runs beside the exchange until :meth:`Started.wait` (which makes the caller's
-        stream wait for it and returns the chunks)."""
         me = ranks.index(self.rank)
         sizes = [sum(t.numel() for t in parts) for parts in send]
         first = next(t for parts in send for t in parts)
@@ -102,15 +95,15 @@ class Comm:
                 flat[offset:offset + t.numel()].view(t.shape).copy_(t)
                 offset += t.numel()
         if len(ranks) == 1:
-            return Started(self, step, ranks, None, [flat])
+            return [flat]
         out = flat.new_empty(sum(recv_numels))
         try:
-            work = dist.all_to_all_single(out, flat, output_split_sizes=list(recv_numels), input_split_sizes=sizes,
-                                          group=self._group(ranks), async_op=not wait)
+            dist.all_to_all_single(out, flat, output_split_sizes=list(recv_numels), input_split_sizes=sizes,
+                                   group=self._group(ranks))
         except Exception as err:  # noqa: BLE001 - every backend error becomes one clear error
             raise self._fail(step, ranks, err) from err
         self.bytes_sent[step] += sum(n for i, n in enumerate(sizes) if i != me) * flat.element_size()
-        return Started(self, step, ranks, work, list(out.split(list(recv_numels))))
+        return list(out.split(list(recv_numels)))
 
     def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's ``x`` (same shape everywhere), in ``ranks`` order."""
@@ -172,21 +165,3 @@ class Comm:
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
-
-
-class Started:
-    """A collective on its way: :meth:`wait` returns its result once it has arrived (on a
-    GPU: once the caller's stream waits for it), a failure raised as the step's
-    :class:`CollectiveError`."""
-
-    def __init__(self, comm: Comm, step: str, ranks: tuple[int, ...], work, result):
-        self._comm, self._step, self._ranks, self._work, self._result = comm, step, ranks, work, result
-
-    def wait(self):
-        if self._work is not None:
-            try:
-                self._work.wait()
-            except Exception as err:  # noqa: BLE001
-                raise self._comm._fail(self._step, self._ranks, err) from err
-            self._work = None
-        return self._result

@@ -1,11 +1,9 @@
 """The three stages of a distributed STA call, driven by a :class:`CallSchedule`:
 
 1. :func:`exchange_in` (the Impl's ``preprocess_qkv``): the head all-to-all (tokens for
-   heads) over the head group, then the k/v halo exchange over the tile group, or with
-   :func:`start_exchange_in` the halo exchange only started;
+   heads) over the head group, then the k/v halo exchange over the tile group;
 2. :func:`attend` (``forward``): the local kernel on own box + halo, with the log-sum-exp
-   of the text rows when they must be merged; given a started halo, first the query tiles
-   that need none (while the halo travels), then the rest;
+   of the text rows when they must be merged;
 3. :func:`exchange_out` (``postprocess_output``): the exact log-sum-exp merge of the text
    rows over the tile group, then the inverse all-to-all back to the caller's tokens.
 
@@ -15,7 +13,6 @@ video tokens, then all ``L`` text tokens.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
@@ -23,7 +20,7 @@ import torch
 from .. import geometry
 from ..dispatch import local_attention
 from ..local import LocalText, head_index
-from .comm import Comm, Started
+from .comm import Comm
 from .schedule import CallSchedule, tile_rows
 
 
@@ -49,27 +46,9 @@ def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     return x[:, :, head_index(heads)]
 
 
-class PendingHalo(NamedTuple):
-    """A halo exchange on its way: the all-to-all and the rows coming from each member."""
-
-    started: Started
-    n_in: tuple[int, ...]
-
-
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
     """Steps 1 and 2: local shards -> box inputs of this rank's heads (plus halo)."""
     return halo_exchange(head_exchange(q_bshd, k_bshd, v_bshd, sched, comm), sched, comm)
-
-
-def start_exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule,
-                      comm: Comm) -> tuple[BoxInputs, Optional[PendingHalo]]:
-    """Step 1, and step 2 started when the schedule has query tiles that need no halo
-    (``sched.interior``): the box inputs without the halo, and the halo on its way for
-    :func:`attend`; else step 2 done as in :func:`exchange_in` and ``None``."""
-    box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
-    if sched.interior is None or len(sched.tile_group) == 1:
-        return halo_exchange(box, sched, comm), None
-    return box, start_halo(box, sched, comm)
 
 
 def head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
@@ -105,73 +84,41 @@ def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, r
     the schedule's window halo; a call with selected tiles passes the tiles it chose."""
     if len(sched.tile_group) == 1:
         return box
-    return finish_halo(box, sched, start_halo(box, sched, comm, sends, recvs))
-
-
-def start_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, recvs=None) -> PendingHalo:
-    """Step 2 started: the halo tiles' k/v rows sent (see :func:`halo_exchange`)."""
     sends = sched.halo_send if sends is None else sends
     recvs = sched.halo_recv if recvs is None else recvs
-    _, k_box, v_box = box
-    B, h_kv, D = k_box.shape[0], k_box.shape[2], k_box.shape[3]
+    q_box, k_box, v_box = box
+    B, D = k_box.shape[0], k_box.shape[3]
+    n_box = sched.box_tokens
     box_tiles = sched.layout.q_tiles
+    h_kv = k_box.shape[2]
     canvas, tile = sched.layout.canvas, sched.layout.tile
     n_in = [geometry.packed_token_count(canvas, tile, tiles) for tiles in recvs]
     send = []
     for tiles_out in sends:
         rows = tile_rows(canvas, tile, box_tiles, tuple(tiles_out), k_box.device)
         send.append([k_box.index_select(1, rows), v_box.index_select(1, rows)])  # k then v
-    started = comm.start_all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
-    return PendingHalo(started, tuple(n_in))
-
-
-def finish_halo(box: BoxInputs, sched: CallSchedule, pending: PendingHalo) -> BoxInputs:
-    """Step 2 finished: the halo rows, once here, appended after the box (before the text)."""
-    q_box, k_box, v_box = box
-    B, h_kv, D = k_box.shape[0], k_box.shape[2], k_box.shape[3]
-    n_box = sched.box_tokens
-    chunks = pending.started.wait()
-    halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, pending.n_in))
-             if i != sched.me_in_tile_group]
+    chunks = comm.all_to_all("halo exchange", sched.tile_group, send, [2 * B * n * h_kv * D for n in n_in])
+    halos = [c.view(2, B, n, h_kv, D) for i, (c, n) in enumerate(zip(chunks, n_in)) if i != sched.me_in_tile_group]
     k_kv = torch.cat([k_box[:, :n_box]] + [h[0] for h in halos] + [k_box[:, n_box:]], 1)
     v_kv = torch.cat([v_box[:, :n_box]] + [h[1] for h in halos] + [v_box[:, n_box:]], 1)
     return BoxInputs(q_box, k_kv, v_kv)
 
 
 def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str,
-           keys=None, halo: Optional[PendingHalo] = None) -> PartialOutput:
+           keys=None) -> PartialOutput:
     """Step 3: the local kernel. ``text_length`` is one int or a tuple of one per batch
     sample. Text keys count on one rank of the tile group only, so the merged text rows
     see each of them once. Only text rows are merged, so a call without text asks for no
     log-sum-exp (which lets the fastest kernel take it). ``keys``: the table path
-    (selected tiles). ``halo``: the halo still on its way (``inputs`` hold the box
-    alone): the query tiles that need no halo run first, beside it, then the rest."""
+    (selected tiles)."""
     longest = max(text_length) if isinstance(text_length, tuple) else text_length
     merge = len(sched.tile_group) > 1 and longest > 0
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
-    if halo is not None:
-        return _attend_beside_halo(inputs, sched, text, scale, backend, merge, halo)
     result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge, keys=keys)
     if merge:
         out, lse = result
         return PartialOutput(out, lse[:, :, sched.box_tokens:])
     return PartialOutput(result, None)
-
-
-def _attend_beside_halo(box: BoxInputs, sched: CallSchedule, text, scale: float, backend: str, merge: bool,
-                        halo: PendingHalo) -> PartialOutput:
-    """The interior query tiles (and the text queries) over the box while the halo
-    travels, then the border tiles over box and halo, their rows copied into the first
-    launch's output. The same rows and keys as one launch over the whole layout."""
-    result = local_attention(*box, sched.interior, sched.heads, text, scale, backend, return_lse=merge)
-    out, lse = result if merge else (result, None)
-    full = finish_halo(box, sched, halo)
-    no_text_q = (tuple(dataclasses.replace(t, q_valid=0, kv_for_text_q=0) for t in text)
-                 if isinstance(text, tuple) else dataclasses.replace(text, q_valid=0, kv_for_text_q=0))
-    border = local_attention(*full, sched.border, sched.heads, no_text_q, scale, backend)
-    rows = tile_rows(sched.layout.canvas, sched.layout.tile, sched.layout.q_tiles, sched.border.q_tiles, out.device)
-    out.index_copy_(1, rows, border.index_select(1, rows))
-    return PartialOutput(out, lse[:, :, sched.box_tokens:] if merge else None)
 
 
 def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedule, comm: Comm) -> torch.Tensor:

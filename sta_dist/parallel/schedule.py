@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -48,12 +46,6 @@ class CallSchedule:
     counts_text_keys: bool
     """Whether this rank's text queries attend the text keys (one rank per tile group,
     so the merged log-sum-exp counts them once)."""
-    interior: Optional[LocalLayout] = None
-    """Tile and hybrid mode: the box's query tiles whose windows need no halo tile (and
-    the text queries), over the box's keys alone: what runs while the halo is on its way.
-    ``None`` when every query tile, or none, needs the halo."""
-    border: Optional[LocalLayout] = None
-    """The other query tiles (no text queries) over box and halo, once the halo is here."""
 
     @property
     def me_in_head_group(self) -> int:
@@ -124,7 +116,6 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     kv_tiles = box_tiles + [t for tiles in recvs for t in tiles]
     n_box = geometry.packed_token_count(plan.canvas, plan.tile, box_tiles)
     layout = LocalLayout.packed(plan.canvas, plan.tile, plan.text_len, box_tiles, kv_tiles, text_q_video_keys=n_box)
-    interior, border = (None, None) if fallback else split_by_halo(layout, tuple(my_windows), n_box)
     if fallback:
         mode = "head (fallback)"
     elif len(tile_group) == 1:
@@ -132,31 +123,7 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     else:
         mode = "tile" if len(head_group) == 1 else "hybrid"
     return CallSchedule(rank, mode, head_group, tile_group, q_heads, kv_heads, held_counts, tuple(sends),
-                        tuple(recvs), layout, heads, tile_group.index(rank) == 0, interior, border)
-
-
-def split_by_halo(layout: LocalLayout, windows: tuple[Triple, ...], n_box: int):
-    """``(interior, border)`` layouts of a box-and-halo ``layout`` (its first ``n_box`` key
-    rows the box, in query order): the query tiles whose every window stays inside the box,
-    with the text queries, over the box's keys alone; the rest, without text queries, over
-    box and halo. ``(None, None)`` when either part is empty (nothing to overlap)."""
-    grid = layout.grid
-    own = set(layout.q_tiles)
-    inner = [i for i, t in enumerate(layout.q_tiles)
-             if own.issuperset(geometry.key_tiles(geometry.Box(geometry.tile_coords(t, grid),
-                                                               tuple(c + 1 for c in geometry.tile_coords(t, grid))),
-                                                  windows, grid))]
-    if not windows or not inner or len(inner) == len(layout.q_tiles):
-        return None, None
-    outer = [i for i in range(len(layout.q_tiles)) if i not in set(inner)]
-    box_kv = tuple(r if t in own else None for t, r in enumerate(layout.kv_rows))
-
-    def part(indices, kv_rows, kv_video, q_text):
-        return dataclasses.replace(layout, q_tiles=tuple(layout.q_tiles[i] for i in indices),
-                                   q_rows=tuple(layout.q_rows[i] for i in indices), kv_rows=kv_rows,
-                                   kv_video=kv_video, q_text=q_text)
-
-    return part(inner, box_kv, n_box, layout.q_text), part(outer, layout.kv_rows, layout.kv_video, 0)
+                        tuple(recvs), layout, heads, tile_group.index(rank) == 0)
 
 
 def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
