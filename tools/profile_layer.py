@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="hunyuan_720p")
     parser.add_argument("--step", type=int, default=16)
-    parser.add_argument("--layers", default="0,1,2")
+    parser.add_argument("--layers", default="0,1,2", help="comma-separated, or a range such as 0-59")
     parser.add_argument("--rows", type=int, default=18)
     args = parser.parse_args()
     env = init_distributed()
@@ -34,19 +34,31 @@ def main() -> None:
     plan = cfg.shard_plan(world, strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     calls = []
-    for layer in map(int, args.layers.split(",")):
+    a, _, b = args.layers.partition("-")
+    layers = range(int(a), int(b) + 1) if b else map(int, args.layers.split(","))
+    for layer in layers:
         windows = strategy.layer_windows(args.step, layer)
         windows = tuple(windows[h % len(windows)] for h in range(cfg.heads))
         q, k, v = layer_inputs(cfg, args.step, layer, device)
         calls.append(([plan.shard(x, rank) for x in (q, k, v)], windows))
     run = lambda local, windows: attn(*local, window=windows, text_length=cfg.text_valid)  # noqa: E731
-    for local, windows in calls:  # warm up (compiles, caches)
+
+    def timed(local, windows) -> float:
+        torch.distributed.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
         run(local, windows)
-    torch.cuda.synchronize()
-    torch.distributed.barrier()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    first = [timed(*c) for c in calls]  # each window set met for the first time (caches, compiles)
+    again = [timed(*c) for c in calls]
+    if rank == 0:
+        print(f"mean wall ms per call: first time {sum(first) / len(first):.2f}, again {sum(again) / len(again):.2f} "
+              f"({len(calls)} calls)")
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for local, windows in calls:
+        for local, windows in calls[:3]:
             torch.distributed.barrier()
             torch.cuda.synchronize()
             start = time.perf_counter()
