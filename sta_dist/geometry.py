@@ -245,16 +245,26 @@ def natural_tile_rows(canvas: Triple, tile: Triple) -> list[TileRows]:
 def packed_tile_rows(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) -> list[TileRows]:
     """Rows of the listed tiles in their packed order (one tile after another, each
     row-major over its actual extent)."""
+    return list(_packed_tile_rows(tuple(canvas), tuple(tile), tuple(tile_ids)))
+
+
+@functools.lru_cache(maxsize=512)
+def _packed_tile_rows(canvas: Triple, tile: Triple, tile_ids: tuple[int, ...]) -> tuple[TileRows, ...]:
     grid = grid_shape(canvas, tile)
     out, base = [], 0
     for tid in tile_ids:
         et, eh, ew = tile_extent(tile_coords(tid, grid), canvas, tile)
         out.append(TileRows(base, eh * ew, ew))
         base += et * eh * ew
-    return out
+    return tuple(out)
 
 
 def packed_token_count(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) -> int:
+    return _packed_token_count(tuple(canvas), tuple(tile), tuple(tile_ids))
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed_token_count(canvas: Triple, tile: Triple, tile_ids: tuple[int, ...]) -> int:
     grid = grid_shape(canvas, tile)
     return sum(volume(tile_extent(tile_coords(t, grid), canvas, tile)) for t in tile_ids)
 

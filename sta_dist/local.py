@@ -8,6 +8,7 @@ description changes. The Triton kernel and the torch backend both consume it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
@@ -78,30 +79,28 @@ class LocalLayout:
         text_q_video_keys: Optional[int] = None,
     ) -> "LocalLayout":
         """Query tiles packed in ``q``; key tiles (default: the query tiles) packed in
-        ``k``/``v``. With every tile in id order this is the tiled order."""
+        ``k``/``v``. With every tile in id order this is the tiled order. (Cached: a
+        distributed call builds one per new set of windows.)"""
         kv_tiles = q_tiles if kv_tiles is None else kv_tiles
-        grid = geometry.grid_shape(canvas, tile)
-        kv_rows: list[Optional[TileRows]] = [None] * geometry.num_tiles(grid)
-        for tid, rows in zip(kv_tiles, geometry.packed_tile_rows(canvas, tile, kv_tiles)):
-            kv_rows[tid] = rows
-        n_q = geometry.packed_token_count(canvas, tile, q_tiles)
-        n_kv = geometry.packed_token_count(canvas, tile, kv_tiles)
-        return LocalLayout(
-            canvas,
-            tile,
-            tuple(q_tiles),
-            tuple(geometry.packed_tile_rows(canvas, tile, q_tiles)),
-            tuple(kv_rows),
-            n_q,
-            n_kv,
-            text_len,
-            n_kv if text_q_video_keys is None else text_q_video_keys,
-        )
+        return _packed(tuple(canvas), tuple(tile), text_len, tuple(q_tiles), tuple(kv_tiles), text_q_video_keys)
 
     @staticmethod
     def tiled(canvas: Triple, tile: Triple, text_len: int) -> "LocalLayout":
         all_tiles = range(geometry.num_tiles(geometry.grid_shape(canvas, tile)))
         return LocalLayout.packed(canvas, tile, text_len, all_tiles)
+
+
+@functools.lru_cache(maxsize=256)
+def _packed(canvas: Triple, tile: Triple, text_len: int, q_tiles: tuple[int, ...], kv_tiles: tuple[int, ...],
+            text_q_video_keys: Optional[int]) -> LocalLayout:
+    grid = geometry.grid_shape(canvas, tile)
+    kv_rows: list[Optional[TileRows]] = [None] * geometry.num_tiles(grid)
+    for tid, rows in zip(kv_tiles, geometry.packed_tile_rows(canvas, tile, kv_tiles)):
+        kv_rows[tid] = rows
+    n_q = geometry.packed_token_count(canvas, tile, q_tiles)
+    n_kv = geometry.packed_token_count(canvas, tile, kv_tiles)
+    return LocalLayout(canvas, tile, q_tiles, tuple(geometry.packed_tile_rows(canvas, tile, q_tiles)), tuple(kv_rows),
+                       n_q, n_kv, text_len, n_kv if text_q_video_keys is None else text_q_video_keys)
 
 
 @dataclass(frozen=True, slots=True)
