@@ -80,12 +80,12 @@ def _bench(args) -> int:
     if not torch.cuda.is_available():
         raise CLIError("sta-dist bench kernel needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
                        "is False)")
-    from . import bench
+    from .bench import kernel as bench
 
     replay = None
     if args.replay:
         replay = packaged("mask_strategy_hunyuan.json.gz") if args.replay == "hunyuan" else args.replay
-    from .bench_selection import SELECTION_CASES
+    from .bench.selection import SELECTION_CASES
 
     cases = [c for c in args.cases.split(",") if c] if args.cases else ([] if replay else list(bench.STANDARD_CASES))
     known = {**bench.STANDARD_CASES, **SELECTION_CASES}
@@ -117,7 +117,7 @@ def _bench_dist(args) -> int:
     if args.text_valid > args.text_len:
         raise CLIError(f"--text-valid must be in [0, --text-len={args.text_len}], got {args.text_valid}")
     select = _parse_select(args.select)
-    from .bench_dist import run_dist_bench
+    from .bench.dist import run_dist_bench
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
                    heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,

@@ -90,7 +90,7 @@ def sleep_forever(rank, world):
 
 def dist_bench(rank, world, out_dir):
     """The 2-GPU benchmark's code path, on gloo with tiny shapes (the torch backend)."""
-    from sta_dist.bench_dist import run_dist_bench
+    from sta_dist.bench.dist import run_dist_bench
 
     result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
                             text_len=5, text_valid=3, reps=2)
@@ -161,7 +161,7 @@ def run_selected(rank, world, cases):
 def dist_bench_selected(rank, world, out_dir):
     """The 2-GPU selection benchmark's code path, on gloo with tiny shapes."""
     import sta_dist
-    from sta_dist.bench_dist import run_dist_bench
+    from sta_dist.bench.dist import run_dist_bench
 
     result = run_dist_bench(out_dir, canvas=(4, 8, 8), tile=(2, 4, 4), window=(1, 1, 1), heads=4, head_dim=32,
                             text_len=5, text_valid=3, reps=2, modes=("tile", "head"), select=sta_dist.TopK(2))

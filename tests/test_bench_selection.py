@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sta_dist
-from sta_dist.bench_selection import SELECTION_CASES, SelectionCase, case_functions, case_inputs, check_outputs, \
+from sta_dist.bench.selection import SELECTION_CASES, SelectionCase, case_functions, case_inputs, check_outputs, \
     format_table
 
 TINY = [SelectionCase("tiny_topk", (4, 8, 16), (1, 1, 1), sta_dist.TopK(1), tile=(2, 8, 8), text_len=130,

@@ -75,7 +75,7 @@ job_sweep() {
   python3 -m pytest -q -x tests/test_gpu.py -k "real_shapes" 2>&1 | tail -n 4
   # One process per config with a time limit: a config that hangs costs 120 s, not the call.
   local n_configs i
-  n_configs=$(python3 -c "from sta_dist.bench import SWEEP_CONFIGS; print(len(SWEEP_CONFIGS))")
+  n_configs=$(python3 -c "from sta_dist.bench.kernel import SWEEP_CONFIGS; print(len(SWEEP_CONFIGS))")
   for i in $(seq 0 $((n_configs - 1))); do
     timeout 120 python3 -m sta_dist.cli bench kernel --sweep --config "$i" --cases ${SWEEP_CASES:-hunyuan_333} 2>&1 \
       | grep --line-buffered '^sweep' | tee -a "$OUT/sweep.log"

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from sta_dist import cli, kernel_calls, sliding_tile_attention
-from sta_dist.bench import STANDARD_CASES, attended_pairs, time_ms
+from sta_dist.bench.kernel import STANDARD_CASES, attended_pairs, time_ms
 
 
 def text_after(device):

@@ -15,15 +15,15 @@ from typing import Callable, Optional
 
 import torch
 
-from . import geometry
+from .. import geometry
+from ..api import _layout, sliding_tile_attention, to_natural
+from ..dispatch import run_local
+from ..geometry import Triple
+from ..local import LocalHeads, LocalText
+from ..selection import Mass, TopK
+from ..selection.attention import local_key_tiles, table_heads
+from ..testing import reference_selection, sampled_check
 from .anchors import FlexTileLists
-from .api import _layout, sliding_tile_attention, to_natural
-from .dispatch import run_local
-from .geometry import Triple
-from .local import LocalHeads, LocalText
-from .selection import Mass, TopK
-from .selection.attention import local_key_tiles, table_heads
-from .testing import reference_selection, sampled_check
 
 HUNYUAN = (30, 48, 80)
 TILE = (6, 8, 8)
@@ -127,7 +127,7 @@ def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) ->
 
 def run_selection_case(case: SelectionCase, dtype=torch.bfloat16) -> dict:
     """Check, then time every row on the GPU (median ms)."""
-    from .bench import time_ms
+    from .kernel import time_ms
 
     q, k, v = case_inputs(case, "cuda", dtype)
     fns = case_functions(case, q, k, v)

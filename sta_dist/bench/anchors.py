@@ -12,8 +12,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import geometry
-from .geometry import Triple
+from .. import geometry
+from ..geometry import Triple
 
 
 def _tile_coords_per_token(canvas: Triple, tile: Triple, pad_to: int, device) -> torch.Tensor:

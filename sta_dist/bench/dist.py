@@ -14,15 +14,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import anchors, geometry
-from .api import sliding_tile_attention
-from .bench import environment
-from .distributed import DistributedSlidingTileAttention
-from .parallel.cost import H100_NVLINK, call_cost, selected_call_cost
-from .parallel.env import init_distributed
-from .parallel.plan import ShardPlan
-from .parallel.schedule import call_schedule
-from .testing import max_error, sampled_check
+from .. import geometry
+from ..api import sliding_tile_attention
+from ..distributed import DistributedSlidingTileAttention
+from ..parallel.cost import H100_NVLINK, call_cost, selected_call_cost
+from ..parallel.env import init_distributed
+from ..parallel.plan import ShardPlan
+from ..parallel.schedule import call_schedule
+from ..testing import max_error, sampled_check
+from . import anchors
+from .kernel import environment
 
 
 def _time_ms(fn, reps: int, device) -> float:

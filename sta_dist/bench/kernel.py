@@ -16,11 +16,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from . import anchors, geometry
-from .api import sliding_tile_attention
-from .geometry import Triple
-from .mask_strategy import MaskStrategy
-from .testing import sampled_check
+from .. import geometry
+from ..api import sliding_tile_attention
+from ..geometry import Triple
+from ..mask_strategy import MaskStrategy
+from ..testing import sampled_check
+from . import anchors
 
 HUNYUAN = (30, 48, 80)
 WAN_480 = (18, 48, 80)
@@ -160,9 +161,9 @@ SWEEP_CONFIGS = [dict(_SWEEP_BASE, **extra) for extra in (
 
 def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> list[tuple[dict, float, dict]]:
     """Time the kernel under each launch config; each output checked on sampled rows."""
-    from .config import STAConfig
-    from .local import LocalHeads, LocalLayout, LocalText
-    from .dispatch import run_local
+    from ..config import STAConfig
+    from ..local import LocalHeads, LocalLayout, LocalText
+    from ..dispatch import run_local
 
     g = torch.Generator(device="cuda").manual_seed(1)
     shape = (1, case.seq, case.heads, case.head_dim)
@@ -312,8 +313,8 @@ def run_kernel_bench(case_names: Sequence[str], out_dir: str, replay: Optional[s
     """Run the named cases (and a mask-strategy replay), print a table, write JSON + PNG.
     Cases of :data:`sta_dist.bench_selection.SELECTION_CASES` (window plus selected tiles)
     get their own table and JSON key."""
-    from .bench_selection import SELECTION_CASES, run_selection_case
-    from .bench_selection import format_table as selection_table
+    from .selection import SELECTION_CASES, run_selection_case
+    from .selection import format_table as selection_table
 
     if not torch.cuda.is_available():
         raise RuntimeError("sta-dist bench kernel needs a CUDA device")
