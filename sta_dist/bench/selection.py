@@ -24,9 +24,7 @@ from ..selection import Mass, TopK
 from ..selection.attention import local_key_tiles, table_heads
 from ..testing import reference_selection, sampled_check
 from .anchors import FlexTileLists
-
-HUNYUAN = (30, 48, 80)
-TILE = (6, 8, 8)
+from .kernel import HUNYUAN, TILE, time_ms
 
 
 @dataclass(frozen=True)
@@ -127,8 +125,6 @@ def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) ->
 
 def run_selection_case(case: SelectionCase, dtype=torch.bfloat16) -> dict:
     """Check, then time every row on the GPU (median ms)."""
-    from .kernel import time_ms
-
     q, k, v = case_inputs(case, "cuda", dtype)
     fns = case_functions(case, q, k, v)
     checks = check_outputs(case, q, k, v, fns)
