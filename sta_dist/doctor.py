@@ -28,7 +28,7 @@ def machine_lines(device: torch.device, facts: Device) -> list[str]:
     name = torch.cuda.get_device_name(device)
     return [f"this machine: {name} (sm_{facts.capability[0]}{facts.capability[1]})",
             f"  triton: {facts.triton or 'usable'}",
-            f"  cuda kernel: {facts.cuda_library or 'library built or buildable (nvcc found)'}"
+            f"  cuda kernel: {facts.cuda_library or 'library built, buildable (nvcc found) or built ahead of time'}"
             if facts.capability[0] == 9 else "  cuda kernel: Hopper only"]
 
 

@@ -59,8 +59,8 @@ class Device:
     """Why the Triton kernel cannot run here (no triton, a CPU without the interpreter);
     ``None``: it can."""
     cuda_library: Optional[str] = None
-    """Why the CUDA kernel's library cannot load (no nvcc, a failed build); ``None``: it
-    is loaded or will be built on first use."""
+    """Why the CUDA kernel's library cannot load (no nvcc and nothing built ahead of time,
+    a failed build); ``None``: it is loaded, or will be built or loaded on first use."""
 
     @staticmethod
     def hopper() -> "Device":
