@@ -11,6 +11,7 @@ import torch
 
 from .dispatch import device_facts, layout_call
 from .local import LocalText
+from .parallel.plan import ShardPlan
 from .parallel.schedule import call_schedule
 from .plan_report import call_windows
 from .route import Device, route
@@ -42,7 +43,7 @@ def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, l
     if assume_gpu:
         facts = ASSUMED[assume_gpu]
         lines.append(f"routes as on an {assume_gpu.upper()} with triton and nvcc (--assume-gpu {assume_gpu}):")
-    plan = cfg.shard_plan(world_size, strategy)
+    plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     lines.append(f"config {cfg.name}, step {step}, layer {layer}, {cfg.dtype}, head dim {cfg.head_dim}, "
                  f"backend={backend!r}; plan: {plan.describe()}")
     routes: dict[str, list[int]] = {}

@@ -64,7 +64,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
                 per_rank: bool = False) -> str:
     strategy = cfg.strategy()
     step, windows = call_windows(cfg, strategy, step, layer)
-    plan = cfg.shard_plan(world_size, strategy)
+    plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     loads = [RankLoad.of(plan, call_schedule(plan, windows, cfg.kv_heads, r)) for r in range(world_size)]
     kv_bytes = 2 * cfg.batch * cfg.head_dim * DTYPES[cfg.dtype].itemsize  # per token and kv head, k + v
 

@@ -157,20 +157,6 @@ class RunConfig:
                              f"fewer than the config's steps={self.steps}")
         return strategy
 
-    def window_hint(self, strategy: MaskStrategy) -> Optional[tuple[Triple, ...]]:
-        """The windows a plan should expect: the local (not whole-grid) windows of the last
-        step, where real strategies are sparse; whole-canvas heads fall back per call."""
-        grid = STAConfig(canvas=self.canvas, tile=self.tile).grid
-        local = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}
-        return tuple(sorted(local)) or None
-
-    def shard_plan(self, world_size: int, strategy: Optional[MaskStrategy] = None) -> ShardPlan:
-        """The one plan of this workload on ``world_size`` ranks (``run`` and ``plan`` both)."""
-        strategy = strategy or self.strategy()
-        return ShardPlan(canvas=self.canvas, tile=self.tile, text_len=self.text_len, mode=self.mode,
-                         world_size=world_size, mesh=self.mesh, windows=self.window_hint(strategy),
-                         num_heads=self.heads)
-
 
 def packaged_configs() -> list[str]:
     return sorted(p.name[:-5] for p in importlib.resources.files("sta_dist.configs").iterdir()
@@ -283,7 +269,7 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
     """Run the workload's ``job`` range on this rank; every rank returns the same summary."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     strategy = cfg.strategy()
-    plan = cfg.shard_plan(world_size, strategy)
+    plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     progress = Progress(job.steps * job.layers, job.layers, enabled=rank == 0)
     step_ms, modes, worst = [], collections.Counter(), (0.0, 1.0)
@@ -411,7 +397,7 @@ def prepare(config: str, *, steps: Optional[int] = None, layers: Optional[int] =
         raise ValueError(f"--timeout must be > 0 seconds, got --timeout {timeout_s:g}")
     env = detect_env()
     ranks = env.world_size if env.source != "single" else local_ranks(cfg)
-    cfg.shard_plan(ranks)
+    ShardPlan.from_config(cfg, ranks)
     if not torch.cuda.is_available() and env.source == "single":
         estimate = cpu_seconds_estimate(cfg, job, ranks)
         if estimate > timeout_s:

@@ -178,6 +178,7 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     rank's local call (here as on an H100), and refuses a kernel that cannot take it."""
     from sta_dist.dispatch import layout_call
     from sta_dist.local import LocalText
+    from sta_dist.parallel.plan import ShardPlan
     from sta_dist.parallel.schedule import call_schedule
     from sta_dist.route import Device, route
     from sta_dist.run import RunConfig
@@ -186,7 +187,7 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     printed = capsys.readouterr().out
     cfg = RunConfig.load("hunyuan_720p", mode="tile")
     strategy = cfg.strategy()
-    plan = cfg.shard_plan(2, strategy)
+    plan = ShardPlan.from_config(cfg, 2, strategy=strategy)
     windows = tuple(strategy.layer_windows(49, 0)[h % 24] for h in range(cfg.heads))
     sched = call_schedule(plan, windows, cfg.kv_heads, 0)
     text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)

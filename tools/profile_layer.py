@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sta_dist import DistributedSlidingTileAttention
+from sta_dist import DistributedSlidingTileAttention, ShardPlan
 from sta_dist.parallel.env import init_distributed
 from sta_dist.run import RunConfig, layer_inputs
 
@@ -31,7 +31,7 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device())
     cfg = RunConfig.load(args.config)
     strategy = cfg.strategy()
-    plan = cfg.shard_plan(world, strategy)
+    plan = ShardPlan.from_config(cfg, world, strategy=strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     calls = []
     a, _, b = args.layers.partition("-")

@@ -13,6 +13,7 @@ import os
 import sys
 
 from sta_dist.parallel.cost import H100_NVLINK, call_cost
+from sta_dist.parallel.plan import ShardPlan
 from sta_dist.run import RunConfig
 
 WHOLE_STEPS, SPARSE_STEPS = 15, 35
@@ -27,7 +28,7 @@ def load(path):
 
 def predicted_step_ms(cfg: RunConfig, world: int, step: int) -> float:
     strategy = cfg.strategy()
-    plan = cfg.shard_plan(world, strategy)
+    plan = ShardPlan.from_config(cfg, world, strategy=strategy)
     total = 0.0
     for layer in range(cfg.layers):
         windows = strategy.layer_windows(step, layer)

@@ -235,6 +235,25 @@ class ShardPlan:
             return "tile", None, f"auto: tile mode, halo {halo:g} tiles/rank vs {held} held (split {split})"
         return "head", None, f"auto: head mode, halo {halo:g} tiles/rank would cost more than the all-to-all"
 
+    @classmethod
+    def from_config(cls, cfg, world_size: int, *, mode: Optional[str] = None, mesh: Optional[tuple[int, int]] = None,
+                    strategy=None) -> "ShardPlan":
+        """The one plan of a workload config on ``world_size`` ranks: what ``sta-dist run``
+        runs, ``sta-dist plan`` shows and ``sta-dist doctor`` routes. ``cfg`` is a
+        :class:`sta_dist.run.RunConfig` (or has its ``canvas``, ``tile``, ``text_len``,
+        ``heads``, ``mode``, ``mesh`` and ``strategy()``); ``mode`` and ``mesh`` replace the
+        config's (its mesh stays only with its mode); ``strategy``: the config's, if loaded.
+        The plan expects the local windows (those short of the whole grid) of the
+        strategy's last step, where real strategies are sparse; whole-canvas heads fall back
+        to head mode per call."""
+        if mode is None:
+            mode, mesh = cfg.mode, cfg.mesh if mesh is None else mesh
+        strategy = cfg.strategy() if strategy is None else strategy
+        grid = geometry.grid_shape(tuple(cfg.canvas), tuple(cfg.tile))
+        local = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}
+        return cls(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=mode, world_size=world_size,
+                   mesh=mesh, windows=tuple(sorted(local)) or None, num_heads=cfg.heads)
+
     # -- geometry of the mesh ----------------------------------------------------------
     @property
     def config(self) -> STAConfig:
