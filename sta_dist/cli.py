@@ -181,25 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds ranks wait for each other to form the job (default 15)")
     r.set_defaults(func=_run)
 
+    def one_call(parser_: argparse.ArgumentParser, world_size: int) -> None:
+        """The arguments naming one call of a config on some ranks (plan, doctor)."""
+        parser_.add_argument("--config", default="hunyuan_720p")
+        parser_.add_argument("--world-size", type=positive_int, default=world_size)
+        parser_.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
+        parser_.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None,
+                             help="hybrid mesh (default: by cost)", **dict(triple, nargs=2))
+        parser_.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
+        parser_.add_argument("--layer", type=nonnegative_int, default=0)
+
     p = sub.add_parser("plan", help="print the shard plan of a config: mode, mesh, each rank's tokens and halo")
-    p.add_argument("--config", default="hunyuan_720p")
-    p.add_argument("--world-size", type=positive_int, default=2)
-    p.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
-    p.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None, help="hybrid mesh (default: by cost)",
-                   **dict(triple, nargs=2))
-    p.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
-    p.add_argument("--layer", type=nonnegative_int, default=0)
+    one_call(p, world_size=2)
     p.add_argument("--ranks", action="store_true", help="one line per rank (default: only up to 8 ranks)")
     p.set_defaults(func=_plan)
 
     dr = sub.add_parser("doctor", help="which kernel each rank's call of a config takes, and why not the faster ones")
-    dr.add_argument("--config", default="hunyuan_720p")
-    dr.add_argument("--world-size", type=positive_int, default=1)
-    dr.add_argument("--mode", default=None, choices=["head", "tile", "hybrid", "auto"])
-    dr.add_argument("--mesh", metavar=("P_HEAD", "P_TILE"), default=None, help="hybrid mesh (default: by cost)",
-                    **dict(triple, nargs=2))
-    dr.add_argument("--step", type=nonnegative_int, default=None, help="strategy step (default: the last)")
-    dr.add_argument("--layer", type=nonnegative_int, default=0)
+    one_call(dr, world_size=1)
     dr.add_argument("--backend", default="auto", choices=list(BACKENDS))
     dr.add_argument("--assume-gpu", default=None, choices=["h100"],
                     help="route as on this GPU (with triton and nvcc) instead of this machine")

@@ -145,8 +145,6 @@ def triton_args(layout: LocalLayout, text: LocalText, facts: LayoutFacts, scale:
     )
 
 
-
-
 def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText, scale: float,
            subset: tuple[int, ...], out=None, return_lse: bool = False, config: dict | None = None, keys=None,
            lse=None, video: bool = True):

@@ -87,7 +87,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
     itemsize = DTYPES[cfg.dtype].itemsize
     lines.append(f"model ({H100_NVLINK.attention_tflops:g} TFLOP/s kernel, {H100_NVLINK.link_gbps:g} GB/s link, "
                  f"one H100 = {_predict(cfg, _one(cfg), windows, itemsize):.2f} ms):")
-    candidates = [plan] + (_candidates(cfg, world_size, plan) if world_size <= CANDIDATE_RANKS else [])
+    candidates = [plan] + (_candidates(cfg, world_size, plan, strategy) if world_size <= CANDIDATE_RANKS else [])
     for candidate in candidates:
         cost = call_cost(candidate, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid)
         mark = "*" if candidate is plan else " "
@@ -114,15 +114,14 @@ def _predict(cfg: RunConfig, plan: ShardPlan, windows, itemsize: int) -> float:
         H100_NVLINK)
 
 
-def _candidates(cfg: RunConfig, world_size: int, chosen: ShardPlan) -> list[ShardPlan]:
+def _candidates(cfg: RunConfig, world_size: int, chosen: ShardPlan, strategy) -> list[ShardPlan]:
     """The other plans of this world size: head, tile, and each 2-D mesh."""
     out = []
     kinds = [("head", None), ("tile", None)] + [
         ("hybrid", (p, world_size // p)) for p in range(2, world_size) if world_size % p == 0]
     for mode, mesh in kinds:
         try:
-            plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=mode, world_size=world_size,
-                             mesh=mesh, windows=chosen.windows, num_heads=cfg.heads)
+            plan = ShardPlan.from_config(cfg, world_size, mode=mode, mesh=mesh, strategy=strategy)
         except ValueError:  # e.g. more tile ranks than tiles along any split
             continue
         if (plan.mode, plan.mesh, plan.tile_split) != (chosen.mode, chosen.mesh, chosen.tile_split):

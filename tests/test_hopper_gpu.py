@@ -15,6 +15,7 @@ import torch
 
 import sta_dist
 from sta_dist.kernel_calls import packed_tables
+from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda as launch
 from sta_dist.local import LocalLayout
 from sta_dist.testing import error_bound, max_error, reference_attention, sampled_check
 from tests.hopper_support import box_and_halo, head_table, randn
@@ -26,12 +27,6 @@ cuda_hopper = pytest.mark.skipif(
 pytestmark = [cuda_hopper, pytest.mark.gpu, pytest.mark.timeout(120, method="thread")]
 
 HUNYUAN, TILE = (30, 48, 80), (6, 8, 8)
-
-
-def launch(*args, **kwargs):
-    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
-
-    return sta_fwd_cuda(*args, **kwargs)
 
 
 def run(canvas, tile, windows, n_heads, n_kv, dtype=torch.bfloat16, text=16, batch=1, seed=0, lse=False,
@@ -168,7 +163,6 @@ def test_packed_box_and_halo(text_keys, dtype):
 
 def test_cuda_refuses_what_its_rule_refuses():
     """The launcher refuses what the route's rule refuses, with the rule's reason."""
-    from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda
     from sta_dist.route import Call, Device, cuda_rule
 
     canvas, tile = (4, 16, 24), (2, 8, 8)
@@ -183,10 +177,10 @@ def test_cuda_refuses_what_its_rule_refuses():
     assert "text keys" in reason(text_keys=1)  # no text rows to attend
     assert "tokens here are other" in reason(order="other")
     with pytest.raises(ValueError, match="unsupported call: the kernel is built for bfloat16 and float16"):
-        sta_fwd_cuda(q.float(), q.float(), q.float(), head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q.float(),
+        launch(q.float(), q.float(), q.float(), head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q.float(),
                      canvas=canvas, tile=tile, scale=1.0)
     with pytest.raises(ValueError, match="order='packed' needs tables"):
-        sta_fwd_cuda(q, q, q, head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q, canvas=canvas, tile=tile,
+        launch(q, q, q, head_table([(1, 1, 1)] * 2, canvas, tile, 2, 2), q, canvas=canvas, tile=tile,
                      scale=1.0, order="packed")
 
 

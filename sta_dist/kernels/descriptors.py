@@ -1,7 +1,7 @@
-"""Bulk-copy (TMA) geometry of the Triton kernel (``sta_fwd.py``), whose rule the route
-shares with the CUDA kernel (``sta_fwd_cuda.cu``): which ``[B, S, heads, D]`` tensors the copy engine can
-read, and the 5-D view of a canvas in natural token order whose box is whole t-slices of
-one tile. Pure functions of shapes and strides."""
+"""Bulk-copy (TMA) geometry of the Triton kernel (``sta_fwd.py``), whose first rule the
+route shares with the CUDA kernel (``sta_fwd_cuda.cu``): which ``[B, S, heads, D]`` tensors
+the copy engine can read, and the 5-D view of a canvas in natural token order whose box is
+whole t-slices of one tile. Pure functions of shapes and strides."""
 
 from __future__ import annotations
 

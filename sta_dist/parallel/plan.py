@@ -247,7 +247,8 @@ class ShardPlan:
         strategy's last step, where real strategies are sparse; whole-canvas heads fall back
         to head mode per call."""
         if mode is None:
-            mode, mesh = cfg.mode, cfg.mesh if mesh is None else mesh
+            mode = cfg.mode
+            mesh = cfg.mesh if mesh is None else mesh
         strategy = cfg.strategy() if strategy is None else strategy
         grid = geometry.grid_shape(tuple(cfg.canvas), tuple(cfg.tile))
         local = {w for layer in strategy.windows[-1] for w in layer if not geometry.covers_grid(w, grid)}

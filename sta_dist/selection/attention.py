@@ -11,7 +11,6 @@ tiles, key tiles]``.
 from __future__ import annotations
 
 import functools
-
 from typing import Optional, Sequence
 
 import torch
