@@ -31,6 +31,7 @@ from .geometry import Triple, fastvideo_window
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.plan import ShardPlan
+from .parallel.pipeline import head_pipelined
 from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
 from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
@@ -404,16 +405,34 @@ class SlidingTileAttentionImpl:
         - Otherwise nothing moves: the kernel reads the natural order directly."""
         if self._plan(attn_metadata) is not None:
             q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
-            self._check_call(q, k, v, attn_metadata)
-            sched = self._schedule(attn_metadata)
-            warn_if_fallback(sched, self._plan(attn_metadata))
-            return exchange_in(q, k, v, sched, self._comm(attn_metadata))
+            return exchange_in(q, k, v, self._planned_schedule(q, k, v, attn_metadata), self._comm(attn_metadata))
         if self._fastvideo(attn_metadata):
             cfg = self._config(attn_metadata)
             self._check_video_tokens(qkv, cfg, attn_metadata)
             self._tiled_next = True
             return to_tiled(qkv, cfg.canvas, cfg.tile)
         return qkv
+
+    def _planned_schedule(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> CallSchedule:
+        """The checked call's schedule (with a plan)."""
+        self._check_call(q, k, v, attn_metadata)
+        sched = self._schedule(attn_metadata)
+        warn_if_fallback(sched, self._plan(attn_metadata))
+        return sched
+
+    def run_planned(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
+        """The three hooks as one call (with a plan): in head mode it runs pipelined in
+        chunks of heads (:mod:`sta_dist.parallel.pipeline`), which the hooks called one by
+        one cannot."""
+        sched = self._planned_schedule(q, k, v, attn_metadata)
+        if sched.head_chunks == 1:
+            box = exchange_in(q, k, v, sched, self._comm(attn_metadata))
+            return self.postprocess_output(self.forward(*box, attn_metadata), attn_metadata)
+        comm = self._comm(attn_metadata)
+        out = head_pipelined(q, k, v, sched, comm, self._text_length(attn_metadata), self.softmax_scale,
+                             self.backend, self.num_heads)
+        comm.settle_agreements()  # a call the ranks disagreed on returns no output
+        return out
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
         """After ``forward``. With a plan: the text rows' exact merge and the inverse

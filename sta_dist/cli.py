@@ -50,7 +50,7 @@ def _run(args) -> int:
 
     cfg, job = run.prepare(args.config, steps=args.steps, layers=args.layers, start_step=args.start_step,
                            mode=args.mode, mesh=args.mesh, canvas=args.canvas, heads=args.heads,
-                           timeout_s=args.timeout)
+                           head_chunks=args.head_chunks, timeout_s=args.timeout)
     return run.main(cfg, job, timeout_s=args.timeout, summary_path=args.summary,
                     rendezvous_timeout_s=args.rendezvous_timeout)
 
@@ -121,7 +121,7 @@ def _bench_dist(args) -> int:
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
                    heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,
-                   reps=args.reps, modes=modes, select=select)
+                   reps=args.reps, modes=modes, select=select, head_chunks=args.head_chunks)
     return 0
 
 
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     triple = dict(type=positive_int, nargs=3)
+    chunks_help = "head-mode calls in N chunks of heads, each exchange beside the attention (default: by the heads; 1: off)"
 
     r = sub.add_parser("run", help="the main job: a multi-step, multi-layer workload, distributed and verified")
     r.add_argument("--config", default="tiny_cpu", help="a name in configs/ (tiny_cpu, hunyuan_720p, wan21_480p, "
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--canvas", metavar=("T", "H", "W"), default=None, help="shrink the canvas (e.g. to run a "
                    "GPU-sized config on a CPU)", **triple)
     r.add_argument("--heads", type=positive_int, default=None, help="shrink the heads (one kv head per head)")
+    r.add_argument("--head-chunks", type=positive_int, default=None, help=chunks_help)
     r.add_argument("--timeout", type=positive_float, default=600.0,
                    help="seconds before a spawned (no torchrun) job is stopped")
     r.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text-valid", type=nonnegative_int, default=0)
     d.add_argument("--reps", type=positive_int, default=10)
     d.add_argument("--modes", default="head,tile,hybrid")
+    d.add_argument("--head-chunks", type=positive_int, default=None, help=chunks_help)
     d.add_argument("--select", default="", help="window plus selected tiles: topk:K (heads share it) or mass:P")
     d.add_argument("--out", default="out/bench")
     d.set_defaults(func=_bench_dist)

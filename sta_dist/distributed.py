@@ -55,9 +55,7 @@ class DistributedSlidingTileAttention(torch.nn.Module):
                                     return_selection)
         # Checked by the Impl on every rank together: one rank's bad input fails them all.
         meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[window], text_length=text_length)
-        box = self.impl.preprocess_qkv((q_local, k_local, v_local), meta)
-        partial = self.impl.forward(*box, meta)
-        return self.impl.postprocess_output(partial, meta)
+        return self.impl.run_planned(q_local, k_local, v_local, meta)
 
 
 def _fastvideo_as_sta(window: WindowArg, num_heads: int):

@@ -58,6 +58,9 @@ class RunConfig:
     """With a uniform strategy: the first steps use the whole canvas (as real strategies do)."""
     mode: str = "auto"
     mesh: Optional[tuple[int, int]] = None
+    head_chunks: Optional[int] = None
+    """Head-mode calls pipelined in this many chunks of heads (``ShardPlan.head_chunks``;
+    ``None``: by the heads, ``1``: not pipelined)."""
     dtype: str = "bfloat16"
     batch: int = 1
     cpu_ranks: int = 2
@@ -384,11 +387,11 @@ def local_ranks(cfg: RunConfig) -> int:
 
 def prepare(config: str, *, steps: Optional[int] = None, layers: Optional[int] = None, start_step: int = 0,
             mode: Optional[str] = None, mesh=None, canvas=None, heads: Optional[int] = None,
-            timeout_s: float = 600.0) -> tuple[RunConfig, JobRange]:
+            head_chunks: Optional[int] = None, timeout_s: float = 600.0) -> tuple[RunConfig, JobRange]:
     """Every check of a ``sta-dist run`` before any process starts: the config with its
     overrides, the step and layer range, the plan for this launch, and (without a GPU) that
     the job fits the deadline."""
-    overrides = dict(mode=mode, mesh=mesh, canvas=canvas, heads=heads)
+    overrides = dict(mode=mode, mesh=mesh, canvas=canvas, heads=heads, head_chunks=head_chunks)
     if heads is not None:
         overrides["kv_heads"] = heads  # a shrunk job keeps one kv head per head
     cfg = RunConfig.load(config, **overrides)

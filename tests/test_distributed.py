@@ -9,6 +9,7 @@ import torch
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
 from sta_dist.parallel.cost import call_cost
+from sta_dist.parallel.schedule import call_schedule, head_chunk
 from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
 from tests import dist_workers
@@ -68,6 +69,50 @@ def test_every_mode_matches_reference(world):
             assert modes == {expected}
     if world == 2:
         assert {results[0][i][2] for i in range(len(cases))} >= {"tile", "head (fallback)"}
+
+
+# head mode in chunks of heads: one sample (received in place) and two, GQA, text, a
+# whole-canvas head, tiled and natural order; chunk counts the heads allow and beyond
+CHUNKED = [
+    (Case((5, 6, 7), (2, 3, 4), [(1, 1, 1), (2, 1, 3), (9, 9, 9), (1, 2, 2), (3, 3, 1), (1, 1, 1)], 5, 3, 1, 6, 6, 32),
+     dict(mode="head")),
+    (Case((5, 6, 7), (2, 3, 4), [(1, 1, 1), (2, 1, 3), (3, 3, 1), (1, 2, 2)] * 2, 4, 4, 2, 8, 4, 32),
+     dict(mode="head", head_chunks=2)),
+    (Case((4, 6, 8), (2, 2, 2), (2, 2, 2), 0, 0, 1, 6, 3, 32), dict(mode="head", order="natural", head_chunks=5)),
+    (Case((5, 6, 7), (2, 3, 4), (1, 2, 3), 3, 2, 2, 6, 6, 32), dict(mode="auto", head_chunks=1)),
+]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_head_mode_in_chunks_matches_reference(world):
+    results = spawn_local(dist_workers.run_cases, world, (CHUNKED,), timeout_s=240)
+    chunked = 0
+    for i, (case, plan_kw) in enumerate(CHUNKED):
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        windows = normalize_windows(case.window, case.heads)
+        check_against_reference(case, plan, [results[r][i][0] for r in range(world)], seed=i)
+        predicted = call_cost(plan, windows, case.kv_heads, case.batch, case.head_dim, 4, case.text_length)
+        for r in range(world):  # in chunks, the same bytes as in one exchange
+            assert predicted.ranks[r].bytes_sent == results[r][i][1], (case, plan_kw, r)
+        chunked += call_schedule(plan, windows, case.kv_heads, 0).head_chunks > 1
+    assert chunked >= 2
+
+
+def test_head_chunks_follow_the_heads():
+    windows = ((1, 1, 1),) * 8
+    plan = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2)
+    sched = call_schedule(plan, windows, 4, 0)  # 2 kv heads per rank
+    assert sched.head_chunks == 2
+    parts = [head_chunk(sched, c) for c in range(2)]
+    assert [p.q_heads for p in parts] == [((0, 1), (4, 5)), ((2, 3), (6, 7))]
+    assert [p.kv_heads for p in parts] == [((0,), (2,)), ((1,), (3,))]
+    assert parts[1].heads.kv_heads == (0, 0)
+    tile = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="tile", world_size=2)
+    assert call_schedule(tile, windows, 4, 0).head_chunks == 1  # the halo exchange is not chunked
+    one = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=1)
+    assert call_schedule(one, windows, 4, 0).head_chunks == 1
+    with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1 or None, got head_chunks=0"):
+        ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=0)
 
 
 def box_sees_whole_canvas(case: Case, plan: ShardPlan) -> bool:

@@ -25,13 +25,15 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=16)
     parser.add_argument("--layers", default="0,1,2", help="comma-separated, or a range such as 0-59")
     parser.add_argument("--rows", type=int, default=18)
+    parser.add_argument("--mode", default=None, help="the plan's mode (auto, head, tile, hybrid; default: the config's)")
+    parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace of the profiled calls here")
     args = parser.parse_args()
     env = init_distributed()
     rank, world = env.rank, env.world_size
     device = torch.device("cuda", torch.cuda.current_device())
     cfg = RunConfig.load(args.config)
     strategy = cfg.strategy()
-    plan = ShardPlan.from_config(cfg, world, strategy=strategy)
+    plan = ShardPlan.from_config(cfg, world, mode=args.mode, strategy=strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     calls = []
     a, _, b = args.layers.partition("-")
@@ -69,6 +71,8 @@ def main() -> None:
         print(f"{world} rank(s), {plan.describe()}")
         print("wall ms per call:", ", ".join(f"{w:.2f}" for w in walls))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":

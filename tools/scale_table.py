@@ -1,9 +1,12 @@
 """The table of ``bash tools/gpu.sh scale``: from its JSON files, the layer and the real strategy on
 1..P GPUs, measured beside predicted (parallel/cost.py with H100 rates), and the 50-step
-total extrapolated from the three steps run (15 whole-canvas steps, the first sparse step
-with its compiles, 34 warm sparse steps).
+total extrapolated from the four steps run, 13-16: step 13 is the process's first (whole
+canvas, with the job's one-time costs: compiles, NCCL setup), 14 a warm whole-canvas step,
+15 the first sparse step (its compiles), 16 a warm sparse one. So the total counts each
+first-call cost once: step 13 + 14 x step 14 + step 15 + 34 x step 16.
 
     python3 tools/scale_table.py OUT_DIR 1 2 4
+    python3 tools/scale_table.py OUT_DIR run_1.json run_2_chunks_1.json ...   (runs named)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def predicted_step_ms(cfg: RunConfig, world: int, step: int) -> float:
     return total
 
 
-def main(out: str, sizes: list[int]) -> None:
+def main(out: str, sizes: list[int], runs: list[str]) -> None:
     print("## The (3,3,3) layer, HunyuanVideo 30x48x80, bf16")
     print("| GPUs | what | ms | vs one GPU | predicted ms | ms without the per-call check | max diff vs one GPU |")
     print("|---|---|---|---|---|---|---|")
@@ -52,22 +55,26 @@ def main(out: str, sizes: list[int]) -> None:
                   f"| {row.get('ms_without_call_check', float('nan')):.2f} | {'' if diff is None else f'{diff:.2e}'} |")
     print()
     print("## The real HunyuanVideo strategy through sta-dist run (60 layers a step)")
-    print("| GPUs | step 14 (whole) s | step 15 (first sparse) s | step 16 (sparse) s | 50 steps s (extrapolated) "
-          "| vs one GPU | predicted step 14 / 16 s | verified |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | GPUs | step 13 (first) s | step 14 (whole) s | step 15 (first sparse) s | step 16 (sparse) s "
+          "| 50 steps s (extrapolated) | vs one GPU: whole / sparse / all | predicted step 14 / 16 s | verified |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     cfg = RunConfig.load("hunyuan_720p")
     base = None
-    for n in sizes:
-        run = load(os.path.join(out, f"run_{n}.json"))
+    for name in runs:
+        run = load(os.path.join(out, name))
         if run is None:
             continue
-        whole, first, sparse = (ms / 1e3 for ms in run["step_ms"][:3])
-        total = WHOLE_STEPS * whole + first + (SPARSE_STEPS - 1) * sparse
-        base = base or total
+        n = run["world_size"]
+        first_whole, whole, first, sparse = (ms / 1e3 for ms in run["step_ms"][:4])
+        total = first_whole + (WHOLE_STEPS - 1) * whole + first + (SPARSE_STEPS - 1) * sparse
+        base = base or (whole, sparse, total)
         pred = f"{predicted_step_ms(cfg, n, 14) / 1e3:.2f} / {predicted_step_ms(cfg, n, 16) / 1e3:.2f}"
-        print(f"| {n} | {whole:.2f} | {first:.2f} | {sparse:.2f} | {total:.1f} | {base / total:.2f}x | {pred} "
+        print(f"| {name} | {n} | {first_whole:.2f} | {whole:.2f} | {first:.2f} | {sparse:.2f} | {total:.1f} "
+              f"| {base[0] / whole:.2f}x / {base[1] / sparse:.2f}x / {base[2] / total:.2f}x | {pred} "
               f"| {run['verified']} (worst {run['worst_error']:.2e} <= {run['worst_bound']:.2e}) |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [int(n) for n in sys.argv[2:]])
+    args = sys.argv[2:]
+    sizes = [int(a) for a in args if a.isdigit()]
+    main(sys.argv[1], sizes, [a for a in args if not a.isdigit()] or [f"run_{n}.json" for n in sizes])

@@ -95,10 +95,11 @@ def ulysses_flex(q, k, v, canvas, tile, windows, world: int, rank: int, device):
 
 
 def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank, qkv, one,
-                  reps, device, select=None) -> tuple[str, dict]:
+                  reps, device, select=None, head_chunks=None) -> tuple[str, dict]:
     """One mode's layer: its output against one GPU's (max over ranks), then its time."""
     plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world,
-                     windows=(tuple(window),), num_heads=heads, selected_tiles=getattr(select, "k", None))
+                     windows=(tuple(window),), num_heads=heads, selected_tiles=getattr(select, "k", None),
+                     head_chunks=head_chunks)
     attn = DistributedSlidingTileAttention(heads, head_dim, plan)
     windows = (tuple(window),) * heads
     local = [plan.shard(x, rank) for x in qkv]
@@ -118,12 +119,14 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
                                        text_valid).time_ms(H100_NVLINK)
     return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked, predicted_ms=predicted,
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
-                                                     call_mode=call_schedule(plan, windows, heads, rank).mode)
+                                                     call_mode=call_schedule(plan, windows, heads, rank).mode,
+                                                     head_chunks=call_schedule(plan, windows, heads, rank).head_chunks)
 
 
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
                    head_dim: int = 128, text_len: int = 0, text_valid: int = 0, reps: int = 10,
-                   modes=("head", "tile", "hybrid"), with_anchor: bool = True, select=None) -> dict:
+                   modes=("head", "tile", "hybrid"), with_anchor: bool = True, select=None,
+                   head_chunks=None) -> dict:
     """``select`` (``TopK`` / ``Mass``): every row, one GPU included, is window plus selected
     tiles (selection included); a row of the window alone on one GPU is added, and the
     Ulysses anchor left out."""
@@ -148,7 +151,7 @@ def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3,
     rows["one GPU (ours, all heads)"] = dict(ms=_time_ms(lambda: sliding_tile_attention(q, k, v, **kw), reps, device))
     for mode in modes:
         name, row = _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank,
-                                  (q, k, v), one, reps, device, select)
+                                  (q, k, v), one, reps, device, select, head_chunks)
         rows[name] = row
     if with_anchor and select is None and device.type == "cuda" and heads % world == 0 and text_len == 0:
         run, local_run = ulysses_flex(q, k, v, canvas, tile, windows, world, rank, device)

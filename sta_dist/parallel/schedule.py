@@ -8,6 +8,7 @@ of the tile group, and the local problem (:mod:`sta_dist.local`) the kernel then
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class CallSchedule:
     counts_text_keys: bool
     """Whether this rank's text queries attend the text keys (one rank per tile group,
     so the merged log-sum-exp counts them once)."""
+    head_chunks: int = 1
+    """In how many chunks of heads the call runs (:func:`head_chunk`): more than one only
+    in head mode (no halo), the same on every rank."""
 
     @property
     def me_in_head_group(self) -> int:
@@ -58,6 +62,35 @@ class CallSchedule:
     @property
     def box_tokens(self) -> int:
         return self.layout.q_video
+
+
+MAX_HEAD_CHUNKS = 3
+"""Chunks of heads a head-mode call is pipelined in by default: each more chunk hides more
+of the exchanges behind the attention, and costs a kernel launch with its last partial wave."""
+
+
+def _head_chunks(plan: ShardPlan, tile_group: tuple[int, ...], kv_heads: tuple[tuple[int, ...], ...]) -> int:
+    """Head mode only, and at most as many chunks as the member with the most kv heads has
+    (a member with fewer sits some chunks out)."""
+    if len(tile_group) > 1 or len(kv_heads) == 1:
+        return 1
+    return max(1, min(plan.head_chunks or MAX_HEAD_CHUNKS, max(len(kv) for kv in kv_heads)))
+
+
+@functools.lru_cache(maxsize=1024)
+def head_chunk(sched: CallSchedule, c: int) -> CallSchedule:
+    """Chunk ``c`` of a call in ``sched.head_chunks`` chunks: each head-group member's
+    ``c``-th share of its kv heads, with the query heads that read them. Its exchanges and
+    attention are the call's restricted to those heads (the layout is the call's)."""
+    H = sum(len(qh) for qh in sched.q_heads)
+    group = H // len(set().union(*sched.kv_heads))
+    lo_hi = [geometry.split_range(len(kvh), sched.head_chunks)[c] for kvh in sched.kv_heads]
+    kv_heads = tuple(kvh[lo:hi] for kvh, (lo, hi) in zip(sched.kv_heads, lo_hi))
+    q_heads = tuple(tuple(h for h in qh if h // group in kvh) for qh, kvh in zip(sched.q_heads, kv_heads))
+    me = sched.me_in_head_group
+    window_of = dict(zip(sched.q_heads[me], sched.heads.windows))
+    heads = LocalHeads(tuple(window_of[h] for h in q_heads[me]), tuple(kv_heads[me].index(h // group) for h in q_heads[me]))
+    return dataclasses.replace(sched, q_heads=q_heads, kv_heads=kv_heads, heads=heads, head_chunks=1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -96,7 +129,7 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
         layout = LocalLayout.natural(plan.canvas, plan.tile, plan.text_len)
         empty = ((),) * len(tile_group)
         return CallSchedule(rank, "head", head_group, tile_group, q_heads, kv_heads, held_counts, empty, empty,
-                            layout, heads, True)
+                            layout, heads, True, _head_chunks(plan, tile_group, kv_heads))
 
     box_tiles = [t for r in head_group for t in plan.held_tiles(r)]
     my_windows = sorted({eff[h] for h in my_q})
@@ -123,7 +156,8 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     else:
         mode = "tile" if len(head_group) == 1 else "hybrid"
     return CallSchedule(rank, mode, head_group, tile_group, q_heads, kv_heads, held_counts, tuple(sends),
-                        tuple(recvs), layout, heads, tile_group.index(rank) == 0)
+                        tuple(recvs), layout, heads, tile_group.index(rank) == 0,
+                        _head_chunks(plan, tile_group, kv_heads))
 
 
 def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
