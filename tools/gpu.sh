@@ -7,6 +7,7 @@
 #   dist                 bench dist (every mode, with and without text) and the main job (NGPU, default 2)
 #   profile              Nsight Compute on one launch of the Triton and of the CUDA kernel
 #   scale                the layer and the real strategy on 1, 2 and P GPUs (P = NGPU or all visible)
+#   overlap              head mode in chunks of heads vs one exchange (2 GPUs): the layer, the strategy
 #   diffusers            one diffusers denoising step, stock vs sta_dist, on 1 GPU then NGPU (default 2)
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
 #   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
@@ -14,8 +15,9 @@
 #   tables               GPU tests + 1-GPU selection; 2-GPU selection + strategy; 1-GPU strategy (LANES)
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
+#   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
 set -uo pipefail
-JOBS="kernel sweep dist profile scale diffusers fastvideo selection lanes tables route hopper"
+JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -109,6 +111,68 @@ job_hopper() {
   timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench.log"
 }
 
+# FlashAttention-4 as an anchor (issue 15 item 5), one GPU: tools/fa4_bench.py times our kernel,
+# FlexAttention-STA with its Triton and its FLASH (FA4 CuTe-DSL) backend, FA4 directly
+# (block-sparse; dense on the whole canvas) and cuDNN, each output checked. FA4 and what it
+# needs come as wheels too big for one call's carry: .whl-fa4/a (the first 55 MiB of the
+# CuTe-DSL cu13 library wheel) carried by one call, .whl-fa4/b (the rest of it, the other
+# wheels, SHA256SUMS) by the next on the same warm machine. The split wheel is put together,
+# every wheel checked against SHA256SUMS, and those whose distribution the machine lacks (or
+# has at a version another wheel rejects) go with --no-deps into a scratch folder on
+# PYTHONPATH, beside CuTe-DSL's package folder (its .pth is not read from PYTHONPATH).
+job_fa4() {
+  setup
+  local WH SITE_FA4 part name PICK
+  WH=$(mktemp -d)
+  SITE_FA4=$(mktemp -d)
+  cp .whl-fa4/*.whl .whl-fa4/*/*.whl .whl-fa4/SHA256SUMS .whl-fa4/*/SHA256SUMS "$WH"/ 2>/dev/null
+  for part in $(find .whl-fa4 -name '*.whl.part-aa' 2>/dev/null); do
+    name=$(basename "${part%.part-aa}")
+    find .whl-fa4 -name "$name.part-*" | awk -F/ '{print $NF "\t" $0}' | sort | cut -f2 | xargs cat >"$WH/$name"
+  done
+  if ! (cd "$WH" && sha256sum -c --quiet SHA256SUMS); then
+    echo "fa4: wheels missing or incomplete (carry .whl-fa4/a in one call, then .whl-fa4/b in the next on the same machine); FA4 rows will say not installed"
+  fi
+  PICK=$(cd "$WH" && sha256sum -c --ignore-missing SHA256SUMS 2>/dev/null | sed -n 's/: OK$//p' | sed "s|^|$WH/|" | python3 -c '
+import email, sys, zipfile
+from importlib import metadata
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+except ImportError:
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name, parse_wheel_filename
+wheels, specs = {}, {}
+for path in sys.stdin.read().split():
+    wheels[parse_wheel_filename(path.rsplit("/", 1)[-1])[0]] = path
+    with zipfile.ZipFile(path) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")))
+    for line in email.message_from_bytes(meta).get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            specs.setdefault(canonicalize_name(req.name), []).append(req.specifier)
+for name, path in sorted(wheels.items()):
+    try:
+        have = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is not None and all(s.contains(have, prereleases=True) for s in specs.get(name, [])):
+        print(f"fa4: the machine has {name} {have}", file=sys.stderr)
+    else:
+        print(path)
+')
+  if [ -n "$PICK" ]; then
+    # shellcheck disable=SC2086
+    python3 -m pip install -q --no-deps --no-index --target "$SITE_FA4" $PICK >>"$OUT/install.log" 2>&1 \
+      && echo "fa4: installed $(echo $PICK | xargs -n1 basename | cut -d- -f1-2 | tr '\n' ' ')" \
+      || { echo "fa4: pip install failed:"; tail -n 5 "$OUT/install.log"; }
+  fi
+  export PYTHONPATH="$SITE_FA4:$SITE_FA4/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -c "import flash_attn.cute, cutlass; print('fa4: flash_attn.cute imports; cutlass-dsl', cutlass.__version__)" 2>&1 | tail -n 2
+  timeout 500 python3 tools/fa4_bench.py --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/fa4_bench.log"
+  echo "fa4_bench exit: ${PIPESTATUS[0]} (124 = the 500 s limit)"
+}
+
 # Nsight Compute on one launch of the Triton and of the CUDA kernel at the Hunyuan (3,3,3)
 # shape (tools/hopper_bench.py --once), clocks left free: headline metrics, then for the
 # CUDA kernel the stall reasons and the per-instruction stall samples of its SASS (CSV).
@@ -146,13 +210,35 @@ job_scale() {
     timeout 300 torchrun --standalone --nproc-per-node "$n" -m sta_dist.cli bench dist --reps 10 \
       --modes head,tile,hybrid,auto --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_$n.log" | tail -n 9
   done
-  # The real strategy (steps 0-14 whole canvas, 15-49 sparse): step 14 (whole), 15 (first sparse
-  # step of the process: its compiles) and 16 (sparse, warm), on 1 GPU and on each size.
+  # The real strategy (steps 0-14 whole canvas, 15-49 sparse): step 13 (the process's first,
+  # whole), 14 (whole, warm), 15 (first sparse step: its compiles) and 16 (sparse, warm), on 1
+  # GPU and on each size.
   for n in $SIZES; do
     timeout 420 torchrun --standalone --nproc-per-node "$n" -m sta_dist.cli run --config hunyuan_720p \
-      --start-step 14 --steps 3 --summary "$OUT/run_$n.json" 2>&1 | grep -v Warn | tail -n 5
+      --start-step 13 --steps 4 --summary "$OUT/run_$n.json" 2>&1 | grep -v Warn | tail -n 5
   done
   python3 tools/scale_table.py "$OUT" $SIZES | tee "$OUT/scale_table.md"
+}
+
+# Head mode in chunks of heads (each chunk's all-to-all beside the attention of the one
+# before) against one exchange then the attention, on 2 GPUs: the (3,3,3) layer, then the
+# real strategy's steps 13-16 (one GPU, then 2 GPUs with and without the chunks).
+job_overlap() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  setup
+  local chunks
+  for chunks in 1 3; do
+    timeout 200 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 10 --modes head,auto \
+      --head-chunks $chunks --out "$OUT/chunks_$chunks" 2>&1 | grep -v Warn | tee "$OUT/dist_chunks_$chunks.log" | tail -n 7
+  done
+  timeout 200 torchrun --standalone --nproc-per-node 1 -m sta_dist.cli run --config hunyuan_720p \
+    --start-step 13 --steps 4 --summary "$OUT/run_1.json" 2>&1 | grep -v Warn | tail -n 3
+  for chunks in 1 3; do
+    timeout 150 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p \
+      --start-step 13 --steps 4 --head-chunks $chunks --summary "$OUT/run_2_chunks_$chunks.json" 2>&1 \
+      | grep -v Warn | tail -n 3
+  done
+  python3 tools/scale_table.py "$OUT" run_1.json run_2_chunks_1.json run_2_chunks_3.json | tee "$OUT/overlap_table.md"
 }
 
 # One denoising step of full-size random-weight HunyuanVideo and Wan 2.1 14B in diffusers

@@ -1,13 +1,19 @@
 """What sta_dist is measured against, run in the same process: FlexAttention with an STA
-block mask, and PyTorch SDPA dense attention (cuDNN, flash).
+block mask (its Triton kernel, or FlashAttention-4's through its FLASH backend), PyTorch
+SDPA dense attention (cuDNN, flash), and FlashAttention-4 called directly (dense, or
+block-sparse over the same block mask).
 
 FlexAttention gets its best case: tokens in tiled order, so a 6x8x8 tile is three whole
-128-token blocks and the block mask is exact. Inputs are ``[B, H, S, D]``.
+128-token blocks and the block mask is exact. Inputs are ``[B, H, S, D]``, except FA4's
+own ``[B, S, H, D]``. FlashAttention-4 (``flash_attn.cute``, package flash-attn-4) is
+optional and imported lazily: without it its anchors raise ImportError saying so.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+import importlib
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +30,45 @@ def _tile_coords_per_token(canvas: Triple, tile: Triple, pad_to: int, device) ->
     return coords.to(device)
 
 
+@functools.lru_cache(maxsize=1)
+def fa4_missing() -> Optional[str]:
+    """None when FlashAttention-4's CuTe-DSL interface (``flash_attn.cute``) imports, else
+    why not, starting "not installed"."""
+    try:
+        importlib.import_module("flash_attn.cute")
+    except Exception as err:  # ImportError, or a CuTe-DSL library that fails to load
+        return f"not installed ({type(err).__name__}: {str(err)[:200]})"
+    return None
+
+
+def _need_fa4(what: str) -> None:
+    if fa4_missing():
+        raise ImportError(f"{what}: FlashAttention-4 (flash_attn.cute) {fa4_missing()}")
+
+
 class FlexSTA:
     """FlexAttention with an STA block mask for tiled-order ``q, k, v [B, H, S, D]``.
 
     One compiled function and one ``mask_mod`` per problem shape; :meth:`set_windows`
     changes the windows in place (no recompilation). With one window for all heads the
     block mask broadcasts over heads unless ``per_head_mask``.
+
+    ``backend`` is FlexAttention's ``kernel_options["BACKEND"]``: None leaves its default
+    (the Triton kernel); ``"FLASH"`` runs FlashAttention-4's CuTe-DSL forward kernel with
+    the same block mask (its full blocks unmasked, the ``mask_mod`` compiled to CuTe-DSL
+    for the partial ones; see :meth:`_make_flash_mask_mod`), and raises ImportError here
+    without FA4.
     """
 
     BLOCK = 128
 
-    def __init__(self, canvas: Triple, tile: Triple, text_len: int, text_valid: int, heads: int, device):
+    def __init__(self, canvas: Triple, tile: Triple, text_len: int, text_valid: int, heads: int, device,
+                 backend: Optional[str] = None):
         from torch.nn.attention.flex_attention import flex_attention
 
+        if backend == "FLASH":
+            _need_fa4("FlexAttention BACKEND=FLASH")
+        self.kernel_options = None if backend is None else {"BACKEND": backend}
         self.canvas, self.tile, self.heads, self.device = canvas, tile, heads, device
         self.grid = geometry.grid_shape(canvas, tile)
         self.n_video = geometry.volume(canvas)
@@ -45,11 +77,16 @@ class FlexSTA:
         self.coords = _tile_coords_per_token(canvas, tile, self.seq + 2 * self.BLOCK, device)
         self.eff = torch.ones(3, heads, dtype=torch.long, device=device)  # [axis, head]
         self.n_tiles = torch.tensor(self.grid, device=device)
+        # FLASH's mask_mod: per axis, each token's tile coordinate and each head's width.
+        self.axis_coords = [c.to(torch.int32).contiguous() for c in self.coords]
+        self.axis_eff = [torch.ones(heads, dtype=torch.int32, device=device) for _ in range(3)]
+        self.axis_half = [torch.zeros(heads, dtype=torch.int32, device=device) for _ in range(3)]
+        self.axis_last = [torch.zeros(heads, dtype=torch.int32, device=device) for _ in range(3)]
         # Static shapes: torch.compile caches per code object, so a second problem shape in the
         # same process would otherwise recompile flex_attention with dynamic sizes, which ran
         # about 22% slower on an H100 (a bench's later cases met a weakened anchor).
         self.compiled = torch.compile(flex_attention, dynamic=False)
-        self.mask_mod = self._make_mask_mod()
+        self.mask_mod = self._make_flash_mask_mod() if backend == "FLASH" else self._make_mask_mod()
         self.block_mask = None
         self._keys: dict = {}
 
@@ -72,10 +109,37 @@ class FlexSTA:
 
         return sta_mask_mod
 
+    def _make_flash_mask_mod(self):
+        """The same mask in the form the FLASH backend compiles to CuTe-DSL (torch 2.11):
+        captured tensors loaded only at indices computed from ``h``, ``q_idx``, ``kv_idx``
+        (a constant index, as in ``coords[a][q_idx]``, fails in its codegen), so each axis
+        has its own int32 coordinate and width tensors and the tile counts are constants."""
+        axes = list(zip(self.axis_coords, self.axis_eff, self.axis_half, self.axis_last))
+        n_video, text_valid = self.n_video, self.text_valid
+
+        def sta_mask_mod(b, h, q_idx, kv_idx):
+            inside = q_idx < n_video
+            for coord, eff, half, last in axes:  # no min/max: its CuTe-DSL codegen lacks them
+                start = coord[q_idx] - half[h]
+                start = torch.where(start < 0, 0, start)
+                start = torch.where(start > last[h], last[h], start)
+                inside = inside & (coord[kv_idx] >= start) & (coord[kv_idx] < start + eff[h])
+            k_video = kv_idx < n_video
+            k_text = (kv_idx >= n_video) & (kv_idx < n_video + text_valid)
+            q_video = q_idx < n_video
+            q_text = (q_idx >= n_video) & (q_idx < n_video + text_valid)
+            return (q_video & ((inside & k_video) | k_text)) | (q_text & (k_video | k_text))
+
+        return sta_mask_mod
+
     def set_windows(self, windows: Sequence[Triple], per_head_mask: bool | None = None) -> "FlexSTA":
         per_head = len(set(windows)) > 1 if per_head_mask is None else per_head_mask
         eff = [geometry.effective_window(w, self.grid) for w in windows]
         self.eff.copy_(torch.tensor(eff if per_head else eff[:1] * self.heads).T)
+        for axis_eff, half, last, row, n in zip(self.axis_eff, self.axis_half, self.axis_last, self.eff, self.grid):
+            axis_eff.copy_(row)
+            half.copy_((row - 1) // 2)  # a window's first tile: the query's minus half, within [0, n - k]
+            last.copy_(n - row)
         self.block_mask = self._block_mask(eff, per_head)
         return self
 
@@ -126,7 +190,35 @@ class FlexSTA:
         return self._keys[window]
 
     def __call__(self, q, k, v):
-        return self.compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return self.compiled(q, k, v, block_mask=self.block_mask, enable_gqa=q.shape[1] != k.shape[1],
+                             kernel_options=self.kernel_options)
+
+
+class FA4:
+    """FlashAttention-4 called directly (``flash_attn.cute.flash_attn_func``) on ``q, k, v
+    [B, S, H, D]``: dense, or block-sparse given a FlexAttention ``BlockMask`` (FlexSTA's,
+    tokens in tiled order) passed as FA4's ``BlockSparseTensorsTorch``, what the FLASH
+    backend hands it too. Only a mask whose blocks are all full or empty: FA4 masks inside
+    a partial block only with a CuTe-DSL ``mask_mod``, which a torch ``mask_mod`` is not
+    until FlexAttention compiles it; so whole tiles of whole 128-token blocks, no text."""
+
+    def __init__(self, block_mask=None):
+        _need_fa4("FA4")
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+        self.fn, self.sparse = flash_attn_func, None
+        if block_mask is not None:
+            if block_mask.full_kv_num_blocks is None or bool(block_mask.kv_num_blocks.any()):
+                raise ValueError("FA4 block-sparse here needs every block full or empty (no partial blocks: "
+                                 "those need a CuTe-DSL mask_mod)")
+            self.sparse = BlockSparseTensorsTorch(
+                block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.full_kv_num_blocks,
+                block_mask.full_kv_indices, block_size=tuple(block_mask.BLOCK_SIZE))
+
+    def __call__(self, q, k, v):
+        out = self.fn(q, k, v, block_sparse_tensors=self.sparse)
+        return out[0] if isinstance(out, tuple) else out
 
 
 def sdpa(backend: str) -> Callable:
