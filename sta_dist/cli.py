@@ -121,7 +121,7 @@ def _bench_dist(args) -> int:
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
                    heads=args.heads, head_dim=args.head_dim, text_len=args.text_len, text_valid=args.text_valid,
-                   reps=args.reps, modes=modes, select=select, head_chunks=args.head_chunks)
+                   reps=args.reps, modes=modes, select=select, head_chunks=args.head_chunks or 1)
     return 0
 
 
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     triple = dict(type=positive_int, nargs=3)
-    chunks_help = "head-mode calls in N chunks of heads, each exchange beside the attention (default: by the heads; 1: off)"
+    chunks_help = "head-mode calls in N chunks of heads, each exchange beside the attention (default 1: off)"
 
     r = sub.add_parser("run", help="the main job: a multi-step, multi-layer workload, distributed and verified")
     r.add_argument("--config", default="tiny_cpu", help="a name in configs/ (tiny_cpu, hunyuan_720p, wan21_480p, "

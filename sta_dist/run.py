@@ -58,9 +58,9 @@ class RunConfig:
     """With a uniform strategy: the first steps use the whole canvas (as real strategies do)."""
     mode: str = "auto"
     mesh: Optional[tuple[int, int]] = None
-    head_chunks: Optional[int] = None
+    head_chunks: int = 1
     """Head-mode calls pipelined in this many chunks of heads (``ShardPlan.head_chunks``;
-    ``None``: by the heads, ``1``: not pipelined)."""
+    ``1``: not pipelined)."""
     dtype: str = "bfloat16"
     batch: int = 1
     cpu_ranks: int = 2
@@ -79,7 +79,7 @@ class RunConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got dtype={self.dtype!r}")
         if self.verify not in ("all", "sampled", "none"):
             raise ValueError(f"verify must be 'all', 'sampled' or 'none', got verify={self.verify!r}")
-        for name in ("heads", "kv_heads", "head_dim", "layers", "steps", "batch", "cpu_ranks"):
+        for name in ("heads", "kv_heads", "head_dim", "layers", "steps", "batch", "cpu_ranks", "head_chunks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {name}={value!r}")

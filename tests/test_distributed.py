@@ -75,11 +75,11 @@ def test_every_mode_matches_reference(world):
 # whole-canvas head, tiled and natural order; chunk counts the heads allow and beyond
 CHUNKED = [
     (Case((5, 6, 7), (2, 3, 4), [(1, 1, 1), (2, 1, 3), (9, 9, 9), (1, 2, 2), (3, 3, 1), (1, 1, 1)], 5, 3, 1, 6, 6, 32),
-     dict(mode="head")),
+     dict(mode="head", head_chunks=3)),
     (Case((5, 6, 7), (2, 3, 4), [(1, 1, 1), (2, 1, 3), (3, 3, 1), (1, 2, 2)] * 2, 4, 4, 2, 8, 4, 32),
      dict(mode="head", head_chunks=2)),
     (Case((4, 6, 8), (2, 2, 2), (2, 2, 2), 0, 0, 1, 6, 3, 32), dict(mode="head", order="natural", head_chunks=5)),
-    (Case((5, 6, 7), (2, 3, 4), (1, 2, 3), 3, 2, 2, 6, 6, 32), dict(mode="auto", head_chunks=1)),
+    (Case((5, 6, 7), (2, 3, 4), (1, 2, 3), 3, 2, 2, 6, 6, 32), dict(mode="auto")),
 ]
 
 
@@ -100,18 +100,18 @@ def test_head_mode_in_chunks_matches_reference(world):
 
 def test_head_chunks_follow_the_heads():
     windows = ((1, 1, 1),) * 8
-    plan = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2)
-    sched = call_schedule(plan, windows, 4, 0)  # 2 kv heads per rank
+    plan = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=3)
+    sched = call_schedule(plan, windows, 4, 0)  # 2 kv heads per rank: 2 chunks at most
     assert sched.head_chunks == 2
     parts = [head_chunk(sched, c) for c in range(2)]
     assert [p.q_heads for p in parts] == [((0, 1), (4, 5)), ((2, 3), (6, 7))]
     assert [p.kv_heads for p in parts] == [((0,), (2,)), ((1,), (3,))]
     assert parts[1].heads.kv_heads == (0, 0)
-    tile = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="tile", world_size=2)
+    tile = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="tile", world_size=2, head_chunks=3)
     assert call_schedule(tile, windows, 4, 0).head_chunks == 1  # the halo exchange is not chunked
-    one = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=1)
-    assert call_schedule(one, windows, 4, 0).head_chunks == 1
-    with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1 or None, got head_chunks=0"):
+    default = ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2)
+    assert call_schedule(default, windows, 4, 0).head_chunks == 1
+    with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1, got head_chunks=0"):
         ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=0)
 
 

@@ -95,7 +95,7 @@ def ulysses_flex(q, k, v, canvas, tile, windows, world: int, rank: int, device):
 
 
 def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_dim, world, rank, qkv, one,
-                  reps, device, select=None, head_chunks=None) -> tuple[str, dict]:
+                  reps, device, select=None, head_chunks: int = 1) -> tuple[str, dict]:
     """One mode's layer: its output against one GPU's (max over ranks), then its time."""
     plan = ShardPlan(canvas=canvas, tile=tile, text_len=text_len, mode=mode, world_size=world,
                      windows=(tuple(window),), num_heads=heads, selected_tiles=getattr(select, "k", None),
@@ -126,7 +126,7 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,
                    head_dim: int = 128, text_len: int = 0, text_valid: int = 0, reps: int = 10,
                    modes=("head", "tile", "hybrid"), with_anchor: bool = True, select=None,
-                   head_chunks=None) -> dict:
+                   head_chunks: int = 1) -> dict:
     """``select`` (``TopK`` / ``Mass``): every row, one GPU included, is window plus selected
     tiles (selection included); a row of the window alone on one GPU is added, and the
     Ulysses anchor left out."""

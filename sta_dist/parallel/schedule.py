@@ -64,17 +64,12 @@ class CallSchedule:
         return self.layout.q_video
 
 
-MAX_HEAD_CHUNKS = 3
-"""Chunks of heads a head-mode call is pipelined in by default: each more chunk hides more
-of the exchanges behind the attention, and costs a kernel launch with its last partial wave."""
-
-
 def _head_chunks(plan: ShardPlan, tile_group: tuple[int, ...], kv_heads: tuple[tuple[int, ...], ...]) -> int:
     """Head mode only, and at most as many chunks as the member with the most kv heads has
     (a member with fewer sits some chunks out)."""
     if len(tile_group) > 1 or len(kv_heads) == 1:
         return 1
-    return max(1, min(plan.head_chunks or MAX_HEAD_CHUNKS, max(len(kv) for kv in kv_heads)))
+    return max(1, min(plan.head_chunks, max(len(kv) for kv in kv_heads)))
 
 
 @functools.lru_cache(maxsize=1024)
