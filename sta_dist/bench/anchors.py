@@ -46,6 +46,17 @@ def _need_fa4(what: str) -> None:
         raise ImportError(f"{what}: FlashAttention-4 (flash_attn.cute) {fa4_missing()}")
 
 
+def _with_text(inside, q_idx, kv_idx, n_video: int, text_valid: int):
+    """An STA ``mask_mod``'s value from ``inside`` (the key tile is in the query tile's
+    window): video queries see their window's video keys and the valid text, valid text
+    queries see every video key and the valid text."""
+    k_video = kv_idx < n_video
+    k_text = (kv_idx >= n_video) & (kv_idx < n_video + text_valid)
+    q_video = q_idx < n_video
+    q_text = (q_idx >= n_video) & (q_idx < n_video + text_valid)
+    return (q_video & ((inside & k_video) | k_text)) | (q_text & (k_video | k_text))
+
+
 class FlexSTA:
     """FlexAttention with an STA block mask for tiled-order ``q, k, v [B, H, S, D]``.
 
@@ -101,11 +112,7 @@ class FlexSTA:
                 start = torch.clamp(coords[a][q_idx] - (k - 1) // 2, min=0)
                 start = torch.minimum(start, n_tiles[a] - k)
                 inside = inside & (coords[a][kv_idx] >= start) & (coords[a][kv_idx] < start + k)
-            k_video = kv_idx < n_video
-            k_text = (kv_idx >= n_video) & (kv_idx < n_video + text_valid)
-            q_video = q_idx < n_video
-            q_text = (q_idx >= n_video) & (q_idx < n_video + text_valid)
-            return (q_video & ((inside & k_video) | k_text)) | (q_text & (k_video | k_text))
+            return _with_text(inside, q_idx, kv_idx, n_video, text_valid)
 
         return sta_mask_mod
 
@@ -124,11 +131,7 @@ class FlexSTA:
                 start = torch.where(start < 0, 0, start)
                 start = torch.where(start > last[h], last[h], start)
                 inside = inside & (coord[kv_idx] >= start) & (coord[kv_idx] < start + eff[h])
-            k_video = kv_idx < n_video
-            k_text = (kv_idx >= n_video) & (kv_idx < n_video + text_valid)
-            q_video = q_idx < n_video
-            q_text = (q_idx >= n_video) & (q_idx < n_video + text_valid)
-            return (q_video & ((inside & k_video) | k_text)) | (q_text & (k_video | k_text))
+            return _with_text(inside, q_idx, kv_idx, n_video, text_valid)
 
         return sta_mask_mod
 
