@@ -28,8 +28,10 @@ import torch
 from .api import sliding_tile_attention, to_natural, to_tiled
 from .config import STAConfig, check_triple, normalize_windows
 from .geometry import Triple, fastvideo_window
+from .local import head_index
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
+from .parallel.cost import call_parts
 from .parallel.plan import ShardPlan
 from .parallel.pipeline import head_pipelined
 from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
@@ -420,19 +422,39 @@ class SlidingTileAttentionImpl:
         warn_if_fallback(sched, self._plan(attn_metadata))
         return sched
 
-    def run_planned(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
-        """The three hooks as one call (with a plan): in head mode it runs pipelined in
-        chunks of heads (:mod:`sta_dist.parallel.pipeline`), which the hooks called one by
-        one cannot."""
-        sched = self._planned_schedule(q, k, v, attn_metadata)
-        if sched.head_chunks == 1:
-            box = exchange_in(q, k, v, sched, self._comm(attn_metadata))
-            return self.postprocess_output(self.forward(*box, attn_metadata), attn_metadata)
-        comm = self._comm(attn_metadata)
-        out = head_pipelined(q, k, v, sched, comm, self._text_length(attn_metadata), self.softmax_scale,
-                             self.backend, self.num_heads)
+    def run_planned(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata, parts=None) -> torch.Tensor:
+        """The three hooks as one call (with a plan), in the parts the cost model chose
+        (:func:`~sta_dist.parallel.cost.call_parts`: a call mixing heads whose windows reach
+        the whole canvas with local ones can run the first in head mode, the others in tile
+        mode; ``parts``: a split of the caller's own, the same on every rank), each in head
+        mode pipelined in chunks of heads when the plan asks (:mod:`sta_dist.parallel.pipeline`):
+        what the hooks called one by one cannot."""
+        self._check_call(q, k, v, attn_metadata)
+        plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
+        text_length = self._text_length(attn_metadata)
+        longest = max(text_length) if isinstance(text_length, tuple) else text_length
+        if parts is None:
+            parts = call_parts(plan, self._call_windows(attn_metadata, plan.grid), self.num_kv_heads, q.shape[0],
+                               q.shape[3], q.element_size(), longest)
+        if len(parts) == 1:
+            sched = self._schedule(attn_metadata)
+            warn_if_fallback(sched, plan)
+            out = self._run(q, k, v, sched, comm, text_length, self.num_heads)
+        else:
+            out = torch.empty_like(q)
+            for part in parts:
+                qi, kvi = head_index(part.q_heads), head_index(part.kv_heads)
+                local = (q[:, :, qi].contiguous(), k[:, :, kvi].contiguous(), v[:, :, kvi].contiguous())
+                out[:, :, qi] = self._run(*local, part.schedule(plan, comm.rank), comm, text_length, len(part.q_heads))
         comm.settle_agreements()  # a call the ranks disagreed on returns no output
         return out
+
+    def _run(self, q, k, v, sched: CallSchedule, comm: Comm, text_length, num_heads: int) -> torch.Tensor:
+        """One schedule's call on this rank's tokens: exchange, attend, exchange back."""
+        if sched.head_chunks > 1:
+            return head_pipelined(q, k, v, sched, comm, text_length, self.softmax_scale, self.backend, num_heads)
+        partial = attend(exchange_in(q, k, v, sched, comm), sched, text_length, self.softmax_scale, self.backend)
+        return exchange_out(partial, sched, comm, num_heads)
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
         """After ``forward``. With a plan: the text rows' exact merge and the inverse

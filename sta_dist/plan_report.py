@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import geometry
-from .parallel.cost import H100_NVLINK, call_cost
+from .parallel.cost import H100_NVLINK, call_cost, call_mode
 from .parallel.plan import ShardPlan, choose_mesh
 from .parallel.schedule import CallSchedule, call_schedule
 from .run import DTYPES, RunConfig
@@ -91,7 +91,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
     for candidate in candidates:
         cost = call_cost(candidate, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid)
         mark = "*" if candidate is plan else " "
-        runs_as = call_schedule(candidate, windows, cfg.kv_heads, 0).mode
+        runs_as = call_mode(candidate, windows, cfg.kv_heads, 0, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid)
         lines.append(f" {mark} mode {candidate.mode:<6} mesh {str(candidate.mesh):<9} predicted "
                      f"{cost.time_ms(H100_NVLINK):8.2f} ms, at most {cost.max_bytes() / 1e6:7.1f} MB sent per rank"
                      + (f" (this call: {runs_as})" if runs_as != candidate.mode else ""))

@@ -26,9 +26,9 @@ from .config import STAConfig, check_triple
 from .distributed import DistributedSlidingTileAttention
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
+from .parallel.cost import call_mode
 from .parallel.env import detect_env, init_distributed
 from .parallel.plan import MODES, ShardPlan
-from .parallel.schedule import call_schedule
 from .testing import error_bound, max_error, reference_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -289,7 +289,8 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
             out = attn(*local, window=windows, text_length=cfg.text_valid)
             _sync(device)
             total_ms += (time.perf_counter() - start) * 1e3
-            modes[call_schedule(plan, windows, cfg.kv_heads, rank).mode] += 1
+            modes[call_mode(plan, windows, cfg.kv_heads, rank, cfg.batch, cfg.head_dim, q.element_size(),
+                            cfg.text_valid)] += 1
             if cfg.verify != "none" and (cfg.verify == "all" or layer == 0):
                 err, bound = verify_local(cfg, plan, rank, q, k, v, windows, out, seed=step * 7919 + layer)
                 verified &= err <= bound

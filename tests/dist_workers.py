@@ -8,7 +8,9 @@ import time
 import torch
 
 from sta_dist import DistributedSlidingTileAttention, ShardPlan
+from sta_dist.backend import SlidingTileAttentionMetadata
 from sta_dist.config import normalize_windows
+from sta_dist.parallel.cost import CallPart, call_mode
 from sta_dist.parallel.runtime import PartialOutput, exchange_in, exchange_out
 from sta_dist.parallel.schedule import call_schedule
 from tests.cases import Case
@@ -27,9 +29,34 @@ def run_cases(rank, world, cases):
         attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
         out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
                    text_length=case.text_length)
-        sched = call_schedule(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank)
-        results.append((out, dict(attn.comm.bytes_sent), sched.mode))
+        mode = call_mode(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank, case.batch,
+                         case.head_dim, 4, case.text_length)
+        results.append((out, dict(attn.comm.bytes_sent), mode))
     return results
+
+
+def run_in_parts(rank, world, cases):
+    """Each (case, plan kwargs, groups of kv heads): the call run in those parts (the first
+    through the plan's schedule for its windows, and so on), the rank's output and bytes."""
+    results = []
+    for i, (case, plan_kw, groups) in enumerate(cases):
+        q, k, v = full_inputs(case, seed=i)
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+        parts = kv_group_parts(case, groups)
+        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[case.window], text_length=case.text_length)
+        out = attn.impl.run_planned(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), meta, parts=parts)
+        results.append((out, dict(attn.comm.bytes_sent), [p.schedule(plan, rank).mode for p in parts]))
+    return results
+
+
+def kv_group_parts(case: Case, groups) -> tuple:
+    """The :class:`CallPart` of each list of kv heads (with their query heads)."""
+    windows = normalize_windows(case.window, case.heads)
+    g = case.heads // case.kv_heads
+    return tuple(CallPart(tuple(h for kv in kv_heads for h in range(kv * g, kv * g + g)), tuple(kv_heads),
+                          tuple(windows[h] for kv in kv_heads for h in range(kv * g, kv * g + g)))
+                 for kv_heads in groups)
 
 
 def round_trip(rank, world, case, plan_kw):

@@ -8,8 +8,9 @@ import torch
 
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
-from sta_dist.parallel.cost import call_cost
-from sta_dist.parallel.schedule import call_schedule, head_chunk
+from sta_dist.parallel.cost import H100_NVLINK, MIXED, CallPart, _parts_cost, call_cost, call_mode, call_parts
+from sta_dist.parallel.schedule import call_schedule, head_chunk, whole_canvas_halo
+from sta_dist.run import RunConfig
 from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
 from tests import dist_workers
@@ -113,6 +114,58 @@ def test_head_chunks_follow_the_heads():
     assert call_schedule(default, windows, 4, 0).head_chunks == 1
     with pytest.raises(ValueError, match=r"head_chunks must be an int >= 1, got head_chunks=0"):
         ShardPlan(canvas=(4, 6, 8), tile=(2, 2, 2), text_len=0, mode="head", world_size=2, head_chunks=0)
+
+
+# calls in parts (kv groups): heads whose window reaches the whole canvas from a box through
+# the head all-to-all, the local heads in tile (or hybrid) mode; GQA, text, two samples
+MIXED_CASES = [
+    (Case((6, 8, 12), (2, 2, 3), [(1, 1, 1), (1, 1, 1), (9, 9, 9), (3, 9, 9), (2, 1, 1), (1, 2, 1), (1, 1, 1), (2, 2, 2)],
+          5, 3, 2, 8, 4, 32), [[1], [0, 2, 3]]),
+    (Case((6, 8, 10), (2, 2, 2), [(1, 1, 1)] * 4 + [(9, 9, 9)] * 2, 0, 0, 1, 6, 6, 32), [[4, 5], [0, 1, 2, 3]]),
+]
+MIXED_PLANS = {2: dict(mode="tile"), 3: dict(mode="tile"), 4: dict(mode="hybrid", mesh=(2, 2))}
+
+
+@pytest.mark.parametrize("world", sorted(MIXED_PLANS))
+def test_a_call_in_parts_matches_reference(world):
+    cases = [(case, MIXED_PLANS[world], groups) for case, groups in MIXED_CASES]
+    results = spawn_local(dist_workers.run_in_parts, world, (cases,), timeout_s=240)
+    for i, (case, plan_kw, groups) in enumerate(cases):
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        check_against_reference(case, plan, [results[r][i][0] for r in range(world)], seed=i)
+        parts = dist_workers.kv_group_parts(case, groups)
+        predicted = _parts_cost(plan, parts, case.batch, case.head_dim, 4, case.text_length)
+        for r in range(world):  # the bytes of the parts, each its own schedule's
+            assert predicted.ranks[r].bytes_sent == results[r][i][1], (case, plan_kw, r)
+            assert results[r][i][2] == ["head (fallback)", plan.mode]  # wide heads all-to-all, local ones halo
+
+
+def test_call_parts_split_the_real_strategy_by_cost():
+    cfg = RunConfig.load("hunyuan_720p")
+    strategy = cfg.strategy()
+    plan = ShardPlan.from_config(cfg, 2, mode="tile", strategy=strategy)
+    mixed = 0
+    for layer in range(4):
+        windows = strategy.layer_windows(16, layer)
+        windows = tuple(tuple(windows[h % len(windows)]) for h in range(cfg.heads))
+        parts = call_parts(plan, windows, cfg.heads, 1, 128, 2, cfg.text_valid)
+        whole = (CallPart(tuple(range(cfg.heads)), tuple(range(cfg.heads)), windows),)
+        if len(parts) == 1:
+            assert parts == whole
+            continue
+        mixed += 1
+        wide, local = parts
+        assert sorted(wide.q_heads + local.q_heads) == list(range(cfg.heads))
+        assert wide.schedule(plan, 0).mode == "head (fallback)" and local.schedule(plan, 0).mode == "tile"
+        assert not whole_canvas_halo(plan, tuple(sorted(set(local.windows))))
+        chosen, rest = (_parts_cost(plan, p, 1, 128, 2, cfg.text_valid).time_ms(H100_NVLINK) for p in (parts, whole))
+        assert chosen < rest
+        assert call_mode(plan, windows, cfg.heads, 0, 1, 128, 2, cfg.text_valid) == MIXED
+        sent = call_cost(plan, windows, cfg.heads, 1, 128, 2, cfg.text_valid).ranks[0].bytes_sent
+        assert set(sent) == {"head all-to-all", "output all-to-all", "halo exchange", "text merge"}
+    assert mixed >= 2
+    head = ShardPlan.from_config(cfg, 2, mode="head", strategy=strategy)  # no tile axis: one part
+    assert len(call_parts(head, windows, cfg.heads, 1, 128, 2, cfg.text_valid)) == 1
 
 
 def box_sees_whole_canvas(case: Case, plan: ShardPlan) -> bool:

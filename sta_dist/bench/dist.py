@@ -17,7 +17,7 @@ import torch.distributed as dist
 from .. import geometry
 from ..api import sliding_tile_attention
 from ..distributed import DistributedSlidingTileAttention
-from ..parallel.cost import H100_NVLINK, call_cost, selected_call_cost
+from ..parallel.cost import H100_NVLINK, call_cost, call_mode, selected_call_cost
 from ..parallel.env import init_distributed
 from ..parallel.plan import ShardPlan
 from ..parallel.schedule import call_schedule
@@ -119,7 +119,8 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
                                        text_valid).time_ms(H100_NVLINK)
     return f"sta_dist {mode} mesh={plan.mesh}", dict(ms=ms, ms_without_call_check=ms_unchecked, predicted_ms=predicted,
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
-                                                     call_mode=call_schedule(plan, windows, heads, rank).mode,
+                                                     call_mode=call_mode(plan, windows, heads, rank, 1, head_dim, itemsize,
+                                                                         text_valid),
                                                      head_chunks=call_schedule(plan, windows, heads, rank).head_chunks)
 
 

@@ -1,9 +1,12 @@
 """A cost model of one distributed call: the work and the bytes of every rank, from its
-schedule, and a time from two measured rates (attention TFLOP/s and link GB/s).
+schedule, and a time from two measured rates (attention TFLOP/s and link GB/s); and the
+one decision it makes, :func:`call_parts`: whether a call whose heads mix windows that span
+the tile axis with local ones runs as two parts (the wide heads over the head all-to-all,
+the local heads in tile mode with their halo) instead of all in head mode.
 
 The bytes are exact (what :class:`~sta_dist.parallel.comm.Comm` will count); the time is a
 model: the busiest rank's kernel time plus the busiest rank's transfer time, not overlapped
-(the runtime does not overlap them yet), plus a fixed latency per collective.
+(by default the runtime does not overlap them), plus a fixed latency per collective.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Sequence
 from .. import geometry
 from ..geometry import Triple
 from .plan import ShardPlan
-from .schedule import CallSchedule, call_schedule
+from .schedule import CallSchedule, call_schedule, whole_canvas_halo
 
 COLLECTIVE_LATENCY_MS = 0.05
 """Per collective with peers: launch and synchronisation, measured ~30-80 us with NCCL."""
@@ -76,6 +79,14 @@ def _window_keys(canvas: Triple, tile: Triple, q_tile: int, window: Triple) -> i
     return geometry.packed_token_count(canvas, tile, ids)
 
 
+@functools.lru_cache(maxsize=4096)
+def _box_pairs(canvas: Triple, tile: Triple, q_tiles: tuple[int, ...], window: Triple, text_length: int) -> int:
+    """Score entries of one head's video queries in ``q_tiles`` under ``window`` (its video
+    keys and ``text_length`` text keys)."""
+    return sum(_tile_tokens(canvas, tile, qt) * (_window_keys(canvas, tile, qt, window) + text_length)
+               for qt in q_tiles)
+
+
 def _tile_tokens(canvas: Triple, tile: Triple, tile_id: int) -> int:
     grid = geometry.grid_shape(canvas, tile)
     return geometry.volume(geometry.tile_extent(geometry.tile_coords(tile_id, grid), canvas, tile))
@@ -87,10 +98,7 @@ def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, i
     canvas, tile, L = plan.canvas, plan.tile, plan.text_len
     layout, me = sched.layout, sched.me_in_head_group
     my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
-    pairs = 0.0
-    for window in sched.heads.windows:
-        for qt in layout.q_tiles:
-            pairs += _tile_tokens(canvas, tile, qt) * (_window_keys(canvas, tile, qt, window) + text_length)
+    pairs = float(sum(_box_pairs(canvas, tile, layout.q_tiles, window, text_length) for window in sched.heads.windows))
     text_keys = layout.text_q_video_keys + (text_length if sched.counts_text_keys else 0)
     pairs += len(sched.heads.windows) * text_length * text_keys
     flops = 4.0 * batch * pairs * head_dim
@@ -113,13 +121,82 @@ def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, i
     return RankCost(sched.rank, flops, sent, collectives)
 
 
+@dataclass(frozen=True, slots=True)
+class CallPart:
+    """Some of a call's heads, run as a call of their own (with the plan's schedule for
+    their windows): whole kv groups, so the part's heads keep the call's GQA grouping."""
+
+    q_heads: tuple[int, ...]
+    kv_heads: tuple[int, ...]
+    windows: tuple[Triple, ...]
+    """The windows of ``q_heads``, in order."""
+
+    def schedule(self, plan: ShardPlan, rank: int) -> CallSchedule:
+        return call_schedule(plan, self.windows, len(self.kv_heads), rank)
+
+
+MIXED = "mixed (head + tile)"
+"""The mode of a call run in two parts (:func:`call_mode`)."""
+
+
+@functools.lru_cache(maxsize=1024)
+def call_parts(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, batch: int, head_dim: int,
+               itemsize: int, text_length: int) -> tuple[CallPart, ...]:
+    """How a call runs: one part (every head, the plan's schedule), or, on a plan with a tile
+    axis, two when some kv groups have a head whose window reaches the whole canvas from
+    some rank's box ("wide": tile mode would fetch everything) and others not, and the model
+    says the two parts cost less than the whole call in head mode: the wide groups over the
+    head all-to-all, then the local ones in tile mode. The same on every rank."""
+    windows = tuple(tuple(w) for w in windows)
+    whole = (CallPart(tuple(range(len(windows))), tuple(range(num_kv_heads)), windows),)
+    if plan.mesh[1] == 1:
+        return whole
+    group = len(windows) // num_kv_heads
+    grid = plan.grid
+
+    def wide(g: int) -> bool:
+        return whole_canvas_halo(plan, tuple(sorted({geometry.effective_window(windows[h], grid)
+                                                     for h in range(g * group, (g + 1) * group)})))
+
+    sides = [[g for g in range(num_kv_heads) if wide(g) == is_wide] for is_wide in (True, False)]
+    if not all(sides):
+        return whole
+    parts = tuple(CallPart(tuple(h for g in kv for h in range(g * group, (g + 1) * group)), tuple(kv),
+                           tuple(windows[h] for g in kv for h in range(g * group, (g + 1) * group)))
+                  for kv in sides)
+    costs = [_parts_cost(plan, p, batch, head_dim, itemsize, text_length).time_ms(H100_NVLINK) for p in (whole, parts)]
+    return parts if costs[1] < costs[0] else whole
+
+
+def call_mode(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, rank: int, batch: int, head_dim: int,
+              itemsize: int, text_length: int) -> str:
+    """What a call does on ``rank``: its schedule's mode, or :data:`MIXED`."""
+    parts = call_parts(plan, tuple(tuple(w) for w in windows), num_kv_heads, batch, head_dim, itemsize, text_length)
+    return MIXED if len(parts) > 1 else parts[0].schedule(plan, rank).mode
+
+
+def _parts_cost(plan: ShardPlan, parts: tuple[CallPart, ...], batch: int, head_dim: int, itemsize: int,
+                text_length: int) -> CallCost:
+    """The parts run one after the other: per rank, their work and bytes add up (one
+    agreement check for the call)."""
+    ranks = []
+    for r in range(plan.world_size):
+        costs = [rank_cost(plan, p.schedule(plan, r), batch, head_dim, itemsize, text_length) for p in parts]
+        sent: dict = {}
+        for c in costs:
+            for step, n in c.bytes_sent.items():
+                sent[step] = sent.get(step, 0) + n
+        checks = (len(parts) - 1) * (1 if plan.world_size > 1 else 0)
+        ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - checks))
+    return CallCost(tuple(ranks))
+
+
 def call_cost(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, batch: int, head_dim: int,
               itemsize: int, text_length: int) -> CallCost:
-    """Every rank's cost of a call with one window per query head."""
+    """Every rank's cost of a call with one window per query head (of its parts, as it runs)."""
     windows = tuple(tuple(w) for w in windows)
-    return CallCost(tuple(
-        rank_cost(plan, call_schedule(plan, windows, num_kv_heads, r), batch, head_dim, itemsize, text_length)
-        for r in range(plan.world_size)))
+    parts = call_parts(plan, windows, num_kv_heads, batch, head_dim, itemsize, text_length)
+    return _parts_cost(plan, parts, batch, head_dim, itemsize, text_length)
 
 
 # ---------------------------------------------------------------------------------------
