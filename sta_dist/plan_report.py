@@ -4,12 +4,12 @@ ranks (readable at 1024 ranks), with a warning when ranks would sit idle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from . import geometry
-from .parallel.cost import H100_NVLINK, call_cost, call_mode
+from .parallel.cost import H100_NVLINK, call_cost, call_mode, call_parts
 from .parallel.plan import ShardPlan, choose_mesh
-from .parallel.schedule import CallSchedule, call_schedule
+from .parallel.schedule import CallSchedule
 from .run import DTYPES, RunConfig
 
 DETAIL_RANKS = 8
@@ -25,16 +25,19 @@ class RankLoad:
     rank: int
     tokens: int
     heads: int
-    kv_heads: int
     halo_tokens: int
+    halo_kv_tokens: int
+    """Halo tokens times the kv heads they are fetched for."""
     mode: str
 
     @staticmethod
-    def of(plan: ShardPlan, sched: CallSchedule) -> "RankLoad":
-        halo = sum(geometry.packed_token_count(plan.canvas, plan.tile, t) for t in sched.halo_recv)
-        me = sched.me_in_head_group
-        return RankLoad(sched.rank, plan.held_count(sched.rank), len(sched.q_heads[me]), len(sched.kv_heads[me]),
-                        halo, sched.mode)
+    def of(plan: ShardPlan, scheds: Sequence[CallSchedule]) -> "RankLoad":
+        """One rank's share of a call run as the schedules ``scheds`` (its parts)."""
+        halos = [sum(geometry.packed_token_count(plan.canvas, plan.tile, t) for t in s.halo_recv) for s in scheds]
+        heads = [len(s.q_heads[s.me_in_head_group]) for s in scheds]
+        kv = [len(s.kv_heads[s.me_in_head_group]) for s in scheds]
+        return RankLoad(scheds[0].rank, plan.held_count(scheds[0].rank), sum(heads), sum(halos),
+                        sum(h * k for h, k in zip(halos, kv)), " + ".join(s.mode for s in scheds))
 
 
 def idle_advice(cfg: RunConfig, plan: ShardPlan, windows) -> str:
@@ -65,26 +68,30 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
     strategy = cfg.strategy()
     step, windows = call_windows(cfg, strategy, step, layer)
     plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
-    loads = [RankLoad.of(plan, call_schedule(plan, windows, cfg.kv_heads, r)) for r in range(world_size)]
-    kv_bytes = 2 * cfg.batch * cfg.head_dim * DTYPES[cfg.dtype].itemsize  # per token and kv head, k + v
+    itemsize = DTYPES[cfg.dtype].itemsize
+    parts = call_parts(plan, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, itemsize, cfg.text_valid)
+    loads = [RankLoad.of(plan, [p.schedule(plan, r) for p in parts]) for r in range(world_size)]
+    kv_bytes = 2 * cfg.batch * cfg.head_dim * itemsize  # per token and kv head, k + v
 
     lines = [f"config {cfg.name}: canvas {cfg.canvas}, tile {cfg.tile}, grid {plan.grid}, {cfg.heads} heads",
              f"plan: {plan.describe()}",
              f"windows at step {step}, layer {layer}: {sorted(set(windows))}"]
     modes = sorted({load.mode for load in loads})
+    if len(parts) > 1:
+        lines.append(f"this call in {len(parts)} parts (cheaper by the model than all heads in one mode): "
+                     + "; ".join(f"heads {list(p.q_heads)} in mode {p.schedule(plan, 0).mode}" for p in parts))
     lines.append(f"{world_size} ranks, this call in mode {', '.join(modes)}:")
     for name, values in (("video tokens held", [l.tokens for l in loads]),
                          ("query heads computed", [l.heads for l in loads]),
                          ("halo tokens received", [l.halo_tokens for l in loads])):
         lines.append(f"  {name:<22} min {min(values):>8}  max {max(values):>8}")
-    halo_mb = max(l.halo_tokens * l.kv_heads for l in loads) * kv_bytes / 1e6
+    halo_mb = max(l.halo_kv_tokens for l in loads) * kv_bytes / 1e6
     lines.append(f"  halo k+v per rank      max {halo_mb:.1f} MB")
     idle = [l.rank for l in loads if l.heads == 0]
     if idle:
         shown = ", ".join(map(str, idle[:8])) + (f" ... ({len(idle)} in all)" if len(idle) > 8 else "")
         lines.append(f"WARNING: {len(idle)} of {world_size} ranks compute no head in this call (ranks {shown}); "
                      f"{idle_advice(cfg, plan, windows)}")
-    itemsize = DTYPES[cfg.dtype].itemsize
     lines.append(f"model ({H100_NVLINK.attention_tflops:g} TFLOP/s kernel, {H100_NVLINK.link_gbps:g} GB/s link, "
                  f"one H100 = {_predict(cfg, _one(cfg), windows, itemsize):.2f} ms):")
     candidates = [plan] + (_candidates(cfg, world_size, plan, strategy) if world_size <= CANDIDATE_RANKS else [])
@@ -99,7 +106,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
         for l in loads:
             r = l.rank
             lines.append(f"rank {r}: {l.tokens} tokens held, box {plan.box(r)}, mode {l.mode}, {l.heads} heads, "
-                         f"halo in {l.halo_tokens} tokens ({l.halo_tokens * l.kv_heads * kv_bytes / 1e6:.1f} MB k+v)")
+                         f"halo in {l.halo_tokens} tokens ({l.halo_kv_tokens * kv_bytes / 1e6:.1f} MB k+v)")
     else:
         lines.append("(one line per rank: --ranks)")
     return "\n".join(lines)

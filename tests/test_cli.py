@@ -112,6 +112,16 @@ def test_plan_stays_readable_at_1024_ranks_and_warns_of_idle_ranks(capsys):
     assert "by cost" in capsys.readouterr().out
 
 
+def test_plan_shows_a_call_in_parts(capsys):
+    """The real strategy's sparse layer 0 on a 2-rank tile plan: wide heads over the head
+    all-to-all, local ones in tile mode; every rank's line adds the two parts."""
+    assert cli.main(["plan", "--config", "hunyuan_720p", "--world-size", "2", "--mode", "tile", "--step", "16"]) == 0
+    out = capsys.readouterr().out
+    parts = next(line for line in out.splitlines() if line.startswith("this call in 2 parts"))
+    assert "in mode head (fallback);" in parts and parts.endswith("in mode tile")
+    assert "(this call: mixed (head + tile))" in out and "rank 1:" in out and "mode head (fallback) + tile" in out
+
+
 SHRUNK = {"tiny_cpu": [], "hunyuan_720p": ["--canvas", "6", "16", "16", "--heads", "4"],
           "wan21_480p": ["--canvas", "6", "10", "20", "--heads", "4"],
           "wan21_720p": ["--canvas", "6", "16", "16", "--heads", "4"],
