@@ -26,7 +26,7 @@ from .config import STAConfig, check_triple
 from .distributed import DistributedSlidingTileAttention
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
-from .parallel.cost import call_mode
+from .parallel.cost import H100_NVLINK, call_cost, call_mode
 from .parallel.env import detect_env, init_distributed
 from .parallel.plan import MODES, ShardPlan
 from .testing import error_bound, max_error, reference_attention
@@ -275,10 +275,10 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
     plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     progress = Progress(job.steps * job.layers, job.layers, enabled=rank == 0)
-    step_ms, modes, worst = [], collections.Counter(), (0.0, 1.0)
+    step_ms, predicted_ms, modes, worst = [], [], collections.Counter(), (0.0, 1.0)
     verified = True
     for step in range(job.start_step, job.start_step + job.steps):
-        total_ms = 0.0
+        total_ms = predicted = 0.0
         for layer in range(job.layers):
             windows = strategy.layer_windows(step, layer % strategy.num_layers)
             windows = tuple(windows[h % len(windows)] for h in range(cfg.heads))
@@ -291,6 +291,8 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
             total_ms += (time.perf_counter() - start) * 1e3
             modes[call_mode(plan, windows, cfg.kv_heads, rank, cfg.batch, cfg.head_dim, q.element_size(),
                             cfg.text_valid)] += 1
+            predicted += call_cost(plan, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, q.element_size(),
+                                   cfg.text_valid).time_ms(H100_NVLINK)
             if cfg.verify != "none" and (cfg.verify == "all" or layer == 0):
                 err, bound = verify_local(cfg, plan, rank, q, k, v, windows, out, seed=step * 7919 + layer)
                 verified &= err <= bound
@@ -299,11 +301,12 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
             progress.update(f"step {step + 1}/{job.start_step + job.steps} layer {layer + 1}/{job.layers} "
                             f"[{modes.most_common(1)[0][0]}]")
         step_ms.append(total_ms)
+        predicted_ms.append(predicted)
     ok = _all_ranks_true(verified, device)
     sent = dict(attn.comm.bytes_sent)
     calls = job.steps * job.layers
     return dict(config=cfg.name, world_size=world_size, backend=attn.comm.backend, device=str(device),
-                plan=plan.describe(), modes=dict(modes), step_ms=step_ms,
+                plan=plan.describe(), modes=dict(modes), step_ms=step_ms, predicted_step_ms=predicted_ms,
                 bytes_per_layer={k: v / calls for k, v in sent.items() if not k.startswith("check")},
                 verify=cfg.verify, worst_error=worst[0], worst_bound=worst[1], verified=ok, rank=rank)
 
@@ -328,6 +331,8 @@ def format_summary(s: dict) -> str:
         f"plan: {s['plan']}",
         f"modes per call: {s['modes']}",
         "time per step (ms): " + ", ".join(f"{t:.1f}" for t in steps) + f"  (mean {sum(steps) / len(steps):.1f})",
+        "predicted per step (ms, the cost model at H100 rates): "
+        + ", ".join(f"{t:.1f}" for t in s.get("predicted_step_ms", [])),
         "bytes sent per layer per rank: " + (", ".join(f"{k} {v / 1e6:.3f} MB" for k, v in s["bytes_per_layer"].items()) or "none"),
     ]
     if s["verify"] == "none":
