@@ -192,6 +192,7 @@ def _search_and_tune(rank, world, steps, layers, STA_Mode, ForwardBatch, Denoisi
         torch.distributed.barrier()
         with open(f"output/mask_search_strategy_{size}/mask_strategy_s1.json") as f:
             result[mode.value] = json.load(f)
+        torch.distributed.barrier()  # every rank has read it before rank 0 writes the next mode's
     return result
 
 
