@@ -28,7 +28,7 @@ import torch
 from .api import sliding_tile_attention, to_natural, to_tiled
 from .config import STAConfig, check_triple, normalize_windows
 from .geometry import Triple, fastvideo_window
-from .local import head_index
+from .local import head_index, longest_text
 from .mask_strategy import MaskStrategy
 from .parallel.comm import Comm
 from .parallel.cost import call_parts
@@ -374,11 +374,12 @@ class SlidingTileAttentionImpl:
                 f"got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
             )
 
-    def _check_call(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> None:
+    def _check_call(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> tuple[tuple[Triple, ...], object]:
         """Check this rank's inputs, then that every rank makes the same call (windows, text
         length, batch, dtype): otherwise the exchanges would silently mix different
         problems. One 8-byte digest per call; a rank whose inputs are invalid makes every
-        rank fail at once, instead of leaving its peers waiting in the next collective."""
+        rank fail at once, instead of leaving its peers waiting in the next collective.
+        Returns the call's windows (all heads) and text length, as checked."""
         plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
         try:
             self._check_local(q, k, v, plan, comm.rank)
@@ -395,6 +396,7 @@ class SlidingTileAttentionImpl:
         comm.check_agreement("this call", description, defer=error is None and comm.backend == "nccl")
         if error is not None:
             raise error
+        return windows, text_length
 
     def preprocess_qkv(self, qkv, attn_metadata: SlidingTileAttentionMetadata):
         """Before ``forward``.
@@ -417,8 +419,8 @@ class SlidingTileAttentionImpl:
 
     def _planned_schedule(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> CallSchedule:
         """The checked call's schedule (with a plan)."""
-        self._check_call(q, k, v, attn_metadata)
-        sched = self._schedule(attn_metadata)
+        windows, _ = self._check_call(q, k, v, attn_metadata)
+        sched = self._schedule(attn_metadata, windows)
         warn_if_fallback(sched, self._plan(attn_metadata))
         return sched
 
@@ -429,15 +431,13 @@ class SlidingTileAttentionImpl:
         mode; ``parts``: a split of the caller's own, the same on every rank), each in head
         mode pipelined in chunks of heads when the plan asks (:mod:`sta_dist.parallel.pipeline`):
         what the hooks called one by one cannot."""
-        self._check_call(q, k, v, attn_metadata)
+        windows, text_length = self._check_call(q, k, v, attn_metadata)
         plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
-        text_length = self._text_length(attn_metadata)
-        longest = max(text_length) if isinstance(text_length, tuple) else text_length
         if parts is None:
-            parts = call_parts(plan, self._call_windows(attn_metadata, plan.grid), self.num_kv_heads, q.shape[0],
-                               q.shape[3], q.element_size(), longest)
+            parts = call_parts(plan, windows, self.num_kv_heads, q.shape[0], q.shape[3], q.element_size(),
+                               longest_text(text_length))
         if len(parts) == 1:
-            sched = self._schedule(attn_metadata)
+            sched = self._schedule(attn_metadata, windows)
             warn_if_fallback(sched, plan)
             out = self._run(q, k, v, sched, comm, text_length, self.num_heads)
         else:

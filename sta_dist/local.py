@@ -147,6 +147,11 @@ class LocalText:
         return tuple(one(n) for n in text_length) if isinstance(text_length, tuple) else one(text_length)
 
 
+def longest_text(text_length) -> int:
+    """The longest of a call's text lengths: one int, or one per batch sample."""
+    return max(text_length) if isinstance(text_length, (list, tuple)) else text_length
+
+
 def sample_groups(per_sample: Sequence) -> list[tuple[object, object]]:
     """Batch samples grouped by equal value, in order of first appearance: ``(value,
     index)``, the index a slice for a contiguous run of samples (a view), else a list."""

@@ -10,6 +10,7 @@ import torch
 from sta_dist import DistributedSlidingTileAttention, ShardPlan
 from sta_dist.backend import SlidingTileAttentionMetadata
 from sta_dist.config import normalize_windows
+from sta_dist.local import longest_text
 from sta_dist.parallel.cost import CallPart, call_mode
 from sta_dist.parallel.runtime import PartialOutput, exchange_in, exchange_out
 from sta_dist.parallel.schedule import call_schedule
@@ -29,9 +30,8 @@ def run_cases(rank, world, cases):
         attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
         out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
                    text_length=case.text_length)
-        longest = max(case.text_length) if isinstance(case.text_length, (list, tuple)) else case.text_length
         mode = call_mode(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank, case.batch,
-                         case.head_dim, 4, longest)
+                         case.head_dim, 4, longest_text(case.text_length))
         results.append((out, dict(attn.comm.bytes_sent), mode))
     return results
 

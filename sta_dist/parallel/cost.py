@@ -180,14 +180,14 @@ def _parts_cost(plan: ShardPlan, parts: tuple[CallPart, ...], batch: int, head_d
     """The parts run one after the other: per rank, their work and bytes add up (one
     agreement check for the call)."""
     ranks = []
+    extra_checks = (len(parts) - 1) * (1 if plan.world_size > 1 else 0)  # each part's cost counts the call's one
     for r in range(plan.world_size):
         costs = [rank_cost(plan, p.schedule(plan, r), batch, head_dim, itemsize, text_length) for p in parts]
         sent: dict = {}
         for c in costs:
             for step, n in c.bytes_sent.items():
                 sent[step] = sent.get(step, 0) + n
-        checks = (len(parts) - 1) * (1 if plan.world_size > 1 else 0)
-        ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - checks))
+        ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - extra_checks))
     return CallCost(tuple(ranks))
 
 

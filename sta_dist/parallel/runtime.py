@@ -19,7 +19,7 @@ import torch
 
 from .. import geometry
 from ..dispatch import local_attention
-from ..local import LocalText, head_index
+from ..local import LocalText, head_index, longest_text
 from .comm import Comm
 from .schedule import CallSchedule, tile_rows
 
@@ -111,8 +111,7 @@ def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, ba
     see each of them once. Only text rows are merged, so a call without text asks for no
     log-sum-exp (which lets the fastest kernel take it). ``keys``: the table path
     (selected tiles)."""
-    longest = max(text_length) if isinstance(text_length, tuple) else text_length
-    merge = len(sched.tile_group) > 1 and longest > 0
+    merge = len(sched.tile_group) > 1 and longest_text(text_length) > 0
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     result = local_attention(*inputs, sched.layout, sched.heads, text, scale, backend, return_lse=merge, keys=keys)
     if merge:
