@@ -34,7 +34,7 @@ from .parallel.comm import Comm
 from .parallel.cost import call_parts
 from .parallel.plan import ShardPlan
 from .parallel.pipeline import head_pipelined
-from .parallel.runtime import BoxInputs, attend, exchange_in, exchange_out
+from .parallel.runtime import BoxInputs, attend, attend_beside_halo, exchange_in, exchange_out, head_exchange
 from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
 from .validation import (
     SUPPORTED_HEAD_DIMS,
@@ -224,6 +224,12 @@ class SlidingTileAttentionImpl:
         self.tile_size = extra_impl_args.get("tile") or (self.plan.tile if self.plan else None)
         self.backend = extra_impl_args.get("backend", "auto")
         self.comm: Optional[Comm] = None
+        self.overlap = True
+        """A call with a plan (``run_planned``, ``__call__``) overlaps its exchanges: head mode
+        receives into the box and sends from the output as they lie
+        (:mod:`~sta_dist.parallel.pipeline`), tile and hybrid mode attend the tiles that need
+        no halo beside the halo exchange (:func:`~sta_dist.parallel.runtime.attend_beside_halo`).
+        ``False``: the three hooks' staged path (the benchmark measures both)."""
         self._tiled_next = False
         """FastVideo's protocol only: ``preprocess_qkv`` handed out tiled order, so the next
         ``forward`` reads tiled order (FastVideo's LocalAttention calls ``forward`` alone,
@@ -451,9 +457,14 @@ class SlidingTileAttentionImpl:
 
     def _run(self, q, k, v, sched: CallSchedule, comm: Comm, text_length, num_heads: int) -> torch.Tensor:
         """One schedule's call on this rank's tokens: exchange, attend, exchange back."""
-        if sched.head_chunks > 1:
+        head_only = len(sched.tile_group) == 1 and len(sched.head_group) > 1
+        if sched.head_chunks > 1 or (self.overlap and head_only):
             return head_pipelined(q, k, v, sched, comm, text_length, self.softmax_scale, self.backend, num_heads)
-        partial = attend(exchange_in(q, k, v, sched, comm), sched, text_length, self.softmax_scale, self.backend)
+        if self.overlap and len(sched.tile_group) > 1:
+            partial = attend_beside_halo(head_exchange(q, k, v, sched, comm), sched, comm, text_length,
+                                         self.softmax_scale, self.backend)
+        else:
+            partial = attend(exchange_in(q, k, v, sched, comm), sched, text_length, self.softmax_scale, self.backend)
         return exchange_out(partial, sched, comm, num_heads)
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:

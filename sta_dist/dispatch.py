@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from typing import Optional
 
 import torch
 
 from . import kernel_calls as calls
 from .kernels.descriptors import bulk_copy_layout_ok
-from .local import LocalHeads, LocalLayout, LocalText, sample_groups
+from .local import Halo, LocalHeads, LocalLayout, LocalText, sample_groups, tile_row_index
 from .route import BACKENDS, Call, Device, Route, route
 from .torch_backend import sta_torch
 from .validation import kernel_head_dim
@@ -53,12 +54,15 @@ def _device_facts(device: torch.device, cuda_build_error, interpreted: bool) -> 
 
 
 def describe(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-             return_lse: bool = False, table: bool = False) -> Call:
-    """The route's view of one local call (one text group) on these tensors."""
+             return_lse: bool = False, table: bool = False, halo: Optional[Halo] = None) -> Call:
+    """The route's view of one local call (one text group) on these tensors (k/v rows
+    counted with the ``halo``'s, which the kernels read where they lie)."""
     call = layout_call(layout, heads, text, str(q_bshd.dtype).removeprefix("torch."), q_bshd.shape[3],
                        return_lse, table, q_bshd.device)
-    return dataclasses.replace(call, q_rows=q_bshd.shape[1], kv_rows=min(k_bshd.shape[1], v_bshd.shape[1]),
-                               bulk_copy=bulk_copy_layout_ok(q_bshd, k_bshd, v_bshd))
+    kv_rows = min(k_bshd.shape[1], v_bshd.shape[1]) + (0 if halo is None else halo.k.shape[1])
+    apart = () if halo is None else (halo.k, halo.v)
+    return dataclasses.replace(call, q_rows=q_bshd.shape[1], kv_rows=kv_rows,
+                               bulk_copy=bulk_copy_layout_ok(q_bshd, k_bshd, v_bshd, *apart))
 
 
 def layout_call(layout: LocalLayout, heads: LocalHeads, text: LocalText, dtype: str, head_dim: int,
@@ -92,9 +96,10 @@ def choose_backend(q: torch.Tensor, backend: str = "auto") -> str:
 
 
 def call_route(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-               backend: str = "auto", return_lse: bool = False, table: bool = False) -> Route:
+               backend: str = "auto", return_lse: bool = False, table: bool = False,
+               halo: Optional[Halo] = None) -> Route:
     """The route of one local call on its tensors' device (what :func:`run_local` runs)."""
-    return _route(describe(q_bshd, k_bshd, v_bshd, layout, heads, text, return_lse, table),
+    return _route(describe(q_bshd, k_bshd, v_bshd, layout, heads, text, return_lse, table, halo),
                   device_facts(q_bshd.device), backend)
 
 
@@ -102,47 +107,81 @@ _route = functools.lru_cache(maxsize=1024)(route)
 
 
 def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText, scale: float,
-              backend: str = "auto", return_lse: bool = False, keys=None, config: dict | None = None):
+              backend: str = "auto", return_lse: bool = False, keys=None, config: dict | None = None,
+              out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
     """One local call with one text group, on the kernels its route names. ``keys``: the
     Triton kernel's table path; ``config``: a Triton launch config (``backend="triton"``
     only). The Triton family runs head dims 160, 192 and 224 zero-padded to the next
-    built size."""
+    built size. ``out``: the output to fill, only the rows of this call's queries (window
+    calls without the log-sum-exp); ``halo``: k/v rows held apart
+    (:class:`~sta_dist.local.Halo`), read where they lie by the CUDA kernel, joined to
+    k/v for any other."""
     if config is not None and backend != "triton":
         raise ValueError(f"a Triton launch config needs backend='triton', got backend={backend!r}")
-    if choose_backend(q_bshd, backend) == "torch":
-        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+    if out is not None and (return_lse or keys is not None):
+        raise ValueError("run_local: out= is for window calls without the log-sum-exp")
     D = q_bshd.shape[-1]
     padded = kernel_head_dim(D)
-    if padded != D:  # zero columns change no score q.k and give zero output columns, cut off again
-        q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
-        result = run_local(q_p, k_p, v_p, layout, heads, text, scale, backend, return_lse, keys, config)
-        if return_lse:
-            return result[0][..., :D].contiguous(), result[1]
-        return result[..., :D].contiguous()
-    r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None)
+    if choose_backend(q_bshd, backend) == "torch" or padded != D:
+        if halo is not None:
+            k_bshd, v_bshd = halo.joined(k_bshd, v_bshd)
+        if padded == D:
+            result = sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+        else:  # zero columns change no score q.k and give zero output columns, cut off again
+            q_p, k_p, v_p = (torch.nn.functional.pad(x, (0, padded - D)) for x in (q_bshd, k_bshd, v_bshd))
+            result = run_local(q_p, k_p, v_p, layout, heads, text, scale, backend, return_lse, keys, config)
+            result = (result[0][..., :D].contiguous(), result[1]) if return_lse else result[..., :D].contiguous()
+        return result if out is None else _fill_rows(out, result, layout)
+    r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None, halo)
     if r.video == "cuda":
         from .kernels import sta_fwd_cuda
 
         if not sta_fwd_cuda.available():  # the build failed: route again, now knowing why
-            r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None)
-    return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse, keys, config)
+            r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None, halo)
+    if halo is not None and (r.video != "cuda" or r.dense):  # only the CUDA kernel reads a halo where it lies
+        k_bshd, v_bshd = halo.joined(k_bshd, v_bshd)
+        halo = None
+        r = call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, return_lse, keys is not None)
+    return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse, keys, config, out, halo)
+
+
+def _fill_rows(out: torch.Tensor, result: torch.Tensor, layout: LocalLayout) -> torch.Tensor:
+    """``out`` with the rows of ``layout``'s queries (its video tiles, its text rows) taken
+    from ``result``."""
+    rows = query_rows(layout, out.device)
+    out[:, rows] = result[:, rows]
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def query_rows(layout: LocalLayout, device: torch.device) -> torch.Tensor:
+    """Rows of ``q`` that ``layout``'s queries fill: its video tiles' tokens, then its text
+    rows."""
+    idx, ok = tile_row_index(layout.q_rows, layout.q_tiles, layout.canvas, layout.tile)
+    text = torch.arange(layout.q_video, layout.q_video + layout.q_text)
+    return torch.cat([idx[ok], text]).to(device)
 
 
 def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-            scale: float, return_lse: bool = False, keys=None, config: dict | None = None):
+            scale: float, return_lse: bool = False, keys=None, config: dict | None = None,
+            out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
     """Run route ``r``: SDPA for its dense heads, its video kernel for the other heads'
     video rows and, beside the CUDA kernel, its text kernel for their text rows on a
-    second stream (the caller's stream waits for it before the result is returned)."""
+    second stream (the caller's stream waits for it before the result is returned).
+    ``out``: fill the rows of the call's queries there (else a new output); ``halo``: the
+    CUDA kernel's k/v rows held apart."""
     if r.video == "torch":
-        return sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+        result = sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
+        return result if out is None else _fill_rows(out, result, layout)
     B, S, H, _ = q_bshd.shape
     sparse = tuple(h for h in range(H) if h not in r.dense)
     if r.video == "triton" and not r.dense:
-        return calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, return_lse=return_lse,
-                            config=config, keys=keys)
-    if not sparse and layout.q_video + text.q_valid == S:  # plain dense attention, no padding rows
+        return calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out=out,
+                            return_lse=return_lse, config=config, keys=keys)
+    if not sparse and out is None and layout.q_video + text.q_valid == S:  # plain dense attention, no padding rows
         return calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, r.dense, scale, None)
-    out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
+    if out is None:
+        out = torch.empty(q_bshd.shape, dtype=q_bshd.dtype, device=q_bshd.device)
     if r.dense:
         calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, r.dense, scale, out)
     if not sparse:
@@ -162,28 +201,32 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)
-    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, keys)
+    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, keys, halo)
     if r.text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out
 
 
 def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
-                    scale: float, backend: str = "auto", return_lse: bool = False, keys=None):
+                    scale: float, backend: str = "auto", return_lse: bool = False, keys=None,
+                    out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
     """Run one local STA problem (inputs already validated).
 
     ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
     sample: then the batch is split into groups of samples with equal text, and each
     group runs as its own call (one kernel launch per distinct text length; a contiguous
     run of samples is a view, others are gathered). ``keys``: the table path
-    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch."""
+    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch. ``out``, ``halo``:
+    as :func:`run_local` (one text group only)."""
     run = functools.partial(run_local, layout=layout, heads=heads, scale=scale, backend=backend,
                             return_lse=return_lse)
     if isinstance(text, LocalText):
-        return run(q_bshd, k_bshd, v_bshd, text=text, keys=keys)
+        return run(q_bshd, k_bshd, v_bshd, text=text, keys=keys, out=out, halo=halo)
     groups = sample_groups(text)
     if len(groups) == 1:
-        return run(q_bshd, k_bshd, v_bshd, text=groups[0][0], keys=keys)
+        return run(q_bshd, k_bshd, v_bshd, text=groups[0][0], keys=keys, out=out, halo=halo)
+    if out is not None or halo is not None:
+        raise ValueError("local_attention: out= and halo= take one text length for the whole batch")
     B, S, H, _ = q_bshd.shape
     out = torch.empty_like(q_bshd)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None

@@ -82,6 +82,18 @@ def packed_tables(layout: LocalLayout, device: torch.device) -> tuple[torch.Tens
     return layout_facts(layout, device).packed_tables
 
 
+@functools.lru_cache(maxsize=64)
+def halo_tables(layout: LocalLayout, halo_from: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The CUDA kernel's packed tables for ``layout`` with its k/v rows from ``halo_from``
+    on held apart, in a second pair of tensors (a tile-mode rank's halo as received): their
+    ``kv_tiles`` entries become ``~(row - halo_from)``, and the text keys, which follow the
+    box in the first pair, start at row ``halo_from``."""
+    q_tiles, kv_tiles, _ = packed_tables(layout, device)
+    first = kv_tiles[:, :1]
+    moved = torch.where(first >= halo_from, ~(first - halo_from), first)
+    return q_tiles, torch.cat([moved, kv_tiles[:, 1:]], 1).contiguous(), halo_from
+
+
 @functools.lru_cache(maxsize=256)
 def head_table(heads: LocalHeads, subset: tuple[int, ...], device: torch.device) -> torch.Tensor:
     rows = [[*heads.windows[h], heads.kv_heads[h], h] for h in subset]
@@ -160,13 +172,15 @@ def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text:
 
 
 def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-         lse=None, keys=None):
+         lse=None, keys=None, halo=None):
     """The CUDA kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
     reading natural order or packed tiles through the layout's tables; ``keys``: the table
-    path."""
+    path; ``halo``: a :class:`~sta_dist.local.Halo`, the layout's k/v rows from its
+    ``first_row`` on, where they lie (:func:`halo_tables`)."""
     from .kernels.sta_fwd_cuda import sta_fwd_cuda
 
     facts = layout_facts(layout, q_bshd.device)
+    tables = facts.packed_tables if halo is None else halo_tables(layout, halo.first_row, q_bshd.device)
     return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                         text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
-                        tables=facts.packed_tables, lse=lse, keys=keys)
+                        tables=tables, lse=lse, keys=keys, halo=None if halo is None else (halo.k, halo.v))

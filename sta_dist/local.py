@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, fields
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -145,6 +145,21 @@ class LocalText:
             return LocalText(n, n, n if kv_for_text_q else 0)
 
         return tuple(one(n) for n in text_length) if isinstance(text_length, tuple) else one(text_length)
+
+
+class Halo(NamedTuple):
+    """K/v rows of a local call held apart from ``k``/``v``: the layout's video key rows
+    from ``first_row`` on (a tile-mode rank's halo, as received), ``[B, n, Hkv, D]`` each.
+    ``k``/``v`` then hold the rows before ``first_row``, then the text."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    first_row: int
+
+    def joined(self, k_bshd: torch.Tensor, v_bshd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``k``/``v`` with the halo in its place: box rows, halo rows, text rows (one copy)."""
+        n = self.first_row
+        return tuple(torch.cat([x[:, :n], h, x[:, n:]], 1) for x, h in ((k_bshd, self.k), (v_bshd, self.v)))
 
 
 def longest_text(text_length) -> int:

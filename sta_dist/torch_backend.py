@@ -60,7 +60,7 @@ def sta_torch(
     text_keys = layout.kv_video + torch.arange(text.kv_for_video_q, device=dev)
 
     keys_by_window: dict = {}
-    for window in set(heads.windows) if keys is None else ():
+    for window in set(heads.windows) if keys is None and layout.q_tiles else ():
         win = [
             [slot[t] for t in geometry.window_tiles(geometry.tile_coords(qt, grid), window, grid)]
             for qt in layout.q_tiles
@@ -76,7 +76,8 @@ def sta_torch(
     for h in range(H):
         kvh = heads.kv_heads[h]
         # Table path: key lists per batch sample (one sample at a time); else one per window.
-        for samples, (k_idx, k_ok) in (_table_keys(keys, h, len(layout.kv_rows), present, kv_idx_p, kv_ok_p, text_keys)
+        for samples, (k_idx, k_ok) in (() if not layout.q_tiles else
+                                       _table_keys(keys, h, len(layout.kv_rows), present, kv_idx_p, kv_ok_p, text_keys)
                                        if keys is not None else [(slice(None), keys_by_window[heads.windows[h]])]):
             chunk = max(1, _CHUNK_BYTES // max(1, B * vol * k_idx.shape[1] * 4))
             for lo in range(0, n_q, chunk):

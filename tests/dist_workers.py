@@ -21,13 +21,15 @@ def full_inputs(case: Case, seed: int):
     return case.tensors(torch.float32, seed=seed)
 
 
-def run_cases(rank, world, cases):
-    """Each (case, plan kwargs): the rank's local output, bytes sent per step, and mode."""
+def run_cases(rank, world, cases, overlap=True):
+    """Each (case, plan kwargs): the rank's local output, bytes sent per step, and mode;
+    ``overlap=False``: the staged path (the hooks')."""
     results = []
     for i, (case, plan_kw) in enumerate(cases):
         q, k, v = full_inputs(case, seed=i)
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+        attn.impl.overlap = overlap
         out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
                    text_length=case.text_length)
         mode = call_mode(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank, case.batch,

@@ -9,7 +9,7 @@ import torch
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
 from sta_dist.parallel.cost import H100_NVLINK, MIXED, CallPart, _parts_cost, call_cost, call_mode, call_parts
-from sta_dist.parallel.schedule import call_schedule, head_chunk, whole_canvas_halo
+from sta_dist.parallel.schedule import call_schedule, halo_split, head_chunk, whole_canvas_halo
 from sta_dist.run import RunConfig
 from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
@@ -51,10 +51,12 @@ def check_against_reference(case: Case, plan: ShardPlan, outs, seed: int) -> Non
         assert torch.equal(o[:, o.shape[1] - case.text_len:], outs[0][:, outs[0].shape[1] - case.text_len:])
 
 
-@pytest.mark.parametrize("world", sorted(PLANS))
-def test_every_mode_matches_reference(world):
+@pytest.mark.parametrize("world, overlap", [(w, True) for w in sorted(PLANS)] + [(2, False), (4, False)])
+def test_every_mode_matches_reference(world, overlap):
+    """``overlap``: the default call (head mode received in place, the halo beside the
+    interior tiles) or the staged one (the hooks')."""
     cases = PLANS[world]
-    results = spawn_local(dist_workers.run_cases, world, (cases,), timeout_s=240)
+    results = spawn_local(dist_workers.run_cases, world, (cases, overlap), timeout_s=240)
     for i, (case, plan_kw) in enumerate(cases):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         outs = [results[r][i][0] for r in range(world)]
@@ -97,6 +99,35 @@ def test_head_mode_in_chunks_matches_reference(world):
             assert predicted.ranks[r].bytes_sent == results[r][i][1], (case, plan_kw, r)
         chunked += call_schedule(plan, windows, case.kv_heads, 0).head_chunks > 1
     assert chunked >= 2
+
+
+@pytest.mark.parametrize("case, plan_kw, world, interior", [
+    (ODD, dict(mode="tile"), 2, False), (EVEN_WIN, dict(mode="tile"), 2, True),
+    (MANY_HEADS, dict(mode="tile", tile_split=(1, 3, 1)), 3, True), (ODD, dict(mode="hybrid", mesh=(2, 2)), 4, True),
+    (EVEN_WIN, dict(mode="tile", tile_split=(1, 1, 4)), 4, False)])
+def test_halo_split_parts_the_box(case, plan_kw, world, interior):
+    """The overlapped tile call's two launches: interior tiles (windows inside the box, the
+    text queries, box keys) and border tiles (box and halo keys), together the box once."""
+    plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+    windows = normalize_windows(case.window, case.heads)
+    sides = set()
+    for rank in range(world):
+        sched = call_schedule(plan, windows, case.kv_heads, rank)
+        split = halo_split(sched)
+        box, grid = set(sched.layout.q_tiles), plan.grid
+        assert sorted(split.interior.q_tiles + split.border.q_tiles) == sorted(box)
+        for part, inside in ((split.interior, True), (split.border, False)):
+            for t in part.q_tiles:
+                keys = {k for w in set(sched.heads.windows)
+                        for k in geometry.window_tiles(geometry.tile_coords(t, grid), w, grid)}
+                assert (keys <= box) == inside, (rank, t)
+            sides.add((inside, bool(part.q_tiles)))
+        assert (split.interior.q_text, split.border.q_text) == (case.text_len, 0)
+        assert split.interior.kv_video == sched.box_tokens and split.border.kv_video == sched.layout.kv_video
+        assert all(r is None for t, r in enumerate(split.interior.kv_rows) if t not in box)
+    assert (False, True) in sides and ((True, True) in sides) == interior
+    head = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=2, mode="head")
+    assert halo_split(call_schedule(head, windows, case.kv_heads, 0)) is None
 
 
 def test_head_chunks_follow_the_heads():

@@ -16,8 +16,11 @@
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
+#   halo                 the overlapped exchanges (halo beside the interior tiles, head mode in place) on 2 GPUs:
+#                        GPU tests, one GPU, the layer (default vs staged), the real strategy (AB=DIR: also
+#                        DIR's copy of sta_dist, e.g. an older commit's, for the one-GPU kernel and the strategy)
 set -uo pipefail
-JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4"
+JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4 halo"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -239,6 +242,42 @@ job_overlap() {
       | grep -v Warn | tail -n 3
   done
   python3 tools/scale_table.py "$OUT" run_1.json run_2_chunks_1.json run_2_chunks_3.json | tee "$OUT/overlap_table.md"
+}
+
+# The halo exchange beside the query tiles that need no halo, the box's k/v and the halo read
+# where they lie, head mode received in place (2 GPUs): the GPU tests of the halo launch, the
+# one-GPU (3,3,3) layer, the 2-GPU layer in every mode (default beside the staged path,
+# interleaved), the real strategy's steps 13-16 on 1 and 2 GPUs (auto, and tile mode with
+# its mixed calls). AB=DIR: the one-GPU layer and the 2-GPU strategy also from DIR's copy of
+# sta_dist (e.g. `git archive OLD sta_dist | tar -x -C DIR`), same machine, same call.
+job_halo() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  setup
+  OUT=$(cd "$OUT" && pwd)
+  [ -n "${AB:-}" ] && (cd "$AB" && python3 -c "import sta_dist; print('AB: sta_dist from', sta_dist.__file__)")
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py -k "halo or packed or tiled" 2>&1 \
+    | tail -n 6 | tee "$OUT/halo_tests.log"
+  timeout 150 python3 -m sta_dist.cli bench kernel --cases hunyuan_333 --out "$OUT/kernel" 2>&1 | grep -v Warn | tail -n 5
+  if [ -n "${AB:-}" ]; then
+    (cd "$AB" && timeout 150 python3 -m sta_dist.cli bench kernel --cases hunyuan_333 --out "$OUT/kernel_ab" 2>&1 \
+      | grep -v Warn | tail -n 5)
+  fi
+  timeout 300 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 10 --modes head,tile,auto \
+    --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_2.log" | tail -n 9
+  timeout 200 torchrun --standalone --nproc-per-node 1 -m sta_dist.cli run --config hunyuan_720p \
+    --start-step 13 --steps 4 --summary "$OUT/run_1.json" 2>&1 | grep -v Warn | tail -n 3
+  local mode
+  for mode in auto tile; do
+    timeout 150 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p --mode $mode \
+      --start-step 13 --steps 4 --summary "$OUT/run_2_$mode.json" 2>&1 | grep -v Warn | tail -n 3
+  done
+  local runs="run_1.json run_2_auto.json run_2_tile.json"
+  if [ -n "${AB:-}" ]; then
+    (cd "$AB" && timeout 150 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p \
+      --start-step 13 --steps 4 --summary "$OUT/run_2_ab.json" 2>&1 | grep -v Warn | tail -n 3)
+    runs="$runs run_2_ab.json"
+  fi
+  python3 tools/scale_table.py "$OUT" $runs | tee "$OUT/halo_table.md"
 }
 
 # One denoising step of full-size random-weight HunyuanVideo and Wan 2.1 14B in diffusers

@@ -9,6 +9,9 @@
 //   it, placed by two tables: q_tiles [n_q, >=2] per query tile to compute (global tile
 //   id, first row), kv_tiles [n_tiles, >=1] per global tile its first k/v row (the whole
 //   canvas in tiled order, a head-mode rank's tokens, a tile-mode rank's box and halo).
+//   A tile-mode rank's k/v may come in two tensors: a kv_tiles entry ~r (negative) is
+//   row r of a second pair (the halo as received), so box and halo need not be copied
+//   into one tensor; text rows are in the first.
 // Tiles (TT, TH, TW): packed, TT*TH*TW a multiple of 128; natural, TH*TW divides 64 and
 // TT is a multiple of 128 / (TH*TW). Per-head windows come from heads[n, 5] = (kt, kh,
 // kw, kv_head, q_head); video queries attend their window's key tiles, or with key tables
@@ -58,7 +61,8 @@ constexpr uint32_t DESC_HI = 0x40000040u;           // descriptor high word: 128
 constexpr float LN2 = 0.6931471805599453f;
 
 struct Params {
-  CUtensorMap q, k, v, kt, vt;  // q: 5-D (natural) or 3-D rows (packed); k, v: 5-D (natural); kt, vt: 3-D rows
+  CUtensorMap q, k, v, kt, vt;  // q: 5-D (natural) or 3-D rows (packed); k, v: 5-D (natural) or the halo's 3-D rows
+                                // (packed); kt, vt: 3-D rows
   uint16_t* out;                // bf16 or fp16
   float* lse;                   // nullptr: none
   const int *heads, *q_tiles, *kv_tiles, *sel_keys, *sel_counts;  // sel_keys nullptr: windows
@@ -190,6 +194,7 @@ struct Window {
 DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
                    uint32_t empty) {
   int sub = 0, ti = 0, hi = 0, wi = 0, e = 0;  // the next video block (window: without divisions)
+#pragma unroll 1
   for (int j = 0; j < w.n; ++j) {
     const int s = j % KST;
     if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
@@ -202,8 +207,11 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
     }
     if (w.packed) {
       const int g = w.list ? __ldg(w.list + e) : ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
-      const int row = __ldg(w.kv_tiles + g * w.kv_stride) + sub * 128;
-      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, rows, bar, w.kv_col + h * 64, row, w.b);
+      // ~row: the halo's row, through its map (Params' k or v, two maps before kt or vt)
+      const int first = __ldg(w.kv_tiles + g * w.kv_stride);
+      const CUtensorMap* map = rows - (first < 0 ? 2 : 0);
+      const int row = (first < 0 ? ~first : first) + sub * 128;
+      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, map, bar, w.kv_col + h * 64, row, w.b);
     } else {
       int ct = w.st + ti, ch = w.sh + hi, cw = w.sw + wi;
       if (w.list) {
@@ -542,8 +550,10 @@ int rows_map(CUtensorMap* map, void* ptr, bool f16, int B, long long S, int head
 // tables (``n_q_tiles`` query tiles; ignored in natural order); ``lse``: nullptr or [B,
 // q heads, S] float32 with strides (lse_b, lse_h, 1); ``sel_keys``: nullptr (windows) or
 // the key tables, with ``sel_counts`` and their strides (``sel_strides``: keys b, h, query
-// tile, counts b, h). Returns 0, or 1 (no tensor-map
-// encoder), 100 + CUresult (a tensor map), 1000 + cudaError_t (the launch).
+// tile, counts b, h); ``k_halo``/``v_halo``: nullptr, or (packed) the halo's rows (the
+// kv_tiles entries ~r read row r of them), ``halo_rows`` of them, strides (sh_b, sh_s).
+// Returns 0, or 1 (no tensor-map encoder), 100 + CUresult (a tensor map), 1000 +
+// cudaError_t (the launch).
 extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, const int* heads, int n_heads,
                             const int* q_tiles, int q_stride, int n_q_tiles, const int* kv_tiles, int kv_stride,
                             int packed, int f16, int B, int T, int H, int W, int TT, int TH, int TW, int q_heads,
@@ -551,12 +561,15 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
                             long long sk_b, long long sk_s, long long sv_b, long long sv_s, long long so_b,
                             long long so_s, long long lse_b, long long lse_h, const int* sel_keys,
                             const int* sel_counts, const long long* sel_strides, int text_row, int n_text,
-                            float scale, void* stream) {
+                            void* k_halo, void* v_halo, long long halo_rows, long long sh_b,
+                            long long sh_s, float scale, void* stream) {
   Params p;
   int e;
   const int slices = 128 / (TH * TW);
   if (packed) {
-    e = rows_map(&p.q, q, f16, B, s_q, q_heads, sq_b, sq_s, 64);
+    (e = rows_map(&p.q, q, f16, B, s_q, q_heads, sq_b, sq_s, 64)) ||
+        (k_halo && ((e = rows_map(&p.k, k_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, 128)) ||
+                    (e = rows_map(&p.v, v_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, 128))));
   } else {
     (e = video_map(&p.q, q, f16, B, T, H, W, q_heads, sq_b, sq_s, slices / 2, TH, TW)) ||
         (e = video_map(&p.k, k, f16, B, T, H, W, kv_heads, sk_b, sk_s, slices, TH, TW)) ||

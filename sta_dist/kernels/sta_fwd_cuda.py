@@ -91,7 +91,8 @@ def library():
         _errors.append(f"{what} failed: {detail.strip()[-2000:]}")
         return None
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-    lib.sta_fwd_cuda.argtypes = [P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I, ctypes.c_float, P]
+    lib.sta_fwd_cuda.argtypes = ([P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I] + [P, P, L, L, L]
+                                 + [ctypes.c_float, P])
     lib.sta_fwd_cuda.restype = I
     return lib
 
@@ -115,7 +116,7 @@ def available() -> bool:
 
 
 def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None,
-                 keys=None):
+                 keys=None, halo=None):
     """Fill the video rows of ``out`` (``q``'s shape, dtype and strides) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
     q_head)``, on q's device). ``q``, ``k``, ``v`` are ``[B, S, H, D]``, bf16 or fp16,
@@ -128,7 +129,9 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
       compute (global tile id, first row in q), ``kv_tiles [n_tiles, >=1]`` per global tile
       its first row in k/v (read for the tiles some window reaches), and text keys start at
       k/v row ``kv_video`` (``sta_dist.kernel_calls.packed_tables`` makes them for any
-      ``LocalLayout``).
+      ``LocalLayout``). With ``halo = (k_halo, v_halo)`` (``[B, S_h, Hkv, D]``, equal
+      strides) a ``kv_tiles`` entry ``~r`` (negative) is row ``r`` of those: a tile-mode
+      rank's received halo, read where it lies (``kernel_calls.halo_tables``).
 
     Video queries attend their window's key tiles, or with ``keys`` (a
     :class:`sta_dist.selection.tables.KeyTiles`: per sample, query head and query tile of
@@ -155,6 +158,14 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     q_tiles, kv_tiles = tables[:2] if packed else (heads, heads)  # unread in natural order
     if packed and (q_tiles.stride(1) != 1 or kv_tiles.stride(1) != 1):
         raise ValueError("sta_fwd_cuda: the tables' rows must be contiguous")
+    k_halo, v_halo = halo if halo is not None else (None, None)
+    if halo is not None and (not packed or k_halo.stride() != v_halo.stride() or k_halo.shape != v_halo.shape
+                             or k_halo.shape[0] != k.shape[0] or k_halo.shape[2:] != k.shape[2:]
+                             or k_halo.dtype != k.dtype):
+        raise ValueError(f"sta_fwd_cuda: halo=(k_halo, v_halo) needs order='packed' and two tensors of k's batch, "
+                         f"heads, head dim and dtype with equal strides, got order={order!r}, "
+                         f"{tuple(k_halo.shape)} strides {k_halo.stride()}, {tuple(v_halo.shape)} strides "
+                         f"{v_halo.stride()} beside k {tuple(k.shape)}")
     sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()
     if lib is None:
@@ -173,7 +184,10 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
                           q.shape[1], min(k.shape[1], v.shape[1]), q.stride(0), q.stride(1), k.stride(0),
                           k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
                           lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-                          sel_keys, sel_counts, sel_strides, kv_video, text_keys, scale * LOG2E, stream)
+                          sel_keys, sel_counts, sel_strides, kv_video, text_keys,
+                          None if halo is None else k_halo.data_ptr(), None if halo is None else v_halo.data_ptr(),
+                          0 if halo is None else k_halo.shape[1], 0 if halo is None else k_halo.stride(0),
+                          0 if halo is None else k_halo.stride(1), scale * LOG2E, stream)
     if rc:
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")

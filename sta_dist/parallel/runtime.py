@@ -3,7 +3,8 @@
 1. :func:`exchange_in` (the Impl's ``preprocess_qkv``): the head all-to-all (tokens for
    heads) over the head group, then the k/v halo exchange over the tile group;
 2. :func:`attend` (``forward``): the local kernel on own box + halo, with the log-sum-exp
-   of the text rows when they must be merged;
+   of the text rows when they must be merged; in one call (:func:`attend_beside_halo`)
+   the halo exchange instead runs beside the box's query tiles that need no halo;
 3. :func:`exchange_out` (``postprocess_output``): the exact log-sum-exp merge of the text
    rows over the tile group, then the inverse all-to-all back to the caller's tokens.
 
@@ -13,15 +14,18 @@ video tokens, then all ``L`` text tokens.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 from typing import NamedTuple, Optional
 
 import torch
 
 from .. import geometry
 from ..dispatch import local_attention
-from ..local import LocalText, head_index, longest_text
-from .comm import Comm
-from .schedule import CallSchedule, tile_rows
+from ..local import Halo, LocalText, head_index, longest_text, sample_groups
+from .comm import Comm, Exchange
+from .schedule import CallSchedule, halo_split, tile_rows
 
 
 class BoxInputs(NamedTuple):
@@ -102,6 +106,70 @@ def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, r
     k_kv = torch.cat([k_box[:, :n_box]] + [h[0] for h in halos] + [k_box[:, n_box:]], 1)
     v_kv = torch.cat([v_box[:, :n_box]] + [h[1] for h in halos] + [v_box[:, n_box:]], 1)
     return BoxInputs(q_box, k_kv, v_kv)
+
+
+def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_length, scale: float,
+                       backend: str) -> PartialOutput:
+    """Steps 2 and 3 overlapped (a tile-group call, one text length for the batch): the
+    halo exchange is started, the query tiles whose windows stay in the box are attended
+    (with the text queries) while it runs, then the others, over box and halo. The halo
+    is received into tensors of its own, which the CUDA kernel reads where they lie (other
+    kernels get k/v joined). Same output as :func:`halo_exchange` then :func:`attend`."""
+    split = halo_split(sched)
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
+    groups = [text] if isinstance(text, LocalText) else [t for t, _ in sample_groups(text)]
+    if split is None or len(groups) > 1:
+        return attend(halo_exchange(box, sched, comm), sched, text_length, scale, backend)
+    text = groups[0]
+    n_box = sched.box_tokens
+    exchanges = [_start_halo(x, sched, comm) for x in (box.k_bshd, box.v_bshd)]
+    merge = longest_text(text_length) > 0
+    result = local_attention(*box, split.interior, sched.heads, text, scale, backend, return_lse=merge)
+    out, lse = result if merge else (result, None)
+    halo = Halo(*(wait() for wait in exchanges), n_box)  # every member takes part, needed or not
+    if split.border.q_tiles:
+        border_text = LocalText(0, text.kv_for_video_q, 0)
+        local_attention(*box, split.border, sched.heads, border_text, scale, backend, out=out, halo=halo)
+    return PartialOutput(out, None if lse is None else lse[:, :, n_box:])
+
+
+def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm):
+    """The halo exchange of one of k, v started beside the attention, received into one
+    tensor of its own; returns the wait, which gives it as ``[B, n_halo, H, D]`` (stored
+    row-major by halo row, so each member's rows arrive as one range)."""
+    B, _, h, D = x_bshd.shape
+    layout = sched.layout
+    n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in sched.halo_recv]
+    buf = x_bshd.new_empty(sum(n_in), B, h, D)
+    with _beside(x_bshd.device):  # the rows to send gathered beside the first launch, not before it
+        send = [[x_bshd.index_select(1, tile_rows(layout.canvas, layout.tile, layout.q_tiles, tuple(tiles),
+                                                  x_bshd.device)).transpose(0, 1)] for tiles in sched.halo_send]
+        exchange: Exchange = comm.all_to_all_start("halo exchange", sched.tile_group, send,
+                                                   [n * B * h * D for n in n_in], out=buf.view(-1), overlap=True)
+
+    def wait() -> torch.Tensor:
+        exchange.wait()
+        return buf.transpose(0, 1)
+
+    return wait
+
+
+@contextlib.contextmanager
+def _beside(device: torch.device):
+    """On a GPU: work enqueued inside runs on a stream of its own, after what the current
+    stream enqueued so far, beside what it enqueues next. Elsewhere: nothing changes."""
+    if device.type != "cuda":
+        yield
+        return
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        yield
+
+
+@functools.lru_cache(maxsize=16)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device, priority=-1)
 
 
 def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, backend: str,

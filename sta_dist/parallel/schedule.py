@@ -155,6 +155,40 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
                         _head_chunks(plan, tile_group, kv_heads))
 
 
+@dataclass(frozen=True)
+class HaloSplit:
+    """A tile-group call in two launches, so its halo exchange runs beside the first:
+    ``interior``, the box's query tiles whose windows stay inside the box (and the text
+    queries, which attend the box's keys alone), over the box's k/v; then ``border``, the
+    other query tiles, over box and halo (no text queries). Both write the box's rows of
+    one output."""
+
+    interior: LocalLayout
+    border: LocalLayout
+
+
+@functools.lru_cache(maxsize=1024)
+def halo_split(sched: CallSchedule) -> "HaloSplit | None":
+    """The two launches of ``sched`` (:class:`HaloSplit`; either may have no query tiles),
+    or ``None`` without a tile group."""
+    layout = sched.layout
+    if len(sched.tile_group) == 1:
+        return None
+    grid = layout.grid
+    box = set(layout.q_tiles)
+    windows = sorted(set(sched.heads.windows))
+    inside = [all(set(geometry.window_tiles(geometry.tile_coords(t, grid), w, grid)) <= box for w in windows)
+              for t in layout.q_tiles]
+    n_box = layout.q_video
+    pick = [[(t, r) for t, r, i in zip(layout.q_tiles, layout.q_rows, inside) if i == side] for side in (True, False)]
+    box_only = tuple(r if t in box else None for t, r in enumerate(layout.kv_rows))
+    interior = LocalLayout(layout.canvas, layout.tile, tuple(t for t, _ in pick[0]), tuple(r for _, r in pick[0]),
+                           box_only, n_box, n_box, layout.q_text, n_box)
+    border = LocalLayout(layout.canvas, layout.tile, tuple(t for t, _ in pick[1]), tuple(r for _, r in pick[1]),
+                         layout.kv_rows, n_box, layout.kv_video, 0, layout.text_q_video_keys)
+    return HaloSplit(interior, border)
+
+
 def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
     """Say once per job (rank 0, once per plan and windows) that a call fell back to head
     mode; called when a call runs, not when a schedule is only modelled."""
