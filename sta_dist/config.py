@@ -6,6 +6,7 @@ names the argument, the rule and the value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -76,7 +77,21 @@ def normalize_windows(window: WindowArg, num_heads: int) -> tuple[Triple, ...]:
     """``window`` as one ``(kt, kh, kw)`` per query head.
 
     Accepts a single triple (used for every head) or a sequence of ``num_heads`` triples.
+    Tuples of ints are checked once (a model passes the same windows layer after layer,
+    call after call); anything else every time.
     """
+    if type(window) is tuple and all(type(v) is int or (type(v) is tuple and all(type(x) is int for x in v))
+                                     for v in window):
+        return _normalized(window, num_heads)
+    return _normalize(window, num_heads)
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized(window: tuple, num_heads: int) -> tuple[Triple, ...]:
+    return _normalize(window, num_heads)
+
+
+def _normalize(window: WindowArg, num_heads: int) -> tuple[Triple, ...]:
     rule = "window must be (kt, kh, kw) in tiles or one such triple per query head"
     if isinstance(window, (str, bytes)) or not hasattr(window, "__len__"):
         raise TypeError(f"{rule}, got window={window!r}")

@@ -17,8 +17,9 @@
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
 #   halo                 the overlapped exchanges (halo beside the interior tiles, head mode in place) on 2 GPUs:
-#                        GPU tests, one GPU, the layer (default vs staged), the real strategy (AB=DIR: also
-#                        DIR's copy of sta_dist, e.g. an older commit's, for the one-GPU kernel and the strategy)
+#                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
+#                        strategy (STRATEGY=0: not; STRATEGY_MODES, default "auto tile"; AB=DIR: also DIR's copy
+#                        of sta_dist, e.g. an older commit's)
 set -uo pipefail
 JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4 halo"
 
@@ -264,14 +265,22 @@ job_halo() {
   fi
   timeout 300 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 10 --modes head,tile,auto \
     --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_2.log" | tail -n 9
+  if [ "${PROFILE:-0}" = 1 ]; then  # where the (3,3,3) layer's time goes, tile mode then head mode
+    local mode
+    for mode in tile head; do
+      timeout 150 torchrun --standalone --nproc-per-node 2 tools/profile_layer.py --window 3 3 3 --no-text \
+        --mode $mode --layers 0,1,2 --rows 14 2>&1 | grep -v Warn | tee "$OUT/profile_$mode.log" | tail -n 24
+    done
+  fi
+  [ "${STRATEGY:-1}" = 1 ] || return 0
   timeout 200 torchrun --standalone --nproc-per-node 1 -m sta_dist.cli run --config hunyuan_720p \
     --start-step 13 --steps 4 --summary "$OUT/run_1.json" 2>&1 | grep -v Warn | tail -n 3
-  local mode
-  for mode in auto tile; do
+  local mode runs="run_1.json"
+  for mode in ${STRATEGY_MODES:-auto tile}; do
     timeout 150 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p --mode $mode \
       --start-step 13 --steps 4 --summary "$OUT/run_2_$mode.json" 2>&1 | grep -v Warn | tail -n 3
+    runs="$runs run_2_$mode.json"
   done
-  local runs="run_1.json run_2_auto.json run_2_tile.json"
   if [ -n "${AB:-}" ]; then
     (cd "$AB" && timeout 150 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli run --config hunyuan_720p \
       --start-step 13 --steps 4 --summary "$OUT/run_2_ab.json" 2>&1 | grep -v Warn | tail -n 3)

@@ -27,20 +27,28 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=18)
     parser.add_argument("--mode", default=None, help="the plan's mode (auto, head, tile, hybrid; default: the config's)")
     parser.add_argument("--trace", default=None, help="write rank 0's Chrome trace of the profiled calls here")
+    parser.add_argument("--window", type=int, nargs=3, default=None,
+                        help="one window for every head (e.g. 3 3 3) instead of the strategy's")
+    parser.add_argument("--no-text", action="store_true", help="the config without its text tokens")
+    parser.add_argument("--host", action="store_true",
+                        help="also cProfile the host's enqueueing of 20 calls (rank 0 prints its top functions)")
     args = parser.parse_args()
     env = init_distributed()
     rank, world = env.rank, env.world_size
     device = torch.device("cuda", torch.cuda.current_device())
-    cfg = RunConfig.load(args.config)
+    cfg = RunConfig.load(args.config, **(dict(text_len=0, text_valid=0) if args.no_text else {}))
     strategy = cfg.strategy()
     plan = ShardPlan.from_config(cfg, world, mode=args.mode, strategy=strategy)
+    if args.window:
+        plan = ShardPlan(canvas=cfg.canvas, tile=cfg.tile, text_len=cfg.text_len, mode=args.mode or "auto",
+                         world_size=world, windows=(tuple(args.window),), num_heads=cfg.heads)
     attn = DistributedSlidingTileAttention(cfg.heads, cfg.head_dim, plan, cfg.kv_heads)
     calls = []
     a, _, b = args.layers.partition("-")
     layers = range(int(a), int(b) + 1) if b else map(int, args.layers.split(","))
     for layer in layers:
         windows = strategy.layer_windows(args.step, layer)
-        windows = tuple(windows[h % len(windows)] for h in range(cfg.heads))
+        windows = tuple(tuple(args.window) if args.window else windows[h % len(windows)] for h in range(cfg.heads))
         q, k, v = layer_inputs(cfg, args.step, layer, device)
         calls.append(([plan.shard(x, rank) for x in (q, k, v)], windows))
     run = lambda local, windows: attn(*local, window=windows, text_length=cfg.text_valid)  # noqa: E731
@@ -53,11 +61,36 @@ def main() -> None:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) * 1e3
 
+    def enqueued(local, windows) -> float:  # the host's time to hand the call to the GPU
+        torch.distributed.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(local, windows)
+        host = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
+        return host
+
     first = [timed(*c) for c in calls]  # each window set met for the first time (caches, compiles)
     again = [timed(*c) for c in calls]
+    host = [enqueued(*c) for c in calls]
     if rank == 0:
         print(f"mean wall ms per call: first time {sum(first) / len(first):.2f}, again {sum(again) / len(again):.2f} "
-              f"({len(calls)} calls)")
+              f"({len(calls)} calls); the host's ms to enqueue a call: {sum(host) / len(host):.2f}")
+    if args.host:
+        import cProfile
+        import pstats
+
+        prof_host = cProfile.Profile()
+        for i in range(20):
+            torch.distributed.barrier()
+            torch.cuda.synchronize()
+            prof_host.enable()
+            run(*calls[i % len(calls)])
+            prof_host.disable()
+        torch.cuda.synchronize()
+        if rank == 0:
+            pstats.Stats(prof_host).sort_stats("tottime").print_stats(25)
+            pstats.Stats(prof_host).sort_stats("cumulative").print_stats(35)
     walls = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for local, windows in calls[:3]:

@@ -34,6 +34,8 @@ class Comm:
         turns it off once to measure what the check costs."""
         self._pending: list = []
         """Checks started with ``defer`` and not yet settled."""
+        self._unposted: list = []
+        """Checks deferred and not yet started: ``(what, description)``."""
         if not dist.is_initialized():
             if group is not None:
                 raise RuntimeError("torch.distributed is not initialized: call sta_dist.init_distributed() first")
@@ -113,6 +115,7 @@ class Comm:
         to receive into (else a new one). Tensors that already lie back to back in one
         buffer, in ``send`` order, are sent from it without the copy. ``overlap``: the
         exchange runs beside compute, on the group's high-priority twin where there is one."""
+        self._post_deferred()
         me = ranks.index(self.rank)
         sizes = [sum(t.numel() for t in parts) for parts in send]
         flat = _back_to_back([t for parts in send for t in parts])
@@ -141,6 +144,7 @@ class Comm:
 
     def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's ``x`` (same shape everywhere), in ``ranks`` order."""
+        self._post_deferred()
         if len(ranks) == 1:
             return [x]
         x = x.contiguous()
@@ -159,10 +163,19 @@ class Comm:
         themselves travel only when the digests differ. With ``defer`` the all-gather is
         started and left to run beside what the caller enqueues next (the GPU exchanges of
         the call), and :meth:`settle_agreements` waits for it and raises: on an H100 pair a
-        blocking check cost 2-4% of a 16 ms layer, 8-10% of a 10 ms one on four."""
+        blocking check cost 2-4% of a 16 ms layer, 8-10% of a 10 ms one on four. A deferred
+        check is posted with the next collective started (or when settled), so the host
+        hands the GPU a call's first launch without waiting for it."""
         if self.world_size == 1 or self.backend == "fake" or not self.check_calls:  # fake: shapes only
             return
         self.settle_agreements()
+        if defer:
+            self._unposted.append((what, description))
+            return
+        self._post(what, description, defer=False)
+        self.settle_agreements()
+
+    def _post(self, what: str, description: str, defer: bool) -> None:
         digest = int.from_bytes(hashlib.sha256(description.encode()).digest()[:7], "little")
         mine = torch.tensor([digest], dtype=torch.int64)
         everyone = [torch.empty_like(mine) for _ in range(self.world_size)]
@@ -171,12 +184,16 @@ class Comm:
         except Exception as err:  # noqa: BLE001
             raise self._fail(f"check {what}", range(self.world_size), err) from err
         self._pending.append((what, description, digest, everyone, work))
-        if not defer:
-            self.settle_agreements()
+
+    def _post_deferred(self) -> None:
+        """Start the deferred checks not started yet."""
+        while self._unposted:
+            self._post(*self._unposted.pop(0), defer=True)
 
     def settle_agreements(self) -> None:
         """Wait for the checks :meth:`check_agreement` left running; raise on every rank if
         the ranks disagreed in one of them."""
+        self._post_deferred()
         while self._pending:
             what, description, digest, everyone, work = self._pending.pop(0)
             try:

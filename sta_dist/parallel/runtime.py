@@ -122,10 +122,13 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
         return attend(halo_exchange(box, sched, comm), sched, text_length, scale, backend)
     text = groups[0]
     n_box = sched.box_tokens
-    exchanges = [_start_halo(x, sched, comm) for x in (box.k_bshd, box.v_bshd)]
     merge = longest_text(text_length) > 0
+    side = _fork(box.k_bshd.device)
+    # The host enqueues the interior launch first, so the GPU starts it at once; the halo's
+    # rows are gathered and sent on the side stream (after what came before this call).
     result = local_attention(*box, split.interior, sched.heads, text, scale, backend, return_lse=merge)
     out, lse = result if merge else (result, None)
+    exchanges = [_start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in exchanges), n_box)  # every member takes part, needed or not
     if split.border.q_tiles:
         border_text = LocalText(0, text.kv_for_video_q, 0)
@@ -133,15 +136,16 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
     return PartialOutput(out, None if lse is None else lse[:, :, n_box:])
 
 
-def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm):
-    """The halo exchange of one of k, v started beside the attention, received into one
-    tensor of its own; returns the wait, which gives it as ``[B, n_halo, H, D]`` (stored
-    row-major by halo row, so each member's rows arrive as one range)."""
+def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream]):
+    """The halo exchange of one of k, v started beside the attention (its rows gathered on
+    ``side``, a stream from :func:`_fork`, when on a GPU), received into one tensor of its
+    own; returns the wait, which gives it as ``[B, n_halo, H, D]`` (stored row-major by
+    halo row, so each member's rows arrive as one range)."""
     B, _, h, D = x_bshd.shape
     layout = sched.layout
     n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in sched.halo_recv]
     buf = x_bshd.new_empty(sum(n_in), B, h, D)
-    with _beside(x_bshd.device):  # the rows to send gathered beside the first launch, not before it
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         send = [[x_bshd.index_select(1, tile_rows(layout.canvas, layout.tile, layout.q_tiles, tuple(tiles),
                                                   x_bshd.device)).transpose(0, 1)] for tiles in sched.halo_send]
         exchange: Exchange = comm.all_to_all_start("halo exchange", sched.tile_group, send,
@@ -154,17 +158,14 @@ def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm):
     return wait
 
 
-@contextlib.contextmanager
-def _beside(device: torch.device):
-    """On a GPU: work enqueued inside runs on a stream of its own, after what the current
-    stream enqueued so far, beside what it enqueues next. Elsewhere: nothing changes."""
+def _fork(device: torch.device) -> Optional[torch.cuda.Stream]:
+    """On a GPU: a side stream that runs after what the current stream enqueued so far,
+    and beside what it enqueues next; elsewhere ``None``."""
     if device.type != "cuda":
-        yield
-        return
+        return None
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        yield
+    return side
 
 
 @functools.lru_cache(maxsize=16)
