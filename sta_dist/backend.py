@@ -449,7 +449,7 @@ class SlidingTileAttentionImpl:
         else:
             out = torch.empty_like(q)
             for part in parts:
-                qi, kvi = head_index(part.q_heads), head_index(part.kv_heads)
+                qi, kvi = head_index(part.q_heads, q.device), head_index(part.kv_heads, q.device)
                 local = (q[:, :, qi].contiguous(), k[:, :, kvi].contiguous(), v[:, :, kvi].contiguous())
                 out[:, :, qi] = self._run(*local, part.schedule(plan, comm.rank), comm, text_length, len(part.q_heads))
         comm.settle_agreements()  # a call the ranks disagreed on returns no output

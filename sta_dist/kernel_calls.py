@@ -120,7 +120,8 @@ def sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
 
     n_keys = layout.kv_video + text.kv_for_video_q
     valid_rows = layout.q_video + text.q_valid
-    idx, kv_idx = head_index(subset), head_index([heads.kv_heads[h] for h in subset])
+    idx = head_index(subset, q_bshd.device)
+    kv_idx = head_index([heads.kv_heads[h] for h in subset], q_bshd.device)
     q = q_bshd[:, first_row:valid_rows][:, :, idx]
     k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):

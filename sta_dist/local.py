@@ -18,13 +18,22 @@ from . import geometry
 from .geometry import TileRows, Triple
 
 
-def head_index(heads: Sequence[int]):
+def head_index(heads: Sequence[int], device: Optional[torch.device] = None):
     """An index for the head dim of ``[B, S, H, D]``: a slice for a contiguous block (views,
-    plain copies), else the list (a gather)."""
+    plain copies), else a gather's index: on a GPU ``device`` a tensor there (cached: a
+    Python list would be copied to the GPU on every use, and that copy waits for the GPU,
+    so the host could no longer run ahead of it), else the list."""
     heads = tuple(heads)
     if heads and heads == tuple(range(heads[0], heads[-1] + 1)):
         return slice(heads[0], heads[-1] + 1)
+    if device is not None and device.type != "cpu":
+        return _index_on(heads, device)
     return list(heads)
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_on(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, dtype=torch.long, device=device)
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,8 +100,12 @@ def main() -> None:
             run(local, windows)
             torch.cuda.synchronize()
             walls.append((time.perf_counter() - start) * 1e3)
+    kernel_us = sum(e.device_time_total for e in prof.key_averages() if "sta_fwd" in e.key)
+    per_rank = [None] * world
+    torch.distributed.all_gather_object(per_rank, kernel_us / max(1, len(walls)) / 1e3)
     if rank == 0:
         print(f"{world} rank(s), {plan.describe()}")
+        print("attention kernel ms per call, by rank:", ", ".join(f"{ms:.2f}" for ms in per_rank))
         print("wall ms per call:", ", ".join(f"{w:.2f}" for w in walls))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=60))
         if args.trace:

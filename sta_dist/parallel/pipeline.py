@@ -44,7 +44,7 @@ def head_pipelined(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm, text
     for ch, (video, text) in zip(chunks, outbound):
         for qh, part, txt in zip(ch.q_heads, video.wait(), text.wait()):
             if qh:
-                idx = head_index(qh)
+                idx = head_index(qh, result.device)
                 result[:, :n_held, idx] = part.view(B, n_held, len(qh), D)
                 result[:, n_held:, idx] = txt.view(B, -1, len(qh), D)
     return result
@@ -65,8 +65,8 @@ def _start_in(q_bshd, k_bshd, v_bshd, ch: CallSchedule, comm: Comm) -> tuple[Box
     for x, heads_of in ((q_bshd, ch.q_heads), (k_bshd, ch.kv_heads), (v_bshd, ch.kv_heads)):
         mine = heads_of[me]
         dst = x.new_empty(B, n_total + L, len(mine), D)
-        dst[:, n_total:] = x[:, n_held:, head_index(mine)]  # text is replicated: this rank's heads are here
-        send = [[x[:, :n_held, head_index(heads)]] for heads in heads_of]
+        dst[:, n_total:] = x[:, n_held:, head_index(mine, x.device)]  # text is replicated: this rank's heads are here
+        send = [[x[:, :n_held, head_index(heads, x.device)]] for heads in heads_of]
         recv = [B * n * len(mine) * D for n in ch.held_counts]
         in_place = B == 1  # the members' token ranges are consecutive rows of the box
         exchange = comm.all_to_all_start("head all-to-all", ch.head_group, send, recv,

@@ -47,7 +47,7 @@ class PartialOutput(NamedTuple):
 
 def _heads(x: torch.Tensor, heads: tuple[int, ...]) -> torch.Tensor:
     """The given heads of ``x [B, S, H, D]``: a view for a contiguous block, else a copy."""
-    return x[:, :, head_index(heads)]
+    return x[:, :, head_index(heads, x.device)]
 
 
 def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
@@ -224,6 +224,7 @@ def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_he
     for qh, chunk in zip(sched.q_heads, chunks):
         if qh:
             video, txt = chunk.split([B * n_held * len(qh) * D, B * L * len(qh) * D])
-            result[:, :n_held, head_index(qh)] = video.view(B, n_held, len(qh), D)
-            result[:, n_held:, head_index(qh)] = txt.view(B, L, len(qh), D)
+            idx = head_index(qh, result.device)
+            result[:, :n_held, idx] = video.view(B, n_held, len(qh), D)
+            result[:, n_held:, idx] = txt.view(B, L, len(qh), D)
     return result
