@@ -93,6 +93,7 @@ def plan_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, lay
         lines.append(f"WARNING: {len(idle)} of {world_size} ranks compute no head in this call (ranks {shown}); "
                      f"{idle_advice(cfg, plan, windows)}")
     lines.append(f"model ({H100_NVLINK.attention_tflops:g} TFLOP/s kernel, {H100_NVLINK.link_gbps:g} GB/s link, "
+                 f"{H100_NVLINK.copy_gbps:g} GB/s copies, "
                  f"one H100 = {_predict(cfg, _one(cfg), windows, itemsize):.2f} ms):")
     candidates = [plan] + (_candidates(cfg, world_size, plan, strategy) if world_size <= CANDIDATE_RANKS else [])
     for candidate in candidates:

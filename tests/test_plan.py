@@ -1,6 +1,9 @@
 """Shard plans and call schedules: pure, checked over every rank at world sizes up to 64."""
 
+import dataclasses
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +152,39 @@ def test_cost_model_work_adds_up_to_the_token_mask(world, kw):
     one = call_cost(ShardPlan(canvas=canvas, tile=tile, text_len=L, world_size=1, mode="head"), windows, 2, 2, 8, 2,
                     valid)
     assert cost.time_ms(H100_NVLINK) > 0 and one.max_bytes() == 0
+
+
+def test_cost_model_counts_copies_and_the_hidden_halo():
+    """Head mode pays its copies (send buffers packed, outputs scattered); tile mode's halo
+    is gathered beside the attention and its exchange costs time only beyond the interior
+    tiles' attention, all of it when no tile of the box is interior."""
+    windows = ((3, 3, 3),) * 24
+    head = ShardPlan(**HUNYUAN, mode="head", world_size=2, windows=((3, 3, 3),), num_heads=24)
+    tile = ShardPlan(**HUNYUAN, mode="tile", world_size=2, windows=((3, 3, 3),), num_heads=24)
+    h, t = (call_cost(p, windows, 24, 1, 128, 2, 0).ranks[0] for p in (head, tile))
+    assert h.copied > 0 and t.copied == 0 and h.beside == 0 and 0 < t.beside < t.flops
+    assert t.time_ms(H100_NVLINK)[1] == pytest.approx(t.collectives * 0.05)  # the exchange is hidden
+    no_interior = dataclasses.replace(t, beside=0.0)
+    halo_ms = t.bytes_sent["halo exchange"] / (H100_NVLINK.link_gbps * 1e9) * 1e3
+    assert no_interior.time_ms(H100_NVLINK)[1] == pytest.approx(t.time_ms(H100_NVLINK)[1] + halo_ms)
+    more_copies = dataclasses.replace(h, copied=h.copied + 2.5e9)  # 2.5 GB at 2.5 TB/s: 1 ms
+    assert more_copies.time_ms(H100_NVLINK)[1] == pytest.approx(h.time_ms(H100_NVLINK)[1] + 1.0)
+
+
+def test_cost_model_within_15_percent_of_the_recorded_layer():
+    """The model against the newest recorded 2-GPU layer run (docs/runs), mode by mode: the
+    issue asks for 15%; a change to the model or the runtime that breaks it shows here."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "runs" / "2026-11-28-2xh100-final-dist_bench_2.json"
+    run = json.loads(path.read_text())
+    windows = (tuple(run["window"]),) * run["heads"]
+    checked = 0
+    for name, row in run["rows"].items():
+        if not name.startswith("sta_dist "):
+            continue
+        mode = name.split()[1]
+        plan = ShardPlan(canvas=tuple(run["canvas"]), tile=tuple(run["tile"]), text_len=run["text_len"], mode=mode,
+                         world_size=run["world_size"], windows=(tuple(run["window"]),), num_heads=run["heads"])
+        predicted = call_cost(plan, windows, run["heads"], 1, 128, 2, 0).time_ms(H100_NVLINK)
+        assert abs(predicted / row["ms"] - 1) <= 0.15, (name, predicted, row["ms"])
+        checked += 1
+    assert checked == 3

@@ -5,8 +5,11 @@ the tile axis with local ones runs as two parts (the wide heads over the head al
 the local heads in tile mode with their halo) instead of all in head mode.
 
 The bytes are exact (what :class:`~sta_dist.parallel.comm.Comm` will count); the time is a
-model: the busiest rank's kernel time plus the busiest rank's transfer time, not overlapped
-(by default the runtime does not overlap them), plus a fixed latency per collective.
+model: the busiest rank's kernel time, plus the busiest rank's transfer time where the call
+waits for it (a head all-to-all before and after the attention; a halo exchange only for what
+the attention of the tiles that need no halo does not cover), plus a fixed latency per
+collective, plus the copies around the exchanges (send buffers packed, heads split, outputs
+scattered back) at the card's copy rate.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Sequence
 from .. import geometry
 from ..geometry import Triple
 from .plan import ShardPlan
-from .schedule import CallSchedule, call_schedule, whole_canvas_halo
+from .schedule import CallSchedule, call_schedule, halo_split, whole_canvas_halo
 
 COLLECTIVE_LATENCY_MS = 0.05
 """Per collective with peers: launch and synchronisation, measured ~30-80 us with NCCL."""
@@ -32,11 +35,15 @@ class Rates:
     """Attended score entries' FLOP/s of the local kernel, ``4 * B * H * Sq * Skv * D``."""
     link_gbps: float
     """Bytes each rank sends per second to its peers (all-to-all algorithm bandwidth)."""
+    copy_gbps: float = 2500.0
+    """Bytes per second the copies around the exchanges read and write together."""
 
 
-H100_NVLINK = Rates(attention_tflops=640.0, link_gbps=270.0)
+H100_NVLINK = Rates(attention_tflops=640.0, link_gbps=270.0, copy_gbps=2500.0)
 """Measured on 2x H100 (NVLink NV18): the CUDA kernel at HunyuanVideo (3,3,3) ran
-639-656 TFLOP/s; all_to_all_single of 354 MB per rank 270 GB/s (shared/ANCHORS.md)."""
+639-656 TFLOP/s; all_to_all_single of 354 MB per rank 270 GB/s (shared/ANCHORS.md); the
+copies of a head-mode call ~2.5 TB/s (2026-11-28 profiles: the 354 MB send buffer of q
+packed in ~220 us)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +56,21 @@ class RankCost:
     bytes_sent: dict
     """Per step name (as :class:`Comm` names them): bytes this rank sends to other ranks."""
     collectives: int
+    copied: float = 0.0
+    """Bytes read and written by the copies on the call's path."""
+    beside: float = 0.0
+    """FLOPs of the attention that runs beside the halo exchange (the tiles that need no
+    halo): the exchange costs time only beyond it."""
 
     def time_ms(self, rates: Rates) -> tuple[float, float]:
-        """(kernel ms, communication ms) under ``rates``."""
-        return (self.flops / (rates.attention_tflops * 1e12) * 1e3,
-                sum(self.bytes_sent.values()) / (rates.link_gbps * 1e9) * 1e3 + self.collectives * COLLECTIVE_LATENCY_MS)
+        """(kernel ms, communication and copy ms) under ``rates``."""
+        kernel = self.flops / (rates.attention_tflops * 1e12) * 1e3
+        halo = self.bytes_sent.get("halo exchange", 0) / (rates.link_gbps * 1e9) * 1e3
+        other = sum(n for step, n in self.bytes_sent.items() if step != "halo exchange")
+        hidden = min(halo, self.beside / (rates.attention_tflops * 1e12) * 1e3)
+        comm = (other / (rates.link_gbps * 1e9) * 1e3 + halo - hidden + self.collectives * COLLECTIVE_LATENCY_MS
+                + self.copied / (rates.copy_gbps * 1e9) * 1e3)
+        return kernel, comm
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +135,33 @@ def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, i
         if text_length > 0:
             sent["text merge"] = batch * L * len(my_q) * (head_dim + 1) * 4 * (len(sched.tile_group) - 1)
     collectives = len(sent) + (1 if plan.world_size > 1 else 0)  # + the per-call agreement check
-    return RankCost(sched.rank, flops, sent, collectives)
+    beside = 0.0
+    if len(sched.tile_group) > 1:  # the interior tiles' attention runs beside the halo exchange
+        interior = halo_split(sched).interior.q_tiles
+        beside = 4.0 * batch * head_dim * sum(_box_pairs(canvas, tile, interior, window, text_length)
+                                              for window in sched.heads.windows)
+    return RankCost(sched.rank, flops, sent, collectives, _copied(sched, batch, head_dim, itemsize, L), beside)
+
+
+def _copied(sched: CallSchedule, batch: int, head_dim: int, itemsize: int, text_len: int) -> float:
+    """Bytes read and written by the copies on one rank's call path (the default path:
+    :mod:`~sta_dist.parallel.pipeline` in head mode, the staged head exchange then the halo
+    beside the interior tiles in hybrid mode; the halo's gather runs on a side stream)."""
+    if len(sched.head_group) == 1:
+        return 0.0
+    me = sched.me_in_head_group
+    n_held, n_box, L = sched.held_counts[me], sched.box_tokens, text_len
+    q_all = sum(len(qh) for qh in sched.q_heads)
+    hq, hkv = len(sched.q_heads[me]), len(sched.kv_heads[me])
+    row = batch * head_dim * itemsize
+    packed = n_held * sum(len(qh) + 2 * len(kvh) for qh, kvh in zip(sched.q_heads, sched.kv_heads))
+    scattered = (n_held + L) * q_all
+    if len(sched.tile_group) == 1:  # received in place (one sample), text copied in
+        received = L * (hq + 2 * hkv) + (n_box * (hq + 2 * hkv) if batch > 1 else 0)
+        return 2.0 * row * (packed + received + scattered)
+    joined = (n_box + L) * (hq + 2 * hkv)  # the staged head exchange's concatenation
+    sent_back = (n_box + L * len(sched.head_group)) * hq
+    return 2.0 * row * (packed + joined + sent_back + scattered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +224,19 @@ def _parts_cost(plan: ShardPlan, parts: tuple[CallPart, ...], batch: int, head_d
     agreement check for the call)."""
     ranks = []
     extra_checks = (len(parts) - 1) * (1 if plan.world_size > 1 else 0)  # each part's cost counts the call's one
+    heads = sum(len(p.q_heads) for p in parts)
+    kv_heads = sum(len(p.kv_heads) for p in parts)
     for r in range(plan.world_size):
         costs = [rank_cost(plan, p.schedule(plan, r), batch, head_dim, itemsize, text_length) for p in parts]
         sent: dict = {}
         for c in costs:
             for step, n in c.bytes_sent.items():
                 sent[step] = sent.get(step, 0) + n
-        ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - extra_checks))
+        # in parts: each part's heads split out of q, k, v, and its output scattered back
+        rows = plan.held_count(r) + plan.text_len
+        split = 2.0 * batch * rows * (2 * heads + 2 * kv_heads) * head_dim * itemsize if len(parts) > 1 else 0.0
+        ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - extra_checks,
+                              sum(c.copied for c in costs) + split, sum(c.beside for c in costs)))
     return CallCost(tuple(ranks))
 
 
