@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-
 from typing import NamedTuple, Optional
 
 import torch
@@ -111,8 +110,8 @@ def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, r
 def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_length, scale: float,
                        backend: str) -> PartialOutput:
     """Steps 2 and 3 overlapped (a tile-group call, one text length for the batch): the
-    halo exchange is started, the query tiles whose windows stay in the box are attended
-    (with the text queries) while it runs, then the others, over box and halo. The halo
+    query tiles whose windows stay in the box are attended (with the text queries) while
+    the halo exchange runs, then the others, over box and halo. The halo
     is received into tensors of its own, which the CUDA kernel reads where they lie (other
     kernels get k/v joined). Same output as :func:`halo_exchange` then :func:`attend`."""
     split = halo_split(sched)
