@@ -167,10 +167,11 @@ def test_halo_read_where_it_lies(batch):
     """A tile-mode rank's halo held apart from the box's k/v (as the overlapped exchange
     receives it: stored halo row by halo row) gives the very output of the joined k/v,
     through the launcher and through the dispatch with ``out=``, the box's query tiles in
-    two launches (:func:`sta_dist.parallel.schedule.halo_split`'s layouts)."""
+    two launches (:func:`sta_dist.parallel.schedule.split_layout`)."""
     from sta_dist.dispatch import run_local
     from sta_dist.kernel_calls import halo_tables
     from sta_dist.local import Halo, LocalHeads, LocalText
+    from sta_dist.parallel.schedule import split_layout
 
     canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
     _, (ql, kl, vl), layout, box_rows = box_and_halo(canvas, tile, text=96, seed=7)
@@ -185,23 +186,11 @@ def test_halo_read_where_it_lies(batch):
                   order="packed", tables=halo_tables(layout, n_box, ql.device), halo=tuple(apart))
     assert torch.equal(held[:, :n_box], joined[:, :n_box])
 
-    grid = geometry.grid_shape(canvas, tile)
-    heads = LocalHeads.build([(1, 1, 1), (2, 1, 2), (1, 2, 1), (2, 2, 2)], grid, 4)  # w = 0 tiles need no halo
-    box = set(layout.q_tiles)
-    inside = {t: all(set(geometry.window_tiles(geometry.tile_coords(t, grid), w, grid)) <= box for w in heads.windows)
-              for t in layout.q_tiles}
-    inner, outer = ([t for t in layout.q_tiles if inside[t] == side] for side in (True, False))
-    assert inner and outer
-
-    def part(tiles, kv_rows, kv_video, q_text):
-        rows = dict(zip(layout.q_tiles, layout.q_rows))
-        return LocalLayout(canvas, tile, tuple(tiles), tuple(rows[t] for t in tiles), kv_rows, n_box, kv_video,
-                           q_text, n_box)
-
-    box_only = tuple(r if t in box else None for t, r in enumerate(layout.kv_rows))
-    out = run_local(ql, kb, vb, part(inner, box_only, n_box, 96), heads, LocalText(96, 77, 77), 128**-0.5)
-    run_local(ql, kb, vb, part(outer, layout.kv_rows, n_kv, 0), heads, LocalText(0, 77, 0), 128**-0.5, out=out,
-              halo=Halo(*apart, n_box))
+    heads = LocalHeads.build([(1, 1, 1), (2, 1, 2), (1, 2, 1), (2, 2, 2)], geometry.grid_shape(canvas, tile), 4)
+    split = split_layout(layout, tuple(sorted(set(heads.windows))))  # w = 0 tiles need no halo
+    assert split.interior.q_tiles and split.border.q_tiles
+    out = run_local(ql, kb, vb, split.interior, heads, LocalText(96, 77, 77), 128**-0.5)
+    run_local(ql, kb, vb, split.border, heads, LocalText(0, 77, 0), 128**-0.5, out=out, halo=Halo(*apart, n_box))
     whole = run_local(ql, kl, vl, layout, heads, LocalText(96, 77, 77), 128**-0.5)
     assert torch.equal(out[:, :n_box], whole[:, :n_box])
 

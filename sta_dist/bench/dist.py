@@ -109,6 +109,7 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     diff = torch.tensor([max_error(out, plan.shard(one, rank))], device=device)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     attn.comm.bytes_sent.clear()
+
     def default():
         attn.comm.check_calls, attn.impl.overlap = True, True
 

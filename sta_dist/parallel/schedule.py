@@ -171,12 +171,18 @@ class HaloSplit:
 def halo_split(sched: CallSchedule) -> "HaloSplit | None":
     """The two launches of ``sched`` (:class:`HaloSplit`; either may have no query tiles),
     or ``None`` without a tile group."""
-    layout = sched.layout
     if len(sched.tile_group) == 1:
         return None
+    return split_layout(sched.layout, tuple(sorted(set(sched.heads.windows))))
+
+
+@functools.lru_cache(maxsize=1024)
+def split_layout(layout: LocalLayout, windows: tuple[Triple, ...]) -> HaloSplit:
+    """A box's layout (its query tiles, then key rows for box and halo) split for
+    :class:`HaloSplit`: a query tile is interior when each of ``windows`` keeps its key
+    tiles inside the box."""
     grid = layout.grid
     box = set(layout.q_tiles)
-    windows = sorted(set(sched.heads.windows))
     inside = [all(set(geometry.window_tiles(geometry.tile_coords(t, grid), w, grid)) <= box for w in windows)
               for t in layout.q_tiles]
     n_box = layout.q_video
