@@ -443,7 +443,8 @@ class SlidingTileAttentionImpl:
             parts = call_parts(plan, windows, self.num_kv_heads, q.shape[0], q.shape[3], q.element_size(),
                                longest_text(text_length))
         if len(parts) == 1:
-            sched = self._schedule(attn_metadata, windows)
+            sched = (parts[0].schedule(plan, comm.rank) if parts[0].wide_tile
+                     else self._schedule(attn_metadata, windows))
             warn_if_fallback(sched, plan)
             out = self._run(q, k, v, sched, comm, text_length, self.num_heads)
         else:

@@ -108,16 +108,30 @@ _route = functools.lru_cache(maxsize=1024)(route)
 
 def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText, scale: float,
               backend: str = "auto", return_lse: bool = False, keys=None, config: dict | None = None,
-              out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
+              out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None, lse: Optional[torch.Tensor] = None,
+              resume: bool = False):
     """One local call with one text group, on the kernels its route names. ``keys``: the
     Triton kernel's table path; ``config``: a Triton launch config (``backend="triton"``
     only). The Triton family runs head dims 160, 192 and 224 zero-padded to the next
     built size. ``out``: the output to fill, only the rows of this call's queries (window
     calls without the log-sum-exp); ``halo``: k/v rows held apart
     (:class:`~sta_dist.local.Halo`), read where they lie by the CUDA kernel, joined to
-    k/v for any other."""
+    k/v for any other. ``resume=True`` with ``out`` and ``lse`` (``[B, H, S]`` float32): they
+    hold a result of the same queries over other keys (e.g. the layout's ``key_box`` of an
+    earlier call), and this call's keys are folded in exactly (the CUDA kernel in its launch,
+    any other by the log-sum-exp merge of :func:`fold_rows`); returns ``(out, lse)``."""
     if config is not None and backend != "triton":
         raise ValueError(f"a Triton launch config needs backend='triton', got backend={backend!r}")
+    if resume:
+        if out is None or lse is None or keys is not None:
+            raise ValueError("run_local: resume=True needs out= and lse= (and a window call, no keys=)")
+        if choose_backend(q_bshd, backend) == "torch" or call_route(
+                q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo).video != "cuda":
+            part = run_local(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, backend, True, config=config,
+                             halo=halo)
+            return fold_rows(out, lse, *part, query_rows(layout, out.device))
+        return execute(call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo),
+                       q_bshd, k_bshd, v_bshd, layout, heads, text, scale, True, None, config, out, halo, lse, True)
     if out is not None and (return_lse or keys is not None):
         raise ValueError("run_local: out= is for window calls without the log-sum-exp")
     D = q_bshd.shape[-1]
@@ -145,6 +159,19 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
     return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse, keys, config, out, halo)
 
 
+def fold_rows(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
+              rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out``/``lse`` with ``rows`` merged with another result of the same queries over other
+    keys (the exact softmax merge by log-sum-exp; rows with no key on either side stay 0)."""
+    mine, theirs = lse[:, :, rows], part_lse[:, :, rows]  # [B, H, n]
+    total = torch.logaddexp(mine, theirs)
+    safe = torch.where(torch.isinf(total), 0.0, total)
+    w_mine, w_theirs = (torch.exp(x - safe).transpose(1, 2)[..., None] for x in (mine, theirs))  # [B, n, H, 1]
+    out[:, rows] = (out[:, rows].float() * w_mine + part_out[:, rows].float() * w_theirs).to(out.dtype)
+    lse[:, :, rows] = total
+    return out, lse
+
+
 def _fill_rows(out: torch.Tensor, result: torch.Tensor, layout: LocalLayout) -> torch.Tensor:
     """``out`` with the rows of ``layout``'s queries (its video tiles, its text rows) taken
     from ``result``."""
@@ -164,12 +191,14 @@ def query_rows(layout: LocalLayout, device: torch.device) -> torch.Tensor:
 
 def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
             scale: float, return_lse: bool = False, keys=None, config: dict | None = None,
-            out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
+            out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None, lse: Optional[torch.Tensor] = None,
+            resume: bool = False):
     """Run route ``r``: SDPA for its dense heads, its video kernel for the other heads'
     video rows and, beside the CUDA kernel, its text kernel for their text rows on a
     second stream (the caller's stream waits for it before the result is returned).
     ``out``: fill the rows of the call's queries there (else a new output); ``halo``: the
-    CUDA kernel's k/v rows held apart."""
+    CUDA kernel's k/v rows held apart; ``lse``: the log-sum-exp to fill (else a new one);
+    ``resume``: the CUDA kernel folds the call's keys into ``out`` and ``lse``."""
     if r.video == "torch":
         result = sta_torch(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, return_lse=return_lse, keys=keys)
         return result if out is None else _fill_rows(out, result, layout)
@@ -189,7 +218,8 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
     if r.video == "triton":
         return calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse, config)
     table = calls.head_table(heads, sparse, q_bshd.device)
-    lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None
+    if return_lse and lse is None:
+        lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device)
     main = torch.cuda.current_stream(q_bshd.device)
     if r.text:
         side = calls.text_stream(q_bshd.device)
@@ -201,7 +231,7 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)
-    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, keys, halo)
+    calls.cuda(q_bshd, k_bshd, v_bshd, layout, text, scale, table, out, lse, keys, halo, resume)
     if r.text:
         main.wait_stream(side)
     return (out, lse) if return_lse else out
@@ -209,24 +239,26 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
 
 def local_attention(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text,
                     scale: float, backend: str = "auto", return_lse: bool = False, keys=None,
-                    out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None):
+                    out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None,
+                    lse: Optional[torch.Tensor] = None, resume: bool = False):
     """Run one local STA problem (inputs already validated).
 
     ``text`` is one :class:`LocalText` for the whole batch, or a tuple of one per batch
     sample: then the batch is split into groups of samples with equal text, and each
     group runs as its own call (one kernel launch per distinct text length; a contiguous
     run of samples is a view, others are gathered). ``keys``: the table path
-    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch. ``out``, ``halo``:
-    as :func:`run_local` (one text group only)."""
+    (:class:`sta_dist.selection.tables.KeyTiles`), split with the batch. ``out``, ``halo``,
+    ``lse``, ``resume``: as :func:`run_local` (one text group only)."""
     run = functools.partial(run_local, layout=layout, heads=heads, scale=scale, backend=backend,
                             return_lse=return_lse)
+    apart = dict(out=out, halo=halo, lse=lse, resume=resume)
     if isinstance(text, LocalText):
-        return run(q_bshd, k_bshd, v_bshd, text=text, keys=keys, out=out, halo=halo)
+        return run(q_bshd, k_bshd, v_bshd, text=text, keys=keys, **apart)
     groups = sample_groups(text)
     if len(groups) == 1:
-        return run(q_bshd, k_bshd, v_bshd, text=groups[0][0], keys=keys, out=out, halo=halo)
-    if out is not None or halo is not None:
-        raise ValueError("local_attention: out= and halo= take one text length for the whole batch")
+        return run(q_bshd, k_bshd, v_bshd, text=groups[0][0], keys=keys, **apart)
+    if out is not None or halo is not None or resume:
+        raise ValueError("local_attention: out=, halo= and resume= take one text length for the whole batch")
     B, S, H, _ = q_bshd.shape
     out = torch.empty_like(q_bshd)
     lse = torch.empty((B, H, S), dtype=torch.float32, device=q_bshd.device) if return_lse else None

@@ -169,19 +169,27 @@ def triton(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text:
     facts = layout_facts(layout, q_bshd.device)
     q_tiles = facts.q_tiles if video else facts.q_tiles[:0]
     return sta_fwd(q_bshd, k_bshd, v_bshd, q_tiles, facts.kv_tiles, head_table(heads, subset, q_bshd.device),
-                   config=config, keys=keys, out=out, lse=lse, **triton_args(layout, text, facts, scale, return_lse))
+                   config=config, keys=keys, out=out, lse=lse, clip=clip(layout),
+                   **triton_args(layout, text, facts, scale, return_lse))
+
+
+def clip(layout: LocalLayout):
+    """The kernels' ``clip`` for the layout's ``key_box`` (``None``: no cut)."""
+    return None if layout.key_box is None else (layout.key_box.lo, layout.key_box.hi)
 
 
 def cuda(q_bshd, k_bshd, v_bshd, layout: LocalLayout, text: LocalText, scale: float, table: torch.Tensor, out,
-         lse=None, keys=None, halo=None):
+         lse=None, keys=None, halo=None, resume: bool = False):
     """The CUDA kernel: the video rows of ``out`` (and ``lse``) for the heads of ``table``,
     reading natural order or packed tiles through the layout's tables; ``keys``: the table
     path; ``halo``: a :class:`~sta_dist.local.Halo`, the layout's k/v rows from its
-    ``first_row`` on, where they lie (:func:`halo_tables`)."""
+    ``first_row`` on, where they lie (:func:`halo_tables`); ``resume``: fold this call's keys
+    into the result ``out`` and ``lse`` hold."""
     from .kernels.sta_fwd_cuda import sta_fwd_cuda
 
     facts = layout_facts(layout, q_bshd.device)
     tables = facts.packed_tables if halo is None else halo_tables(layout, halo.first_row, q_bshd.device)
     return sta_fwd_cuda(q_bshd, k_bshd, v_bshd, table, out, canvas=layout.canvas, tile=layout.tile, scale=scale,
                         text_keys=text.kv_for_video_q, order="natural" if facts.whole_natural else "packed",
-                        tables=tables, lse=lse, keys=keys, halo=None if halo is None else (halo.k, halo.v))
+                        tables=tables, lse=lse, keys=keys, halo=None if halo is None else (halo.k, halo.v),
+                        clip=clip(layout), resume=resume)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from . import geometry
-from .geometry import TileRows, Triple
+from .geometry import Box, TileRows, Triple
 
 
 def head_index(heads: Sequence[int], device: Optional[torch.device] = None):
@@ -57,6 +57,10 @@ class LocalLayout:
     q_text: int
     text_q_video_keys: int
     """Text queries attend the video key rows ``[0, text_q_video_keys)``."""
+    key_box: Optional[Box] = None
+    """Video queries attend only the key tiles of their window inside this box (``None``:
+    the whole window): one query's keys computed in parts, e.g. a tile-mode rank's own box
+    while its halo is on the way, then each neighbour's box."""
     _hash: int = field(init=False, repr=False, compare=False, default=0)
     """Computed once: the backends' caches look layouts up on every call, and hashing
     hundreds of tile rows costs ~45 us each time."""

@@ -284,7 +284,7 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
             windows = tuple(windows[h % len(windows)] for h in range(cfg.heads))
             q, k, v = layer_inputs(cfg, step, layer, device)
             local = [plan.shard(x, rank) for x in (q, k, v)]
-            _sync(device)
+            _sync(device, world_size)  # every rank starts the timed call together
             start = time.perf_counter()
             out = attn(*local, window=windows, text_length=cfg.text_valid)
             _sync(device)
@@ -311,9 +311,15 @@ def run_job(cfg: RunConfig, rank: int, world_size: int, job: JobRange) -> dict:
                 verify=cfg.verify, worst_error=worst[0], worst_bound=worst[1], verified=ok, rank=rank)
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device: torch.device, world_size: int = 1) -> None:
+    """Wait for the GPU; with ``world_size > 1`` also for every rank to get here (so a rank
+    that made its inputs later does not count as the call's time on the others)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if world_size > 1 and dist.is_initialized():
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 def _all_ranks_true(flag: bool, device) -> bool:

@@ -61,13 +61,14 @@ def sta_torch(
 
     keys_by_window: dict = {}
     for window in set(heads.windows) if keys is None and layout.q_tiles else ():
-        win = [
-            [slot[t] for t in geometry.window_tiles(geometry.tile_coords(qt, grid), window, grid)]
-            for qt in layout.q_tiles
-        ]
-        win_t = torch.tensor(win, dtype=torch.long).reshape(len(layout.q_tiles), -1)
+        win = [[t for t in geometry.window_tiles(geometry.tile_coords(qt, grid), window, grid)
+                if _kept(t, layout.key_box, grid)] for qt in layout.q_tiles]
+        width = max(map(len, win))  # lists cut by the key box are padded (masked) to the longest
+        kept = torch.tensor([[i < len(tiles) for i in range(width)] for tiles in win], dtype=torch.bool)
+        win_t = torch.tensor([[slot[t] for t in tiles] + [0] * (width - len(tiles)) for tiles in win],
+                             dtype=torch.long).reshape(len(layout.q_tiles), -1)
         idx = kv_idx_p[win_t].reshape(len(layout.q_tiles), -1).to(dev)
-        ok = kv_ok_p[win_t].reshape(len(layout.q_tiles), -1).to(dev)
+        ok = (kv_ok_p[win_t] & kept.reshape(len(layout.q_tiles), -1, 1)).reshape(len(layout.q_tiles), -1).to(dev)
         idx = torch.cat([idx, text_keys.expand(len(layout.q_tiles), -1)], 1)
         ok = torch.cat([ok, torch.ones_like(text_keys, dtype=torch.bool).expand(len(layout.q_tiles), -1)], 1)
         keys_by_window[window] = (idx, ok)
@@ -101,6 +102,11 @@ def sta_torch(
             lse[:, h, t_rows] = l[:, 0]
     out = out.to(q_bshd.dtype)
     return (out, lse) if return_lse else out
+
+
+def _kept(tile_id: int, key_box, grid) -> bool:
+    """Whether a window's key tile counts under the layout's ``key_box``."""
+    return key_box is None or key_box.contains(geometry.tile_coords(tile_id, grid))
 
 
 def _table_keys(keys: "KeyTiles", h: int, n_tiles: int, present: list, kv_idx_p: torch.Tensor,

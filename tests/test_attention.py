@@ -127,3 +127,57 @@ def test_layout_facts_and_dense_routing_choice():
     assert dense_heads(LocalLayout.natural(canvas, tile, 3), heads, LocalText.single(2), True) == (0, 2)
     assert dense_heads(LocalLayout.natural(canvas, tile, 3), heads, LocalText(2, 2, 0), True) == ()
     assert dense_heads(box, heads, LocalText.single(2), False) == ()
+
+
+def _box_and_halo_problem(canvas, tile, text, heads, dtype, device, seed):
+    """A tile-mode rank's local problem: its box (tiles with w index < 2) as query tiles,
+    then as key tiles the box and its halo (w index 2, every tile a window reaches from
+    the box), text rows after each; the halo's rows also apart, as received."""
+    from sta_dist import geometry
+    from sta_dist.local import LocalLayout
+
+    grid = geometry.grid_shape(canvas, tile)
+    ids = range(geometry.num_tiles(grid))
+    box = [t for t in ids if geometry.tile_coords(t, grid)[2] < 2]
+    halo = [t for t in ids if geometry.tile_coords(t, grid)[2] == 2]
+    layout = LocalLayout.packed(canvas, tile, text, box, box + halo,
+                                text_q_video_keys=geometry.packed_token_count(canvas, tile, box))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, layout.q_video + text, heads, 128, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(1, layout.kv_video + text, heads, 128, generator=g).to(dtype).to(device) for _ in range(2))
+    return layout, (q, k, v), tuple(halo)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_keys_in_parts_fold_into_the_whole_call(backend):
+    """A query's window in parts (:attr:`LocalLayout.key_box`): the box's keys with the text,
+    then the halo's, folded in by the log-sum-exp (``resume=True``: the CUDA kernel in its
+    launch, the others by the merge), equal the call over all keys at once; the halo read
+    where it lies. Windows: local, reaching the halo, and the whole canvas."""
+    from sta_dist.dispatch import call_route, run_local
+    from sta_dist.local import Halo, LocalHeads, LocalText
+    from sta_dist.parallel.schedule import split_keys
+
+    hopper = backend == "cuda"
+    if hopper and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the CUDA kernel needs a Hopper GPU")
+    canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
+    dtype = torch.bfloat16 if hopper else torch.float32
+    layout, (q, k, v), halo_tiles = _box_and_halo_problem(canvas, tile, text, 4, dtype, DEVICE, seed=3)
+    heads = LocalHeads.build([(1, 1, 1), (2, 1, 3), (1, 2, 2), (9, 9, 9)], layout.grid, 4)
+    n_box, n_kv = layout.q_video, layout.kv_video
+    kernel = "auto" if hopper else backend
+    whole, whole_lse = run_local(q, k, v, layout, heads, LocalText(text, text - 2, text - 2), 128**-0.5, kernel, True)
+    split = split_keys(layout, tuple(sorted(set(heads.windows))), ((), halo_tiles))
+    assert len(split.halo) == 1 and split.halo[0].q_tiles
+    kb, vb = (torch.cat([x[:, :n_box], x[:, n_kv:]], 1) for x in (k, v))
+    apart = Halo(k[:, n_box:n_kv], v[:, n_box:n_kv], n_box)
+    out, lse = run_local(q, kb, vb, split.own, heads, LocalText(text, text - 2, text - 2), 128**-0.5, kernel, True)
+    if hopper:
+        assert call_route(q, kb, vb, split.halo[0], heads, LocalText(0, 0, 0), kernel, True, halo=apart).video == "cuda"
+    out, lse = run_local(q, kb, vb, split.halo[0], heads, LocalText(0, 0, 0), 128**-0.5, kernel, out=out, lse=lse,
+                         resume=True, halo=apart)
+    rows = slice(0, n_box + text)
+    tol = 2 ** -7 if hopper else 1e-5  # bf16: the box part is rounded once before the fold
+    assert max_error(out[:, rows], whole[:, rows]) <= tol * whole[:, rows].abs().max()
+    assert max_error(lse[:, :, rows], whole_lse[:, :, rows]) <= (1e-3 if hopper else 1e-5)

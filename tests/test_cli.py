@@ -112,14 +112,18 @@ def test_plan_stays_readable_at_1024_ranks_and_warns_of_idle_ranks(capsys):
     assert "by cost" in capsys.readouterr().out
 
 
-def test_plan_shows_a_call_in_parts(capsys):
-    """The real strategy's sparse layer 0 on a 2-rank tile plan: wide heads over the head
-    all-to-all, local ones in tile mode; every rank's line adds the two parts."""
+def test_plan_shows_the_wide_heads_in_tile_mode(capsys):
+    """The real strategy's sparse layer 0 on a 2-rank tile plan: its heads whose windows span
+    the canvas stay in tile mode (the model prices their halo, the other rank's half, as
+    exchanged beside the box's own keys), and the report shows that halo and the model."""
     assert cli.main(["plan", "--config", "hunyuan_720p", "--world-size", "2", "--mode", "tile", "--step", "16"]) == 0
     out = capsys.readouterr().out
-    parts = next(line for line in out.splitlines() if line.startswith("this call in 2 parts"))
-    assert "in mode head (fallback);" in parts and parts.endswith("in mode tile")
-    assert "(this call: mixed (head + tile))" in out and "rank 1:" in out and "mode head (fallback) + tile" in out
+    assert "2 ranks, this call in mode tile:" in out and "this call in 2 parts" not in out
+    assert "halo tokens received   min    57600  max    57600" in out  # the other half of 115,200
+    tile, head = (float(line.split("predicted")[1].split("ms")[0]) for line in out.splitlines()
+                  if line.lstrip(" *").startswith(("mode tile", "mode head")))
+    assert tile < head
+    assert "rank 1:" in out and "mode tile, 24 heads" in out
 
 
 SHRUNK = {"tiny_cpu": [], "hunyuan_720p": ["--canvas", "6", "16", "16", "--heads", "4"],

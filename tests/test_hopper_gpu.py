@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import sta_dist
-from sta_dist import geometry
 from sta_dist.kernel_calls import packed_tables
 from sta_dist.kernels.sta_fwd_cuda import sta_fwd_cuda as launch
 from sta_dist.local import LocalLayout
@@ -165,13 +164,9 @@ def test_packed_box_and_halo(text_keys, dtype):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_halo_read_where_it_lies(batch):
     """A tile-mode rank's halo held apart from the box's k/v (as the overlapped exchange
-    receives it: stored halo row by halo row) gives the very output of the joined k/v,
-    through the launcher and through the dispatch with ``out=``, the box's query tiles in
-    two launches (:func:`sta_dist.parallel.schedule.split_layout`)."""
-    from sta_dist.dispatch import run_local
+    receives it: stored halo row by halo row) gives the very output of the joined k/v.
+    (The box's keys and the halo's in two launches: tests/test_attention.py.)"""
     from sta_dist.kernel_calls import halo_tables
-    from sta_dist.local import Halo, LocalHeads, LocalText
-    from sta_dist.parallel.schedule import split_layout
 
     canvas, tile, windows = (12, 16, 40), (6, 8, 8), [(1, 1, 1), (2, 1, 3), (1, 2, 3), (2, 2, 2)]
     _, (ql, kl, vl), layout, box_rows = box_and_halo(canvas, tile, text=96, seed=7)
@@ -185,14 +180,6 @@ def test_halo_read_where_it_lies(batch):
     held = launch(ql, kb, vb, table, torch.empty_like(ql), canvas=canvas, tile=tile, scale=128**-0.5, text_keys=77,
                   order="packed", tables=halo_tables(layout, n_box, ql.device), halo=tuple(apart))
     assert torch.equal(held[:, :n_box], joined[:, :n_box])
-
-    heads = LocalHeads.build([(1, 1, 1), (2, 1, 2), (1, 2, 1), (2, 2, 2)], geometry.grid_shape(canvas, tile), 4)
-    split = split_layout(layout, tuple(sorted(set(heads.windows))))  # w = 0 tiles need no halo
-    assert split.interior.q_tiles and split.border.q_tiles
-    out = run_local(ql, kb, vb, split.interior, heads, LocalText(96, 77, 77), 128**-0.5)
-    run_local(ql, kb, vb, split.border, heads, LocalText(0, 77, 0), 128**-0.5, out=out, halo=Halo(*apart, n_box))
-    whole = run_local(ql, kl, vl, layout, heads, LocalText(96, 77, 77), 128**-0.5)
-    assert torch.equal(out[:, :n_box], whole[:, :n_box])
 
 
 def test_cuda_refuses_what_its_rule_refuses():

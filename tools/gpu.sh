@@ -16,7 +16,7 @@
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
-#   halo                 the overlapped exchanges (halo beside the interior tiles, head mode in place) on 2 GPUs:
+#   halo                 the overlapped exchanges (halo beside the box's keys, head mode in place) on 2 GPUs:
 #                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
 #                        strategy (STRATEGY=0: not; STRATEGY_MODES, default "auto tile"; AB=DIR: also DIR's copy
 #                        of sta_dist, e.g. an older commit's)
@@ -256,7 +256,8 @@ job_halo() {
   setup
   OUT=$(cd "$OUT" && pwd)
   [ -n "${AB:-}" ] && (cd "$AB" && python3 -c "import sta_dist; print('AB: sta_dist from', sta_dist.__file__)")
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py -k "halo or packed or tiled" 2>&1 \
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_attention.py \
+    -k "halo or packed or tiled or fold" 2>&1 \
     | tail -n 6 | tee "$OUT/halo_tests.log"
   timeout 150 python3 -m sta_dist.cli bench kernel --cases hunyuan_333 --out "$OUT/kernel" 2>&1 | grep -v Warn | tail -n 5
   if [ -n "${AB:-}" ]; then

@@ -164,6 +164,7 @@ def _sta_fwd_kernel(
     n_text_blocks, q_text_start, q_text_rows, q_text_valid,
     kv_text_start, kv_text_for_video, kv_text_for_text, text_q_video_keys,
     qk_scale, SEL_KEYS, SEL_COUNT, sel_kb, sel_kh, sel_kq, sel_cb, sel_ch,
+    clip_t0, clip_h0, clip_w0, clip_t1, clip_h1, clip_w1,
     TT: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EVEN: tl.constexpr, STORE_LSE: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, TABLE: tl.constexpr,
@@ -234,11 +235,18 @@ def _sta_fwd_kernel(
             sh = 0
             sw = 0
         else:
-            # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n.
+            # Window start per axis: clamp(c - (k - 1) // 2, 0, n - k), k already <= n; then
+            # the window cut to the clip box [clip_*0, clip_*1).
             sel_row = 0
-            st = tl.minimum(tl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
-            sh = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
-            sw = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
+            st0 = tl.minimum(tl.maximum(ct - (kt - 1) // 2, 0), grid_t - kt)
+            sh0 = tl.minimum(tl.maximum(ch - (kh - 1) // 2, 0), grid_h - kh)
+            sw0 = tl.minimum(tl.maximum(cw - (kw - 1) // 2, 0), grid_w - kw)
+            st = tl.maximum(st0, clip_t0)
+            sh = tl.maximum(sh0, clip_h0)
+            sw = tl.maximum(sw0, clip_w0)
+            kt = tl.maximum(tl.minimum(st0 + kt, clip_t1) - st, 0)
+            kh = tl.maximum(tl.minimum(sh0 + kh, clip_h1) - sh, 0)
+            kw = tl.maximum(tl.minimum(sw0 + kw, clip_w1) - sw, 0)
             n_steps = kt * kh * kw * KEY_BLOCKS_PER_TILE
         for j in range(0, n_steps):
             k, v, valid = _key_block(j, b, kvh, st, sh, sw, kh, kw, grid_h, grid_w, canvas_t, canvas_h, canvas_w,
@@ -330,6 +338,7 @@ def sta_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     keys=None,
+    clip=None,
 ):
     """Launch the kernel.
 
@@ -345,12 +354,15 @@ def sta_fwd(
     dtype) and, with ``return_lse``, ``lse_bhs`` float32 (natural log). ``keys`` (a
     ``sta_dist.selection.tables.KeyTiles``: ``keys [Bk, Hk, n_q_tiles, width]``,
     ``counts [Bk, Hk, n_q_tiles]`` int32, indexed by the q head) takes the table path.
+    ``clip = (lo, hi)`` (tile coordinates per axis) cuts every window to the key tiles in
+    ``[lo, hi)``.
     """
     B, Sq, H, D = q_bshd.shape
     for name, x in (("q", q_bshd), ("k", k_bshd), ("v", v_bshd)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim, got stride {x.stride()}")
     grid_shape = tuple(-(-c // t) for c, t in zip(canvas, tile))
+    clip_lo, clip_hi = clip if clip is not None else ((0, 0, 0), grid_shape)
     volume = math.prod(tile)
     cfg = dict(launch_config(volume, D, q_bshd.dtype), **(config or {}))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
@@ -387,7 +399,7 @@ def sta_fwd(
             n_heads, *grid_shape, *canvas,
             n_text_blocks, q_video, q_text, q_text_valid,
             kv_video, kv_text_for_video, kv_text_for_text, text_q_video_keys,
-            scale * LOG2E, *_table_args(keys),
+            scale * LOG2E, *_table_args(keys), *clip_lo, *clip_hi,
             TT=tile[0], TH=tile[1], TW=tile[2],
             HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=block_m, BLOCK_N=block_n,
             EVEN=even and volume % block_m == 0 and volume % block_n == 0,

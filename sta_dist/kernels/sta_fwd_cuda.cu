@@ -21,6 +21,11 @@
 // that attends nothing gets 0 (log-sum-exp -inf). Text queries are the caller's (the route
 // gives them to SDPA or to a Triton launch). Optionally the natural-log log-sum-exp of
 // every video row, lse [B, q heads, S] float32.
+// Two more knobs make one query's keys computable in parts (a tile-mode rank's own box
+// while its halo is on the way, then the halo): a clip box cuts every window to the key
+// tiles [lo, hi) per axis, and a resumed launch (template RESUME) starts each row from
+// what out and lse hold (an earlier launch's normalised output and log-sum-exp over other
+// keys), folds its keys in, and writes both back; a row with no key here is left alone.
 //
 // Program (query block, head row): 128 query rows (consecutive rows of one tile, packed;
 // 128 / (TH*TW) t-slices of one tile, natural), 384 threads in three warpgroups.
@@ -47,6 +52,8 @@
 // Text blocks are such 3-D boxes from text_row on.
 #include <cuda.h>
 #include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #define DEV __device__ __forceinline__
@@ -69,6 +76,7 @@ struct Params {
   long long so_b, so_s, lse_b, lse_h, sel_kb, sel_kh, sel_kq, sel_cb, sel_ch;
   int q_stride, kv_stride, packed, n_heads, grid_t, grid_h, grid_w, TT, TH, TW, bpt, canvas_h, canvas_w, text_row,
       n_text, never;
+  int clip_lo[3], clip_hi[3];  // windows cut to the key tiles [lo, hi) per axis (the whole grid: no cut)
   float scale;  // softmax scale * log2(e)
 };
 
@@ -234,7 +242,7 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 
 // --- computing -----------------------------------------------------------------------------
 // One consumer warpgroup: 64 query rows. Per thread two rows (r0, r0 + 8) of S and O.
-template <int C, bool F16>
+template <int C, bool F16, bool RESUME>
 struct Consumer {
   float S[64];
   float O[64];
@@ -243,6 +251,23 @@ struct Consumer {
   uint32_t k_full, v_full, k_empty, v_empty, q_base;
   int n, never;
   float scale;
+  const uint16_t* o_src[2];  // resumed: where the earlier output of the thread's two rows lies
+
+  // A resumed launch's O: the earlier normalised output, as ``store`` wrote it.
+  DEV void load_o() {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int jj = 0; jj < 16; ++jj) {
+        const uint32_t x = *reinterpret_cast<const uint32_t*>(o_src[r] + 8 * jj);
+        float2 f;
+        if constexpr (F16)
+          f = __half22float2(*reinterpret_cast<const __half2*>(&x));
+        else
+          f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+        O[4 * jj + 2 * r] = f.x, O[4 * jj + 2 * r + 1] = f.y;
+      }
+  }
 
   DEV void turn_wait(bool first) {
     if (!(first && C == 0)) bar_sync(1 + C);
@@ -351,9 +376,13 @@ struct Consumer {
     wg_wait<0>();
     fence_f(S);
     release(k_empty);
-    softmax(true, Pa, first_valid);
+    softmax(!RESUME, Pa, first_valid);  // resumed: m and l hold the earlier keys' state
+    if constexpr (RESUME) {
+      load_o();
+    } else {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) O[i] = 0.f;
+      for (int i = 0; i < 64; ++i) O[i] = 0.f;
+    }
     int j = 1;
     for (; j + 1 < n; j += 2) {
       trip(j, Pa, Pb);
@@ -381,8 +410,8 @@ struct QueryRows {
 
 // Normalise O and write the warpgroup's 64 rows (block rows 64*C on), and their
 // log-sum-exp if asked: (m + log2 l) in natural-log units (m is kept in log2 units).
-template <int C, bool F16>
-DEV void store(const Params& p, const Consumer<C, F16>& cs, int b, int qh, const QueryRows& rows) {
+template <int C, bool F16, bool RESUME>
+DEV void store(const Params& p, const Consumer<C, F16, RESUME>& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -402,11 +431,26 @@ DEV void store(const Params& p, const Consumer<C, F16>& cs, int b, int qh, const
   }
 }
 
-template <int C, bool F16>
+// A resumed launch's state of the warpgroup's rows, as ``store`` left them: m the
+// log-sum-exp (log2 units), the row sum 1 spread over the four threads of a row (``store``
+// adds them up), and where the output lies (read into O after the first block's softmax).
+template <int C, bool F16, bool RESUME>
+DEV void resume_state(const Params& p, Consumer<C, F16, RESUME>& cs, int b, int qh, const QueryRows& rows) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
+    cs.o_src[r] = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
+    cs.m[r] = p.lse[b * p.lse_b + qh * p.lse_h + tok] * (1.f / LN2);
+    cs.l[r] = 0.25f;
+  }
+}
+
+template <int C, bool F16, bool RESUME>
 DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, uint32_t q_full, uint32_t k_full,
                  uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh,
                  const QueryRows& rows) {
-  Consumer<C, F16> cs;
+  Consumer<C, F16, RESUME> cs;
   cs.n = n;
   cs.never = p.never;
   cs.scale = p.scale;
@@ -416,6 +460,10 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   cs.v_desc = ((v_base & 0x3FFFF) >> 4) | ((16384 >> 4) << 16);  // V: LBO = the second 64-column half
   cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
   mbar_wait(q_full, 0);
+  if constexpr (RESUME) {
+    if (n == 0) return;  // no key of this launch: the earlier result stands
+    resume_state(p, cs, b, qh, rows);
+  }
   const int partial = p.n_text % 128;
   if (n > 0) {
     cs.run(n_tb > 0 && partial ? partial : 128);
@@ -427,7 +475,7 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   store(p, cs, b, qh, rows);
 }
 
-template <bool F16>
+template <bool F16, bool RESUME>
 __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -448,12 +496,16 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const QueryRows rows{p.packed, p.packed ? __ldg(p.q_tiles + qi * p.q_stride + 1) + sub * 128 : 0,
                        ct * p.TT + sub * slices, ch * p.TH, cw * p.TW, p.TH * p.TW, p.TW, p.canvas_h, p.canvas_w};
   // Window start per axis: clamp(c - (k - 1) / 2, 0, n - k), k already <= n.
-  const int st = min(max(ct - (kt - 1) / 2, 0), p.grid_t - kt);
-  const int sh = min(max(ch - (kh - 1) / 2, 0), p.grid_h - kh);
-  const int sw = min(max(cw - (kw - 1) / 2, 0), p.grid_w - kw);
+  // Then cut to the clip box (a tile-mode rank's box, or a neighbour's: its halo).
+  const int st0 = min(max(ct - (kt - 1) / 2, 0), p.grid_t - kt);
+  const int sh0 = min(max(ch - (kh - 1) / 2, 0), p.grid_h - kh);
+  const int sw0 = min(max(cw - (kw - 1) / 2, 0), p.grid_w - kw);
+  const int st = max(st0, p.clip_lo[0]), sh = max(sh0, p.clip_lo[1]), sw = max(sw0, p.clip_lo[2]);
+  const int nt = max(min(st0 + kt, p.clip_hi[0]) - st, 0), nh = max(min(sh0 + kh, p.clip_hi[1]) - sh, 0),
+            nw = max(min(sw0 + kw, p.clip_hi[2]) - sw, 0);
   const int n_tb = (p.n_text + 127) / 128;
   const int* list = p.sel_keys ? p.sel_keys + b * p.sel_kb + qh * p.sel_kh + qi * p.sel_kq : nullptr;
-  const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : kt * kh * kw) * p.bpt;
+  const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : nt * nh * nw) * p.bpt;
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);
@@ -468,7 +520,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
     const int warp = threadIdx.x / 32;
     if ((threadIdx.x & 31) != 0 || warp >= 2) return;
-    const Window w{p.kv_tiles, list, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, kh, kw, p.TT, p.TH, p.TW,
+    const Window w{p.kv_tiles, list, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, nh, nw, p.TT, p.TH, p.TW,
                    slices, p.bpt, p.grid_h, p.grid_w, n_tb, p.text_row, n};
     if (warp == 0) {
       mbar_expect_tx(q_full, Q_BYTES);
@@ -488,9 +540,9 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
   if (wg == 1)
-    consume<0, F16>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<0, F16, RESUME>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
   else
-    consume<1, F16>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<1, F16, RESUME>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
 }
 
 // --- host ----------------------------------------------------------------------------------
@@ -562,7 +614,7 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
                             long long so_s, long long lse_b, long long lse_h, const int* sel_keys,
                             const int* sel_counts, const long long* sel_strides, int text_row, int n_text,
                             void* k_halo, void* v_halo, long long halo_rows, long long sh_b,
-                            long long sh_s, float scale, void* stream) {
+                            long long sh_s, const int* clip, int resume, float scale, void* stream) {
   Params p;
   int e;
   const int slices = 128 / (TH * TW);
@@ -588,9 +640,11 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
   p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / TH, p.grid_w = W / TW;
   p.TT = TT, p.TH = TH, p.TW = TW, p.bpt = TT * TH * TW / 128;
   p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.never = 0, p.scale = scale;
+  for (int a = 0; a < 3; ++a) p.clip_lo[a] = clip[a], p.clip_hi[a] = clip[3 + a];
   const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
   const dim3 grid(q_blocks, B * n_heads);
-  auto kernel = f16 ? sta_fwd_kernel<true> : sta_fwd_kernel<false>;
+  auto kernel = f16 ? (resume ? sta_fwd_kernel<true, true> : sta_fwd_kernel<true, false>)
+                    : (resume ? sta_fwd_kernel<false, true> : sta_fwd_kernel<false, false>);
   // Per launch, not once per process: the attribute belongs to the current device's context.
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
   kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);

@@ -92,7 +92,7 @@ def library():
         return None
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.sta_fwd_cuda.argtypes = ([P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I] + [P, P, L, L, L]
-                                 + [ctypes.c_float, P])
+                                 + [P, I, ctypes.c_float, P])
     lib.sta_fwd_cuda.restype = I
     return lib
 
@@ -116,7 +116,7 @@ def available() -> bool:
 
 
 def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None,
-                 keys=None, halo=None):
+                 keys=None, halo=None, clip=None, resume=False):
     """Fill the video rows of ``out`` (``q``'s shape, dtype and strides) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
     q_head)``, on q's device). ``q``, ``k``, ``v`` are ``[B, S, H, D]``, bf16 or fp16,
@@ -137,8 +137,14 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     :class:`sta_dist.selection.tables.KeyTiles`: per sample, query head and query tile of
     the launch, its list of global key tile ids) the tiles of their list, and the first
     ``text_keys`` text rows; text query rows of ``out`` are not written. ``lse``, if given, ``[B, Hq, S]`` float32 (last dim
-    contiguous), gets the natural-log log-sum-exp of the video rows. Raises if the call
-    breaks :func:`sta_dist.route.cuda_rule` or the library is missing."""
+    contiguous), gets the natural-log log-sum-exp of the video rows.
+
+    ``clip = (lo, hi)`` (tile coordinates, per axis) cuts every window to the key tiles in
+    ``[lo, hi)`` (a tile-mode rank's box; a neighbour's box, its halo). ``resume=True``
+    (needs ``lse``): the video rows of ``out`` and ``lse`` hold an earlier launch's result
+    over other keys of the same queries; this launch folds its keys in and writes both back
+    (a row none of its keys reaches is left as it was). Raises if the call breaks
+    :func:`sta_dist.route.cuda_rule` or the library is missing."""
     from ..route import Call, Device, cuda_rule
 
     packed = order == "packed"
@@ -166,6 +172,13 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
                          f"heads, head dim and dtype with equal strides, got order={order!r}, "
                          f"{tuple(k_halo.shape)} strides {k_halo.stride()}, {tuple(v_halo.shape)} strides "
                          f"{v_halo.stride()} beside k {tuple(k.shape)}")
+    if resume and lse is None:
+        raise ValueError("sta_fwd_cuda: resume=True folds keys into out and lse: it needs lse")
+    if clip is not None and keys is not None:
+        raise ValueError("sta_fwd_cuda: clip cuts windows; a call with key tables (keys=) has none")
+    grid = [-(-c // t) for c, t in zip(canvas, tile)]
+    lo, hi = clip if clip is not None else ((0, 0, 0), grid)
+    clip_arg = (ctypes.c_int * 6)(*lo, *hi)
     sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()
     if lib is None:
@@ -187,7 +200,7 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
                           sel_keys, sel_counts, sel_strides, kv_video, text_keys,
                           None if halo is None else k_halo.data_ptr(), None if halo is None else v_halo.data_ptr(),
                           0 if halo is None else k_halo.shape[1], 0 if halo is None else k_halo.stride(0),
-                          0 if halo is None else k_halo.stride(1), scale * LOG2E, stream)
+                          0 if halo is None else k_halo.stride(1), clip_arg, int(resume), scale * LOG2E, stream)
     if rc:
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")

@@ -14,6 +14,7 @@ scattered back) at the card's copy rate.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Sequence
@@ -21,7 +22,7 @@ from typing import Sequence
 from .. import geometry
 from ..geometry import Triple
 from .plan import ShardPlan
-from .schedule import CallSchedule, call_schedule, halo_split, whole_canvas_halo
+from .schedule import CallSchedule, call_schedule, key_split, whole_canvas_halo
 
 COLLECTIVE_LATENCY_MS = 0.05
 """Per collective with peers: launch and synchronisation, measured ~30-80 us with NCCL."""
@@ -59,8 +60,8 @@ class RankCost:
     copied: float = 0.0
     """Bytes read and written by the copies on the call's path."""
     beside: float = 0.0
-    """FLOPs of the attention that runs beside the halo exchange (the tiles that need no
-    halo): the exchange costs time only beyond it."""
+    """FLOPs of the attention that runs beside the halo exchange (every query over the
+    box's own keys): the exchange costs time only beyond it."""
 
     def time_ms(self, rates: Rates) -> tuple[float, float]:
         """(kernel ms, communication and copy ms) under ``rates``."""
@@ -89,18 +90,19 @@ class CallCost:
 
 
 @functools.lru_cache(maxsize=4096)
-def _window_keys(canvas: Triple, tile: Triple, q_tile: int, window: Triple) -> int:
-    """Video key tokens one query tile attends under ``window``."""
+def _window_keys(canvas: Triple, tile: Triple, q_tile: int, window: Triple, clip=None) -> int:
+    """Video key tokens one query tile attends under ``window`` (cut to the box ``clip``)."""
     grid = geometry.grid_shape(canvas, tile)
-    ids = geometry.window_tiles(geometry.tile_coords(q_tile, grid), window, grid)
-    return geometry.packed_token_count(canvas, tile, ids)
+    box = geometry.window_box(geometry.tile_coords(q_tile, grid), window, grid)
+    return geometry.packed_token_count(canvas, tile, (box if clip is None else box.intersect(clip)).tile_ids(grid))
 
 
 @functools.lru_cache(maxsize=4096)
-def _box_pairs(canvas: Triple, tile: Triple, q_tiles: tuple[int, ...], window: Triple, text_length: int) -> int:
+def _box_pairs(canvas: Triple, tile: Triple, q_tiles: tuple[int, ...], window: Triple, text_length: int,
+               clip=None) -> int:
     """Score entries of one head's video queries in ``q_tiles`` under ``window`` (its video
-    keys and ``text_length`` text keys)."""
-    return sum(_tile_tokens(canvas, tile, qt) * (_window_keys(canvas, tile, qt, window) + text_length)
+    keys, cut to the box ``clip``, and ``text_length`` text keys)."""
+    return sum(_tile_tokens(canvas, tile, qt) * (_window_keys(canvas, tile, qt, window, clip) + text_length)
                for qt in q_tiles)
 
 
@@ -136,9 +138,9 @@ def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, i
             sent["text merge"] = batch * L * len(my_q) * (head_dim + 1) * 4 * (len(sched.tile_group) - 1)
     collectives = len(sent) + (1 if plan.world_size > 1 else 0)  # + the per-call agreement check
     beside = 0.0
-    if len(sched.tile_group) > 1:  # the interior tiles' attention runs beside the halo exchange
-        interior = halo_split(sched).interior.q_tiles
-        beside = 4.0 * batch * head_dim * sum(_box_pairs(canvas, tile, interior, window, text_length)
+    if len(sched.tile_group) > 1:  # the box's own keys are attended beside the halo exchange
+        own = key_split(sched).own
+        beside = 4.0 * batch * head_dim * sum(_box_pairs(canvas, tile, own.q_tiles, window, text_length, own.key_box)
                                               for window in sched.heads.windows)
     return RankCost(sched.rank, flops, sent, collectives, _copied(sched, batch, head_dim, itemsize, L), beside)
 
@@ -173,9 +175,12 @@ class CallPart:
     kv_heads: tuple[int, ...]
     windows: tuple[Triple, ...]
     """The windows of ``q_heads``, in order."""
+    wide_tile: bool = False
+    """Windows that reach the whole canvas stay in tile mode (their halo: the rest of the
+    canvas) instead of falling back to head mode."""
 
     def schedule(self, plan: ShardPlan, rank: int) -> CallSchedule:
-        return call_schedule(plan, self.windows, len(self.kv_heads), rank)
+        return call_schedule(plan, self.windows, len(self.kv_heads), rank, self.wide_tile)
 
 
 MIXED = "mixed (head + tile)"
@@ -185,11 +190,12 @@ MIXED = "mixed (head + tile)"
 @functools.lru_cache(maxsize=1024)
 def call_parts(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, batch: int, head_dim: int,
                itemsize: int, text_length: int) -> tuple[CallPart, ...]:
-    """How a call runs: one part (every head, the plan's schedule), or, on a plan with a tile
-    axis, two when some kv groups have a head whose window reaches the whole canvas from
-    some rank's box ("wide": tile mode would fetch everything) and others not, and the model
-    says the two parts cost less than the whole call in head mode: the wide groups over the
-    head all-to-all, then the local ones in tile mode. The same on every rank."""
+    """How a call runs, the cheapest by the model of: one part (every head, the plan's
+    schedule); on a plan with a tile axis where some kv groups have a head whose window
+    reaches the whole canvas from some rank's box ("wide"), one part in tile mode all the
+    same (the halo is the rest of the canvas, exchanged beside the box's own keys), or, when
+    others are local, two parts: the wide groups over the head all-to-all, then the local
+    ones in tile mode. The same on every rank."""
     windows = tuple(tuple(w) for w in windows)
     whole = (CallPart(tuple(range(len(windows))), tuple(range(num_kv_heads)), windows),)
     if plan.mesh[1] == 1:
@@ -202,13 +208,15 @@ def call_parts(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, 
                                                      for h in range(g * group, (g + 1) * group)})))
 
     sides = [[g for g in range(num_kv_heads) if wide(g) == is_wide] for is_wide in (True, False)]
-    if not all(sides):
+    if not sides[0]:
         return whole
-    parts = tuple(CallPart(tuple(h for g in kv for h in range(g * group, (g + 1) * group)), tuple(kv),
-                           tuple(windows[h] for g in kv for h in range(g * group, (g + 1) * group)))
-                  for kv in sides)
-    costs = [_parts_cost(plan, p, batch, head_dim, itemsize, text_length).time_ms(H100_NVLINK) for p in (whole, parts)]
-    return parts if costs[1] < costs[0] else whole
+    candidates = [whole, (dataclasses.replace(whole[0], wide_tile=True),)]
+    if sides[1]:
+        candidates.append(tuple(CallPart(tuple(h for g in kv for h in range(g * group, (g + 1) * group)), tuple(kv),
+                                         tuple(windows[h] for g in kv for h in range(g * group, (g + 1) * group)))
+                                for kv in sides))
+    return min(candidates, key=lambda parts: _parts_cost(plan, parts, batch, head_dim, itemsize,
+                                                         text_length).time_ms(H100_NVLINK))
 
 
 def call_mode(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, rank: int, batch: int, head_dim: int,

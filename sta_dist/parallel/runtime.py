@@ -24,7 +24,7 @@ from .. import geometry
 from ..dispatch import local_attention
 from ..local import Halo, LocalText, head_index, longest_text, sample_groups
 from .comm import Comm, Exchange
-from .schedule import CallSchedule, halo_split, tile_rows
+from .schedule import CallSchedule, key_split, row_range, tile_rows
 
 
 class BoxInputs(NamedTuple):
@@ -109,12 +109,14 @@ def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, r
 
 def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_length, scale: float,
                        backend: str) -> PartialOutput:
-    """Steps 2 and 3 overlapped (a tile-group call, one text length for the batch): the
-    query tiles whose windows stay in the box are attended (with the text queries) while
-    the halo exchange runs, then the others, over box and halo. The halo
-    is received into tensors of its own, which the CUDA kernel reads where they lie (other
-    kernels get k/v joined). Same output as :func:`halo_exchange` then :func:`attend`."""
-    split = halo_split(sched)
+    """Steps 2 and 3 overlapped (a tile-group call, one text length for the batch): every
+    query of the box is attended over the box's keys (and the text) while the halo
+    exchange runs, then the query tiles whose windows reach a neighbour's box over the halo
+    from it, folded in by the log-sum-exp (:func:`~sta_dist.parallel.schedule.key_split`).
+    The halo is received into tensors of its own, which the CUDA kernel reads where they
+    lie (other kernels get k/v joined). Same output as :func:`halo_exchange` then
+    :func:`attend`, up to the rounding of the folded rows' first part."""
+    split = key_split(sched)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     groups = [text] if isinstance(text, LocalText) else [t for t, _ in sample_groups(text)]
     if split is None or len(groups) > 1:
@@ -123,16 +125,17 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
     n_box = sched.box_tokens
     merge = longest_text(text_length) > 0
     side = _fork(box.k_bshd.device)
-    # The host enqueues the interior launch first, so the GPU starts it at once; the halo's
+    # The host enqueues the box's launch first, so the GPU starts it at once; the halo's
     # rows are gathered and sent on the side stream (after what came before this call).
-    result = local_attention(*box, split.interior, sched.heads, text, scale, backend, return_lse=merge)
-    out, lse = result if merge else (result, None)
+    result = local_attention(*box, split.own, sched.heads, text, scale, backend, return_lse=merge or bool(split.halo))
+    out, lse = result if isinstance(result, tuple) else (result, None)
     exchanges = [_start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in exchanges), n_box)  # every member takes part, needed or not
-    if split.border.q_tiles:
-        border_text = LocalText(0, text.kv_for_video_q, 0)
-        local_attention(*box, split.border, sched.heads, border_text, scale, backend, out=out, halo=halo)
-    return PartialOutput(out, None if lse is None else lse[:, :, n_box:])
+    for part in split.halo:
+        if part.q_tiles:
+            local_attention(*box, part, sched.heads, LocalText(0, 0, 0), scale, backend, out=out, lse=lse,
+                            resume=True, halo=halo)
+    return PartialOutput(out, lse[:, :, n_box:] if merge else None)
 
 
 def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream]):
@@ -145,8 +148,7 @@ def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Opt
     n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in sched.halo_recv]
     buf = x_bshd.new_empty(sum(n_in), B, h, D)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        send = [[x_bshd.index_select(1, tile_rows(layout.canvas, layout.tile, layout.q_tiles, tuple(tiles),
-                                                  x_bshd.device)).transpose(0, 1)] for tiles in sched.halo_send]
+        send = [[_rows(x_bshd, layout, tuple(tiles)).transpose(0, 1)] for tiles in sched.halo_send]
         exchange: Exchange = comm.all_to_all_start("halo exchange", sched.tile_group, send,
                                                    [n * B * h * D for n in n_in], out=buf.view(-1), overlap=True)
 
@@ -155,6 +157,15 @@ def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Opt
         return buf.transpose(0, 1)
 
     return wait
+
+
+def _rows(x_bshd: torch.Tensor, layout, tiles: tuple[int, ...]) -> torch.Tensor:
+    """The rows of ``tiles`` of a box's ``x_bshd``: a view when they are one range (e.g. the
+    whole box, for a window that reaches every tile), else gathered."""
+    span = row_range(layout.canvas, layout.tile, layout.q_tiles, tiles)
+    if span is not None:
+        return x_bshd[:, span[0]:span[1]]
+    return x_bshd.index_select(1, tile_rows(layout.canvas, layout.tile, layout.q_tiles, tiles, x_bshd.device))
 
 
 def _fork(device: torch.device) -> Optional[torch.cuda.Stream]:

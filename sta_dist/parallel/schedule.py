@@ -99,15 +99,20 @@ def whole_canvas_halo(plan: ShardPlan, windows: tuple[Triple, ...]) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, rank: int) -> CallSchedule:
-    """The schedule of ``rank`` for a call with one window per query head."""
+def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, rank: int,
+                  wide_tile: bool = False) -> CallSchedule:
+    """The schedule of ``rank`` for a call with one window per query head. A call whose
+    windows reach the whole canvas from some box falls back to head mode, unless
+    ``wide_tile`` (the cost model's choice, :func:`~sta_dist.parallel.cost.call_parts`):
+    then its halo is the rest of the canvas, as many bytes as the head all-to-all moves on
+    two ranks, but exchanged beside the attention of the box's own keys."""
     grid = plan.grid
     H = len(windows)
     group = H // num_kv_heads
     kv_of = [h // group for h in range(H)]
     eff = [geometry.effective_window(w, grid) for w in windows]
     costs = [geometry.volume(w) for w in eff]
-    fallback = whole_canvas_halo(plan, tuple(sorted(set(eff))))
+    fallback = not wide_tile and whole_canvas_halo(plan, tuple(sorted(set(eff))))
     if fallback:
         head_group, tile_group = tuple(range(plan.world_size)), (rank,)
     else:
@@ -156,43 +161,54 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
 
 
 @dataclass(frozen=True)
-class HaloSplit:
-    """A tile-group call in two launches, so its halo exchange runs beside the first:
-    ``interior``, the box's query tiles whose windows stay inside the box (and the text
-    queries, which attend the box's keys alone), over the box's k/v; then ``border``, the
-    other query tiles, over box and halo (no text queries). Both write the box's rows of
-    one output."""
+class KeySplit:
+    """A tile-group call in launches over parts of its keys, so its halo exchange runs
+    beside the first: ``own``, every query of the box (and the text queries) over the
+    box's keys and the text (each window cut to the box, :attr:`LocalLayout.key_box`);
+    then per neighbour in ``halo``, the query tiles whose windows reach its box, over the
+    halo tiles from it, folded into the first launch's output by the log-sum-exp."""
 
-    interior: LocalLayout
-    border: LocalLayout
+    own: LocalLayout
+    halo: tuple[LocalLayout, ...]
 
 
 @functools.lru_cache(maxsize=1024)
-def halo_split(sched: CallSchedule) -> "HaloSplit | None":
-    """The two launches of ``sched`` (:class:`HaloSplit`; either may have no query tiles),
-    or ``None`` without a tile group."""
+def key_split(sched: CallSchedule) -> "KeySplit | None":
+    """The launches of ``sched`` (:class:`KeySplit`), or ``None`` without a tile group."""
     if len(sched.tile_group) == 1:
         return None
-    return split_layout(sched.layout, tuple(sorted(set(sched.heads.windows))))
+    return split_keys(sched.layout, tuple(sorted(set(sched.heads.windows))), sched.halo_recv)
 
 
 @functools.lru_cache(maxsize=1024)
-def split_layout(layout: LocalLayout, windows: tuple[Triple, ...]) -> HaloSplit:
-    """A box's layout (its query tiles, then key rows for box and halo) split for
-    :class:`HaloSplit`: a query tile is interior when each of ``windows`` keeps its key
-    tiles inside the box."""
-    grid = layout.grid
+def split_keys(layout: LocalLayout, windows: tuple[Triple, ...], recvs: tuple[tuple[int, ...], ...]) -> KeySplit:
+    """A box's layout (its query tiles, then key rows for box and halo; ``recvs``: the halo
+    tiles from each neighbour, in row order) split for :class:`KeySplit`. A neighbour's
+    part is cut to the bounding box of its tiles: a window meets that box only in tiles
+    of the halo from it (the halo is every tile of the neighbour some window reaches)."""
+    grid, n_box = layout.grid, layout.q_video
     box = set(layout.q_tiles)
-    inside = [all(set(geometry.window_tiles(geometry.tile_coords(t, grid), w, grid)) <= box for w in windows)
-              for t in layout.q_tiles]
-    n_box = layout.q_video
-    pick = [[(t, r) for t, r, i in zip(layout.q_tiles, layout.q_rows, inside) if i == side] for side in (True, False)]
     box_only = tuple(r if t in box else None for t, r in enumerate(layout.kv_rows))
-    interior = LocalLayout(layout.canvas, layout.tile, tuple(t for t, _ in pick[0]), tuple(r for _, r in pick[0]),
-                           box_only, n_box, n_box, layout.q_text, n_box)
-    border = LocalLayout(layout.canvas, layout.tile, tuple(t for t, _ in pick[1]), tuple(r for _, r in pick[1]),
-                         layout.kv_rows, n_box, layout.kv_video, 0, layout.text_q_video_keys)
-    return HaloSplit(interior, border)
+    own = LocalLayout(layout.canvas, layout.tile, layout.q_tiles, layout.q_rows, box_only, n_box, n_box,
+                      layout.q_text, n_box, bounding_box(layout.q_tiles, grid))
+    halo = []
+    for tiles in recvs:
+        if not tiles:
+            continue
+        clip = bounding_box(tiles, grid)
+        reach = [(t, r) for t, r in zip(layout.q_tiles, layout.q_rows)
+                 if any(not geometry.window_box(geometry.tile_coords(t, grid), w, grid).intersect(clip).empty
+                        for w in windows)]
+        halo.append(LocalLayout(layout.canvas, layout.tile, tuple(t for t, _ in reach), tuple(r for _, r in reach),
+                                layout.kv_rows, n_box, layout.kv_video, 0, layout.text_q_video_keys, clip))
+    return KeySplit(own, tuple(halo))
+
+
+def bounding_box(tiles, grid: Triple) -> geometry.Box:
+    """The smallest box of tiles holding ``tiles`` (ids)."""
+    coords = [geometry.tile_coords(t, grid) for t in tiles]
+    return geometry.Box(tuple(min(c[a] for c in coords) for a in range(3)),  # type: ignore[arg-type]
+                        tuple(max(c[a] for c in coords) + 1 for a in range(3)))  # type: ignore[arg-type]
 
 
 def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
@@ -225,3 +241,14 @@ def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tu
     if not wanted:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat([torch.arange(base[t], base[t] + size[t]) for t in wanted])
+
+
+@functools.lru_cache(maxsize=256)
+def row_range(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...]):
+    """``(first, end)`` when the ``wanted`` tiles are a run of consecutive tiles of the
+    packed ``storage`` (their rows one range: a view, no gather), else ``None``."""
+    if not wanted or wanted != storage[storage.index(wanted[0]):storage.index(wanted[0]) + len(wanted)]:
+        return None
+    rows = geometry.packed_tile_rows(canvas, tile, storage)
+    first = rows[storage.index(wanted[0])].base
+    return first, first + geometry.packed_token_count(canvas, tile, wanted)
