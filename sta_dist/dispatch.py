@@ -226,8 +226,7 @@ def execute(r: Route, q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalH
         side.wait_stream(main)
         with torch.cuda.stream(side):
             if r.text == "sdpa":
-                calls.sdpa_dense(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out,
-                                 first_row=layout.q_video)
+                calls.sdpa_text(q_bshd, k_bshd, v_bshd, layout, heads, text, sparse, scale, out, lse)
             else:
                 calls.triton(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, sparse, out, return_lse,
                              lse=lse, video=False)

@@ -110,10 +110,9 @@ def dense_heads(layout: LocalLayout, heads: LocalHeads, text: LocalText, complet
 
 
 def sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
-                subset: tuple[int, ...], scale: float, out: torch.Tensor | None, first_row: int = 0):
-    """Dense attention of the ``subset`` heads for the query rows from ``first_row`` on,
-    into ``out``: keys are every video token and the valid text; padding text rows are
-    zero. (``first_row = q_video``: the text queries alone.) With ``out=None`` (every
+                subset: tuple[int, ...], scale: float, out: torch.Tensor | None):
+    """Dense attention of the ``subset`` heads for every query row, into ``out``: keys
+    are every video token and the valid text; padding text rows are zero. With ``out=None`` (every
     head, every row valid) SDPA's own output is returned as ``[B, S, H, D]``, no copy."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -122,21 +121,48 @@ def sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     valid_rows = layout.q_video + text.q_valid
     idx = head_index(subset, q_bshd.device)
     kv_idx = head_index([heads.kv_heads[h] for h in subset], q_bshd.device)
-    q = q_bshd[:, first_row:valid_rows][:, :, idx]
+    q = q_bshd[:, :valid_rows][:, :, idx]
     k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     if out is None:
         return o.transpose(1, 2).contiguous()  # cuDNN writes [B, S, H, D] order already: a no-op
-    out[:, first_row:valid_rows, idx] = o.transpose(1, 2)
+    out[:, :valid_rows, idx] = o.transpose(1, 2)
     out[:, valid_rows:, idx] = 0
     return out
 
 
 def text_by_sdpa(layout: LocalLayout, text: LocalText) -> bool:
-    """Whether text queries are plain dense attention (SDPA): they see every local video
-    key and the same valid text keys as the video queries."""
-    return text.kv_for_video_q == text.kv_for_text_q and layout.text_q_video_keys == layout.kv_video
+    """Whether text queries are plain dense attention (SDPA): their keys (the video rows
+    ``[0, text_q_video_keys)``, then ``kv_for_text_q`` text rows) are one range of k/v."""
+    keys = layout.text_q_video_keys + text.kv_for_text_q
+    return keys > 0 and (text.kv_for_text_q == 0 or layout.text_q_video_keys == layout.kv_video)
+
+
+def sdpa_text(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
+              subset: tuple[int, ...], scale: float, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """The text query rows of the ``subset`` heads by SDPA (:func:`text_by_sdpa` holds),
+    into ``out``, and with ``lse`` their log-sum-exp (FlashAttention's, which returns it);
+    padding text rows get zero output and log-sum-exp ``-inf``."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first, valid = layout.q_video, layout.q_video + text.q_valid
+    n_keys = layout.text_q_video_keys if text.kv_for_text_q == 0 else layout.kv_video + text.kv_for_text_q
+    idx = head_index(subset, q_bshd.device)
+    kv_idx = head_index([heads.kv_heads[h] for h in subset], q_bshd.device)
+    q = q_bshd[:, first:valid][:, :, idx].transpose(1, 2)
+    k, v = (x[:, :n_keys][:, :, kv_idx].transpose(1, 2) for x in (k_bshd, v_bshd))
+    if valid > first and lse is None:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out[:, first:valid, idx] = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+    elif valid > first:
+        o, rows_lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        out[:, first:valid, idx] = o.transpose(1, 2)
+        lse[:, idx, first:valid] = rows_lse[:, :, :valid - first]
+    if lse is not None:
+        lse[:, idx, valid:] = float("-inf")
+    out[:, valid:, idx] = 0
 
 
 @functools.lru_cache(maxsize=16)

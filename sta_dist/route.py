@@ -98,8 +98,8 @@ class Call:
     q_text: int = 0
     """Text query rows."""
     text_dense: bool = True
-    """The text queries see every local video key and the same text keys as the video
-    queries: plain dense attention."""
+    """The text queries' keys are one range of k/v: plain dense attention (SDPA, with the
+    log-sum-exp through FlashAttention's)."""
     dense_heads: tuple[int, ...] = ()
     """Heads that are plain dense attention here (window covers the grid, complete layout,
     uniform text)."""
@@ -257,4 +257,4 @@ def _text(call: Call, kernel: str) -> Optional[str]:
     """Who takes the text query rows beside the CUDA kernel's video launch."""
     if kernel in ("triton", "torch") or not call.q_text:
         return None
-    return "sdpa" if call.text_dense and not call.return_lse else "triton"
+    return "sdpa" if call.text_dense else "triton"

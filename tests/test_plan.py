@@ -80,11 +80,19 @@ def test_heads_go_to_ranks_by_cost():
     assert [len(h) for h in assign_heads([1.0] * 5, 3, list(range(5)))] == [2, 2, 1]  # H % P != 0
 
 
-def test_auto_picks_and_says_why():
-    tile = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((3, 3, 3),))
-    assert tile.mode == "tile" and "halo" in tile.reason
-    dense = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((5, 6, 10),))
-    assert dense.mode == "head" and "cost more" in dense.reason
+def test_auto_picks_by_the_cost_model_and_says_why():
+    """``auto`` takes the mode the model prices lower for a call of the hinted windows (on
+    two H100s: tile mode for local windows, and for whole-canvas ones, whose halo of the
+    other half is exchanged beside the box's own keys); with selected tiles, by traffic."""
+    for windows in (((3, 3, 3),), ((5, 6, 10),), ((1, 6, 10), (3, 3, 5), (5, 1, 10), (5, 3, 3))):
+        plan = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=windows, num_heads=24)
+        times = plan.modelled_modes(windows)
+        assert plan.mode == min(times, key=times.get) == "tile"
+        assert "by the cost model" in plan.reason and f"head {times['head']:.2f} ms" in plan.reason
+    few = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((1, 1, 1),), num_heads=2)
+    assert few.mode == min(few.modelled_modes(((1, 1, 1),)), key=few.modelled_modes(((1, 1, 1),)).get)
+    sparse = ShardPlan(**HUNYUAN, mode="auto", world_size=2, windows=((3, 3, 3),), selected_tiles=8)
+    assert "halo" in sparse.reason and "cost model" not in sparse.reason
     assert ShardPlan(**HUNYUAN, mode="auto", world_size=1).mode == "head"
 
 

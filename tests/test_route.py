@@ -30,9 +30,19 @@ def test_hopper_natural_order_takes_the_cuda_kernel_whole_canvas_heads_included(
     assert r.describe() == "video: cuda, text queries: sdpa"
 
 
-def test_a_log_sum_exp_takes_the_cuda_kernel_and_the_text_queries_the_triton_kernel():
-    r = route(hunyuan_call(return_lse=True), HOPPER)
-    assert r == Route("cuda", "triton", (), ())
+def test_a_log_sum_exp_takes_the_cuda_kernel_and_flash_attention_for_the_text_queries():
+    """Text queries whose keys are one range go to SDPA, with the log-sum-exp too (through
+    FlashAttention's); keys in two ranges (a rank's box and the text keys it may not count
+    twice, when video keys go beyond the box) take the Triton kernel."""
+    assert route(hunyuan_call(return_lse=True), HOPPER) == Route("cuda", "sdpa", (), ())
+    assert route(hunyuan_call(return_lse=True, text_dense=False), HOPPER) == Route("cuda", "triton", (), ())
+    n_box = 3 * 6 * 5 * 384
+    box = LocalLayout.packed(CANVAS, TILE, 256, range(90), range(100), text_q_video_keys=n_box)
+    heads = LocalHeads.build(WINDOWS, GRID, 4)
+    q = torch.empty(1, n_box + 256, 4, 128, dtype=torch.bfloat16)
+    kv = torch.empty(1, 100 * 384 + 256, 4, 128, dtype=torch.bfloat16)
+    for text, dense in ((LocalText(200, 200, 0), True), (LocalText(200, 200, 200), False)):
+        assert describe(q, kv, kv, box, heads, text, return_lse=True).text_dense == dense
 
 
 def test_a_tile_rank_box_is_packed_tiles_for_the_cuda_kernel():
@@ -107,9 +117,9 @@ def test_an_explicit_kernel_is_taken_or_refused_with_its_reason():
 
 @pytest.mark.parametrize("order, text, lse, expected", [
     ("natural", LocalText.single(200), False, ("cuda", "sdpa", ())),
-    ("natural", LocalText.single(200), True, ("cuda", "triton", ())),
+    ("natural", LocalText.single(200), True, ("cuda", "sdpa", ())),  # the log-sum-exp from FlashAttention
     ("tiled", LocalText.single(200), False, ("cuda", "sdpa", ())),
-    ("tiled", LocalText(200, 200, 0), False, ("cuda", "triton", ())),  # text keys counted elsewhere: no SDPA
+    ("tiled", LocalText(200, 200, 0), False, ("cuda", "sdpa", ())),  # text keys counted elsewhere: video keys alone
 ])
 def test_described_from_real_tensors(order, text, lse, expected):
     """``describe`` reads the tensors and the layout; the route is then Hopper's."""

@@ -460,10 +460,7 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   cs.v_desc = ((v_base & 0x3FFFF) >> 4) | ((16384 >> 4) << 16);  // V: LBO = the second 64-column half
   cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
   mbar_wait(q_full, 0);
-  if constexpr (RESUME) {
-    if (n == 0) return;  // no key of this launch: the earlier result stands
-    resume_state(p, cs, b, qh, rows);
-  }
+  if constexpr (RESUME) resume_state(p, cs, b, qh, rows);  // n > 0: the kernel returned before, else
   const int partial = p.n_text % 128;
   if (n > 0) {
     cs.run(n_tb > 0 && partial ? partial : 128);
@@ -506,6 +503,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const int n_tb = (p.n_text + 127) / 128;
   const int* list = p.sel_keys ? p.sel_keys + b * p.sel_kb + qh * p.sel_kh + qi * p.sel_kq : nullptr;
   const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : nt * nh * nw) * p.bpt;
+  if (RESUME && n == 0) return;  // no key of this launch: the earlier result stands (q not even loaded)
 
   if (threadIdx.x == 0) {
     mbar_init(q_full, 1);

@@ -118,7 +118,7 @@ class Comm:
         self._post_deferred()
         me = ranks.index(self.rank)
         sizes = [sum(t.numel() for t in parts) for parts in send]
-        flat = _back_to_back([t for parts in send for t in parts])
+        flat = _back_to_back([t for parts in send for t in parts if t.numel()])
         if flat is None:
             first = next(t for parts in send for t in parts)
             flat = first.new_empty(sum(sizes))

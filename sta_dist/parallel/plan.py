@@ -18,6 +18,7 @@ natural order (FastVideo's sharding); that works in head mode.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -232,6 +233,11 @@ class ShardPlan:
         split = best_tile_split(grid, P, windows)
         if split is None:
             return "head", None, f"auto: {P} ranks exceed the tiles along any split of grid {grid}"
+        if not self.selected_tiles:
+            times = self.modelled_modes(windows)
+            mode = min(times, key=lambda m: (times[m], m))
+            return mode, None, (f"auto: {mode} mode by the cost model, a call of the hinted windows "
+                                + ", ".join(f"{m} {t:.2f} ms" for m, t in times.items()))
         boxes = geometry.rank_boxes(grid, split)
         halo = max(len(geometry.key_tiles(b, windows, grid)) - b.num_tiles
                    + expected_selected_halo(b, windows, grid, self.selected_tiles or 0) for b in boxes)
@@ -242,6 +248,21 @@ class ShardPlan:
         if tile_cost < head_cost:
             return "tile", None, f"auto: tile mode, halo {halo:g} tiles/rank vs {held} held (split {split})"
         return "head", None, f"auto: head mode, halo {halo:g} tiles/rank would cost more than the all-to-all"
+
+    def modelled_modes(self, windows: Sequence[Triple]) -> dict:
+        """The cost model's time (ms, H100 rates) of one call in head and in tile mode with
+        the hinted ``windows`` over the heads (``num_heads``, else one head per window, round
+        robin), one sample, head dim 128, bf16, ``text_len`` text keys."""
+        from .cost import H100_NVLINK, call_cost  # the model reads plans: imported when used
+
+        heads = self.num_heads or len(windows)
+        call = tuple(tuple(windows[h % len(windows)]) for h in range(heads))
+        times = {}
+        for mode in ("head", "tile"):
+            plan = dataclasses.replace(self, mode=mode, mesh=None, reason="",
+                                       tile_split=self.tile_split if mode == "tile" else None)
+            times[mode] = call_cost(plan, call, heads, 1, 128, 2, self.text_len).time_ms(H100_NVLINK)
+        return times
 
     @classmethod
     def from_config(cls, cfg, world_size: int, *, mode: Optional[str] = None, mesh: Optional[tuple[int, int]] = None,

@@ -208,8 +208,8 @@ def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedu
     outs, lses = gathered[..., :-1], gathered[..., -1]  # [R, B, L, Hl, D], [R, B, L, Hl]
     total = torch.logsumexp(lses, 0)
     weights = torch.exp(lses - torch.where(torch.isinf(total), 0.0, total)).nan_to_num(0.0)
-    merged = (weights[..., None] * outs).sum(0)
-    return torch.cat([out_bshd[:, :n_box], merged.to(out_bshd.dtype)], 1)
+    out_bshd[:, n_box:] = (weights[..., None] * outs).sum(0)  # in place: the box's rows stay where they are
+    return out_bshd
 
 
 def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_heads: int) -> torch.Tensor:
