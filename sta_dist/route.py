@@ -22,8 +22,9 @@ Kernels, fastest first (``auto`` takes the first that can run the video queries)
 
 With ``auto`` on a GPU, heads whose window covers the whole grid go to SDPA (cuDNN) when
 the call is complete and asks no log-sum-exp, unless the CUDA kernel takes the call (it
-is faster on them too); text query rows go to SDPA when they are plain dense attention,
-else to a Triton launch with no video query tiles, beside the CUDA kernel's launch.
+is faster on them too); text query rows go to SDPA when their keys are one range of k/v
+(with the log-sum-exp through FlashAttention's), else to a Triton launch with no video
+query tiles, beside the CUDA kernel's launch.
 An explicit kernel takes every head's video rows (``triton`` and ``torch``: the text rows
 too).
 """

@@ -1,13 +1,14 @@
 """A cost model of one distributed call: the work and the bytes of every rank, from its
 schedule, and a time from two measured rates (attention TFLOP/s and link GB/s); and the
-one decision it makes, :func:`call_parts`: whether a call whose heads mix windows that span
-the tile axis with local ones runs as two parts (the wide heads over the head all-to-all,
-the local heads in tile mode with their halo) instead of all in head mode.
+one decision it makes, :func:`call_parts`: how a call on a tile plan with heads whose windows
+reach the whole canvas from some box runs: all in head mode, all in tile mode (their halo
+the rest of the canvas), or in two parts (those heads over the head all-to-all, the local
+ones in tile mode with their halo). :meth:`ShardPlan.modelled_modes` asks it for ``auto``.
 
 The bytes are exact (what :class:`~sta_dist.parallel.comm.Comm` will count); the time is a
 model: the busiest rank's kernel time, plus the busiest rank's transfer time where the call
 waits for it (a head all-to-all before and after the attention; a halo exchange only for what
-the attention of the tiles that need no halo does not cover), plus a fixed latency per
+the attention of the box's own keys does not cover), plus a fixed latency per
 collective, plus the copies around the exchanges (send buffers packed, heads split, outputs
 scattered back) at the card's copy rate.
 """
@@ -148,7 +149,7 @@ def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, i
 def _copied(sched: CallSchedule, batch: int, head_dim: int, itemsize: int, text_len: int) -> float:
     """Bytes read and written by the copies on one rank's call path (the default path:
     :mod:`~sta_dist.parallel.pipeline` in head mode, the staged head exchange then the halo
-    beside the interior tiles in hybrid mode; the halo's gather runs on a side stream)."""
+    beside the box's own keys in hybrid mode; the halo's gather runs on a side stream)."""
     if len(sched.head_group) == 1:
         return 0.0
     me = sched.me_in_head_group

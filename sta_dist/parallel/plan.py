@@ -221,8 +221,11 @@ class ShardPlan:
         set_("reason", reason or f"mode={mode} as asked")
 
     def _choose_mode(self, grid: Triple, windows) -> tuple[str, Optional[tuple[int, int]], str]:
-        """Tile mode when its halo traffic is below head mode's all-to-all traffic; a mesh
-        by :func:`choose_mesh` when head mode would leave ranks without a head."""
+        """A mesh by :func:`choose_mesh` when head mode would leave ranks without a head;
+        else head or tile mode, whichever the cost model prices lower for a call of the
+        hinted windows (:meth:`modelled_modes`); with selected tiles (which the model of a
+        plain call does not see), tile mode when its halo traffic is below head mode's
+        all-to-all traffic."""
         P = self.world_size
         if P == 1:
             return "head", None, "auto: one rank, nothing to shard"

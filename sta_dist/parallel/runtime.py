@@ -4,7 +4,8 @@
    heads) over the head group, then the k/v halo exchange over the tile group;
 2. :func:`attend` (``forward``): the local kernel on own box + halo, with the log-sum-exp
    of the text rows when they must be merged; in one call (:func:`attend_beside_halo`)
-   the halo exchange instead runs beside the box's query tiles that need no halo;
+   the halo exchange instead runs beside the attention of the box's own keys, and the
+   halo's keys are folded in after;
 3. :func:`exchange_out` (``postprocess_output``): the exact log-sum-exp merge of the text
    rows over the tile group, then the inverse all-to-all back to the caller's tokens.
 
