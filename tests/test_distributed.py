@@ -333,3 +333,17 @@ def test_a_deferred_agreement_check_raises_on_every_rank_when_settled():
 
 def plan_window(window, plan: ShardPlan):
     return effective_window(tuple(window), plan.grid)
+
+
+def test_a_send_that_lies_in_one_range_is_sent_from_where_it_lies():
+    """A halo that is one range of the box (e.g. the whole box, for windows that span the
+    canvas) goes out without a copy into a send buffer, even beside an empty part for the
+    rank itself; parts that do not follow each other are copied once."""
+    from sta_dist.parallel.comm import Comm
+
+    comm = Comm()  # one process: the exchange hands back its send buffer
+    x = torch.arange(48.0).view(1, 12, 4)
+    (flat,) = comm.all_to_all_start("halo exchange", (0,), [[x.new_empty(0), x[:, 2:9]]], [28]).wait()
+    assert flat.data_ptr() == x[:, 2:9].data_ptr() and torch.equal(flat, x[:, 2:9].flatten())
+    (copied,) = comm.all_to_all_start("halo exchange", (0,), [[x[:, 0:2], x[:, 5:7]]], [16]).wait()
+    assert copied.data_ptr() != x.data_ptr() and torch.equal(copied, torch.cat([x[:, 0:2], x[:, 5:7]], 1).flatten())
