@@ -338,7 +338,8 @@ class SlidingTileAttentionImpl:
         attn_metadata.search_losses.append(losses)
 
     # -- the hooks and the call -------------------------------------------------------
-    def _schedule(self, attn_metadata: SlidingTileAttentionMetadata, windows=None) -> CallSchedule:
+    def _schedule(self, attn_metadata: SlidingTileAttentionMetadata, windows=None,
+                  wide_tile: bool = False) -> CallSchedule:
         plan = self._plan(attn_metadata)
         for name in ("canvas", "tile"):
             given = getattr(attn_metadata, name)
@@ -349,7 +350,7 @@ class SlidingTileAttentionImpl:
                 )
         if windows is None:
             windows = self._call_windows(attn_metadata, plan.grid)
-        return call_schedule(plan, windows, self.num_kv_heads, self._comm(attn_metadata).rank)
+        return call_schedule(plan, windows, self.num_kv_heads, self._comm(attn_metadata).rank, wide_tile)
 
     def _call_windows(self, attn_metadata, grid: Triple) -> tuple[Triple, ...]:
         """All heads' windows of a planned call, in sta_dist's rule."""
@@ -443,8 +444,7 @@ class SlidingTileAttentionImpl:
             parts = call_parts(plan, windows, self.num_kv_heads, q.shape[0], q.shape[3], q.element_size(),
                                longest_text(text_length))
         if len(parts) == 1:
-            sched = (parts[0].schedule(plan, comm.rank) if parts[0].wide_tile
-                     else self._schedule(attn_metadata, windows))
+            sched = self._schedule(attn_metadata, windows, parts[0].wide_tile)
             warn_if_fallback(sched, plan)
             out = self._run(q, k, v, sched, comm, text_length, self.num_heads)
         else:

@@ -125,13 +125,13 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
     if resume:
         if out is None or lse is None or keys is not None:
             raise ValueError("run_local: resume=True needs out= and lse= (and a window call, no keys=)")
-        if choose_backend(q_bshd, backend) == "torch" or call_route(
-                q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo).video != "cuda":
+        r = None if choose_backend(q_bshd, backend) == "torch" else call_route(
+            q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo)
+        if r is None or r.video != "cuda":
             part = run_local(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, backend, True, config=config,
                              halo=halo)
             return fold_rows(out, lse, *part, query_rows(layout, out.device))
-        return execute(call_route(q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo),
-                       q_bshd, k_bshd, v_bshd, layout, heads, text, scale, True, None, config, out, halo, lse, True)
+        return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, True, None, config, out, halo, lse, True)
     if out is not None and (return_lse or keys is not None):
         raise ValueError("run_local: out= is for window calls without the log-sum-exp")
     D = q_bshd.shape[-1]
@@ -163,13 +163,21 @@ def fold_rows(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor, part
               rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``out``/``lse`` with ``rows`` merged with another result of the same queries over other
     keys (the exact softmax merge by log-sum-exp; rows with no key on either side stay 0)."""
-    mine, theirs = lse[:, :, rows], part_lse[:, :, rows]  # [B, H, n]
-    total = torch.logaddexp(mine, theirs)
-    safe = torch.where(torch.isinf(total), 0.0, total)
-    w_mine, w_theirs = (torch.exp(x - safe).transpose(1, 2)[..., None] for x in (mine, theirs))  # [B, n, H, 1]
-    out[:, rows] = (out[:, rows].float() * w_mine + part_out[:, rows].float() * w_theirs).to(out.dtype)
-    lse[:, :, rows] = total
+    outs = torch.stack([out[:, rows], part_out[:, rows]]).float()  # [2, B, n, H, D]
+    lses = torch.stack([lse[:, :, rows], part_lse[:, :, rows]]).transpose(2, 3)  # [2, B, n, H]
+    merged, total = merge_partials(outs, lses)
+    out[:, rows] = merged.to(out.dtype)
+    lse[:, :, rows] = total.transpose(1, 2)
     return out, lse
+
+
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact softmax merge of results of the same queries over disjoint keys: ``outs
+    [R, ..., D]`` (normalised, float) and their natural-log ``lses [R, ...]`` -> the merged
+    output and log-sum-exp (a row no part has a key for: 0 and ``-inf``)."""
+    total = torch.logsumexp(lses, 0)
+    weights = torch.exp(lses - torch.where(torch.isinf(total), 0.0, total)).nan_to_num(0.0)
+    return (weights[..., None] * outs).sum(0), total
 
 
 def _fill_rows(out: torch.Tensor, result: torch.Tensor, layout: LocalLayout) -> torch.Tensor:

@@ -114,21 +114,11 @@ def sdpa_dense(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, t
     """Dense attention of the ``subset`` heads for every query row, into ``out``: keys
     are every video token and the valid text; padding text rows are zero. With ``out=None`` (every
     head, every row valid) SDPA's own output is returned as ``[B, S, H, D]``, no copy."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     n_keys = layout.kv_video + text.kv_for_video_q
-    valid_rows = layout.q_video + text.q_valid
-    idx = head_index(subset, q_bshd.device)
-    kv_idx = head_index([heads.kv_heads[h] for h in subset], q_bshd.device)
-    q = q_bshd[:, :valid_rows][:, :, idx]
-    k, v = (x[:, :n_keys][:, :, kv_idx] for x in (k_bshd, v_bshd))
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     if out is None:
+        o = _sdpa(q_bshd, k_bshd, v_bshd, heads, subset, 0, layout.q_video + text.q_valid, n_keys, scale)
         return o.transpose(1, 2).contiguous()  # cuDNN writes [B, S, H, D] order already: a no-op
-    out[:, :valid_rows, idx] = o.transpose(1, 2)
-    out[:, valid_rows:, idx] = 0
+    _sdpa_into(q_bshd, k_bshd, v_bshd, heads, subset, 0, layout.q_video + text.q_valid, n_keys, scale, out)
     return out
 
 
@@ -144,22 +134,42 @@ def sdpa_text(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
     """The text query rows of the ``subset`` heads by SDPA (:func:`text_by_sdpa` holds),
     into ``out``, and with ``lse`` their log-sum-exp (FlashAttention's, which returns it);
     padding text rows get zero output and log-sum-exp ``-inf``."""
+    n_keys = layout.text_q_video_keys if text.kv_for_text_q == 0 else layout.kv_video + text.kv_for_text_q
+    _sdpa_into(q_bshd, k_bshd, v_bshd, heads, subset, layout.q_video, layout.q_video + text.q_valid, n_keys, scale,
+               out, lse)
+
+
+def _sdpa(q_bshd, k_bshd, v_bshd, heads: LocalHeads, subset: tuple[int, ...], first: int, valid: int, n_keys: int,
+          scale: float, with_lse: bool = False):
+    """SDPA of the ``subset`` heads' query rows ``[first, valid)`` over the key rows
+    ``[0, n_keys)``: ``[B, h, n, D]`` (cuDNN first), or with ``with_lse`` FlashAttention's
+    ``(output, log-sum-exp [B, h, n])``."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    first, valid = layout.q_video, layout.q_video + text.q_valid
-    n_keys = layout.text_q_video_keys if text.kv_for_text_q == 0 else layout.kv_video + text.kv_for_text_q
     idx = head_index(subset, q_bshd.device)
     kv_idx = head_index([heads.kv_heads[h] for h in subset], q_bshd.device)
     q = q_bshd[:, first:valid][:, :, idx].transpose(1, 2)
     k, v = (x[:, :n_keys][:, :, kv_idx].transpose(1, 2) for x in (k_bshd, v_bshd))
-    if valid > first and lse is None:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            out[:, first:valid, idx] = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
-    elif valid > first:
+    if with_lse:
         o, rows_lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        return o, rows_lse[:, :, :valid - first]
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _sdpa_into(q_bshd, k_bshd, v_bshd, heads: LocalHeads, subset: tuple[int, ...], first: int, valid: int,
+               n_keys: int, scale: float, out: torch.Tensor, lse: torch.Tensor | None = None) -> None:
+    """:func:`_sdpa` written into ``out`` (and ``lse``) at rows ``[first, valid)``; the rows
+    after them (padding text) get zero output and log-sum-exp ``-inf``."""
+    idx = head_index(subset, q_bshd.device)
+    if valid > first and lse is None:
+        out[:, first:valid, idx] = _sdpa(q_bshd, k_bshd, v_bshd, heads, subset, first, valid, n_keys,
+                                         scale).transpose(1, 2)
+    elif valid > first:
+        o, rows_lse = _sdpa(q_bshd, k_bshd, v_bshd, heads, subset, first, valid, n_keys, scale, with_lse=True)
         out[:, first:valid, idx] = o.transpose(1, 2)
-        lse[:, idx, first:valid] = rows_lse[:, :, :valid - first]
+        lse[:, idx, first:valid] = rows_lse
     if lse is not None:
         lse[:, idx, valid:] = float("-inf")
     out[:, valid:, idx] = 0

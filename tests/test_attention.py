@@ -10,6 +10,7 @@ import sta_dist
 from sta_dist.route import KERNELS
 from sta_dist.testing import error_bound, max_error, reference_attention
 from tests.cases import Case, random_case
+from tests.hopper_support import box_and_halo
 
 SEEDS = range(24)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,25 +130,6 @@ def test_layout_facts_and_dense_routing_choice():
     assert dense_heads(box, heads, LocalText.single(2), False) == ()
 
 
-def _box_and_halo_problem(canvas, tile, text, heads, dtype, device, seed):
-    """A tile-mode rank's local problem: its box (tiles with w index < 2) as query tiles,
-    then as key tiles the box and its halo (w index 2, every tile a window reaches from
-    the box), text rows after each; the halo's rows also apart, as received."""
-    from sta_dist import geometry
-    from sta_dist.local import LocalLayout
-
-    grid = geometry.grid_shape(canvas, tile)
-    ids = range(geometry.num_tiles(grid))
-    box = [t for t in ids if geometry.tile_coords(t, grid)[2] < 2]
-    halo = [t for t in ids if geometry.tile_coords(t, grid)[2] == 2]
-    layout = LocalLayout.packed(canvas, tile, text, box, box + halo,
-                                text_q_video_keys=geometry.packed_token_count(canvas, tile, box))
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, layout.q_video + text, heads, 128, generator=g).to(dtype).to(device)
-    k, v = (torch.randn(1, layout.kv_video + text, heads, 128, generator=g).to(dtype).to(device) for _ in range(2))
-    return layout, (q, k, v), tuple(halo)
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_keys_in_parts_fold_into_the_whole_call(backend):
     """A query's window in parts (:attr:`LocalLayout.key_box`): the box's keys with the text,
@@ -163,7 +145,8 @@ def test_keys_in_parts_fold_into_the_whole_call(backend):
         pytest.skip("the CUDA kernel needs a Hopper GPU")
     canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
     dtype = torch.bfloat16 if hopper else torch.float32
-    layout, (q, k, v), halo_tiles = _box_and_halo_problem(canvas, tile, text, 4, dtype, DEVICE, seed=3)
+    _, (q, k, v), layout, _ = box_and_halo(canvas, tile, text, seed=3, dtype=dtype, device=DEVICE)
+    halo_tiles = tuple(t for t, r in enumerate(layout.kv_rows) if r is not None and t not in layout.q_tiles)
     heads = LocalHeads.build([(1, 1, 1), (2, 1, 3), (1, 2, 2), (9, 9, 9)], layout.grid, 4)
     n_box, n_kv = layout.q_video, layout.kv_video
     kernel = "auto" if hopper else backend

@@ -145,6 +145,7 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     over other keys of the same queries; this launch folds its keys in and writes both back
     (a row none of its keys reaches is left as it was). Raises if the call breaks
     :func:`sta_dist.route.cuda_rule` or the library is missing."""
+    from ..geometry import grid_shape
     from ..route import Call, Device, cuda_rule
 
     packed = order == "packed"
@@ -176,8 +177,7 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
         raise ValueError("sta_fwd_cuda: resume=True folds keys into out and lse: it needs lse")
     if clip is not None and keys is not None:
         raise ValueError("sta_fwd_cuda: clip cuts windows; a call with key tables (keys=) has none")
-    grid = [-(-c // t) for c, t in zip(canvas, tile)]
-    lo, hi = clip if clip is not None else ((0, 0, 0), grid)
+    lo, hi = clip if clip is not None else ((0, 0, 0), grid_shape(canvas, tile))
     clip_arg = (ctypes.c_int * 6)(*lo, *hi)
     sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import geometry
-from ..dispatch import local_attention
+from ..dispatch import local_attention, merge_partials
 from ..local import Halo, LocalText, head_index, longest_text, sample_groups
 from .comm import Comm, Exchange
 from .schedule import CallSchedule, key_split, row_range, tile_rows
@@ -207,9 +207,7 @@ def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedu
     packed = torch.cat([part, text_lse.transpose(1, 2)[..., None]], -1)  # [B, L, Hl, D + 1]
     gathered = torch.stack(comm.all_gather("text merge", sched.tile_group, packed))
     outs, lses = gathered[..., :-1], gathered[..., -1]  # [R, B, L, Hl, D], [R, B, L, Hl]
-    total = torch.logsumexp(lses, 0)
-    weights = torch.exp(lses - torch.where(torch.isinf(total), 0.0, total)).nan_to_num(0.0)
-    out_bshd[:, n_box:] = (weights[..., None] * outs).sum(0)  # in place: the box's rows stay where they are
+    out_bshd[:, n_box:] = merge_partials(outs, lses)[0]  # in place: the box's rows stay where they are
     return out_bshd
 
 

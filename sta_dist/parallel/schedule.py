@@ -247,8 +247,8 @@ def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tu
 def row_range(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tuple[int, ...]):
     """``(first, end)`` when the ``wanted`` tiles are a run of consecutive tiles of the
     packed ``storage`` (their rows one range: a view, no gather), else ``None``."""
-    if not wanted or wanted != storage[storage.index(wanted[0]):storage.index(wanted[0]) + len(wanted)]:
+    at = storage.index(wanted[0]) if wanted else 0
+    if not wanted or wanted != storage[at:at + len(wanted)]:
         return None
-    rows = geometry.packed_tile_rows(canvas, tile, storage)
-    first = rows[storage.index(wanted[0])].base
+    first = geometry.packed_tile_rows(canvas, tile, storage)[at].base
     return first, first + geometry.packed_token_count(canvas, tile, wanted)
