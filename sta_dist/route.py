@@ -43,6 +43,8 @@ BACKENDS = ("auto",) + KERNELS
 HOPPER_HEAD_DIM = 128
 """The one head dim the CUDA kernel is built for."""
 HOPPER_BLOCK = 128
+HOPPER_MAX_TILES = 1 << 22
+"""The CUDA kernel decodes listed tile ids in float arithmetic, exact below this many tiles."""
 """Rows of one query or key block of the CUDA kernel."""
 
 Triple = tuple[int, int, int]
@@ -155,6 +157,7 @@ def _blocks(call: Call) -> Optional[str]:
         blocks = (HOPPER_BLOCK // 2) % plane == 0 and tt % (HOPPER_BLOCK // plane) == 0
     else:
         blocks = (tt * plane) % HOPPER_BLOCK == 0
+    tiles = math.prod(-(-c // t) for c, t in zip(call.canvas, call.tile))
     return ((f"reads the natural canvas or whole tiles of consecutive rows, the tokens here are {call.order}"
              if call.order not in ("natural", "packed") else None)
             or (f"is built for bfloat16 and float16, got dtype={call.dtype}"
@@ -162,7 +165,9 @@ def _blocks(call: Call) -> Optional[str]:
             or (f"reads blocks of {HOPPER_BLOCK} rows: tile={call.tile} does not split into them in {call.order} order"
                 if not blocks else None)
             or (f"needs {call.text_keys} text keys after k/v row {call.kv_video}, k/v hold {call.kv_rows} rows"
-                if call.kv_rows < call.kv_video + call.text_keys else None))
+                if call.kv_rows < call.kv_video + call.text_keys else None)
+            or (f"numbers tiles below {HOPPER_MAX_TILES} (its float decode of tile ids), the grid has {tiles}"
+                if tiles >= HOPPER_MAX_TILES else None))
 
 
 def cuda_rule(call: Call, device: Device) -> Optional[str]:

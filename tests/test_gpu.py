@@ -81,9 +81,10 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 def test_hopper_route():
     """On Hopper the CUDA kernel takes the whole canvas in natural order and in tiled order
     (as "packed" tiles), whole-grid heads included (it is faster than cuDNN there too), with
-    and without the log-sum-exp; text queries go to SDPA, or with a log-sum-exp to the
-    Triton kernel alone; asked for by name, it takes the same call. The route is the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled check, and
-    it agrees with the Triton kernel."""
+    and without the log-sum-exp; text queries, whose keys are one range here, go to SDPA
+    (with a log-sum-exp, FlashAttention's); asked for by name, it takes the same call. The
+    route is the one :func:`sta_dist.dispatch.call_route` names, it passes the sampled check,
+    and it agrees with the Triton kernel."""
     from sta_dist.dispatch import call_route, run_local
     from sta_dist.kernels import sta_fwd_cuda
     from sta_dist.local import LocalHeads, LocalLayout, LocalText
@@ -105,10 +106,10 @@ def test_hopper_route():
         check = sampled_check(q, k, v, natural_out, canvas=WAN, tile=TILE, window=windows, text_length=text_valid)
         assert check["ok"], check
         assert max_error(out, run_local(*args, 128**-0.5, backend="triton")) <= 1e-2
-        # With a log-sum-exp every head goes to the CUDA kernel and the text queries to the
-        # Triton kernel alone; both parts agree with the Triton kernel's.
+        # With a log-sum-exp too every head goes to the CUDA kernel and the text queries to
+        # SDPA; both parts agree with the Triton kernel's.
         route = call_route(*args, backend="auto", return_lse=True)
-        assert (route.video, route.dense, route.text) == ("cuda", (), "triton" if text_len else None), route
+        assert (route.video, route.dense, route.text) == ("cuda", (), "sdpa" if text_len else None), route
         out, lse = run_local(*args, 128**-0.5, return_lse=True)
         ref_out, ref_lse = run_local(*args, 128**-0.5, backend="triton", return_lse=True)
         assert max_error(out, ref_out) <= 1e-2 and lse_error(lse, ref_lse) <= 1e-3

@@ -76,6 +76,8 @@ def test_whole_grid_heads_go_to_sdpa_beside_the_triton_kernel_and_alone():
                                                           "into them in natural order")),
     (dict(bulk_copy=False), dict(cuda="reads rows through the copy engine: heads must be adjacent and row strides "
                                       "16-byte multiples")),
+    (dict(canvas=(6 * 2048, 8 * 32, 8 * 64)), dict(cuda="numbers tiles below 4194304 (its float decode of tile ids), "
+                                                        "the grid has 4194304")),
 ])
 def test_what_keeps_a_call_on_the_triton_kernel(change, reasons):
     r = route(hunyuan_call(**change), HOPPER)

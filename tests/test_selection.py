@@ -75,6 +75,20 @@ def test_tile_means_equal_the_reference_bit_for_bit(seed, order):
         assert torch.equal(shared, reference_tile_means(q, case.canvas, case.tile, True))
 
 
+def test_tile_sums_over_several_column_blocks():
+    """Rows wider than one program's block of columns (6 heads of 120: 720 columns), a
+    head dim that is no power of two, partial tiles, a batch of two: the Triton sums
+    equal the torch path's bit for bit."""
+    case = Case((5, 7, 6), (2, 3, 4), (3, 3, 3), 0, 0, 2, 6, 6, 120)
+    q, _, _ = case.tensors(torch.float16, seed=3)
+    layout = LocalLayout.natural(case.canvas, case.tile, 0)
+    torch_sums, triton_sums = (tile_sums(q, layout.q_rows, layout.q_tiles, case.canvas, case.tile, use)
+                               for use in (False, True))
+    assert torch.equal(triton_sums, torch_sums)
+    assert torch.equal(means(triton_sums, tile_counts(layout.q_tiles, case.canvas, case.tile, "cpu")),
+                       reference_tile_means(q, case.canvas, case.tile, False))
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_selection_equals_the_reference_bit_for_bit(seed):
     rng = random.Random(seed)

@@ -5,16 +5,19 @@
 #   kernel [bench args]  GPU tests, `sta-dist bench kernel`, first-call compile time (1 GPU)
 #   sweep                real-shape checks, the launch-config sweep, chosen cases, bench dist on one rank
 #   dist                 bench dist (every mode, with and without text) and the main job (NGPU, default 2)
-#   profile              Nsight Compute on one launch of the Triton and of the CUDA kernel
+#   profile              Nsight Compute on one launch of the Triton and of the CUDA kernel (PROFILE_RUNS:
+#                        kernel:case pairs of tools/hopper_bench.py, default "triton:natural cuda:natural")
 #   scale                the layer and the real strategy on 1, 2 and P GPUs (P = NGPU or all visible)
 #   overlap              head mode in chunks of heads vs one exchange (2 GPUs): the layer, the strategy
 #   diffusers            one diffusers denoising step, stock vs sta_dist, on 1 GPU then NGPU (default 2)
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
-#   selection            window plus selected tiles on 1 GPU (NGPU=2: the 2-GPU rows)
+#   selection            window plus selected tiles on 1 GPU, then tools/profile_selection.py (NGPU=2: the
+#                        2-GPU rows; SKIP_TESTS=1: no tests)
 #   lanes                on 4 GPUs, two 2-GPU lanes: diffusers; the layer in every mode, then selection
 #   tables               GPU tests + 1-GPU selection; 2-GPU selection + strategy; 1-GPU strategy (LANES)
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
-#   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton)
+#   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton); AB="DIR ...":
+#                        twice, each time also each DIR's copy of sta_dist (e.g. an older commit's)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
 #   halo                 the overlapped exchanges (halo beside the box's keys, head mode in place) on 2 GPUs:
 #                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
@@ -112,7 +115,16 @@ job_hopper() {
   timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_gpu.py -k "hopper or route" \
     2>&1 | tee "$OUT/hopper_tests.log" | tail -n 25
   echo "pytest exit: ${PIPESTATUS[0]} (124 = the 330 s limit)"
-  timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench.log"
+  local round dir
+  for round in 1 2; do
+    timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench_$round.log"
+    [ -z "${AB:-}" ] && break
+    for dir in $AB; do
+      echo "--- AB: sta_dist from $dir"
+      PYTHONPATH="$(realpath "$dir")" timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" \
+        --cases "${AB_CASES:-natural,tiled,box_halo,table}" 2>&1 | tee -a "$OUT/hopper_bench_ab_$round.log"
+    done
+  done
 }
 
 # FlashAttention-4 as an anchor (issue 15 item 5), one GPU: tools/fa4_bench.py times our kernel,
@@ -183,18 +195,20 @@ for name, path in sorted(wheels.items()):
 job_profile() {
   setup
   local NCU="ncu --clock-control none --launch-count 1 -k regex:sta"
-  local impl
-  for impl in triton cuda; do
+  local run impl case
+  for run in ${PROFILE_RUNS:-triton:natural cuda:natural}; do
+    impl=${run%%:*} case=${run#*:}
     timeout 150 $NCU --section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats \
-      --section SourceCounters --import-source no -o "$OUT/$impl" python3 tools/hopper_bench.py --kernels $impl --cases natural --once \
-      >"$OUT/ncu_log_$impl.txt" 2>&1
-    echo "ncu $impl rc=$? (124 = timeout 150 s)"
-    ncu -i "$OUT/$impl.ncu-rep" --page details --print-details all >"$OUT/ncu_$impl.txt" 2>&1
-    grep -E "Duration|SM Busy|Issue Slots Busy|Warp Cycles Per Issued|Stall" "$OUT/ncu_$impl.txt" | head -30
+      --section MemoryWorkloadAnalysis --section SourceCounters --import-source no -o "$OUT/${impl}_$case" \
+      python3 tools/hopper_bench.py --kernels $impl --cases $case --once >"$OUT/ncu_log_${impl}_$case.txt" 2>&1
+    echo "ncu $impl $case rc=$? (124 = timeout 150 s)"
+    ncu -i "$OUT/${impl}_$case.ncu-rep" --page details --print-details all >"$OUT/ncu_${impl}_$case.txt" 2>&1
+    grep -E "Duration|SM Busy|Issue Slots Busy|Warp Cycles Per Issued|Stall|L2 Hit|DRAM Through|Memory Through" \
+      "$OUT/ncu_${impl}_$case.txt" | head -30
   done
-  ncu -i "$OUT/cuda.ncu-rep" --page source --print-source sass --csv >"$OUT/cuda_sass.csv" 2>&1
+  [ -f "$OUT/cuda_natural.ncu-rep" ] && ncu -i "$OUT/cuda_natural.ncu-rep" --page source --print-source sass --csv \
+    >"$OUT/cuda_sass.csv" 2>&1
   rm -f "$OUT"/*.ncu-rep
-  wc -c "$OUT/cuda_sass.csv"
 }
 
 # On P GPUs (NGPU, default all visible): the scaling of the layer and of the real HunyuanVideo
@@ -330,9 +344,11 @@ job_selection() {
       --text-len 256 --text-valid 200 --select topk:8 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_selected.log" \
       | tail -n 8
   else
-    timeout 180 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 | tee "$OUT/selection_gpu_tests.log"
-    timeout 300 python3 -m sta_dist.cli bench kernel --cases hunyuan_topk8,hunyuan_mass09 --out "$OUT" 2>&1 \
-      | grep -v -i warn | tee "$OUT/bench_selection.log" | tail -n 18
+    [ "${SKIP_TESTS:-0}" != 1 ] && timeout 180 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 \
+      | tee "$OUT/selection_gpu_tests.log"
+    timeout 300 python3 -m sta_dist.cli bench kernel --cases "${SELECTION_CASES:-hunyuan_topk8,hunyuan_mass09}" \
+      --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/bench_selection.log" | tail -n 18
+    timeout 120 python3 tools/profile_selection.py 2>&1 | grep -v -i warn | tee "$OUT/profile_selection.log"
   fi
   python3 tools/selection_table.py "$OUT" | tee "$OUT/selection_table.md"
 }

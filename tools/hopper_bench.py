@@ -5,7 +5,8 @@ per case ``case kernel ms vs_first max_diff``, then the JSON of the table in ``-
 Cases: the whole canvas in natural order (one GPU), with the log-sum-exp, in fp16, with
 256 text rows (200 keys valid; text queries through SDPA), the whole canvas in tiled order
 (a head-mode rank's tokens), and a tile-mode rank's half of the canvas with its halo
-(packed tiles, the log-sum-exp as the text merge asks).
+(packed tiles, the log-sum-exp as the text merge asks); "table": the whole canvas with the
+window given as key lists (the table path of selected tiles, with nothing selected).
 
     python3 tools/hopper_bench.py --kernels cuda,triton --out out/
     python3 tools/hopper_bench.py --kernels cuda --cases natural --once   # one call each (a profiler)
@@ -56,7 +57,16 @@ def case_args(name: str):
     return q, k, v, LocalLayout.natural(CANVAS, TILE, text_len), heads, text, name == "lse"
 
 
-CASES = ("natural", "lse", "fp16", "text", "tiled", "box_halo")
+def window_lists(layout: LocalLayout, device="cuda"):
+    """The (3,3,3) window as key lists (what the "table" case hands the kernel)."""
+    from sta_dist.selection.tables import key_tiles, table_width, union_with_windows
+
+    grid = geometry.grid_shape(CANVAS, TILE)
+    attended = union_with_windows(None, WINDOWS[:1], "sta", layout.q_tiles, grid, device)
+    return key_tiles(attended, table_width(None, WINDOWS[:1], "sta", grid, len(layout.kv_rows)))
+
+
+CASES = ("natural", "lse", "fp16", "text", "tiled", "box_halo", "table")
 
 
 def main() -> None:
@@ -69,9 +79,10 @@ def main() -> None:
     kernels = args.kernels.split(",")
     rows = []
     for name in args.cases.split(","):
-        q, k, v, layout, heads, text, lse = case_args(name)
+        q, k, v, layout, heads, text, lse = case_args("natural" if name == "table" else name)
+        keys = window_lists(layout) if name == "table" else None
         fns = {kern: (lambda kern=kern: run_local(q, k, v, layout, heads, text, D**-0.5, backend=kern,
-                                                 return_lse=lse)) for kern in kernels}
+                                                 return_lse=lse, keys=keys)) for kern in kernels}
         first = fns[kernels[0]]()
         first = first[0] if lse else first
         if args.once:

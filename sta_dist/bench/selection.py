@@ -1,6 +1,7 @@
 """``sta-dist bench kernel --cases hunyuan_topk8,hunyuan_mass09``: window plus selected
 tiles, timed with the selection included, beside the window alone (as routed: the CUDA
-kernel on Hopper; and the Triton kernel's window path and table path) and FlexAttention
+kernel on Hopper; the Triton kernel's window path; and the window given as key lists, the
+table path with nothing selected) and FlexAttention
 given the same block mask built per call (its mask build timed too, as a caller pays it).
 Every output is checked against the reference on sampled rows, the selection tile for tile.
 
@@ -84,7 +85,7 @@ def case_functions(case: SelectionCase, q, k, v, compile_flex: bool = True) -> d
         "window alone (as routed)": lambda: sliding_tile_attention(q, k, v, **kw),
         "window alone (Triton, window path)": lambda: run_local(q, k, v, layout, window_heads, text,
                                                                 case.head_dim**-0.5, backend="triton"),
-        "window alone (Triton, table path)": lambda: sliding_tile_attention(q, k, v, **kw, select=nothing),
+        "window alone (as key lists, as routed)": lambda: sliding_tile_attention(q, k, v, **kw, select=nothing),
     }
     flex = _flex_anchor(case, compile_flex)
     if flex is not None:
@@ -113,7 +114,7 @@ def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) ->
                                         select=case.select, window_rule=case.window_rule, return_selection=True)
     checks = {"ours (selection included)": sampled_check(q, k, v, out, **kw, **sel, selection=tiles)}
     del out
-    for name in ("window alone (as routed)", "window alone (Triton, window path)", "window alone (Triton, table path)"):
+    for name in ("window alone (as routed)", "window alone (Triton, window path)", "window alone (as key lists, as routed)"):
         checks[name] = sampled_check(q, k, v, fns[name](), **kw)
     flex_name = "FlexAttention (selection + mask build + attention)"
     if flex_name in fns:

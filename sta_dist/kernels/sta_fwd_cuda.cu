@@ -197,39 +197,52 @@ struct Window {
   int kv_stride, packed, b, kv_col, st, sh, sw, kh, kw, TT, TH, TW, slices, bpt, grid_h, grid_w, n_tb, text_row, n;
 };
 
+// floor(g / d) for 0 <= g < 2^22 (the route keeps grids below that many tiles): (g + 0.5) / d
+// lies at least 0.5 / d from an integer, and the float product's error is below that there.
+DEV int quotient(int g, int d) { return __float2int_rz((g + 0.5f) * __frcp_rn(static_cast<float>(d))); }
+
 // One ring (K or V): fill u = j / 2 of slot j % 2 waits for the consumers' release of
-// fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves.
+// fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves. Where
+// block j lies is worked out before that wait, so a key table's reads (the list entry, the
+// tile's first row) are in flight while the slot drains, not in the ring's critical path.
 DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
                    uint32_t empty) {
   int sub = 0, ti = 0, hi = 0, wi = 0, e = 0;  // the next video block (window: without divisions)
 #pragma unroll 1
   for (int j = 0; j < w.n; ++j) {
+    const CUtensorMap* map = rows;  // 3-D rows at (row), or the 5-D video view at (w0, h0, t0)
+    int row = 0, w0 = 0, h0 = 0, t0 = 0;
+    const bool text = j < w.n_tb, five = !text && !w.packed;
+    if (text) {
+      row = w.text_row + (w.n_tb - 1 - j) * 128;
+    } else if (w.packed) {
+      const int g = w.list ? __ldg(w.list + e) : ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
+      // ~row: the halo's row, through its map (Params' k or v, two maps before kt or vt)
+      const int first = __ldg(w.kv_tiles + g * w.kv_stride);
+      map = rows - (first < 0 ? 2 : 0);
+      row = (first < 0 ? ~first : first) + sub * 128;
+    } else {
+      int ct = w.st + ti, ch = w.sh + hi, cw = w.sw + wi;
+      if (w.list) {  // the listed tile's (t, h, w) without integer divisions (~30 dependent instructions each)
+        const int g = __ldg(w.list + e), hw = w.grid_h * w.grid_w;
+        ct = quotient(g, hw);
+        const int r = g - ct * hw;
+        ch = quotient(r, w.grid_w);
+        cw = r - ch * w.grid_w;
+      }
+      t0 = ct * w.TT + sub * w.slices, h0 = ch * w.TH, w0 = cw * w.TW;
+    }
     const int s = j % KST;
     if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
     const uint32_t dst = base + s * KV_BYTES, bar = full + 8 * s;
     mbar_expect_tx(bar, KV_BYTES);
-    if (j < w.n_tb) {
-      const int row = w.text_row + (w.n_tb - 1 - j) * 128;
-      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, rows, bar, w.kv_col + h * 64, row, w.b);
-      continue;
+    for (int h = 0; h < 2; ++h) {
+      if (five)
+        tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
+      else
+        tma_load3(dst + h * 16384, map, bar, w.kv_col + h * 64, row, w.b);
     }
-    if (w.packed) {
-      const int g = w.list ? __ldg(w.list + e) : ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
-      // ~row: the halo's row, through its map (Params' k or v, two maps before kt or vt)
-      const int first = __ldg(w.kv_tiles + g * w.kv_stride);
-      const CUtensorMap* map = rows - (first < 0 ? 2 : 0);
-      const int row = (first < 0 ? ~first : first) + sub * 128;
-      for (int h = 0; h < 2; ++h) tma_load3(dst + h * 16384, map, bar, w.kv_col + h * 64, row, w.b);
-    } else {
-      int ct = w.st + ti, ch = w.sh + hi, cw = w.sw + wi;
-      if (w.list) {
-        const int g = __ldg(w.list + e);
-        ct = g / (w.grid_h * w.grid_w), ch = (g / w.grid_w) % w.grid_h, cw = g % w.grid_w;
-      }
-      const int t0 = ct * w.TT + sub * w.slices, h0 = ch * w.TH, w0 = cw * w.TW;
-      for (int h = 0; h < 2; ++h) tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
-    }
-    if (++sub < w.bpt) continue;
+    if (text || ++sub < w.bpt) continue;
     sub = 0;
     ++e;
     if (++wi < w.kw) continue;
