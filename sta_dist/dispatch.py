@@ -111,27 +111,27 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
               out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None, lse: Optional[torch.Tensor] = None,
               resume: bool = False):
     """One local call with one text group, on the kernels its route names. ``keys``: the
-    Triton kernel's table path; ``config``: a Triton launch config (``backend="triton"``
+    table path (:class:`~sta_dist.selection.tables.KeyTiles`); ``config``: a Triton launch config (``backend="triton"``
     only). The Triton family runs head dims 160, 192 and 224 zero-padded to the next
     built size. ``out``: the output to fill, only the rows of this call's queries (window
     calls without the log-sum-exp); ``halo``: k/v rows held apart
     (:class:`~sta_dist.local.Halo`), read where they lie by the CUDA kernel, joined to
     k/v for any other. ``resume=True`` with ``out`` and ``lse`` (``[B, H, S]`` float32): they
     hold a result of the same queries over other keys (e.g. the layout's ``key_box`` of an
-    earlier call), and this call's keys are folded in exactly (the CUDA kernel in its launch,
+    earlier call, or other key lists), and this call's keys are folded in exactly (the CUDA kernel in its launch,
     any other by the log-sum-exp merge of :func:`fold_rows`); returns ``(out, lse)``."""
     if config is not None and backend != "triton":
         raise ValueError(f"a Triton launch config needs backend='triton', got backend={backend!r}")
     if resume:
-        if out is None or lse is None or keys is not None:
-            raise ValueError("run_local: resume=True needs out= and lse= (and a window call, no keys=)")
+        if out is None or lse is None:
+            raise ValueError("run_local: resume=True needs out= and lse=")
         r = None if choose_backend(q_bshd, backend) == "torch" else call_route(
-            q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, False, halo)
+            q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, keys is not None, halo)
         if r is None or r.video != "cuda":
-            part = run_local(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, backend, True, config=config,
-                             halo=halo)
+            part = run_local(q_bshd, k_bshd, v_bshd, layout, heads, text, scale, backend, True, keys=keys,
+                             config=config, halo=halo)
             return fold_rows(out, lse, *part, query_rows(layout, out.device))
-        return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, True, None, config, out, halo, lse, True)
+        return execute(r, q_bshd, k_bshd, v_bshd, layout, heads, text, scale, True, keys, config, out, halo, lse, True)
     if out is not None and (return_lse or keys is not None):
         raise ValueError("run_local: out= is for window calls without the log-sum-exp")
     D = q_bshd.shape[-1]

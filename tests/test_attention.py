@@ -164,3 +164,45 @@ def test_keys_in_parts_fold_into_the_whole_call(backend):
     tol = 2 ** -7 if hopper else 1e-5  # bf16: the box part is rounded once before the fold
     assert max_error(out[:, rows], whole[:, rows]) <= tol * whole[:, rows].abs().max()
     assert max_error(lse[:, :, rows], whole_lse[:, :, rows]) <= (1e-3 if hopper else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_key_lists_in_parts_fold_into_the_whole_lists(backend):
+    """Selected tiles in parts (a tile-mode rank's call): each query tile's listed key tiles
+    of its own box with the text first, then the listed tiles of the halo folded in
+    (``resume=True`` with ``keys=``), the halo read where it lies, equal one call over the
+    whole lists. Per-head lists, some query tiles with no halo tile listed."""
+    from sta_dist.dispatch import call_route, run_local
+    from sta_dist.local import Halo, LocalHeads, LocalLayout, LocalText
+    from sta_dist.selection.tables import key_tiles
+
+    hopper = backend == "cuda"
+    if hopper and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the CUDA kernel needs a Hopper GPU")
+    canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
+    dtype = torch.bfloat16 if hopper else torch.float32
+    _, (q, k, v), layout, _ = box_and_halo(canvas, tile, text, seed=5, dtype=dtype, device=DEVICE)
+    n, n_box, n_kv = len(layout.kv_rows), layout.q_video, layout.kv_video
+    held = torch.tensor([r is not None for r in layout.kv_rows], device=DEVICE)
+    in_box = torch.zeros(n, dtype=torch.bool, device=DEVICE)
+    in_box[list(layout.q_tiles)] = True
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    attended = (torch.rand(1, 4, len(layout.q_tiles), n, generator=g, device=DEVICE) < 0.5) & held
+    attended[:, :, 0] &= in_box  # query tile 0 lists no halo tile
+    heads = LocalHeads.build([(1, 1, 1)] * 4, layout.grid, 4)
+    kernel = "auto" if hopper else backend
+    full = LocalText(text, text - 2, text - 2)
+    whole, whole_lse = run_local(q, k, v, layout, heads, full, 128**-0.5, kernel, True, keys=key_tiles(attended, n))
+    box_only = LocalLayout.packed(canvas, tile, text, layout.q_tiles, layout.q_tiles, text_q_video_keys=n_box)
+    kb, vb = (torch.cat([x[:, :n_box], x[:, n_kv:]], 1) for x in (k, v))
+    apart = Halo(k[:, n_box:n_kv], v[:, n_box:n_kv], n_box)
+    out, lse = run_local(q, kb, vb, box_only, heads, full, 128**-0.5, kernel, True, keys=key_tiles(attended & in_box, n))
+    remote = key_tiles(attended & ~in_box, n)
+    if hopper:
+        assert call_route(q, kb, vb, layout, heads, LocalText(0, 0, 0), kernel, True, True, halo=apart).video == "cuda"
+    out, lse = run_local(q, kb, vb, layout, heads, LocalText(0, 0, 0), 128**-0.5, kernel, keys=remote, out=out,
+                         lse=lse, resume=True, halo=apart)
+    rows = slice(0, n_box + text)
+    tol = 2 ** -7 if hopper else 1e-5  # bf16: the box part is rounded once before the fold
+    assert max_error(out[:, rows], whole[:, rows]) <= tol * whole[:, rows].abs().max()
+    assert max_error(lse[:, :, rows], whole_lse[:, :, rows]) <= (1e-3 if hopper else 1e-5)

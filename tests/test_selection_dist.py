@@ -5,6 +5,8 @@ the tiles its queries chose), byte for byte."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import pytest
@@ -34,6 +36,8 @@ SELECTIONS = [  # (case, window, select, window_rule)
     (FLAT, FLAT.window, sta_dist.TopK(2, share_heads=False), "fastvideo"),
     (FLAT, None, MASK, "sta"),
     (ODD, None, sta_dist.Mass(0.5, share_heads=True), "sta"),
+    # text lengths per sample: a tile-mode rank fetches before it attends (one launch per length)
+    (dataclasses.replace(ODD, text_length=(3, 1)), ODD.window, sta_dist.TopK(2), "sta"),
 ]
 
 

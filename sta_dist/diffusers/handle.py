@@ -295,7 +295,7 @@ def _check_parallel(transformer, parallel, group, mesh):
                            "sta_dist.init_distributed() first")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("this transformer already runs diffusers' enable_parallelism(); use parallel=None (the "
-                         f"processors run head mode on its Ulysses group) or sta_dist's own parallel=, not both")
+                         "processors run head mode on its Ulysses group) or sta_dist's own parallel=, not both")
     if parallel != "hybrid":
         if mesh is not None:
             raise ValueError(f"mesh=(P_head, P_tile) applies with parallel='hybrid', got parallel={parallel!r}")

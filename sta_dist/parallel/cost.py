@@ -279,9 +279,10 @@ def selection_probability(select, selected, heads: int, n_tiles: int):
 
 
 def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rule: str, select, sel_p, batch: int,
-                       head_dim: int, itemsize: int, text_length: int) -> RankCost:
+                       head_dim: int, itemsize: int, text_length) -> RankCost:
     """One rank's work and bytes in a call with selected tiles (``sel_p`` from
-    :func:`selection_probability`): exact when the selection is known, else expected. A
+    :func:`selection_probability`; ``text_length`` one int or one per sample): exact when
+    the selection is known, else expected. A
     query tile attends its window united with its selection; a remote tile is fetched when
     some query tile of the rank (any sample, any of its heads) attends it."""
     import torch
@@ -301,12 +302,14 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
     def sel(h):
         return sel_p[:, 0 if sel_p.shape[1] == 1 else h]
 
+    lengths = tuple(text_length) if isinstance(text_length, (list, tuple)) else (text_length,) * batch
+    mean_text = sum(lengths) / max(batch, 1)
     pairs = 0.0
     for h in my_q:
         attended = 1 - (1 - win[h][box].double()) * (1 - sel(h)[:, box])  # [Bs, n_box, n]
-        pairs += per_sample * float((tok[box] * (attended @ tok + text_length)).sum())
-    text_keys = sched.layout.text_q_video_keys + (text_length if sched.counts_text_keys else 0)
-    pairs += batch * len(my_q) * text_length * text_keys
+        pairs += per_sample * float((tok[box] * (attended @ tok + mean_text)).sum())
+    video_keys = sched.layout.text_q_video_keys
+    pairs += len(my_q) * sum(t * (video_keys + (t if sched.counts_text_keys else 0)) for t in lengths)
     flops = 4.0 * pairs * head_dim
 
     sent: dict = {}
@@ -341,14 +344,14 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
             wanted = torch.where(in_window, 1.0, 1 - missed) if my_q else torch.zeros(n, dtype=torch.float64)
             halo += float((wanted * tok)[mine].sum())
         sent["halo exchange"] = 2 * batch * halo * len(my_kv) * head_dim * itemsize
-        if text_length > 0:
+        if max(lengths, default=0) > 0:
             sent["text merge"] = batch * L * len(my_q) * (head_dim + 1) * 4 * peers
     collectives = len(sent) + (1 if plan.world_size > 1 else 0)
     return RankCost(sched.rank, flops, sent, collectives)
 
 
 def selected_call_cost(plan: ShardPlan, windows, window_rule: str, select, num_heads: int, num_kv_heads: int,
-                       batch: int, head_dim: int, itemsize: int, text_length: int, selected=None) -> CallCost:
+                       batch: int, head_dim: int, itemsize: int, text_length, selected=None) -> CallCost:
     """Every rank's cost of a call with selected tiles (``windows``: one per query head, or
     ``None``): exact with ``selected`` (or a mask), expected for a ``TopK`` / ``Mass``
     without it (:func:`selection_probability`)."""

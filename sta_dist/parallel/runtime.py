@@ -125,12 +125,12 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
     text = groups[0]
     n_box = sched.box_tokens
     merge = longest_text(text_length) > 0
-    side = _fork(box.k_bshd.device)
+    side = fork(box.k_bshd.device)
     # The host enqueues the box's launch first, so the GPU starts it at once; the halo's
     # rows are gathered and sent on the side stream (after what came before this call).
     result = local_attention(*box, split.own, sched.heads, text, scale, backend, return_lse=merge or bool(split.halo))
     out, lse = result if isinstance(result, tuple) else (result, None)
-    exchanges = [_start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
+    exchanges = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in exchanges), n_box)  # every member takes part, needed or not
     for part in split.halo:
         if part.q_tiles:
@@ -139,17 +139,21 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
     return PartialOutput(out, lse[:, :, n_box:] if merge else None)
 
 
-def _start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream]):
+def start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream],
+               sends=None, recvs=None):
     """The halo exchange of one of k, v started beside the attention (its rows gathered on
-    ``side``, a stream from :func:`_fork`, when on a GPU), received into one tensor of its
+    ``side``, a stream from :func:`fork`, when on a GPU), received into one tensor of its
     own; returns the wait, which gives it as ``[B, n_halo, H, D]`` (stored row-major by
-    halo row, so each member's rows arrive as one range)."""
+    halo row, so each member's rows arrive as one range). ``sends`` / ``recvs``: as
+    :func:`halo_exchange`."""
     B, _, h, D = x_bshd.shape
     layout = sched.layout
-    n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in sched.halo_recv]
+    sends = sched.halo_send if sends is None else sends
+    recvs = sched.halo_recv if recvs is None else recvs
+    n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in recvs]
     buf = x_bshd.new_empty(sum(n_in), B, h, D)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        send = [[_rows(x_bshd, layout, tuple(tiles)).transpose(0, 1)] for tiles in sched.halo_send]
+        send = [[_rows(x_bshd, layout, tuple(tiles)).transpose(0, 1)] for tiles in sends]
         exchange: Exchange = comm.all_to_all_start("halo exchange", sched.tile_group, send,
                                                    [n * B * h * D for n in n_in], out=buf.view(-1), overlap=True)
 
@@ -169,7 +173,7 @@ def _rows(x_bshd: torch.Tensor, layout, tiles: tuple[int, ...]) -> torch.Tensor:
     return x_bshd.index_select(1, tile_rows(layout.canvas, layout.tile, layout.q_tiles, tiles, x_bshd.device))
 
 
-def _fork(device: torch.device) -> Optional[torch.cuda.Stream]:
+def fork(device: torch.device) -> Optional[torch.cuda.Stream]:
     """On a GPU: a side stream that runs after what the current stream enqueued so far,
     and beside what it enqueues next; elsewhere ``None``."""
     if device.type != "cuda":

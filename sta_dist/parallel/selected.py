@@ -17,12 +17,18 @@ its box's tokens for its heads, and:
 5. fetches exactly those tiles' k/v rows (an all-to-all with uneven splits), runs the
    kernel over its lists, and finishes as any call (text merge, output all-to-all).
 
+In a tile group (one text length for the batch) steps 4-5 run beside the attention: the
+kernel first walks each list's tiles of the own box (and the text) while a side stream
+gathers the counts (the host waits for that stream only) and fetches; then the listed
+remote tiles, read where they arrived, are folded in (:func:`_attend_beside_fetch`).
+
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhnd`` = ``[batch, heads, tiles,
 head_dim]``; ``_bhqn`` = ``[batch, heads, query tiles, key tiles]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -31,13 +37,14 @@ from typing import Optional, Sequence
 import torch
 
 from ..geometry import Triple
-from ..local import LocalLayout
-from ..selection.attention import build_key_tiles
+from ..dispatch import local_attention
+from ..local import Halo, LocalLayout, LocalText, longest_text
 from ..selection.choose import select_tiles
 from ..selection.means import means, tile_counts, tile_sums
+from ..selection.tables import key_tiles, table_width, union_with_windows
 from .comm import Comm
 from .plan import ShardPlan
-from .runtime import BoxInputs, attend, exchange_out, halo_exchange, head_exchange
+from .runtime import BoxInputs, PartialOutput, attend, exchange_out, fork, halo_exchange, head_exchange, start_halo
 from .schedule import CallSchedule
 
 
@@ -137,13 +144,13 @@ def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, com
     return tuple(sends), tuple(recvs)
 
 
-def exchange_in_selected(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select,
-                         windows: Optional[Sequence[Triple]], window_rule: str, num_heads: int, num_kv_heads: int,
-                         use_triton: bool):
-    """Steps 1-5 before the kernel: ``(box inputs with the fetched tiles, the schedule of
-    this call's layout, the key tables, SelectionInfo)``. ``windows``: one per query head
-    of the call (all heads), or ``None``."""
-    box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
+def _attended(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select,
+              windows: Optional[Sequence[Triple]], window_rule: str, num_heads: int, num_kv_heads: int,
+              use_triton: bool) -> tuple[torch.Tensor, int]:
+    """Steps 1-3: ``(attended [Bk, Hm, n_q, n_tiles] bool, the lists' width)``: the key tiles
+    each of this rank's query tiles attends (window and selection united), and a bound on
+    their count known without looking at the data. ``windows``: one per query head of
+    the call (all heads), or ``None``."""
     my_q = sched.q_heads[sched.me_in_head_group]
     q_tiles = sched.layout.q_tiles
     if select is None:
@@ -156,28 +163,90 @@ def exchange_in_selected(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: Shar
         kbar = _all_key_means(kbar_box, plan, sched, comm)
         if not select.share_heads:
             kbar = kbar[:, list(sched.heads.kv_heads)]
-        selected = select_tiles(qbar, kbar, select, q_bshd.shape[3])
+        selected = select_tiles(qbar, kbar, select, box.q_bshd.shape[3])
     my_windows = None if windows is None else [windows[h] for h in my_q]
-    keys, attended = build_key_tiles(selected, my_windows, window_rule, sched.layout, select, q_bshd.device)
-    needed = attended.any(0).any(0).any(0)
-    sends, recvs = _fetch_lists(needed, plan, sched, comm)
+    device = box.q_bshd.device
+    attended = union_with_windows(selected, my_windows, window_rule, q_tiles, sched.layout.grid, device)
+    width = table_width(select, my_windows, window_rule, sched.layout.grid, len(sched.layout.kv_rows))
+    return attended, width
+
+
+def _fetched(sched: CallSchedule, plan: ShardPlan, sends, recvs) -> CallSchedule:
+    """The schedule of a call whose halo is the fetched tiles: box, then ``recvs``."""
+    q_tiles = sched.layout.q_tiles
+    kv_tiles = q_tiles + tuple(t for tiles in recvs for t in tiles)
+    layout = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, kv_tiles, sched.box_tokens)
+    return dataclasses.replace(sched, layout=layout, halo_send=sends, halo_recv=recvs)
+
+
+def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedule, plan: ShardPlan, comm: Comm,
+                        text_length, scale: float, backend: str):
+    """Steps 4-5 in series: the counts, the fetch, one launch over the whole lists.
+    ``(PartialOutput, the call's schedule, the tiles fetched per tile-group member)``."""
+    sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm)
     inputs = halo_exchange(box, sched, comm, sends, recvs)
     if len(sched.tile_group) > 1:
-        kv_tiles = q_tiles + tuple(t for tiles in recvs for t in tiles)
-        layout = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, kv_tiles, sched.box_tokens)
-        sched = dataclasses.replace(sched, layout=layout, halo_send=sends, halo_recv=recvs)
-    info = SelectionInfo(q_tiles, my_q, attended.expand(q_bshd.shape[0], -1, -1, -1), recvs)
-    return inputs, sched, keys, info
+        sched = _fetched(sched, plan, sends, recvs)
+    return attend(inputs, sched, text_length, scale, backend, keys=key_tiles(attended, width)), sched, recvs
+
+
+def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedule, plan: ShardPlan, comm: Comm,
+                         text: LocalText, text_length, scale: float, backend: str):
+    """Steps 4-5 beside the attention (a tile-group call, one text length): every query tile
+    attends its listed tiles of the own box (and the text) while the counts are gathered
+    and the chosen remote tiles fetched on a side stream; then its listed remote tiles,
+    read where they arrived and folded in by the log-sum-exp. Same output as
+    :func:`_attend_after_fetch` up to the rounding of the folded rows' first part; returns
+    as it does."""
+    device = box.q_bshd.device
+    q_tiles = sched.layout.q_tiles
+    in_box = _tile_mask(q_tiles, len(sched.layout.kv_rows), device)
+    needed = attended.any(0).any(0).any(0)
+    side = fork(device)  # the counts' gather and the fetch run after what is enqueued so far, beside the launch
+    n_box = sched.box_tokens
+    own = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, q_tiles, n_box)
+    out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True,
+                               keys=key_tiles(attended & in_box, width))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        sends, recvs = _fetch_lists(needed, plan, sched, comm)  # the host waits for the side stream only
+    sched = _fetched(sched, plan, sends, recvs)
+    waits = [start_halo(x, sched, comm, side, sends, recvs) for x in (box.k_bshd, box.v_bshd)]
+    halo = Halo(*(wait() for wait in waits), n_box)
+    if any(recvs):
+        local_attention(*box, sched.layout, sched.heads, LocalText(0, 0, 0), scale, backend,
+                        keys=key_tiles(attended & ~in_box, width), out=out, lse=lse, resume=True, halo=halo)
+    merge = longest_text(text_length) > 0
+    return PartialOutput(out, lse[:, :, n_box:] if merge else None), sched, recvs
+
+
+@functools.lru_cache(maxsize=256)
+def _tile_mask_cached(tiles: tuple[int, ...], n: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[list(tiles)] = True
+    return mask.to(device)
+
+
+def _tile_mask(tiles, n: int, device) -> torch.Tensor:
+    """``[n]`` bool on ``device``: which tiles are among ``tiles`` (kept there)."""
+    return _tile_mask_cached(tuple(tiles), n, torch.device(device))
 
 
 def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
                   window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
                   use_triton: bool):
     """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``."""
-    inputs, call_sched, keys, info = exchange_in_selected(
-        q_bshd, k_bshd, v_bshd, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
-    partial = attend(inputs, call_sched, text_length, scale, backend, keys=keys)
+    box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
+    attended, width = _attended(box, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
+                                num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
+    if len(sched.tile_group) > 1 and isinstance(text, LocalText):
+        partial, call_sched, recvs = _attend_beside_fetch(box, attended, width, sched, plan, comm, text, text_length,
+                                                          scale, backend)
+    else:
+        partial, call_sched, recvs = _attend_after_fetch(box, attended, width, sched, plan, comm, text_length, scale,
+                                                         backend)
+    my_q = sched.q_heads[sched.me_in_head_group]
+    info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(q_bshd.shape[0], -1, -1, -1), recvs)
     return exchange_out(partial, call_sched, comm, num_heads), info
 
 
