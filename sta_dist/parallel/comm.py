@@ -142,15 +142,17 @@ class Comm:
         self.bytes_sent[step] += sum(n for i, n in enumerate(sizes) if i != me) * flat.element_size()
         return Exchange(self, step, ranks, work, list(out.split(list(recv_numels))))
 
-    def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor) -> list[torch.Tensor]:
-        """Every member's ``x`` (same shape everywhere), in ``ranks`` order."""
+    def all_gather(self, step: str, ranks: tuple[int, ...], x: torch.Tensor,
+                   overlap: bool = False) -> list[torch.Tensor]:
+        """Every member's ``x`` (same shape everywhere), in ``ranks`` order. ``overlap``: as
+        :meth:`all_to_all_start` (beside compute, on the high-priority twin group)."""
         self._post_deferred()
         if len(ranks) == 1:
             return [x]
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in ranks]
         try:
-            dist.all_gather(out, x, group=self._group(ranks))
+            dist.all_gather(out, x, group=self._overlap_group(ranks) if overlap else self._group(ranks))
         except Exception as err:  # noqa: BLE001
             raise self._fail(step, ranks, err) from err
         self.bytes_sent[step] += x.numel() * x.element_size() * (len(ranks) - 1)

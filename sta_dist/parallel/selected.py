@@ -124,12 +124,13 @@ def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule,
     return out
 
 
-def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm):
+def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm, overlap: bool = False):
     """Per tile-group member, the tiles this rank sends it and those it fetches from it,
-    from every member's ``needed [n_tiles]`` (gathered here: the exchange's counts)."""
+    from every member's ``needed [n_tiles]`` (gathered here: the exchange's counts;
+    ``overlap``: beside the attention, see :meth:`Comm.all_gather`)."""
     if len(sched.tile_group) == 1:
         return ((),), ((),)
-    everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8))
+    everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8), overlap=overlap)
     everyone = torch.stack(everyone).cpu().bool()  # the host learns the sizes: the one wait for the device
     mine = box_tiles(plan, sched.head_group)
     me = sched.me_in_tile_group
@@ -208,7 +209,7 @@ def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedu
     out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True,
                                keys=key_tiles(attended & in_box, width))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        sends, recvs = _fetch_lists(needed, plan, sched, comm)  # the host waits for the side stream only
+        sends, recvs = _fetch_lists(needed, plan, sched, comm, overlap=True)  # the host waits for this stream only
     sched = _fetched(sched, plan, sends, recvs)
     waits = [start_halo(x, sched, comm, side, sends, recvs) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in waits), n_box)
