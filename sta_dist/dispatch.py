@@ -125,6 +125,9 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
     if resume:
         if out is None or lse is None:
             raise ValueError("run_local: resume=True needs out= and lse=")
+        if layout.q_text:  # the CUDA route would give text rows to SDPA afresh, not fold them
+            raise ValueError(f"run_local: resume=True folds keys into video query rows; the layout must have no "
+                             f"text query rows, got q_text={layout.q_text}")
         r = None if choose_backend(q_bshd, backend) == "torch" else call_route(
             q_bshd, k_bshd, v_bshd, layout, heads, text, backend, True, keys is not None, halo)
         if r is None or r.video != "cuda":

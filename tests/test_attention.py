@@ -183,6 +183,7 @@ def test_key_lists_in_parts_fold_into_the_whole_lists(backend):
     dtype = torch.bfloat16 if hopper else torch.float32
     _, (q, k, v), layout, _ = box_and_halo(canvas, tile, text, seed=5, dtype=dtype, device=DEVICE)
     n, n_box, n_kv = len(layout.kv_rows), layout.q_video, layout.kv_video
+    halo_tiles = tuple(t for t, r in enumerate(layout.kv_rows) if r is not None and t not in layout.q_tiles)
     held = torch.tensor([r is not None for r in layout.kv_rows], device=DEVICE)
     in_box = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     in_box[list(layout.q_tiles)] = True
@@ -196,11 +197,17 @@ def test_key_lists_in_parts_fold_into_the_whole_lists(backend):
     box_only = LocalLayout.packed(canvas, tile, text, layout.q_tiles, layout.q_tiles, text_q_video_keys=n_box)
     kb, vb = (torch.cat([x[:, :n_box], x[:, n_kv:]], 1) for x in (k, v))
     apart = Halo(k[:, n_box:n_kv], v[:, n_box:n_kv], n_box)
-    out, lse = run_local(q, kb, vb, box_only, heads, full, 128**-0.5, kernel, True, keys=key_tiles(attended & in_box, n))
+    out, lse = run_local(q, kb, vb, box_only, heads, full, 128**-0.5, kernel, True,
+                         keys=key_tiles(attended & in_box, n))
     remote = key_tiles(attended & ~in_box, n)
+    videos = LocalLayout.packed(canvas, tile, 0, layout.q_tiles, layout.q_tiles + halo_tiles, n_box)  # no text rows
     if hopper:
-        assert call_route(q, kb, vb, layout, heads, LocalText(0, 0, 0), kernel, True, True, halo=apart).video == "cuda"
-    out, lse = run_local(q, kb, vb, layout, heads, LocalText(0, 0, 0), 128**-0.5, kernel, keys=remote, out=out,
+        assert call_route(q, kb, vb, videos, heads, LocalText(0, 0, 0), kernel, True, True, halo=apart).video == "cuda"
+    with pytest.raises(ValueError, match=r"resume=True folds keys into video query rows; the layout must have no "
+                                         r"text query rows, got q_text=" + str(text)):
+        run_local(q, kb, vb, layout, heads, LocalText(0, 0, 0), 1.0, kernel, keys=remote, out=out, lse=lse,
+                  resume=True, halo=apart)
+    out, lse = run_local(q, kb, vb, videos, heads, LocalText(0, 0, 0), 128**-0.5, kernel, keys=remote, out=out,
                          lse=lse, resume=True, halo=apart)
     rows = slice(0, n_box + text)
     tol = 2 ** -7 if hopper else 1e-5  # bf16: the box part is rounded once before the fold

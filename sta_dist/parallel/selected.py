@@ -172,11 +172,16 @@ def _attended(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: Comm, 
     return attended, width
 
 
-def _fetched(sched: CallSchedule, plan: ShardPlan, sends, recvs) -> CallSchedule:
-    """The schedule of a call whose halo is the fetched tiles: box, then ``recvs``."""
+def _fetched_layout(sched: CallSchedule, plan: ShardPlan, recvs, text_len: int) -> LocalLayout:
+    """The box's query tiles over the box's key tiles, then the fetched ones (``recvs``)."""
     q_tiles = sched.layout.q_tiles
     kv_tiles = q_tiles + tuple(t for tiles in recvs for t in tiles)
-    layout = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, kv_tiles, sched.box_tokens)
+    return _packed(plan.canvas, plan.tile, text_len, q_tiles, kv_tiles, sched.box_tokens)
+
+
+def _fetched(sched: CallSchedule, plan: ShardPlan, sends, recvs) -> CallSchedule:
+    """The schedule of a call whose halo is the fetched tiles: box, then ``recvs``."""
+    layout = _fetched_layout(sched, plan, recvs, plan.text_len)
     return dataclasses.replace(sched, layout=layout, halo_send=sends, halo_recv=recvs)
 
 
@@ -213,8 +218,9 @@ def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedu
     sched = _fetched(sched, plan, sends, recvs)
     waits = [start_halo(x, sched, comm, side, sends, recvs) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in waits), n_box)
-    if any(recvs):
-        local_attention(*box, sched.layout, sched.heads, LocalText(0, 0, 0), scale, backend,
+    if any(recvs):  # the video queries only: the text rows stay as the first launch left them
+        remote = _fetched_layout(sched, plan, recvs, 0)
+        local_attention(*box, remote, sched.heads, LocalText(0, 0, 0), scale, backend,
                         keys=key_tiles(attended & ~in_box, width), out=out, lse=lse, resume=True, halo=halo)
     merge = longest_text(text_length) > 0
     return PartialOutput(out, lse[:, :, n_box:] if merge else None), sched, recvs
@@ -234,13 +240,14 @@ def _tile_mask(tiles, n: int, device) -> torch.Tensor:
 
 def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
                   window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
-                  use_triton: bool):
-    """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``."""
+                  use_triton: bool, overlap: bool = True):
+    """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``. ``overlap``:
+    a tile group's fetch beside the attention (else counts, fetch, one launch, in series)."""
     box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
     attended, width = _attended(box, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
                                 num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
-    if len(sched.tile_group) > 1 and isinstance(text, LocalText):
+    if overlap and len(sched.tile_group) > 1 and isinstance(text, LocalText):
         partial, call_sched, recvs = _attend_beside_fetch(box, attended, width, sched, plan, comm, text, text_length,
                                                           scale, backend)
     else:
@@ -286,5 +293,5 @@ def selected_forward(impl, q_local, k_local, v_local, window, text_length, selec
     out, info = selected_call(q_local, k_local, v_local, sched, plan, comm, select=select, windows=windows,
                               window_rule=window_rule, num_heads=H, num_kv_heads=impl.num_kv_heads,
                               text_length=text_length, scale=impl.softmax_scale, backend=impl.backend,
-                              use_triton=choose_backend(q_local, impl.backend) == "triton")
+                              use_triton=choose_backend(q_local, impl.backend) == "triton", overlap=impl.overlap)
     return (out, info) if return_selection else out
