@@ -130,6 +130,19 @@ def test_layout_facts_and_dense_routing_choice():
     assert dense_heads(box, heads, LocalText.single(2), False) == ()
 
 
+def _rank_problem(backend: str, seed: int):
+    """A tile-mode rank's local problem for ``backend`` (skipped without a Hopper GPU for
+    "cuda"): ``(hopper, canvas, tile, text, (q, k, v), layout, halo tiles)``."""
+    hopper = backend == "cuda"
+    if hopper and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the CUDA kernel needs a Hopper GPU")
+    canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
+    dtype = torch.bfloat16 if hopper else torch.float32
+    _, qkv, layout, _ = box_and_halo(canvas, tile, text, seed=seed, dtype=dtype, device=DEVICE)
+    halo_tiles = tuple(t for t, r in enumerate(layout.kv_rows) if r is not None and t not in layout.q_tiles)
+    return hopper, canvas, tile, text, qkv, layout, halo_tiles
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_keys_in_parts_fold_into_the_whole_call(backend):
     """A query's window in parts (:attr:`LocalLayout.key_box`): the box's keys with the text,
@@ -140,13 +153,7 @@ def test_keys_in_parts_fold_into_the_whole_call(backend):
     from sta_dist.local import Halo, LocalHeads, LocalText
     from sta_dist.parallel.schedule import split_keys
 
-    hopper = backend == "cuda"
-    if hopper and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
-        pytest.skip("the CUDA kernel needs a Hopper GPU")
-    canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
-    dtype = torch.bfloat16 if hopper else torch.float32
-    _, (q, k, v), layout, _ = box_and_halo(canvas, tile, text, seed=3, dtype=dtype, device=DEVICE)
-    halo_tiles = tuple(t for t, r in enumerate(layout.kv_rows) if r is not None and t not in layout.q_tiles)
+    hopper, canvas, tile, text, (q, k, v), layout, halo_tiles = _rank_problem(backend, seed=3)
     heads = LocalHeads.build([(1, 1, 1), (2, 1, 3), (1, 2, 2), (9, 9, 9)], layout.grid, 4)
     n_box, n_kv = layout.q_video, layout.kv_video
     kernel = "auto" if hopper else backend
@@ -176,14 +183,8 @@ def test_key_lists_in_parts_fold_into_the_whole_lists(backend):
     from sta_dist.local import Halo, LocalHeads, LocalLayout, LocalText
     from sta_dist.selection.tables import key_tiles
 
-    hopper = backend == "cuda"
-    if hopper and not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9):
-        pytest.skip("the CUDA kernel needs a Hopper GPU")
-    canvas, tile, text = ((4, 16, 24), (2, 8, 8), 40) if hopper else ((4, 5, 9), (2, 3, 3), 7)
-    dtype = torch.bfloat16 if hopper else torch.float32
-    _, (q, k, v), layout, _ = box_and_halo(canvas, tile, text, seed=5, dtype=dtype, device=DEVICE)
+    hopper, canvas, tile, text, (q, k, v), layout, halo_tiles = _rank_problem(backend, seed=5)
     n, n_box, n_kv = len(layout.kv_rows), layout.q_video, layout.kv_video
-    halo_tiles = tuple(t for t, r in enumerate(layout.kv_rows) if r is not None and t not in layout.q_tiles)
     held = torch.tensor([r is not None for r in layout.kv_rows], device=DEVICE)
     in_box = torch.zeros(n, dtype=torch.bool, device=DEVICE)
     in_box[list(layout.q_tiles)] = True
