@@ -111,15 +111,16 @@ def run_local(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, te
               out: Optional[torch.Tensor] = None, halo: Optional[Halo] = None, lse: Optional[torch.Tensor] = None,
               resume: bool = False):
     """One local call with one text group, on the kernels its route names. ``keys``: the
-    table path (:class:`~sta_dist.selection.tables.KeyTiles`); ``config``: a Triton launch config (``backend="triton"``
-    only). The Triton family runs head dims 160, 192 and 224 zero-padded to the next
-    built size. ``out``: the output to fill, only the rows of this call's queries (window
-    calls without the log-sum-exp); ``halo``: k/v rows held apart
+    table path (:class:`~sta_dist.selection.tables.KeyTiles`); ``config``: a Triton launch
+    config (``backend="triton"`` only). The Triton family runs head dims 160, 192 and 224
+    zero-padded to the next built size. ``out``: the output to fill, only the rows of this
+    call's queries (window calls without the log-sum-exp); ``halo``: k/v rows held apart
     (:class:`~sta_dist.local.Halo`), read where they lie by the CUDA kernel, joined to
     k/v for any other. ``resume=True`` with ``out`` and ``lse`` (``[B, H, S]`` float32): they
     hold a result of the same queries over other keys (e.g. the layout's ``key_box`` of an
-    earlier call, or other key lists), and this call's keys are folded in exactly (the CUDA kernel in its launch,
-    any other by the log-sum-exp merge of :func:`fold_rows`); returns ``(out, lse)``."""
+    earlier call, or other key lists), and this call's keys are folded in exactly (the CUDA
+    kernel in its launch, any other by the log-sum-exp merge of :func:`fold_rows`); the
+    layout then has no text query rows; returns ``(out, lse)``."""
     if config is not None and backend != "triton":
         raise ValueError(f"a Triton launch config needs backend='triton', got backend={backend!r}")
     if resume:

@@ -43,9 +43,9 @@ BACKENDS = ("auto",) + KERNELS
 HOPPER_HEAD_DIM = 128
 """The one head dim the CUDA kernel is built for."""
 HOPPER_BLOCK = 128
+"""Rows of one query or key block of the CUDA kernel."""
 HOPPER_MAX_TILES = 1 << 22
 """The CUDA kernel decodes listed tile ids in float arithmetic, exact below this many tiles."""
-"""Rows of one query or key block of the CUDA kernel."""
 
 Triple = tuple[int, int, int]
 

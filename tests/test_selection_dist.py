@@ -6,7 +6,6 @@ the tiles its queries chose), byte for byte."""
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 
 import pytest

@@ -59,11 +59,9 @@ def case_args(name: str):
 
 def window_lists(layout: LocalLayout, device="cuda"):
     """The (3,3,3) window as key lists (what the "table" case hands the kernel)."""
-    from sta_dist.selection.tables import key_tiles, table_width, union_with_windows
+    from sta_dist.selection.attention import build_key_tiles
 
-    grid = geometry.grid_shape(CANVAS, TILE)
-    attended = union_with_windows(None, WINDOWS[:1], "sta", layout.q_tiles, grid, device)
-    return key_tiles(attended, table_width(None, WINDOWS[:1], "sta", grid, len(layout.kv_rows)))
+    return build_key_tiles(None, WINDOWS[:1], "sta", layout, None, device)[0]
 
 
 CASES = ("natural", "lse", "fp16", "text", "tiled", "box_halo", "table")

@@ -1,8 +1,8 @@
 """``sta-dist bench kernel --cases hunyuan_topk8,hunyuan_mass09``: window plus selected
 tiles, timed with the selection included, beside the window alone (as routed: the CUDA
 kernel on Hopper; the Triton kernel's window path; and the window given as key lists, the
-table path with nothing selected) and FlexAttention
-given the same block mask built per call (its mask build timed too, as a caller pays it).
+table path with nothing selected) and FlexAttention given the same block mask built per
+call (its mask build timed too, as a caller pays it).
 Every output is checked against the reference on sampled rows, the selection tile for tile.
 
 The same code runs on a CPU at tiny shapes (the Triton interpreter, FlexAttention eager),
@@ -114,7 +114,8 @@ def check_outputs(case: SelectionCase, q, k, v, fns: dict, n_rows: int = 384) ->
                                         select=case.select, window_rule=case.window_rule, return_selection=True)
     checks = {"ours (selection included)": sampled_check(q, k, v, out, **kw, **sel, selection=tiles)}
     del out
-    for name in ("window alone (as routed)", "window alone (Triton, window path)", "window alone (as key lists, as routed)"):
+    for name in ("window alone (as routed)", "window alone (Triton, window path)",
+                 "window alone (as key lists, as routed)"):
         checks[name] = sampled_check(q, k, v, fns[name](), **kw)
     flex_name = "FlexAttention (selection + mask build + attention)"
     if flex_name in fns:

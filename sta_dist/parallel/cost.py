@@ -282,9 +282,9 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
                        head_dim: int, itemsize: int, text_length) -> RankCost:
     """One rank's work and bytes in a call with selected tiles (``sel_p`` from
     :func:`selection_probability`; ``text_length`` one int or one per sample): exact when
-    the selection is known, else expected. A
-    query tile attends its window united with its selection; a remote tile is fetched when
-    some query tile of the rank (any sample, any of its heads) attends it."""
+    the selection is known, else expected. A query tile attends its window united with its
+    selection; a remote tile is fetched when some query tile of the rank (any sample, any
+    of its heads) attends it."""
     import torch
 
     from ..selection.rules import window_mask

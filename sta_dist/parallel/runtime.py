@@ -139,21 +139,18 @@ def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_len
     return PartialOutput(out, lse[:, :, n_box:] if merge else None)
 
 
-def start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream],
-               sends=None, recvs=None):
+def start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream]):
     """The halo exchange of one of k, v started beside the attention (its rows gathered on
     ``side``, a stream from :func:`fork`, when on a GPU), received into one tensor of its
     own; returns the wait, which gives it as ``[B, n_halo, H, D]`` (stored row-major by
-    halo row, so each member's rows arrive as one range). ``sends`` / ``recvs``: as
-    :func:`halo_exchange`."""
+    halo row, so each member's rows arrive as one range): the schedule's ``halo_send`` /
+    ``halo_recv``."""
     B, _, h, D = x_bshd.shape
     layout = sched.layout
-    sends = sched.halo_send if sends is None else sends
-    recvs = sched.halo_recv if recvs is None else recvs
-    n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in recvs]
+    n_in = [geometry.packed_token_count(layout.canvas, layout.tile, tiles) for tiles in sched.halo_recv]
     buf = x_bshd.new_empty(sum(n_in), B, h, D)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        send = [[_rows(x_bshd, layout, tuple(tiles)).transpose(0, 1)] for tiles in sends]
+        send = [[_rows(x_bshd, layout, tuple(tiles)).transpose(0, 1)] for tiles in sched.halo_send]
         exchange: Exchange = comm.all_to_all_start("halo exchange", sched.tile_group, send,
                                                    [n * B * h * D for n in n_in], out=buf.view(-1), overlap=True)
 

@@ -216,7 +216,7 @@ def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedu
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         sends, recvs = _fetch_lists(needed, plan, sched, comm, overlap=True)  # the host waits for this stream only
     sched = _fetched(sched, plan, sends, recvs)
-    waits = [start_halo(x, sched, comm, side, sends, recvs) for x in (box.k_bshd, box.v_bshd)]
+    waits = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in waits), n_box)
     if any(recvs):  # the video queries only: the text rows stay as the first launch left them
         remote = _fetched_layout(sched, plan, recvs, 0)
@@ -227,15 +227,11 @@ def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedu
 
 
 @functools.lru_cache(maxsize=256)
-def _tile_mask_cached(tiles: tuple[int, ...], n: int, device: torch.device) -> torch.Tensor:
+def _tile_mask(tiles: tuple[int, ...], n: int, device: torch.device) -> torch.Tensor:
+    """``[n]`` bool on ``device``: which tiles are among ``tiles`` (kept there)."""
     mask = torch.zeros(n, dtype=torch.bool)
     mask[list(tiles)] = True
     return mask.to(device)
-
-
-def _tile_mask(tiles, n: int, device) -> torch.Tensor:
-    """``[n]`` bool on ``device``: which tiles are among ``tiles`` (kept there)."""
-    return _tile_mask_cached(tuple(tiles), n, torch.device(device))
 
 
 def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
