@@ -250,13 +250,21 @@ def packed_tile_rows(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) -> l
 
 @functools.lru_cache(maxsize=512)
 def _packed_tile_rows(canvas: Triple, tile: Triple, tile_ids: tuple[int, ...]) -> tuple[TileRows, ...]:
-    grid = grid_shape(canvas, tile)
+    extents = tile_extents(canvas, tile)
     out, base = [], 0
     for tid in tile_ids:
-        et, eh, ew = tile_extent(tile_coords(tid, grid), canvas, tile)
+        et, eh, ew = extents[tid]
         out.append(TileRows(base, eh * ew, ew))
         base += et * eh * ew
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def tile_extents(canvas: Triple, tile: Triple) -> tuple[Triple, ...]:
+    """:func:`tile_extent` of every tile, by id (a distributed call with selected tiles packs
+    a new set of tiles per call: a lookup each)."""
+    grid = grid_shape(canvas, tile)
+    return tuple(tile_extent(tile_coords(t, grid), canvas, tile) for t in range(num_tiles(grid)))
 
 
 def packed_token_count(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) -> int:
@@ -265,8 +273,8 @@ def packed_token_count(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) ->
 
 @functools.lru_cache(maxsize=4096)
 def _packed_token_count(canvas: Triple, tile: Triple, tile_ids: tuple[int, ...]) -> int:
-    grid = grid_shape(canvas, tile)
-    return sum(volume(tile_extent(tile_coords(t, grid), canvas, tile)) for t in tile_ids)
+    extents = tile_extents(canvas, tile)
+    return sum(volume(extents[t]) for t in tile_ids)
 
 
 def _tile_positions(canvas: Triple, tile: Triple, tile_ids: Sequence[int]) -> torch.Tensor:

@@ -31,9 +31,15 @@ def head_index(heads: Sequence[int], device: Optional[torch.device] = None):
     return list(heads)
 
 
+def index_on(ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``ids`` as a long index tensor kept on ``device`` (cached): a Python list as an index
+    is copied to the GPU on every use, and that copy makes the host wait for the GPU."""
+    return _index_on(tuple(ids), torch.device(device))
+
+
 @functools.lru_cache(maxsize=4096)
-def _index_on(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(heads, dtype=torch.long, device=device)
+def _index_on(ids: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@
 #   diffusers            one diffusers denoising step, stock vs sta_dist, on 1 GPU then NGPU (default 2)
 #   fastvideo [args]     FastVideo 0.1.7's STA layer driving sta_dist beside its own kernel (1 GPU)
 #   selection            window plus selected tiles on 1 GPU, then tools/profile_selection.py (NGPU=2: the
-#                        2-GPU rows; SKIP_TESTS=1: no tests)
+#                        2-GPU rows, PROFILE=1 then each call kernel by kernel; SKIP_TESTS=1: no tests)
 #   lanes                on 4 GPUs, two 2-GPU lanes: diffusers; the layer in every mode, then selection
 #   tables               GPU tests + 1-GPU selection; 2-GPU selection + strategy; 1-GPU strategy (LANES)
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
@@ -343,6 +343,13 @@ job_selection() {
     timeout 360 torchrun --standalone --nproc-per-node 2 -m sta_dist.cli bench dist --reps 5 --modes tile,head \
       --text-len 256 --text-valid 200 --select topk:8 --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/dist_selected.log" \
       | tail -n 8
+    if [ "${PROFILE:-0}" = 1 ]; then  # where a call's time goes, kernel by kernel on each rank
+      local mode
+      for mode in ${PROFILE_MODES:-tile head}; do
+        timeout 150 torchrun --standalone --nproc-per-node 2 tools/profile_layer.py --window 3 3 3 --select topk:8 \
+          --mode "$mode" --layers 0 --rows 25 --timeline 2>&1 | grep -v Warn | tee "$OUT/profile_selected_$mode.log"
+      done
+    fi
   else
     [ "${SKIP_TESTS:-0}" != 1 ] && timeout 180 python3 -m pytest -q -x tests/test_selection_gpu.py 2>&1 | tail -n 8 \
       | tee "$OUT/selection_gpu_tests.log"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import statistics
 import time
@@ -124,6 +125,14 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     ms, ms_unchecked, ms_staged = _time_variants(lambda: call(*local, window=windows, text_length=text_valid),
                                                  [default, unchecked, staged], reps, device)
     sent = {step: n / (3 * reps) for step, n in attn.comm.bytes_sent.items()}  # three calls a rep
+    extra = {}
+    if select is not None:  # a new selection every call, as in a denoising run: nothing cached by tile set helps
+        times = []
+        for j in range(reps):
+            k_j = _rolled(local[1], text_len, math.prod(tile) * (j + 1))
+            times.append(_time_ms(lambda: call(local[0], k_j, local[2], window=windows, text_length=text_valid), 1,
+                                  device))
+        extra["ms_new_selection_each_call"] = statistics.median(times)
     itemsize = qkv[0].element_size()
     if select is None:
         predicted = call_cost(plan, windows, heads, 1, head_dim, itemsize, text_valid).time_ms(H100_NVLINK)
@@ -135,7 +144,15 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
                                                      max_diff_vs_one_gpu=diff.item(), bytes_sent_per_rank=sent,
                                                      call_mode=call_mode(plan, windows, heads, rank, 1, head_dim, itemsize,
                                                                          text_valid),
-                                                     head_chunks=call_schedule(plan, windows, heads, rank).head_chunks)
+                                                     head_chunks=call_schedule(plan, windows, heads, rank).head_chunks,
+                                                     **extra)
+
+
+def _rolled(x_bshd: torch.Tensor, text_len: int, shift: int) -> torch.Tensor:
+    """``x`` with its video rows rolled by ``shift`` (a tile's tokens: other tile means, so
+    another selection), the text rows kept."""
+    n = x_bshd.shape[1] - text_len
+    return torch.cat([x_bshd[:, :n].roll(shift, 1), x_bshd[:, n:]], 1)
 
 
 def run_dist_bench(out_dir: str, canvas=(30, 48, 80), tile=(6, 8, 8), window=(3, 3, 3), heads: int = 24,

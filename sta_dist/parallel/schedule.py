@@ -235,12 +235,20 @@ def tile_rows(canvas: Triple, tile: Triple, storage: tuple[int, ...], wanted: tu
     make the host wait for the GPU)."""
     if device.type != "cpu":
         return tile_rows(canvas, tile, storage, wanted).to(device)
-    grid = geometry.grid_shape(canvas, tile)
-    base = {t: r.base for t, r in zip(storage, geometry.packed_tile_rows(canvas, tile, storage))}
-    size = {t: geometry.volume(geometry.tile_extent(geometry.tile_coords(t, grid), canvas, tile)) for t in wanted}
     if not wanted:
         return torch.zeros(0, dtype=torch.long)
-    return torch.cat([torch.arange(base[t], base[t] + size[t]) for t in wanted])
+    base = _bases(canvas, tile, storage)
+    extents = geometry.tile_extents(canvas, tile)
+    starts = torch.tensor([base[t] for t in wanted])
+    sizes = torch.tensor([geometry.volume(extents[t]) for t in wanted])
+    # row i of the result: its tile's first row, plus i less the rows of the wanted tiles before it
+    return torch.repeat_interleave(starts - (sizes.cumsum(0) - sizes), sizes) + torch.arange(int(sizes.sum()))
+
+
+@functools.lru_cache(maxsize=256)
+def _bases(canvas: Triple, tile: Triple, storage: tuple[int, ...]) -> dict[int, int]:
+    """Each stored tile's first row in the packed ``storage``."""
+    return {t: r.base for t, r in zip(storage, geometry.packed_tile_rows(canvas, tile, storage))}
 
 
 @functools.lru_cache(maxsize=256)

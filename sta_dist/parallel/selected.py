@@ -17,10 +17,11 @@ its box's tokens for its heads, and:
 5. fetches exactly those tiles' k/v rows (an all-to-all with uneven splits), runs the
    kernel over its lists, and finishes as any call (text merge, output all-to-all).
 
-In a tile group (one text length for the batch) steps 4-5 run beside the attention: the
-kernel first walks each list's tiles of the own box (and the text) while a side stream
-gathers the counts (the host waits for that stream only) and fetches; then the listed
-remote tiles, read where they arrived, are folded in (:func:`_attend_beside_fetch`).
+In a tile group (one text length for the batch) steps 1-5 run beside the attention: the
+kernel first walks each query tile's window tiles of the own box (and the text), which
+need no selection, while a side stream selects, gathers the counts (the host waits for
+that stream only) and fetches; then the rest of each list, the fetched tiles read where
+they arrived, is folded in (:func:`_attend_beside_fetch`).
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhnd`` = ``[batch, heads, tiles,
 head_dim]``; ``_bhqn`` = ``[batch, heads, query tiles, key tiles]``.
@@ -36,12 +37,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import geometry
 from ..geometry import Triple
 from ..dispatch import local_attention
-from ..local import Halo, LocalLayout, LocalText, longest_text
+from ..local import Halo, LocalLayout, LocalText, index_on, longest_text
 from ..selection.choose import select_tiles
 from ..selection.means import means, tile_counts, tile_sums
-from ..selection.tables import key_tiles, table_width, union_with_windows
+from ..selection.tables import KeyTiles, key_tiles, table_width, union_with_windows
 from .comm import Comm
 from .plan import ShardPlan
 from .runtime import BoxInputs, PartialOutput, attend, exchange_out, fork, halo_exchange, head_exchange, start_halo
@@ -87,7 +89,7 @@ def _owned_kv(sched: CallSchedule) -> list[int]:
 
 
 def _box_means(box: BoxInputs, sched: CallSchedule, select, num_heads: int, num_kv_heads: int, comm: Comm,
-               use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               use_triton: bool, overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 means of the box tiles: ``qbar [B, Hs, n_box, D]`` for this rank's heads
     (``Hs = 1`` shared) and ``kbar [B, Hk, n_box, D]`` (its kv heads, or 1 shared). Before
     the halo arrives, ``k`` holds the box's tokens in the same rows as ``q``."""
@@ -100,27 +102,28 @@ def _box_means(box: BoxInputs, sched: CallSchedule, select, num_heads: int, num_
     counts = tile_counts(layout.q_tiles, canvas, tile, q_box.device)
     if not select.share_heads:
         return means(q_sums, counts), means(k_sums, counts)
-    part = torch.stack([q_sums.sum(1), k_sums[:, _owned_kv(sched)].sum(1)], 1)  # [B, 2, n_box, D] float64
+    owned = k_sums.index_select(1, index_on(_owned_kv(sched), k_sums.device))
+    part = torch.stack([q_sums.sum(1), owned.sum(1)], 1)  # [B, 2, n_box, D] float64
     if len(sched.head_group) > 1:
-        part = torch.stack(comm.all_gather("selection sums", sched.head_group, part)).sum(0)
+        part = torch.stack(comm.all_gather("selection sums", sched.head_group, part, overlap=overlap)).sum(0)
     return means(part[:, :1], counts, num_heads), means(part[:, 1:], counts, num_kv_heads)
 
 
-def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm) -> torch.Tensor:
+def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm,
+                   overlap: bool = False) -> torch.Tensor:
     """``[B, Hk, n_tiles, D]``: every tile's ``k`` mean, gathered over the tile group (each
-    member sends its box's, padded to the largest box)."""
+    member sends its box's, padded to the largest box; ``overlap``: beside the attention)."""
     n = len(sched.layout.kv_rows)
     B, Hk, _, D = kbar_box.shape
     out = kbar_box.new_zeros(B, Hk, n, D)
     if len(sched.tile_group) == 1:
-        out[:, :, list(sched.layout.q_tiles)] = kbar_box
-        return out
+        return out.index_copy_(2, index_on(sched.layout.q_tiles, out.device), kbar_box)
     boxes = [box_tiles(plan, plan.head_group(r)) for r in sched.tile_group]
     widest = max(len(b) for b in boxes)
     padded = kbar_box.new_zeros(B, Hk, widest, D)
     padded[:, :, :kbar_box.shape[2]] = kbar_box
-    for tiles, theirs in zip(boxes, comm.all_gather("tile means", sched.tile_group, padded)):
-        out[:, :, list(tiles)] = theirs[:, :, :len(tiles)]
+    for tiles, theirs in zip(boxes, comm.all_gather("tile means", sched.tile_group, padded, overlap=overlap)):
+        out.index_copy_(2, index_on(tiles, out.device), theirs[:, :, :len(tiles)])
     return out
 
 
@@ -131,7 +134,8 @@ def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, com
     if len(sched.tile_group) == 1:
         return ((),), ((),)
     everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8), overlap=overlap)
-    everyone = torch.stack(everyone).cpu().bool()  # the host learns the sizes: the one wait for the device
+    comm.settle_agreements()  # before the host waits for the device: ranks that disagree fail here, at once
+    everyone = torch.stack(everyone).cpu().tolist()  # the host learns the sizes: the one wait for the device
     mine = box_tiles(plan, sched.head_group)
     me = sched.me_in_tile_group
     sends, recvs = [], []
@@ -140,30 +144,30 @@ def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, com
             sends.append(())
             recvs.append(())
             continue
-        sends.append(tuple(t for t in mine if everyone[i, t]))
-        recvs.append(tuple(t for t in box_tiles(plan, plan.head_group(r)) if everyone[me, t]))
+        sends.append(tuple(t for t in mine if everyone[i][t]))
+        recvs.append(tuple(t for t in box_tiles(plan, plan.head_group(r)) if everyone[me][t]))
     return tuple(sends), tuple(recvs)
 
 
 def _attended(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select,
               windows: Optional[Sequence[Triple]], window_rule: str, num_heads: int, num_kv_heads: int,
-              use_triton: bool) -> tuple[torch.Tensor, int]:
+              use_triton: bool, overlap: bool = False) -> tuple[torch.Tensor, int]:
     """Steps 1-3: ``(attended [Bk, Hm, n_q, n_tiles] bool, the lists' width)``: the key tiles
     each of this rank's query tiles attends (window and selection united), and a bound on
     their count known without looking at the data. ``windows``: one per query head of
-    the call (all heads), or ``None``."""
+    the call (all heads), or ``None``. ``overlap``: the gathers run beside the attention."""
     my_q = sched.q_heads[sched.me_in_head_group]
     q_tiles = sched.layout.q_tiles
     if select is None:
         selected = None
     elif isinstance(select, torch.Tensor):
-        selected = select[:, :, list(q_tiles)]
-        selected = selected if selected.shape[1] == 1 else selected[:, list(my_q)]
+        selected = select.index_select(2, index_on(q_tiles, select.device))
+        selected = selected if selected.shape[1] == 1 else selected.index_select(1, index_on(my_q, select.device))
     else:
-        qbar, kbar_box = _box_means(box, sched, select, num_heads, num_kv_heads, comm, use_triton)
-        kbar = _all_key_means(kbar_box, plan, sched, comm)
+        qbar, kbar_box = _box_means(box, sched, select, num_heads, num_kv_heads, comm, use_triton, overlap)
+        kbar = _all_key_means(kbar_box, plan, sched, comm, overlap)
         if not select.share_heads:
-            kbar = kbar[:, list(sched.heads.kv_heads)]
+            kbar = kbar.index_select(1, index_on(sched.heads.kv_heads, kbar.device))
         selected = select_tiles(qbar, kbar, select, box.q_bshd.shape[3])
     my_windows = None if windows is None else [windows[h] for h in my_q]
     device = box.q_bshd.device
@@ -196,34 +200,55 @@ def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedul
     return attend(inputs, sched, text_length, scale, backend, keys=key_tiles(attended, width)), sched, recvs
 
 
-def _attend_beside_fetch(box: BoxInputs, attended, width: int, sched: CallSchedule, plan: ShardPlan, comm: Comm,
-                         text: LocalText, text_length, scale: float, backend: str):
-    """Steps 4-5 beside the attention (a tile-group call, one text length): every query tile
-    attends its listed tiles of the own box (and the text) while the counts are gathered
-    and the chosen remote tiles fetched on a side stream; then its listed remote tiles,
-    read where they arrived and folded in by the log-sum-exp. Same output as
-    :func:`_attend_after_fetch` up to the rounding of the folded rows' first part; returns
-    as it does."""
+def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple, ...]], window_rule: str,
+                         sched: CallSchedule, plan: ShardPlan, comm: Comm, text: LocalText, text_length, scale: float,
+                         backend: str):
+    """Steps 1-5 beside the attention (a tile-group call, one text length): every query tile
+    first attends its window's tiles of the own box (and the text), known before the data
+    is looked at, so the GPU starts at once; meanwhile ``choose`` (:func:`_attended`, given
+    ``overlap``) selects on a side stream, which then gathers the counts (the host waits
+    for that stream only) and fetches the chosen remote tiles; then the rest of each list
+    (its selected tiles, and its window's tiles in other boxes, read where they arrived)
+    is folded in by the log-sum-exp. Same output as :func:`_attend_after_fetch` up to the
+    rounding of the folded rows' first part. ``(PartialOutput, the call's schedule, the
+    tiles fetched per tile-group member, attended)``."""
     device = box.q_bshd.device
     q_tiles = sched.layout.q_tiles
-    in_box = _tile_mask(q_tiles, len(sched.layout.kv_rows), device)
-    needed = attended.any(0).any(0).any(0)
-    side = fork(device)  # the counts' gather and the fetch run after what is enqueued so far, beside the launch
+    first, first_keys = _window_in_box(q_tiles, windows, window_rule, sched.layout.grid, device)
+    side = fork(device)  # the selection, the counts and the fetch: after what is enqueued so far, beside the launch
     n_box = sched.box_tokens
     own = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, q_tiles, n_box)
-    out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True,
-                               keys=key_tiles(attended & in_box, width))
+    out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True, keys=first_keys)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        sends, recvs = _fetch_lists(needed, plan, sched, comm, overlap=True)  # the host waits for this stream only
+        attended, width = choose(overlap=True)
+        rest = key_tiles(attended & ~first, width)
+        sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm, overlap=True)
+    if side is not None:  # made on the side stream, read on this one
+        torch.cuda.current_stream(device).wait_stream(side)
+        for x in (attended, rest.keys, rest.counts):
+            x.record_stream(torch.cuda.current_stream(device))
     sched = _fetched(sched, plan, sends, recvs)
     waits = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
     halo = Halo(*(wait() for wait in waits), n_box)
-    if any(recvs):  # the video queries only: the text rows stay as the first launch left them
-        remote = _fetched_layout(sched, plan, recvs, 0)
-        local_attention(*box, remote, sched.heads, LocalText(0, 0, 0), scale, backend,
-                        keys=key_tiles(attended & ~in_box, width), out=out, lse=lse, resume=True, halo=halo)
+    # the video queries only: the text rows stay as the first launch left them
+    local_attention(*box, _fetched_layout(sched, plan, recvs, 0), sched.heads, LocalText(0, 0, 0), scale, backend,
+                    keys=rest, out=out, lse=lse, resume=True, halo=halo)
     merge = longest_text(text_length) > 0
-    return PartialOutput(out, lse[:, :, n_box:] if merge else None), sched, recvs
+    return PartialOutput(out, lse[:, :, n_box:] if merge else None), sched, recvs, attended
+
+
+@functools.lru_cache(maxsize=256)
+def _window_in_box(q_tiles: tuple[int, ...], windows: Optional[tuple[Triple, ...]], rule: str, grid: Triple,
+                   device: torch.device) -> tuple[torch.Tensor, KeyTiles]:
+    """``(mask [1, Hm, n_q, n_tiles] bool, its KeyTiles)`` on ``device`` (kept there): each
+    query tile's window tiles that lie among ``q_tiles`` (the own box); ``windows``: this
+    rank's heads' (``None``: no window, nothing)."""
+    n = geometry.num_tiles(grid)
+    if windows is None:
+        mask = torch.zeros(1, 1, len(q_tiles), n, dtype=torch.bool, device=device)
+    else:
+        mask = union_with_windows(None, windows, rule, q_tiles, grid, device) & _tile_mask(q_tiles, n, device)
+    return mask, key_tiles(mask, table_width(None, windows, rule, grid, n))
 
 
 @functools.lru_cache(maxsize=256)
@@ -238,18 +263,22 @@ def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, 
                   window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
                   use_triton: bool, overlap: bool = True):
     """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``. ``overlap``:
-    a tile group's fetch beside the attention (else counts, fetch, one launch, in series)."""
+    a tile group's selection and fetch beside the attention (else selection, counts, fetch,
+    one launch, in series)."""
     box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
-    attended, width = _attended(box, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
-                                num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
+    choose = functools.partial(_attended, box, sched, plan, comm, select=select, windows=windows,
+                               window_rule=window_rule, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                               use_triton=use_triton)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
+    my_q = sched.q_heads[sched.me_in_head_group]
     if overlap and len(sched.tile_group) > 1 and isinstance(text, LocalText):
-        partial, call_sched, recvs = _attend_beside_fetch(box, attended, width, sched, plan, comm, text, text_length,
-                                                          scale, backend)
+        my_windows = None if windows is None else tuple(tuple(windows[h]) for h in my_q)
+        partial, call_sched, recvs, attended = _attend_beside_fetch(box, choose, my_windows, window_rule, sched, plan,
+                                                                    comm, text, text_length, scale, backend)
     else:
+        attended, width = choose()
         partial, call_sched, recvs = _attend_after_fetch(box, attended, width, sched, plan, comm, text_length, scale,
                                                          backend)
-    my_q = sched.q_heads[sched.me_in_head_group]
     info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(q_bshd.shape[0], -1, -1, -1), recvs)
     return exchange_out(partial, call_sched, comm, num_heads), info
 
@@ -280,7 +309,9 @@ def selected_forward(impl, q_local, k_local, v_local, window, text_length, selec
         error = None
     except (ValueError, TypeError, IndexError) as err:
         description, error = f"invalid call ({type(err).__name__}: {err})", err
-    comm.check_agreement("this call", description)
+    # Over NCCL the check runs on the host beside the call's first GPU work (the sums, the means'
+    # gather, the own tiles' launch) and is settled before the host waits for the tile counts.
+    comm.check_agreement("this call", description, defer=error is None and comm.backend == "nccl")
     if error is not None:
         raise error
     heads = table_heads(windows, window_rule, H, plan.grid, impl.num_kv_heads)
@@ -290,4 +321,5 @@ def selected_forward(impl, q_local, k_local, v_local, window, text_length, selec
                               window_rule=window_rule, num_heads=H, num_kv_heads=impl.num_kv_heads,
                               text_length=text_length, scale=impl.softmax_scale, backend=impl.backend,
                               use_triton=choose_backend(q_local, impl.backend) == "triton", overlap=impl.overlap)
+    comm.settle_agreements()  # a call the ranks disagreed on returns no output (head mode waits for no counts)
     return (out, info) if return_selection else out

@@ -10,13 +10,12 @@ tiles, key tiles]``.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import torch
 
 from ..geometry import Triple
-from ..local import LocalHeads, LocalLayout, LocalText
+from ..local import LocalHeads, LocalLayout, LocalText, index_on
 from ..validation import check_call, check_layout
 from .choose import select_tiles
 from .config import check_select, check_window_or_select, check_window_rule
@@ -31,7 +30,7 @@ def selected_tiles(q_bshd: torch.Tensor, k_bshd: torch.Tensor, layout: LocalLayo
     for a layout that holds every key tile (one device, or a head-parallel rank). A mask
     comes back as its rows of ``layout.q_tiles``; ``kv_heads``: each query head's kv head."""
     if isinstance(select, torch.Tensor):
-        return select.index_select(2, _device_index(tuple(layout.q_tiles), select.device))
+        return select.index_select(2, index_on(layout.q_tiles, select.device))
     present = [t for t, r in enumerate(layout.kv_rows) if r is not None]
     if len(present) != len(layout.kv_rows):
         raise AssertionError("selected_tiles needs every key tile in the layout")
@@ -45,15 +44,8 @@ def selected_tiles(q_bshd: torch.Tensor, k_bshd: torch.Tensor, layout: LocalLayo
         kbar = means(k_sums.sum(1, keepdim=True), k_counts, k_sums.shape[1])
     else:
         qbar = means(q_sums, q_counts)
-        kbar = means(k_sums, k_counts).index_select(1, _device_index(tuple(kv_heads), q_bshd.device))
+        kbar = means(k_sums, k_counts).index_select(1, index_on(kv_heads, q_bshd.device))
     return select_tiles(qbar, kbar, select, q_bshd.shape[3])
-
-
-@functools.lru_cache(maxsize=256)
-def _device_index(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """An index tensor kept on the device: a Python list as an index is copied there on
-    every call, and that copy makes the host wait for the GPU."""
-    return torch.tensor(index, dtype=torch.long).to(device)
 
 
 def needs_table(select, window_rule: str) -> bool:
