@@ -17,7 +17,7 @@ its box's tokens for its heads, and:
 5. fetches exactly those tiles' k/v rows (an all-to-all with uneven splits), runs the
    kernel over its lists, and finishes as any call (text merge, output all-to-all).
 
-In a tile group (one text length for the batch) steps 1-5 run beside the attention: the
+On several ranks (one text length for the batch) steps 1-5 run beside the attention: the
 kernel first walks each query tile's window tiles of the own box (and the text), which
 need no selection, while a side stream selects, gathers the counts (the host waits for
 that stream only) and fetches; then the rest of each list, the fetched tiles read where
@@ -203,11 +203,12 @@ def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedul
 def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple, ...]], window_rule: str,
                          sched: CallSchedule, plan: ShardPlan, comm: Comm, text: LocalText, text_length, scale: float,
                          backend: str):
-    """Steps 1-5 beside the attention (a tile-group call, one text length): every query tile
-    first attends its window's tiles of the own box (and the text), known before the data
-    is looked at, so the GPU starts at once; meanwhile ``choose`` (:func:`_attended`, given
-    ``overlap``) selects on a side stream, which then gathers the counts (the host waits
-    for that stream only) and fetches the chosen remote tiles; then the rest of each list
+    """Steps 1-5 beside the attention (a call over several ranks, one text length): every
+    query tile first attends its window's tiles of the own box (and the text), known before
+    the data is looked at, so the GPU starts at once; meanwhile ``choose`` (:func:`_attended`,
+    given ``overlap``) selects on a side stream, which then gathers the counts (the host
+    waits for that stream only) and fetches the chosen remote tiles (a tile group; in head
+    mode the box is the canvas, nothing to fetch); then the rest of each list
     (its selected tiles, and its window's tiles in other boxes, read where they arrived)
     is folded in by the log-sum-exp. Same output as :func:`_attend_after_fetch` up to the
     rounding of the folded rows' first part. ``(PartialOutput, the call's schedule, the
@@ -217,7 +218,8 @@ def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple,
     first, first_keys = _window_in_box(q_tiles, windows, window_rule, sched.layout.grid, device)
     side = fork(device)  # the selection, the counts and the fetch: after what is enqueued so far, beside the launch
     n_box = sched.box_tokens
-    own = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, q_tiles, n_box)
+    fetching = len(sched.tile_group) > 1
+    own = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, q_tiles, n_box) if fetching else sched.layout
     out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True, keys=first_keys)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         attended, width = choose(overlap=True)
@@ -227,14 +229,22 @@ def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple,
         torch.cuda.current_stream(device).wait_stream(side)
         for x in (attended, rest.keys, rest.counts):
             x.record_stream(torch.cuda.current_stream(device))
-    sched = _fetched(sched, plan, sends, recvs)
-    waits = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
-    halo = Halo(*(wait() for wait in waits), n_box)
+    halo, rest_layout = None, _without_text_queries(sched.layout)
+    if fetching:
+        sched = _fetched(sched, plan, sends, recvs)
+        waits = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
+        halo = Halo(*(wait() for wait in waits), n_box)
+        rest_layout = _fetched_layout(sched, plan, recvs, 0)
     # the video queries only: the text rows stay as the first launch left them
-    local_attention(*box, _fetched_layout(sched, plan, recvs, 0), sched.heads, LocalText(0, 0, 0), scale, backend,
-                    keys=rest, out=out, lse=lse, resume=True, halo=halo)
-    merge = longest_text(text_length) > 0
+    local_attention(*box, rest_layout, sched.heads, LocalText(0, 0, 0), scale, backend, keys=rest, out=out, lse=lse,
+                    resume=True, halo=halo)
+    merge = fetching and longest_text(text_length) > 0
     return PartialOutput(out, lse[:, :, n_box:] if merge else None), sched, recvs, attended
+
+
+@functools.lru_cache(maxsize=256)
+def _without_text_queries(layout: LocalLayout) -> LocalLayout:
+    return dataclasses.replace(layout, q_text=0)
 
 
 @functools.lru_cache(maxsize=256)
@@ -263,15 +273,15 @@ def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, 
                   window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
                   use_triton: bool, overlap: bool = True):
     """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``. ``overlap``:
-    a tile group's selection and fetch beside the attention (else selection, counts, fetch,
-    one launch, in series)."""
+    on several ranks, the selection and the fetch beside the attention (else selection,
+    counts, fetch, one launch, in series)."""
     box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
     choose = functools.partial(_attended, box, sched, plan, comm, select=select, windows=windows,
                                window_rule=window_rule, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                use_triton=use_triton)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     my_q = sched.q_heads[sched.me_in_head_group]
-    if overlap and len(sched.tile_group) > 1 and isinstance(text, LocalText):
+    if overlap and len(sched.tile_group) * len(sched.head_group) > 1 and isinstance(text, LocalText):
         my_windows = None if windows is None else tuple(tuple(windows[h]) for h in my_q)
         partial, call_sched, recvs, attended = _attend_beside_fetch(box, choose, my_windows, window_rule, sched, plan,
                                                                     comm, text, text_length, scale, backend)
