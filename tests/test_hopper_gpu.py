@@ -124,6 +124,27 @@ def test_strided_views():
     assert_video_rows_match(q, k, v, out, None, canvas, tile, windows, text_keys=33)
 
 
+@pytest.mark.parametrize("inputs", ["fused heads", "sequence slice"])
+@pytest.mark.parametrize("select", [None, "topk"])
+def test_public_call_with_strided_inputs(inputs, select):
+    """Through the public call, q/k/v as head slices of a fused projection, or as the first
+    rows of a longer sequence (batch 1: a batch stride the new output does not share): the
+    output is a new tensor whose strides need not be q's."""
+    canvas, tile, window = (4, 16, 24), (2, 8, 8), (1, 2, 2)
+    S = math.prod(canvas) + 40
+    if inputs == "fused heads":
+        wide = randn((1, S, 6, 128), torch.bfloat16, 21)
+        q, k, v = wide[:, :, 0:2], wide[:, :, 2:4], wide[:, :, 4:6]
+    else:
+        q, k, v = (randn((1, S + 96, 2, 128), torch.bfloat16, 22 + i)[:, :S] for i in range(3))
+    kw = dict(canvas=canvas, tile=tile, window=window, text_length=30)
+    if select:
+        kw["select"] = sta_dist.TopK(2)
+    out = sta_dist.sliding_tile_attention(q, k, v, **kw)
+    check = sampled_check(q, k, v, out, **kw, n_rows=512)
+    assert check["ok"], check
+
+
 @pytest.mark.parametrize("order", ["natural", "tiled"])
 @pytest.mark.parametrize("windows, n_kv", [([(3, 3, 3)] * 24, 24),
                                            ([(3, 3, 3)] * 8 + [(5, 6, 10)] * 4 + [(1, 6, 10)] * 4 + [(5, 1, 10)] * 4

@@ -117,7 +117,7 @@ def available() -> bool:
 
 def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order="natural", tables=None, lse=None,
                  keys=None, halo=None, clip=None, resume=False):
-    """Fill the video rows of ``out`` (``q``'s shape, dtype and strides) with sliding tile
+    """Fill the video rows of ``out`` (``q``'s shape and dtype, heads adjacent) with sliding tile
     attention for the head rows of ``heads [n, 5]`` (int32 ``(kt, kh, kw, kv_head,
     q_head)``, on q's device). ``q``, ``k``, ``v`` are ``[B, S, H, D]``, bf16 or fp16,
     placed by ``order``:
@@ -156,8 +156,11 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
                                table=keys is not None), Device.hopper())
     if reason:
         raise ValueError(f"sta_fwd_cuda: unsupported call: the kernel {reason}")
-    if out.shape != q.shape or out.dtype != q.dtype or out.stride() != q.stride():
-        raise ValueError("sta_fwd_cuda: out must match q's shape, dtype and strides")
+    if (out.shape != q.shape or out.dtype != q.dtype or out.stride(3) != 1 or out.stride(2) != q.shape[3]
+            or out.stride(1) % 2 or (out.shape[0] > 1 and out.stride(0) % 2) or out.data_ptr() % 4):
+        raise ValueError(f"sta_fwd_cuda: out must have q's shape and dtype, its heads adjacent and even row and "
+                         f"batch strides (the kernel stores pairs of values), got {tuple(out.shape)} {out.dtype} "
+                         f"strides {out.stride()} for q {tuple(q.shape)} {q.dtype}")
     if lse is not None and (lse.shape != (q.shape[0], q.shape[2], q.shape[1]) or lse.dtype != torch.float32
                             or lse.stride(2) != 1):
         raise ValueError(f"sta_fwd_cuda: lse must be [B, Hq, S] float32 with the last dim contiguous, got "
