@@ -19,12 +19,13 @@
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton); AB="DIR ...":
 #                        twice, each time also each DIR's copy of sta_dist (e.g. an older commit's)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
+#   fba                  HunyuanVideo-1.5's flex-block-attn built from .fba/src, beside ours (tools/fba_bench.py)
 #   halo                 the overlapped exchanges (halo beside the box's keys, head mode in place) on 2 GPUs:
 #                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
 #                        strategy (STRATEGY=0: not; STRATEGY_MODES, default "auto tile"; AB=DIR: also DIR's copy
 #                        of sta_dist, e.g. an older commit's; KERNEL_CASES: the one-GPU bench's cases)
 set -uo pipefail
-JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4 halo"
+JOBS="kernel sweep dist profile scale overlap diffusers fastvideo selection lanes tables route hopper fa4 halo fba"
 
 # $OUT made, unbuffered output, the Triton cache inside the tree, the package installed from
 # the working tree (the device has torch and triton; no network; SKIP_INSTALL=1 when a caller
@@ -438,6 +439,26 @@ job_route() {
   local log
   for log in tests_gpu0 tests_gpu1; do echo "=== $log"; tail -n 12 "$OUT/$log.log"; done
   SKIP_INSTALL=1 NGPU=2 job_selection
+}
+
+# HunyuanVideo-1.5's own block-sparse kernel (flex-block-attn, ThunderKittens) beside ours at
+# window plus TopK(8) (issue 16): its source and ThunderKittens' headers carried in .fba/src
+# (git-ignored; Tencent-Hunyuan/flex-block-attn with tk/ = HazyResearch/ThunderKittens at the
+# submodule's commit, include/ and prototype/), built here with its setup.py, then
+# tools/fba_bench.py.
+job_fba() {
+  setup
+  [ -f .fba/src/setup.py ] || { echo "fba: .fba/src/setup.py missing (carry .fba)"; return 1; }
+  local BIN
+  BIN=$(mktemp -d)
+  printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$BIN/python"  # its setup.py runs "python"
+  chmod +x "$BIN/python"
+  # nvcc 13.0's -arch=sm_90a shorthand also runs a plain sm_90 pass, which rejects wgmma (HOPPER.md)
+  sed -i 's/-arch=sm_90a/-gencode=arch=compute_90a,code=sm_90a/' .fba/src/setup.py
+  (cd .fba/src && PATH="$BIN:$PATH" TORCH_CUDA_ARCH_LIST=9.0a timeout 420 python3 setup.py build_ext --inplace >"$OUT/fba_build.log" 2>&1)
+  echo "flex_block_attn build exit: $? ($(grep -c -i ' error' "$OUT/fba_build.log") error lines)"
+  grep -i -m 8 ' error' "$OUT/fba_build.log"
+  PYTHONPATH=.fba/src timeout 150 python3 tools/fba_bench.py --out "$OUT" 2>&1 | grep -v -i warn | tee "$OUT/fba_bench.log"
 }
 
 if [ $# -lt 1 ] || [[ " $JOBS " != *" $1 "* ]]; then
