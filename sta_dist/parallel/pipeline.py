@@ -13,13 +13,11 @@ video tokens, then all ``L`` text tokens.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from ..local import head_index
 from .comm import Comm, Exchange
-from .runtime import BoxInputs, attend
+from .runtime import attend, row_starts, start_head_exchange
 from .schedule import CallSchedule, head_chunk
 
 
@@ -28,7 +26,7 @@ def head_pipelined(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm, text
     """This rank's tokens, all heads: the call of ``sched`` (head mode, ``sched.head_chunks``
     chunks) on this rank's local ``q, k, v``."""
     chunks = [head_chunk(sched, c) for c in range(sched.head_chunks)]
-    inbound = [_start_in(q_bshd, k_bshd, v_bshd, ch, comm) for ch in chunks]
+    inbound = [start_head_exchange(q_bshd, k_bshd, v_bshd, ch, comm, overlap=True) for ch in chunks]
     outbound = []
     for ch, (box, exchanges) in zip(chunks, inbound):
         for x in exchanges:
@@ -50,47 +48,6 @@ def head_pipelined(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm, text
     return result
 
 
-def _starts(counts) -> list[int]:
-    return [0, *itertools.accumulate(counts)]
-
-
-def _start_in(q_bshd, k_bshd, v_bshd, ch: CallSchedule, comm: Comm) -> tuple[BoxInputs, list[Exchange]]:
-    """Chunk ``ch``'s box inputs (allocated, text copied in) and the exchanges filling them."""
-    n_held = q_bshd.shape[1] - ch.layout.q_text
-    B, D, L = q_bshd.shape[0], q_bshd.shape[3], ch.layout.q_text
-    me = ch.me_in_head_group
-    n_total = sum(ch.held_counts)
-    starts = _starts(ch.held_counts)
-    box, exchanges = [], []
-    for x, heads_of in ((q_bshd, ch.q_heads), (k_bshd, ch.kv_heads), (v_bshd, ch.kv_heads)):
-        mine = heads_of[me]
-        dst = x.new_empty(B, n_total + L, len(mine), D)
-        dst[:, n_total:] = x[:, n_held:, head_index(mine, x.device)]  # text is replicated: this rank's heads are here
-        send = [[x[:, :n_held, head_index(heads, x.device)]] for heads in heads_of]
-        recv = [B * n * len(mine) * D for n in ch.held_counts]
-        in_place = B == 1  # the members' token ranges are consecutive rows of the box
-        exchange = comm.all_to_all_start("head all-to-all", ch.head_group, send, recv,
-                                         out=dst[0, :n_total].view(-1) if in_place else None, overlap=True)
-        if not in_place:
-            exchange = _CopiedInto(exchange, dst, starts, len(mine))
-        box.append(dst)
-        exchanges.append(exchange)
-    return BoxInputs(*box), exchanges
-
-
-class _CopiedInto:
-    """An inbound exchange received into a buffer, then copied to the box rows of each
-    member (several samples: a member's rows are not one range of the box's memory)."""
-
-    def __init__(self, exchange: Exchange, dst: torch.Tensor, starts: list[int], heads: int):
-        self.exchange, self.dst, self.starts, self.heads = exchange, dst, starts, heads
-
-    def wait(self) -> None:
-        B, D = self.dst.shape[0], self.dst.shape[3]
-        for lo, hi, chunk in zip(self.starts, self.starts[1:], self.exchange.wait()):
-            self.dst[:, lo:hi] = chunk.view(B, hi - lo, self.heads, D)
-
-
 def _start_out(out_bshd: torch.Tensor, ch: CallSchedule, comm: Comm) -> tuple[Exchange, Exchange]:
     """Chunk ``ch``'s output back to the members that hold its tokens: the video rows each
     member holds, then the text rows to every member (two exchanges: with one sample the
@@ -99,7 +56,7 @@ def _start_out(out_bshd: torch.Tensor, ch: CallSchedule, comm: Comm) -> tuple[Ex
     n_total = sum(ch.held_counts)
     me = ch.me_in_head_group
     n_held = ch.held_counts[me]
-    starts = _starts(ch.held_counts)
+    starts = row_starts(ch.held_counts)
     L = out_bshd.shape[1] - n_total
     video = comm.all_to_all_start("output all-to-all", ch.head_group,
                                   [[out_bshd[:, lo:hi]] for lo, hi in zip(starts, starts[1:])],

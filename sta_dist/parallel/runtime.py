@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from typing import NamedTuple, Optional
 
 import torch
@@ -58,28 +59,61 @@ def exchange_in(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxI
 def head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> BoxInputs:
     """Step 1: local shards -> this rank's heads of its box (all the box's tokens), then
     the text; no halo yet."""
-    n_held = q_bshd.shape[1] - sched.layout.q_text
-    me = sched.me_in_head_group
-    my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
-    B, D = q_bshd.shape[0], q_bshd.shape[3]
-
     if len(sched.head_group) == 1:
+        me = sched.me_in_head_group
+        my_q, my_kv = sched.q_heads[me], sched.kv_heads[me]
         return BoxInputs(_heads(q_bshd, my_q), _heads(k_bshd, my_kv), _heads(v_bshd, my_kv))
-    send = [[_heads(q_bshd[:, :n_held], qh), _heads(k_bshd[:, :n_held], kvh), _heads(v_bshd[:, :n_held], kvh)]
-            for qh, kvh in zip(sched.q_heads, sched.kv_heads)]
-    sizes = [B * n * (len(my_q) + 2 * len(my_kv)) * D for n in sched.held_counts]
-    chunks = comm.all_to_all("head all-to-all", sched.head_group, send, sizes)
-    qs, ks, vs = [], [], []
-    for n, chunk in zip(sched.held_counts, chunks):
-        q_part, k_part, v_part = chunk.split([B * n * len(my_q) * D, B * n * len(my_kv) * D, B * n * len(my_kv) * D])
-        qs.append(q_part.view(B, n, len(my_q), D))
-        ks.append(k_part.view(B, n, len(my_kv), D))
-        vs.append(v_part.view(B, n, len(my_kv), D))
-    # text is replicated: this rank's heads of it are already here
-    q_box = torch.cat(qs + [_heads(q_bshd[:, n_held:], my_q)], 1)
-    k_box = torch.cat(ks + [_heads(k_bshd[:, n_held:], my_kv)], 1)
-    v_box = torch.cat(vs + [_heads(v_bshd[:, n_held:], my_kv)], 1)
-    return BoxInputs(q_box, k_box, v_box)
+    box, exchanges = start_head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
+    for x in exchanges:
+        x.wait()
+    return box
+
+
+def start_head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm,
+                        overlap: bool = False) -> tuple[BoxInputs, list]:
+    """:func:`head_exchange` started: the box inputs (allocated, the text copied in) and
+    the exchanges (one per tensor) filling them, each to ``wait()`` for. With one sample
+    the members' token ranges are consecutive rows of the box, received in place; else
+    received into a buffer and copied. ``overlap``: beside compute (the high-priority
+    group)."""
+    n_held = q_bshd.shape[1] - sched.layout.q_text
+    B, D, L = q_bshd.shape[0], q_bshd.shape[3], sched.layout.q_text
+    me = sched.me_in_head_group
+    n_total = sum(sched.held_counts)
+    starts = row_starts(sched.held_counts)
+    box, exchanges = [], []
+    for x, heads_of in ((q_bshd, sched.q_heads), (k_bshd, sched.kv_heads), (v_bshd, sched.kv_heads)):
+        mine = heads_of[me]
+        dst = x.new_empty(B, n_total + L, len(mine), D)
+        dst[:, n_total:] = x[:, n_held:, head_index(mine, x.device)]  # text is replicated: this rank's heads are here
+        send = [[x[:, :n_held, head_index(heads, x.device)]] for heads in heads_of]
+        recv = [B * n * len(mine) * D for n in sched.held_counts]
+        in_place = B == 1
+        exchange = comm.all_to_all_start("head all-to-all", sched.head_group, send, recv,
+                                         out=dst[0, :n_total].view(-1) if in_place else None, overlap=overlap)
+        if not in_place:
+            exchange = _CopiedInto(exchange, dst, starts, len(mine))
+        box.append(dst)
+        exchanges.append(exchange)
+    return BoxInputs(*box), exchanges
+
+
+def row_starts(counts) -> list[int]:
+    """``[0, c0, c0 + c1, ...]``: where each member's rows start."""
+    return [0, *itertools.accumulate(counts)]
+
+
+class _CopiedInto:
+    """An inbound exchange received into a buffer, then copied to the box rows of each
+    member (several samples: a member's rows are not one range of the box's memory)."""
+
+    def __init__(self, exchange: Exchange, dst: torch.Tensor, starts: list[int], heads: int):
+        self.exchange, self.dst, self.starts, self.heads = exchange, dst, starts, heads
+
+    def wait(self) -> None:
+        B, D = self.dst.shape[0], self.dst.shape[3]
+        for lo, hi, chunk in zip(self.starts, self.starts[1:], self.exchange.wait()):
+            self.dst[:, lo:hi] = chunk.view(B, hi - lo, self.heads, D)
 
 
 def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, recvs=None) -> BoxInputs:
