@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -24,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from sta_dist import DistributedSlidingTileAttention, ShardPlan
+from sta_dist.bench.dist import _rolled
 from sta_dist.cli import _parse_select
 from sta_dist.parallel.env import init_distributed
 from sta_dist.run import RunConfig, layer_inputs
@@ -44,6 +47,8 @@ def main() -> None:
                         help="also cProfile the host's enqueueing of 20 calls (rank 0 prints its top functions)")
     parser.add_argument("--select", default="", help="window plus selected tiles: topk:K or mass:P")
     parser.add_argument("--timeline", action="store_true", help="print every rank's last profiled call, kernel by kernel")
+    parser.add_argument("--fresh", action="store_true",
+                        help="with --select: every call selects anew (k's tiles rolled; the roll is timed too)")
     parser.add_argument("--syncs", action="store_true",
                         help="rank 0 lists the lines of one call that made the host wait for the GPU")
     args = parser.parse_args()
@@ -68,7 +73,12 @@ def main() -> None:
         q, k, v = layer_inputs(cfg, args.step, layer, device)
         calls.append(([plan.shard(x, rank) for x in (q, k, v)], windows))
     extra = {} if select is None else dict(select=select)
-    run = lambda local, windows: attn(*local, window=windows, text_length=cfg.text_valid, **extra)  # noqa: E731
+    rolls = itertools.count(1)
+
+    def run(local, windows):
+        if args.fresh:  # k's tiles rolled: another selection, as a denoising run's next step makes
+            local = (local[0], _rolled(local[1], cfg.text_len, math.prod(cfg.tile) * next(rolls)), local[2])
+        return attn(*local, window=windows, text_length=cfg.text_valid, **extra)
 
     def timed(local, windows) -> float:
         torch.distributed.barrier()

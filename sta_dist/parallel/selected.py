@@ -40,6 +40,7 @@ import torch
 from .. import geometry
 from ..geometry import Triple
 from ..dispatch import local_attention
+from ..kernel_calls import layout_facts
 from ..local import Halo, LocalLayout, LocalText, index_on, longest_text
 from ..selection.choose import select_tiles
 from ..selection.means import means, tile_counts, tile_sums
@@ -225,16 +226,20 @@ def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple,
         attended, width = choose(overlap=True)
         rest = key_tiles(attended & ~first, width)
         sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm, overlap=True)
+        if fetching:
+            sched = _fetched(sched, plan, sends, recvs)
+        rest_layout = _fetched_layout(sched, plan, recvs, 0) if fetching else _without_text_queries(sched.layout)
+        # A new selection fetches new tiles: the second launch's tables are copied to the
+        # device here, as a copy waits for its stream's queue, and this one holds no launch.
+        facts = layout_facts(rest_layout, device)
     if side is not None:  # made on the side stream, read on this one
         torch.cuda.current_stream(device).wait_stream(side)
-        for x in (attended, rest.keys, rest.counts):
+        for x in (attended, rest.keys, rest.counts, facts.q_tiles, facts.kv_tiles):
             x.record_stream(torch.cuda.current_stream(device))
-    halo, rest_layout = None, _without_text_queries(sched.layout)
+    halo = None
     if fetching:
-        sched = _fetched(sched, plan, sends, recvs)
         waits = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
         halo = Halo(*(wait() for wait in waits), n_box)
-        rest_layout = _fetched_layout(sched, plan, recvs, 0)
     # the video queries only: the text rows stay as the first launch left them
     local_attention(*box, rest_layout, sched.heads, LocalText(0, 0, 0), scale, backend, keys=rest, out=out, lse=lse,
                     resume=True, halo=halo)
