@@ -229,7 +229,8 @@ class SlidingTileAttentionImpl:
         receives into the box and sends from the output as they lie
         (:mod:`~sta_dist.parallel.pipeline`), tile and hybrid mode attend the tiles that need
         no halo beside the halo exchange (:func:`~sta_dist.parallel.runtime.attend_beside_halo`),
-        and with selected tiles their listed tiles of the own box beside the fetch.
+        and with selected tiles the window's tiles of the own box beside the selection and the
+        fetch (:func:`~sta_dist.parallel.selected.selected_call`).
         ``False``: the three hooks' staged path (the benchmark measures both)."""
         self._tiled_next = False
         """FastVideo's protocol only: ``preprocess_qkv`` handed out tiled order, so the next

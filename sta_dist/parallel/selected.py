@@ -226,8 +226,8 @@ def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple,
         attended, width = choose(overlap=True)
         rest = key_tiles(attended & ~first, width)
         sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm, overlap=True)
-        if fetching:
-            sched = _fetched(sched, plan, sends, recvs)
+        if fetching:  # the halo is the fetched tiles; only the second launch needs a layout holding them
+            sched = dataclasses.replace(sched, halo_send=sends, halo_recv=recvs)
         rest_layout = _fetched_layout(sched, plan, recvs, 0) if fetching else _without_text_queries(sched.layout)
         # A new selection fetches new tiles: the second launch's tables are copied to the
         # device here, as a copy waits for its stream's queue, and this one holds no launch.
