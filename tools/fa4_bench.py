@@ -17,7 +17,9 @@ its error and the rest still run. Beside each time: the first call's seconds (co
 and the kernels one call launched (the profiler's top names, proof of which kernel ran).
 A table on stdout; ``fa4_bench.json`` in ``--out``, rewritten after every row.
 
-    python3 tools/fa4_bench.py [--out out] [--cases hunyuan_333,hunyuan_full]
+    python3 tools/fa4_bench.py [--out out] [--cases hunyuan_333,hunyuan_full] [--rows ours,fa4_sparse]
+    ncu --nvtx --nvtx-include "profile/" ... python3 tools/fa4_bench.py --rows ours,fa4_sparse --once
+        # --once: per row a warm-up call, then one call inside the NVTX range "profile", no timing
 """
 
 from __future__ import annotations
@@ -79,8 +81,11 @@ def versions() -> dict:
     return dict(out, cuda=torch.version.cuda, fa4=anchors.fa4_missing() or "imports")
 
 
-def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, device: str = "cuda") -> None:
-    """Every row of one case into ``result["rows"]``; ``save()`` after each."""
+def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, device: str = "cuda", rows=None,
+             once: bool = False) -> None:
+    """Every row of one case (or those named in ``rows``) into ``result["rows"]``; ``save()``
+    after each. ``once``: each row's output checked, then one call in the NVTX range
+    "profile" (for a profiler), no timing."""
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (1, case.seq, case.heads, case.head_dim)
     q, k, v = (torch.randn(shape, generator=g, device=device, dtype=dtype) for _ in range(3))
@@ -124,6 +129,8 @@ def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, devi
     makers = dict(ours=ours, flex_triton=flex_with(_flex), flex_flash=flex_with(flex_flash), fa4_sparse=fa4_sparse)
     if whole_canvas(case):
         makers.update(fa4_dense=fa4_dense, cudnn=cudnn)
+    if rows:
+        makers = {name: make for name, make in makers.items() if name in rows}
 
     def measure(make) -> dict:
         fn, natural = make()
@@ -133,6 +140,12 @@ def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, devi
         first_s = time.perf_counter() - start
         check = sampled_check(q, k, v, natural(out), **kw, seed=seed)
         del out
+        if once:
+            torch.cuda.synchronize()
+            with torch.cuda.nvtx.range("profile"):
+                fn()
+            torch.cuda.synchronize()
+            return dict(ms=float("nan"), tflops=float("nan"), first_call_s=first_s, check=check, kernels=[])
         ms = time_ms(fn)
         return dict(ms=ms, tflops=4 * pairs * case.head_dim / (ms * 1e-3) / 1e12, first_call_s=first_s,
                     check=check, kernels=kernel_names(fn))
@@ -171,6 +184,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {sorted(STANDARD_CASES)}")
+    parser.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
+    parser.add_argument("--once", action="store_true", help="one profiled call per row (NVTX range 'profile')")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/fa4_bench.py needs a CUDA device")
@@ -185,7 +200,8 @@ def main() -> None:
 
     for name in args.cases.split(","):
         payload["results"].append(dict(name=name, rows={}))  # filled in place as rows come
-        run_case(STANDARD_CASES[name], payload["results"][-1], save)
+        run_case(STANDARD_CASES[name], payload["results"][-1], save, rows=[r for r in args.rows.split(",") if r],
+                 once=args.once)
     print(format_table(payload["results"]))
 
 

@@ -18,7 +18,8 @@
 #   route                the route's GPU tests on two GPUs side by side, then the 2-GPU selection rows
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton); AB="DIR ...":
 #                        twice, each time also each DIR's copy of sta_dist (e.g. an older commit's)
-#   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b)
+#   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b;
+#                        FA4_CASES, FA4_ROWS: a subset; NCU=1: also Nsight Compute on one call of each row)
 #   fba                  HunyuanVideo-1.5's flex-block-attn built from .fba/src, beside ours (tools/fba_bench.py)
 #   halo                 the overlapped exchanges (halo beside the box's keys, head mode in place) on 2 GPUs:
 #                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
@@ -110,15 +111,18 @@ job_dist() {
 
 # The CUDA kernel: its GPU tests and the route's (each test limited to 120 s), then beside
 # the other kernels on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
-# tile-mode rank's box and halo).
+# tile-mode rank's box and halo). SOURCES=a.cu,b.cu: also the CUDA kernel built from each of
+# those (e.g. `git show OLD:sta_dist/kernels/sta_fwd_cuda.cu > .ab/old.cu`, carried), as
+# cuda@<stem>; CASES: a subset of the cases; SKIP_TESTS=1: no tests.
 job_hopper() {
   setup
-  timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_gpu.py -k "hopper or route" \
+  [ "${SKIP_TESTS:-0}" != 1 ] && timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_hopper_gpu.py tests/test_gpu.py -k "hopper or route" \
     2>&1 | tee "$OUT/hopper_tests.log" | tail -n 25
   echo "pytest exit: ${PIPESTATUS[0]} (124 = the 330 s limit)"
   local round dir
   for round in 1 2; do
-    timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" --out "$OUT" 2>&1 | tee "$OUT/hopper_bench_$round.log"
+    timeout 200 python3 tools/hopper_bench.py --kernels "${1:-cuda,triton}" ${SOURCES:+--sources "$SOURCES"} \
+      ${CASES:+--cases "$CASES"} --out "$OUT" 2>&1 | tee "$OUT/hopper_bench_$round.log"
     [ -z "${AB:-}" ] && break
     for dir in $AB; do
       echo "--- AB: sta_dist from $dir"
@@ -186,8 +190,21 @@ for name, path in sorted(wheels.items()):
   fi
   export PYTHONPATH="$SITE_FA4:$SITE_FA4/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
   python3 -c "import flash_attn.cute, cutlass; print('fa4: flash_attn.cute imports; cutlass-dsl', cutlass.__version__)" 2>&1 | tail -n 2
-  timeout 500 python3 tools/fa4_bench.py --out "$OUT" 2>&1 | grep -v Warn | tee "$OUT/fa4_bench.log"
+  local args="${FA4_CASES:+--cases $FA4_CASES} ${FA4_ROWS:+--rows $FA4_ROWS}"
+  timeout 500 python3 tools/fa4_bench.py --out "$OUT" $args 2>&1 | grep -v Warn | tee "$OUT/fa4_bench.log"
   echo "fa4_bench exit: ${PIPESTATUS[0]} (124 = the 500 s limit)"
+  # NCU=1: Nsight Compute on one call of each row (clocks free), its headline numbers side by side
+  if [ "${NCU:-0}" = 1 ]; then
+    timeout 300 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
+      --section SchedulerStats --section LaunchStats -o "$OUT/fa4_ncu" \
+      python3 tools/fa4_bench.py --out "$OUT/once" --once $args >"$OUT/fa4_ncu_run.log" 2>&1
+    echo "ncu exit: $? (124 = the 300 s limit)"
+    ncu -i "$OUT/fa4_ncu.ncu-rep" --page details --print-details all >"$OUT/fa4_ncu.txt" 2>&1
+    grep -E "^  [a-z_]|Duration|Throughput|Busy|Hit Rate|Issue Slots|Executed Ipc|Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Stall (Wait|Long|Barrier|Math|Not Selected|Selected|Short)|No Eligible|Eligible Warps" \
+      "$OUT/fa4_ncu.txt" | head -80
+    rm -f "$OUT/fa4_ncu.ncu-rep"
+  fi
 }
 
 # Nsight Compute on one launch of the Triton and of the CUDA kernel at the Hunyuan (3,3,3)

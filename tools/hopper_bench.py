@@ -10,11 +10,14 @@ window given as key lists (the table path of selected tiles, with nothing select
 
     python3 tools/hopper_bench.py --kernels cuda,triton --out out/
     python3 tools/hopper_bench.py --kernels cuda --cases natural --once   # one call each (a profiler)
+    python3 tools/hopper_bench.py --kernels cuda --sources .ab/old.cu     # the tree's CUDA kernel against
+                                                                          # another source of it ("cuda@old")
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -67,20 +70,49 @@ def window_lists(layout: LocalLayout, device="cuda"):
 CASES = ("natural", "lse", "fp16", "text", "tiled", "box_halo", "table")
 
 
+@contextlib.contextmanager
+def cuda_source(lib):
+    """The route's CUDA kernel calls go to ``lib`` (another source's build) inside."""
+    from sta_dist.kernels import sta_fwd_cuda
+
+    tree = sta_fwd_cuda.library
+    sta_fwd_cuda.library = lambda: lib
+    try:
+        yield
+    finally:
+        sta_fwd_cuda.library = tree
+
+
+def source_kernels(sources: str) -> dict:
+    """``{"cuda@<stem>": library}`` for each comma-separated ``.cu`` path."""
+    from sta_dist.kernels import sta_fwd_cuda
+
+    return {f"cuda@{Path(src).stem}": sta_fwd_cuda.load(sta_fwd_cuda.build(sta_fwd_cuda.nvcc(), Path(src)))
+            for src in sources.split(",") if src}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", default="cuda,triton", help="comma-separated backends; the first is the baseline")
     parser.add_argument("--once", action="store_true", help="one call per kernel and case, no timing (for a profiler)")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--sources", default="", help="comma-separated .cu files: the CUDA kernel built from each, "
+                                                     "timed as backend cuda@<stem>")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    kernels = args.kernels.split(",")
+    libs = source_kernels(args.sources)
+    kernels = args.kernels.split(",") + list(libs)
     rows = []
     for name in args.cases.split(","):
         q, k, v, layout, heads, text, lse = case_args("natural" if name == "table" else name)
         keys = window_lists(layout) if name == "table" else None
-        fns = {kern: (lambda kern=kern: run_local(q, k, v, layout, heads, text, D**-0.5, backend=kern,
-                                                 return_lse=lse, keys=keys)) for kern in kernels}
+
+        def call(kern):
+            with cuda_source(libs[kern]) if kern in libs else contextlib.nullcontext():
+                return run_local(q, k, v, layout, heads, text, D**-0.5, backend=kern.split("@")[0], return_lse=lse,
+                                 keys=keys)
+
+        fns = {kern: (lambda kern=kern: call(kern)) for kern in kernels}
         first = fns[kernels[0]]()
         first = first[0] if lse else first
         if args.once:

@@ -45,9 +45,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STA_DIST_CACHE", Path.home() / ".cache" / "sta_dist")) / "cuda"
 
 
-def source_key() -> str:
+def source_key(source: Path = SOURCE) -> str:
     """The hash of the source and the build flags: the first part of a library's name."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(source.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
 
 
 def prebuilt() -> Path | None:
@@ -56,18 +56,19 @@ def prebuilt() -> Path | None:
     return found[-1] if found else None
 
 
-def build(compiler: str) -> Path:
-    """The shared library for this source and compiler, compiled if the cache lacks it
-    (written to a temporary name first, so concurrent builds never load a partial file)."""
+def build(compiler: str, source: Path = SOURCE) -> Path:
+    """The shared library for this source (another one: an experiment's, e.g. an older
+    commit's kernel beside this one) and compiler, compiled if the cache lacks it (written to
+    a temporary name first, so concurrent builds never load a partial file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    target = cache_dir() / f"sta_fwd_cuda_{source_key()}_{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
+    target = cache_dir() / f"sta_fwd_cuda_{source_key(source)}_{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *NVCC_FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, check=True)
+        subprocess.run([compiler, *NVCC_FLAGS, "-o", tmp, str(source)], capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -84,12 +85,17 @@ def library():
         _errors.append(missing())
         return None
     try:
-        lib = ctypes.CDLL(str(path or build(compiler)))
+        return load(path or build(compiler))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or str(err)
         what = f"loading {path}" if path else f"building {SOURCE.name} with {compiler}"
         _errors.append(f"{what} failed: {detail.strip()[-2000:]}")
         return None
+
+
+def load(path: Path):
+    """A built library, its entry point's signature declared."""
+    lib = ctypes.CDLL(str(path))
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.sta_fwd_cuda.argtypes = ([P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I] + [P, P, L, L, L]
                                  + [P, I, ctypes.c_float, P])
