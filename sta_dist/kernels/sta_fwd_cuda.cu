@@ -316,27 +316,36 @@ struct Consumer {
       for (int i = 0; i < 64; ++i)
         if (8 * (i >> 2) + q2 + (i & 1) >= valid) S[i] = -INFINITY;
     }
-    float mx[2] = {-INFINITY, -INFINITY};
+    // Four independent maxima per row (S[i] is row (i >> 1) & 1), each started at its first value.
+    float m4[2][4];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) mx[(i >> 1) & 1] = fmaxf(mx[(i >> 1) & 1], S[i]);
+    for (int i = 0; i < 64; ++i) {
+      const int r = (i >> 1) & 1, k = (i >> 2) & 3;
+      m4[r][k] = (i < 16 && !(i & 1)) ? S[i] : fmaxf(m4[r][k], S[i]);
+    }
+    float mx[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(fmaxf(m4[r][0], m4[r][1]), fmaxf(m4[r][2], m4[r][3]));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffff, mx[r], 2));
       const float m_new = first ? mx[r] * scale : fmaxf(m[r], mx[r] * scale);
       alpha[r] = first ? 1.f : ex2(m[r] - m_new);
       m[r] = m_new;
     }
-    float sum[2] = {0.f, 0.f};
+    float s4[2][4];  // four independent partial sums per row
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
-      const int r = i & 1;  // S[2i], S[2i+1] lie in row r0 for even i, r0 + 8 for odd i
+      const int r = i & 1, k = (i >> 1) & 3;  // S[2i], S[2i+1] lie in row r0 for even i, r0 + 8 for odd i
       const float e0 = ex2(fmaf(S[2 * i], scale, -m[r])), e1 = ex2(fmaf(S[2 * i + 1], scale, -m[r]));
-      sum[r] += e0 + e1;
+      s4[r][k] = i < 8 ? e0 + e1 : s4[r][k] + (e0 + e1);
       P[i] = pack2<F16>(e0, e1);
     }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) l[r] = first ? sum[r] : fmaf(l[r], alpha[r], sum[r]);
+    for (int r = 0; r < 2; ++r) {
+      const float sum = (s4[r][0] + s4[r][1]) + (s4[r][2] + s4[r][3]);
+      l[r] = first ? sum : fmaf(l[r], alpha[r], sum);
+    }
   }
   // Retire PV_{j-2} (it read Pold), release its V slot and scale O by alpha_{j-1}.
   DEV void retire(int j, uint32_t (&Pold)[32]) {
