@@ -156,35 +156,36 @@ DEV uint32_t pack2(float lo, float hi) {
   return r;
 }
 // wgmma m64n128k16, fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
-// r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors: the low word
-// is (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI.
+// r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors are 64-bit: the
+// low word (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI, joined once per
+// product (``Consumer::desc``) and stepped by adding to the whole value (no carry leaves the
+// 14-bit address field: shared memory is below 2^18 bytes); joining them per instruction
+// cost three uniform moves each.
 #define ACC64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
 #define D64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
 #define WGMMA_SS(T)                                                                                  \
-  "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"                                 \
-  "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"                                            \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", da, db, p, 1, 1, 0, 0;\n}\n"
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                     \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
 #define WGMMA_RS(T)                                      \
-  "{\n.reg .b64 db;\nmov.b64 db, {%68, %69};\n"         \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", {%64, %65, %66, %67}, db, 1, 1, 1, 1;\n}\n"
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
 
 template <bool F16>
-DEV void wgmma_ss(float (&d)[64], uint32_t a_lo, uint32_t b_lo, int scale_d) {
+DEV void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
   if constexpr (F16)
-    asm volatile(WGMMA_SS("f16") : D64(d) : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
+    asm volatile(WGMMA_SS("f16") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
   else
-    asm volatile(WGMMA_SS("bf16") : D64(d) : "r"(a_lo), "r"(b_lo), "r"(scale_d), "r"(DESC_HI));
+    asm volatile(WGMMA_SS("bf16") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
 }
 // A from registers (four per 16-column step, the accumulator layout packed in pairs),
 // B (V) transposed: N = head dim contiguous.
 template <bool F16>
-DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint32_t b_lo) {
+DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint64_t b) {
   if constexpr (F16)
     asm volatile(WGMMA_RS("f16") : D64(d)
-                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
+                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "l"(b));
   else
     asm volatile(WGMMA_RS("bf16") : D64(d)
-                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "r"(b_lo), "r"(DESC_HI));
+                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "l"(b));
 }
 
 // --- loading -------------------------------------------------------------------------------
@@ -292,16 +293,18 @@ struct Consumer {
     __syncwarp();
     if ((threadIdx.x & 31) == 0) mbar_arrive(bar);
   }
+  // Descriptors as 64-bit values (the constant high word joined once), offsets added whole.
+  DEV static uint64_t desc(uint32_t lo) { return (static_cast<uint64_t>(DESC_HI) << 32) | lo; }
   DEV void issue_s(int sk) {
-    const uint32_t kd = k_desc + sk * (KV_BYTES >> 4);
+    const uint64_t qd = desc(q_desc), kd = desc(k_desc + sk * (KV_BYTES >> 4));
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss<F16>(S, q_desc + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16,
-                    kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16, kk > 0);
+      wgmma_ss<F16>(S, qd + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16, kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16,
+                    kk > 0);
     wg_commit();
   }
   DEV void issue_pv(const uint32_t (&P)[32], int sv) {
-    const uint32_t vd = v_desc + sv * (KV_BYTES >> 4);
+    const uint64_t vd = desc(v_desc + sv * (KV_BYTES >> 4));
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) wgmma_rs<F16>(O, P, kk, vd + kk * (2048 / 16));
     wg_commit();
