@@ -116,7 +116,7 @@ def _bench_dist(args) -> int:
         raise CLIError(f"--modes must be a comma-separated list of head, tile, hybrid, auto, got {args.modes!r}")
     if args.text_valid > args.text_len:
         raise CLIError(f"--text-valid must be in [0, --text-len={args.text_len}], got {args.text_valid}")
-    select = _parse_select(args.select)
+    select = parse_select(args.select)
     from .bench.dist import run_dist_bench
 
     run_dist_bench(args.out, canvas=tuple(args.canvas), tile=tuple(args.tile), window=tuple(args.window),
@@ -125,7 +125,7 @@ def _bench_dist(args) -> int:
     return 0
 
 
-def _parse_select(text: str):
+def parse_select(text: str):
     """``--select``: "" (none), "topk:K" (shared heads) or "mass:P" (per head)."""
     from .selection import Mass, TopK
 

@@ -57,10 +57,10 @@ def test_selection_table_reads_the_json(tmp_path, capsys):
 
 
 def test_cli_names_the_selection_cases_and_parses_select():
-    from sta_dist.cli import CLIError, _parse_select
+    from sta_dist.cli import CLIError, parse_select
 
-    assert _parse_select("topk:8") == sta_dist.TopK(8) and _parse_select("mass:0.9") == sta_dist.Mass(0.9)
-    assert _parse_select("") is None
+    assert parse_select("topk:8") == sta_dist.TopK(8) and parse_select("mass:0.9") == sta_dist.Mass(0.9)
+    assert parse_select("") is None
     for bad in ("topk:0", "mass:2", "top:8", "topk:x"):
         with pytest.raises(CLIError, match=r"--select must be topk:K or mass:P"):
-            _parse_select(bad)
+            parse_select(bad)

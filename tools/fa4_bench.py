@@ -35,7 +35,7 @@ import torch
 
 from sta_dist import geometry, sliding_tile_attention, to_natural
 from sta_dist.bench import anchors
-from sta_dist.bench.kernel import STANDARD_CASES, _flex, attended_pairs, environment, time_ms
+from sta_dist.bench.kernel import STANDARD_CASES, flex_anchor, attended_pairs, environment, time_ms
 from sta_dist.testing import sampled_check
 
 CASES = ("hunyuan_333", "hunyuan_full")
@@ -45,7 +45,7 @@ PACKAGES = ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base"
 
 @functools.lru_cache(maxsize=4)
 def flex_flash(canvas, tile, text_len, text_valid, heads) -> anchors.FlexSTA:
-    """One FLASH-backend FlexAttention anchor per problem shape (as ``bench.kernel._flex``)."""
+    """One FLASH-backend FlexAttention anchor per problem shape (as ``bench.kernel.flex_anchor``)."""
     return anchors.FlexSTA(canvas, tile, text_len, text_valid, heads, "cuda", backend="FLASH")
 
 
@@ -112,7 +112,7 @@ def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, devi
         return make
 
     def fa4_sparse():
-        fa4 = anchors.FA4(_flex(case.canvas, case.tile, case.text_len, case.text_valid,
+        fa4 = anchors.FA4(flex_anchor(case.canvas, case.tile, case.text_len, case.text_valid,
                                 case.heads).set_windows(case.windows).block_mask)
         qt, kt, vt = (x[:, order].contiguous() for x in (q, k, v))
         return (lambda: fa4(qt, kt, vt)), (lambda o: to_natural(o, case.canvas, case.tile))
@@ -126,7 +126,8 @@ def run_case(case, result: dict, save, dtype=torch.bfloat16, seed: int = 0, devi
         qd, kd, vd = (x.transpose(1, 2).contiguous() for x in (q, k, v))
         return (lambda: dense(qd, kd, vd)), (lambda o: o.transpose(1, 2))
 
-    makers = dict(ours=ours, flex_triton=flex_with(_flex), flex_flash=flex_with(flex_flash), fa4_sparse=fa4_sparse)
+    makers = dict(ours=ours, flex_triton=flex_with(flex_anchor), flex_flash=flex_with(flex_flash),
+                  fa4_sparse=fa4_sparse)
     if whole_canvas(case):
         makers.update(fa4_dense=fa4_dense, cudnn=cudnn)
     if rows:

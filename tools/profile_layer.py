@@ -26,8 +26,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from sta_dist import DistributedSlidingTileAttention, ShardPlan
-from sta_dist.bench.dist import _rolled
-from sta_dist.cli import _parse_select
+from sta_dist.bench.dist import rolled_video
+from sta_dist.cli import parse_select
 from sta_dist.parallel.env import init_distributed
 from sta_dist.run import RunConfig, layer_inputs
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--syncs", action="store_true",
                         help="rank 0 lists the lines of one call that made the host wait for the GPU")
     args = parser.parse_args()
-    select = _parse_select(args.select)
+    select = parse_select(args.select)
     env = init_distributed()
     rank, world = env.rank, env.world_size
     device = torch.device("cuda", torch.cuda.current_device())
@@ -77,7 +77,7 @@ def main() -> None:
 
     def run(local, windows):
         if args.fresh:  # k's tiles rolled: another selection, as a denoising run's next step makes
-            local = (local[0], _rolled(local[1], cfg.text_len, math.prod(cfg.tile) * next(rolls)), local[2])
+            local = (local[0], rolled_video(local[1], cfg.text_len, math.prod(cfg.tile) * next(rolls)), local[2])
         return attn(*local, window=windows, text_length=cfg.text_valid, **extra)
 
     def timed(local, windows) -> float:

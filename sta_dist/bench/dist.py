@@ -129,7 +129,7 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     if select is not None:  # a new selection every call, as in a denoising run: nothing cached by tile set helps
         times = []
         for j in range(reps):
-            k_j = _rolled(local[1], text_len, math.prod(tile) * (j + 1))
+            k_j = rolled_video(local[1], text_len, math.prod(tile) * (j + 1))
             times.append(_time_ms(lambda: call(local[0], k_j, local[2], window=windows, text_length=text_valid), 1,
                                   device))
         extra["ms_new_selection_each_call"] = statistics.median(times)
@@ -148,7 +148,7 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
                                                      **extra)
 
 
-def _rolled(x_bshd: torch.Tensor, text_len: int, shift: int) -> torch.Tensor:
+def rolled_video(x_bshd: torch.Tensor, text_len: int, shift: int) -> torch.Tensor:
     """``x`` with its video rows rolled by ``shift`` (a tile's tokens: other tile means, so
     another selection), the text rows kept."""
     n = x_bshd.shape[1] - text_len

@@ -139,7 +139,8 @@ def run_case(case: BenchCase, dtype=torch.bfloat16, seed: int = 0, with_anchors:
         n_video = geometry.volume(case.canvas)
         for name in case.anchors:
             if name == "flex":
-                fn = _flex(case.canvas, case.tile, case.text_len, case.text_valid, case.heads).set_windows(case.windows)
+                fn = flex_anchor(case.canvas, case.tile, case.text_len, case.text_valid,
+                                 case.heads).set_windows(case.windows)
                 order = torch.cat([perm, torch.arange(n_video, case.seq, device=device)])
                 qt, kt, vt = (x[:, order].transpose(1, 2).contiguous() for x in (q, k, v))
             else:
@@ -188,7 +189,7 @@ def sweep(case: BenchCase, configs: Sequence[dict], dtype=torch.bfloat16) -> lis
 
 
 @functools.lru_cache(maxsize=8)
-def _flex(canvas, tile, text_len, text_valid, heads) -> anchors.FlexSTA:
+def flex_anchor(canvas, tile, text_len, text_valid, heads) -> anchors.FlexSTA:
     """One FlexAttention anchor per problem shape, so window changes do not recompile."""
     return anchors.FlexSTA(canvas, tile, text_len, text_valid, heads, "cuda")
 
@@ -255,7 +256,7 @@ def run_replay(strategy: MaskStrategy, out_dir: str, canvas: Triple = HUNYUAN, h
     q, k, v = (torch.randn(1, S, heads, head_dim, generator=g, device="cuda", dtype=dtype) for _ in range(3))
     perm = geometry.tiled_permutation(canvas, TILE).to("cuda")
     qt, kt, vt = (x[:, perm].transpose(1, 2).contiguous() for x in (q, k, v))
-    flex = _flex(canvas, TILE, 0, 0, heads)
+    flex = flex_anchor(canvas, TILE, 0, 0, heads)
     sets = replay_sets(strategy)
     result: dict = dict(per_head={}, validated=[])
     path = os.path.join(out_dir, "replay.json")
