@@ -128,12 +128,14 @@ def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule,
     return out
 
 
-def _fetch_lists(needed: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm, overlap: bool = False):
+def _fetch_lists(attended: torch.Tensor, plan: ShardPlan, sched: CallSchedule, comm: Comm, overlap: bool = False):
     """Per tile-group member, the tiles this rank sends it and those it fetches from it,
-    from every member's ``needed [n_tiles]`` (gathered here: the exchange's counts;
-    ``overlap``: beside the attention, see :meth:`Comm.all_gather`)."""
+    from every member's tiles needed by any of its lists (``attended`` reduced to
+    ``[n_tiles]``, gathered here: the exchange's counts; ``overlap``: beside the attention,
+    see :meth:`Comm.all_gather`). One rank in the tile group: nothing to fetch."""
     if len(sched.tile_group) == 1:
         return ((),), ((),)
+    needed = attended.any(0).any(0).any(0)
     everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8), overlap=overlap)
     comm.settle_agreements()  # before the host waits for the device: ranks that disagree fail here, at once
     everyone = torch.stack(everyone).cpu().tolist()  # the host learns the sizes: the one wait for the device
@@ -194,7 +196,7 @@ def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedul
                         text_length, scale: float, backend: str):
     """Steps 4-5 in series: the counts, the fetch, one launch over the whole lists.
     ``(PartialOutput, the call's schedule, the tiles fetched per tile-group member)``."""
-    sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm)
+    sends, recvs = _fetch_lists(attended, plan, sched, comm)
     inputs = halo_exchange(box, sched, comm, sends, recvs)
     if len(sched.tile_group) > 1:
         sched = _fetched(sched, plan, sends, recvs)
@@ -225,7 +227,7 @@ def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple,
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         attended, width = choose(overlap=True)
         rest = key_tiles(attended & ~first, width)
-        sends, recvs = _fetch_lists(attended.any(0).any(0).any(0), plan, sched, comm, overlap=True)
+        sends, recvs = _fetch_lists(attended, plan, sched, comm, overlap=True)
         if fetching:  # the halo is the fetched tiles; only the second launch needs a layout holding them
             sched = dataclasses.replace(sched, halo_send=sends, halo_recv=recvs)
         rest_layout = _fetched_layout(sched, plan, recvs, 0) if fetching else _without_text_queries(sched.layout)
