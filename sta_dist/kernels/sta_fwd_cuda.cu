@@ -89,12 +89,24 @@ DEV void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
 }
 DEV void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory"); }
+// The consumers' wait: try_wait's own short timeout, then again (their waits are short).
 DEV void mbar_wait(uint32_t bar, uint32_t parity) {
   asm volatile(
       "{\n.reg .pred p;\nWAIT_%=:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
       "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
       "r"(parity)
+      : "memory");
+}
+// The loaders' wait for a ring slot (most of a trip): with a suspend-time hint (10 ms, an
+// upper bound) the thread sleeps until the phase completes instead of re-trying every few
+// dozen cycles in the issue slots of the consumer warps beside it (even to +1% on an H200).
+DEV void mbar_sleep(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, %2;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity), "r"(10000000)
       : "memory");
 }
 DEV void tma_load5(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3, int c4) {
@@ -234,7 +246,7 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
       t0 = ct * w.TT + sub * w.slices, h0 = ch * w.TH, w0 = cw * w.TW;
     }
     const int s = j % KST;
-    if (j >= KST) mbar_wait(empty + 8 * s, ((j / KST) - 1) & 1);
+    if (j >= KST) mbar_sleep(empty + 8 * s, ((j / KST) - 1) & 1);
     const uint32_t dst = base + s * KV_BYTES, bar = full + 8 * s;
     mbar_expect_tx(bar, KV_BYTES);
     for (int h = 0; h < 2; ++h) {
