@@ -211,7 +211,8 @@ for name, path in sorted(wheels.items()):
 
 # Nsight Compute on one launch of the Triton and of the CUDA kernel at the Hunyuan (3,3,3)
 # shape (tools/hopper_bench.py --once), clocks left free: headline metrics, then for the
-# CUDA kernel the stall reasons and the per-instruction stall samples of its SASS (CSV).
+# CUDA kernel the stall reasons and the per-instruction stall samples of its SASS (CSV), and
+# its hot loop region by region (tools/stall_regions.py: stall_regions.txt).
 job_profile() {
   setup
   local NCU="ncu --clock-control none --launch-count 1 -k regex:sta"
@@ -227,7 +228,7 @@ job_profile() {
       "$OUT/ncu_${impl}_$case.txt" | head -30
   done
   [ -f "$OUT/cuda_natural.ncu-rep" ] && ncu -i "$OUT/cuda_natural.ncu-rep" --page source --print-source sass --csv \
-    >"$OUT/cuda_sass.csv" 2>&1
+    >"$OUT/cuda_sass.csv" 2>&1 && python3 tools/stall_regions.py "$OUT/cuda_sass.csv" >"$OUT/stall_regions.txt"
   rm -f "$OUT"/*.ncu-rep
 }
 

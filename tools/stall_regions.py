@@ -1,0 +1,86 @@
+"""Where a kernel's hot loop spends its time, region by region, from Nsight Compute's source
+page (``ncu -i REP --page source --print-source sass --csv``; ``bash tools/gpu.sh profile``
+writes it as ``cuda_sass.csv``).
+
+The hot loop is the instructions with the largest execution count (a loop body, each of
+its instructions executed equally often); it is cut at its synchronisation points (named
+barriers, wgmma arrive, and each wgmma wait as a region of its own), and each region is printed with its instructions, its share
+of the loop's stall samples, its three largest stall reasons and its opcodes. Samples are
+per warp, so a region's share is the share of time the loop's warps spend there.
+
+    python3 tools/stall_regions.py out/cuda_sass.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+
+CUTS = ("BAR.SYNC", "WARPGROUP.ARRIVE", "WARPGROUP.DEPBAR")
+WAITS = ("WARPGROUP.DEPBAR",)
+
+
+def opcode(source: str) -> str:
+    words = source.split()
+    if not words:
+        return ""
+    return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+
+
+def read(path: str) -> list[dict]:
+    """The CSV's instruction rows: ``source``, ``executed``, ``samples`` and ``stalls``."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    names = rows[header]
+    col = {n: i for i, n in enumerate(names)}
+    reasons = [n for n in names if n.startswith("stall_") and "Not Issued" not in n]
+    out = []
+    for r in rows[header + 1:]:
+        if len(r) < len(names):
+            continue
+        out.append(dict(source=r[col["Source"]].strip(), executed=int(r[col["Instructions Executed"]] or 0),
+                        samples=int(r[col["Warp Stall Sampling (All Samples)"]] or 0),
+                        stalls={n[6:]: int(r[col[n]] or 0) for n in reasons}))
+    return out
+
+
+def regions(rows: list[dict]) -> list[list[dict]]:
+    """The hot loop's instructions (the most frequent execution count among those executed
+    more than once per launch), in address order, cut before each synchronisation point."""
+    counts = collections.Counter(r["executed"] for r in rows if r["executed"] > 0)
+    hot = max(counts, key=lambda c: (c * counts[c], c))
+    out: list[list[dict]] = []
+    alone = False  # the last instruction was a wait: it is a region of its own
+    for r in rows:
+        if r["executed"] != hot:
+            continue
+        op = opcode(r["source"])
+        if not out or alone or op.startswith(CUTS):
+            out.append([])
+        out[-1].append(r)
+        alone = op.startswith(WAITS)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", help="Nsight Compute's source page as CSV (SASS)")
+    args = ap.parse_args()
+    parts = regions(read(args.csv))
+    total = sum(r["samples"] for part in parts for r in part) or 1
+    print(f"hot loop: {sum(map(len, parts))} instructions, {total} samples, {len(parts)} regions")
+    for part in parts:
+        samples = sum(r["samples"] for r in part)
+        stalls = collections.Counter()
+        for r in part:
+            stalls.update(r["stalls"])
+        ops = collections.Counter(opcode(r["source"]).split(".")[0] for r in part)
+        top = ", ".join(f"{k} {v / max(samples, 1):.0%}" for k, v in stalls.most_common(3) if v)
+        print(f"{100 * samples / total:5.1f}%  {len(part):4d} instr  from {opcode(part[0]['source']):24s} {top}")
+        print("        " + " ".join(f"{k}x{v}" for k, v in ops.most_common(8)))
+
+
+if __name__ == "__main__":
+    main()
