@@ -51,6 +51,19 @@ def test_regions_cut_at_waits(tmp_path):
     assert parts[1][0]["stalls"]["barrier"] == 60
 
 
+def test_picks_kernel_by_name(tmp_path):
+    tool = load_tool()
+    write_page(tmp_path / "a.csv")
+    text = (tmp_path / "a.csv").read_text()
+    (tmp_path / "two.csv").write_text(text.replace("sta_fwd_kernel", "other_kernel") + text)
+    assert len(tool.read(str(tmp_path / "two.csv"), "sta_fwd")) == 8
+    assert tool.read(str(tmp_path / "two.csv"), "other")[0]["source"] == "MOV R1, c[0x0][0x28]"
+    out = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "two.csv"), "--kernel", "flash"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "no kernel whose name contains 'flash'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_report_shares(tmp_path):
     write_page(tmp_path / "page.csv")
     out = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "page.csv")], capture_output=True, text=True,

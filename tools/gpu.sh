@@ -19,7 +19,8 @@
 #   hopper [kernels]     the CUDA kernel's GPU tests, then tools/hopper_bench.py (default cuda,triton); AB="DIR ...":
 #                        twice, each time also each DIR's copy of sta_dist (e.g. an older commit's)
 #   fa4                  FlashAttention-4 beside our kernel (tools/fa4_bench.py; wheels in .whl-fa4/a, .whl-fa4/b;
-#                        FA4_CASES, FA4_ROWS: a subset; NCU=1: also Nsight Compute on one call of each row)
+#                        FA4_CASES, FA4_ROWS: a subset; NCU=1: also Nsight Compute on one call of each row,
+#                        and each kernel's hot loop region by region)
 #   fba                  HunyuanVideo-1.5's flex-block-attn built from .fba/src, beside ours (tools/fba_bench.py)
 #   halo                 the overlapped exchanges (halo beside the box's keys, head mode in place) on 2 GPUs:
 #                        GPU tests, one GPU, the layer (default vs staged), PROFILE=1 its profile, the real
@@ -199,12 +200,20 @@ for name, path in sorted(wheels.items()):
   if [ "${NCU:-0}" = 1 ]; then
     timeout 300 ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
-      --section SchedulerStats --section LaunchStats -o "$OUT/fa4_ncu" \
+      --section SchedulerStats --section LaunchStats --section SourceCounters --import-source no -o "$OUT/fa4_ncu" \
       python3 tools/fa4_bench.py --out "$OUT/once" --once $args >"$OUT/fa4_ncu_run.log" 2>&1
     echo "ncu exit: $? (124 = the 300 s limit)"
     ncu -i "$OUT/fa4_ncu.ncu-rep" --page details --print-details all >"$OUT/fa4_ncu.txt" 2>&1
     grep -E "^  [a-z_]|Duration|Throughput|Busy|Hit Rate|Issue Slots|Executed Ipc|Warp Cycles Per Issued|Registers Per|Block Size|Grid Size|Stall (Wait|Long|Barrier|Math|Not Selected|Selected|Short)|No Eligible|Eligible Warps" \
       "$OUT/fa4_ncu.txt" | head -80
+    # each kernel's hot loop region by region (tools/stall_regions.py), from the source page
+    ncu -i "$OUT/fa4_ncu.ncu-rep" --page source --print-source sass --csv >"$OUT/fa4_sass.csv" 2>&1
+    local k
+    for k in sta_fwd_kernel FlashAttentionForwardSm90; do
+      grep -q "$k" "$OUT/fa4_sass.csv" && python3 tools/stall_regions.py "$OUT/fa4_sass.csv" --kernel "$k" \
+        | tee "$OUT/stall_regions_$k.txt" | head -n 70
+    done
+    gzip -f "$OUT/fa4_sass.csv"
     rm -f "$OUT/fa4_ncu.ncu-rep"
   fi
 }

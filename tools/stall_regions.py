@@ -9,6 +9,7 @@ of the loop's stall samples, its three largest stall reasons and its opcodes. Sa
 per warp, so a region's share is the share of time the loop's warps spend there.
 
     python3 tools/stall_regions.py out/cuda_sass.csv
+    python3 tools/stall_regions.py out/fa4_sass.csv --kernel FlashAttentionForwardSm90
 """
 
 from __future__ import annotations
@@ -28,16 +29,23 @@ def opcode(source: str) -> str:
     return words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
 
 
-def read(path: str) -> list[dict]:
-    """The CSV's instruction rows: ``source``, ``executed``, ``samples`` and ``stalls``."""
+def read(path: str, kernel: str = "") -> list[dict]:
+    """The instruction rows (``source``, ``executed``, ``samples``, ``stalls``) of the first
+    kernel in the CSV whose name contains ``kernel``."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    header = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    starts = [i for i, r in enumerate(rows) if r and r[0] == "Kernel Name"] + [len(rows)]
+    picked = [(a, b) for a, b in zip(starts, starts[1:]) if kernel in rows[a][1]]
+    if not picked:
+        names = [rows[a][1][:60] for a in starts[:-1]]
+        raise SystemExit(f"stall_regions: no kernel whose name contains {kernel!r} in {path}: {names}")
+    first, end = picked[0]
+    header = next(i for i in range(first, end) if rows[i] and rows[i][0] == "Address")
     names = rows[header]
     col = {n: i for i, n in enumerate(names)}
     reasons = [n for n in names if n.startswith("stall_") and "Not Issued" not in n]
     out = []
-    for r in rows[header + 1:]:
+    for r in rows[header + 1:end]:
         if len(r) < len(names):
             continue
         out.append(dict(source=r[col["Source"]].strip(), executed=int(r[col["Instructions Executed"]] or 0),
@@ -67,8 +75,9 @@ def regions(rows: list[dict]) -> list[list[dict]]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("csv", help="Nsight Compute's source page as CSV (SASS)")
+    ap.add_argument("--kernel", default="", help="the first kernel whose name contains this (default: the first)")
     args = ap.parse_args()
-    parts = regions(read(args.csv))
+    parts = regions(read(args.csv, args.kernel))
     total = sum(r["samples"] for part in parts for r in part) or 1
     print(f"hot loop: {sum(map(len, parts))} instructions, {total} samples, {len(parts)} regions")
     for part in parts:
