@@ -36,12 +36,9 @@
 //   block): S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued together as asynchronous wgmma,
 //   the softmax of S_j run while PV_{j-1} is in flight (FA3's intra-warpgroup overlap),
 //   and the two warpgroups take turns issuing (FA3's ping-pong, named barriers 1 and 2).
-// - P_j is converted to its 16-bit register operand while PV_{j-1} still reads P_{j-1}:
-//   the trip loop is unrolled by two with two operand arrays, and the wait that retires
-//   PV_{j-1} sits at the top of the next trip (after the ready waits, whose loops ptxas
-//   does not move it across). ``keep_live`` gives P_{j-1} a real use after that wait, so
-//   ptxas keeps the two arrays in different registers instead of moving the wait up
-//   (which it does, to reuse the registers, without it).
+// - Trip j (FA4's order): S_j and PV_{j-1} issued in turn, S_j's row maxima computed while
+//   PV_{j-1} runs, then PV_{j-1} retired, O rescaled and P_j written over P_{j-1} (one
+//   register operand array; the retire comes before P is written, so ptxas needs no hint).
 //
 // Key blocks: text blocks first (the partial one as block 0, so the one column mask
 // sits outside the loop), then the window's video blocks, tile by tile (t, then h, then
@@ -75,7 +72,7 @@ struct Params {
   const int *heads, *q_tiles, *kv_tiles, *sel_keys, *sel_counts;  // sel_keys nullptr: windows
   long long so_b, so_s, lse_b, lse_h, sel_kb, sel_kh, sel_kq, sel_cb, sel_ch;
   int q_stride, kv_stride, packed, n_heads, grid_t, grid_h, grid_w, TT, TH, TW, bpt, canvas_h, canvas_w, text_row,
-      n_text, never;
+      n_text;
   int clip_lo[3], clip_hi[3];  // windows cut to the key tiles [lo, hi) per axis (the whole grid: no cut)
   float scale;  // softmax scale * log2(e)
 };
@@ -138,17 +135,6 @@ template <int N>
 DEV void fence_r(uint32_t (&x)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i])::"memory");
-}
-// See the file comment: a store predicated off at run time (never == 0) and on o0, which
-// exists only after the wait that retires the product reading x.
-DEV void keep_live(const uint32_t (&x)[32], int never, float o0, uint32_t addr) {
-#pragma unroll
-  for (int i = 0; i < 32; i += 4)
-    asm volatile(
-        "{\n.reg .pred p, q;\nsetp.ne.b32 p, %4, 0;\nsetp.eq.f32 q, %6, %6;\nand.pred p, p, q;\n"
-        "@p st.shared.v4.b32 [%5], {%0, %1, %2, %3};\n}\n" ::"r"(x[i]),
-        "r"(x[i + 1]), "r"(x[i + 2]), "r"(x[i + 3]), "r"(never), "r"(addr), "f"(o0)
-        : "memory");
 }
 DEV void bar_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
 DEV void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
@@ -275,7 +261,7 @@ struct Consumer {
   float m[2], l[2], alpha[2];
   uint32_t q_desc, k_desc, v_desc;  // descriptor low words of q's half and slot 0 of K, V
   uint32_t k_full, v_full, k_empty, v_empty, q_base;
-  int n, never;
+  int n;
   float scale;
   const uint16_t* o_src[2];  // resumed: where the earlier output of the thread's two rows lies
 
@@ -325,6 +311,10 @@ struct Consumer {
   // packed at once into the operand P; row sums kept per thread. ``valid``: columns of
   // this block that count (block 0 may be a partial text block).
   DEV void softmax(bool first, uint32_t (&P)[32], int valid = 128) {
+    row_max(first, valid);
+    exps(first, P);
+  }
+  DEV void row_max(bool first, int valid = 128) {
     if (valid < 128) {
       const int q2 = 2 * (threadIdx.x & 3);
 #pragma unroll
@@ -348,6 +338,8 @@ struct Consumer {
       alpha[r] = first ? 1.f : ex2(m[r] - m_new);
       m[r] = m_new;
     }
+  }
+  DEV void exps(bool first, uint32_t (&P)[32]) {
     float s4[2][4];  // four independent partial sums per row
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
@@ -362,38 +354,39 @@ struct Consumer {
       l[r] = first ? sum : fmaf(l[r], alpha[r], sum);
     }
   }
-  // Retire PV_{j-2} (it read Pold), release its V slot and scale O by alpha_{j-1}.
-  DEV void retire(int j, uint32_t (&Pold)[32]) {
-    wg_wait<0>();
-    fence_f(O);
-    keep_live(Pold, never, O[0], q_base);
-    if (j >= 2) release(v_empty + 8 * ((j - 2) % VST));
+  DEV void rescale_o() {
 #pragma unroll
     for (int i = 0; i < 64; ++i) O[i] *= alpha[(i >> 1) & 1];
   }
-  // Trip j >= 1 (Pin = P_{j-1}; Pout held P_{j-2}, read by the product retired first).
-  DEV void trip(int j, uint32_t (&Pin)[32], uint32_t (&Pout)[32]) {
+  // Trip j >= 1 (P = P_{j-1} in, P_j out): S_j and PV_{j-1} issued in turn; S_j's row
+  // maxima; then PV_{j-1} retired (P free again, its V slot released), O rescaled and the
+  // exponentials of S_j written into P (the multiplies beside the exponentials).
+  DEV void trip(int j, uint32_t (&P)[32]) {
     const int sk = j % KST, sv = (j - 1) % VST;
     mbar_wait(k_full + 8 * sk, (j / KST) & 1);
     mbar_wait(v_full + 8 * sv, ((j - 1) / VST) & 1);
-    retire(j, Pout);
     turn_wait(false);
     fence_f(O);
-    fence_r(Pin);
+    fence_r(P);
     wg_fence();
     issue_s(sk);
-    issue_pv(Pin, sv);
+    issue_pv(P, sv);
     turn_pass(j == n - 1);
     wg_wait<1>();
     fence_f(S);
     release(k_empty + 8 * sk);
-    softmax(false, Pout);
+    row_max(false);
+    wg_wait<0>();
+    fence_f(O);
+    fence_r(P);
+    release(v_empty + 8 * sv);
+    rescale_o();
+    exps(false, P);
   }
-  // After the last trip (P = P_{n-1}, Pold = P_{n-2}).
-  DEV void last_pv(uint32_t (&P)[32], uint32_t (&Pold)[32]) {
+  // After the last trip (P = P_{n-1}).
+  DEV void last_pv(uint32_t (&P)[32]) {
     const int sv = (n - 1) % VST;
     mbar_wait(v_full + 8 * sv, ((n - 1) / VST) & 1);
-    retire(n, Pold);
     fence_f(O);
     fence_r(P);
     wg_fence();
@@ -404,7 +397,7 @@ struct Consumer {
   }
 
   DEV void run(int first_valid) {
-    uint32_t Pa[32], Pb[32];
+    uint32_t P[32];
     mbar_wait(k_full, 0);
     turn_wait(true);
     wg_fence();
@@ -413,24 +406,16 @@ struct Consumer {
     wg_wait<0>();
     fence_f(S);
     release(k_empty);
-    softmax(!RESUME, Pa, first_valid);  // resumed: m and l hold the earlier keys' state
+    softmax(!RESUME, P, first_valid);  // resumed: m and l hold the earlier keys' state
     if constexpr (RESUME) {
       load_o();
+      rescale_o();  // to block 0's maximum, before PV_0 adds to it
     } else {
 #pragma unroll
       for (int i = 0; i < 64; ++i) O[i] = 0.f;
     }
-    int j = 1;
-    for (; j + 1 < n; j += 2) {
-      trip(j, Pa, Pb);
-      trip(j + 1, Pb, Pa);
-    }
-    if (j < n) {
-      trip(j, Pa, Pb);
-      last_pv(Pb, Pa);
-    } else {
-      last_pv(Pa, Pb);
-    }
+    for (int j = 1; j < n; ++j) trip(j, P);
+    last_pv(P);
   }
 };
 
@@ -489,7 +474,6 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
                  const QueryRows& rows) {
   Consumer<C, F16, RESUME> cs;
   cs.n = n;
-  cs.never = p.never;
   cs.scale = p.scale;
   cs.q_base = q_base + C * 16384;
   cs.q_desc = (cs.q_base & 0x3FFFF) >> 4;
@@ -674,7 +658,7 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
   p.q_stride = q_stride, p.kv_stride = kv_stride, p.packed = packed;
   p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / TH, p.grid_w = W / TW;
   p.TT = TT, p.TH = TH, p.TW = TW, p.bpt = TT * TH * TW / 128;
-  p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.never = 0, p.scale = scale;
+  p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.scale = scale;
   for (int a = 0; a < 3; ++a) p.clip_lo[a] = clip[a], p.clip_hi[a] = clip[3 + a];
   const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
   const dim3 grid(q_blocks, B * n_heads);
