@@ -360,7 +360,7 @@ struct Consumer {
   }
   // Trip j >= 1 (P = P_{j-1} in, P_j out): S_j and PV_{j-1} issued in turn; S_j's row
   // maxima; then PV_{j-1} retired (P free again, its V slot released), O rescaled and the
-  // exponentials of S_j written into P (the multiplies beside the exponentials).
+  // exponentials of S_j written into P (ptxas places O's multiplies after the exponentials).
   DEV void trip(int j, uint32_t (&P)[32]) {
     const int sk = j % KST, sv = (j - 1) % VST;
     mbar_wait(k_full + 8 * sk, (j / KST) & 1);
