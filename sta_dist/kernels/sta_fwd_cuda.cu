@@ -260,7 +260,7 @@ struct Consumer {
   float O[64];
   float m[2], l[2], alpha[2];
   uint32_t q_desc, k_desc, v_desc;  // descriptor low words of q's half and slot 0 of K, V
-  uint32_t k_full, v_full, k_empty, v_empty, q_base;
+  uint32_t k_full, v_full, k_empty, v_empty;
   int n;
   float scale;
   const uint16_t* o_src[2];  // resumed: where the earlier output of the thread's two rows lies
@@ -475,8 +475,7 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   Consumer<C, F16, RESUME> cs;
   cs.n = n;
   cs.scale = p.scale;
-  cs.q_base = q_base + C * 16384;
-  cs.q_desc = (cs.q_base & 0x3FFFF) >> 4;
+  cs.q_desc = ((q_base + C * 16384) & 0x3FFFF) >> 4;  // the warpgroup's half of q
   cs.k_desc = (k_base & 0x3FFFF) >> 4;
   cs.v_desc = ((v_base & 0x3FFFF) >> 4) | ((16384 >> 4) << 16);  // V: LBO = the second 64-column half
   cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
