@@ -2,11 +2,13 @@
 page (``ncu -i REP --page source --print-source sass --csv``; ``bash tools/gpu.sh profile``
 writes it as ``cuda_sass.csv``).
 
-The hot loop is the instructions with the largest execution count (a loop body, each of
-its instructions executed equally often); it is cut at its synchronisation points (named
-barriers, wgmma arrive, and each wgmma wait as a region of its own), and each region is printed with its instructions, its share
-of the loop's stall samples, its three largest stall reasons and its opcodes. Samples are
-per warp, so a region's share is the share of time the loop's warps spend there.
+The hot loop is the instructions sharing the execution count that accounts for the most
+executed instructions (count x instructions: a loop body, each of its instructions executed
+equally often; a short spin loop runs more often but weighs less). It is cut at its
+synchronisation points (named barriers, wgmma arrive, and each wgmma wait as a region of its
+own), and each region is printed with its instructions, its share of the loop's stall
+samples, its three largest stall reasons and its opcodes. Samples are per warp, so a
+region's share is the share of time the loop's warps spend there.
 
     python3 tools/stall_regions.py out/cuda_sass.csv
     python3 tools/stall_regions.py out/fa4_sass.csv --kernel FlashAttentionForwardSm90
@@ -55,8 +57,8 @@ def read(path: str, kernel: str = "") -> list[dict]:
 
 
 def regions(rows: list[dict]) -> list[list[dict]]:
-    """The hot loop's instructions (the most frequent execution count among those executed
-    more than once per launch), in address order, cut before each synchronisation point."""
+    """The hot loop's instructions (those sharing the execution count with the largest
+    count x instructions), in address order, cut before each synchronisation point."""
     counts = collections.Counter(r["executed"] for r in rows if r["executed"] > 0)
     hot = max(counts, key=lambda c: (c * counts[c], c))
     out: list[list[dict]] = []
