@@ -40,12 +40,15 @@
 //   PV_{j-1} runs, then PV_{j-1} retired, O rescaled and P_j written over P_{j-1} (one
 //   register operand array; the retire comes before P is written, so ptxas needs no hint).
 //
-// Key blocks: text blocks first (the partial one as block 0, so the one column mask
-// sits outside the loop), then the window's video blocks, tile by tile (t, then h, then
-// w), 128 rows at a time. Natural: a 5-D box [1, 128/(TH*TW), TH, TW, 64] of the view
-// [B, T, H, W, heads*128] per 64-column half; packed: a 3-D box [1, 128, 64] of [B, S,
-// heads*128] at the tile's first row from kv_tiles. Either way shared memory holds 128
-// rows of 128 bytes in (t, h, w) order with the 128-byte swizzle (two copies per block).
+// Key blocks of BN rows: 192 where a tile holds whole blocks of 192 (HunyuanVideo's and
+// Wan's 6x8x8; half again the keys per turn, so the turn's fixed costs, the maxima's
+// shuffles and O's rescale count a third less: 3-4% faster), else 128. Text blocks first
+// (the partial one as block 0, so the one column mask sits outside the loop), then the
+// window's video blocks, tile by tile (t, then h, then w), BN rows at a time. Natural: a
+// 5-D box [1, BN/(TH*TW), TH, TW, 64] of the view [B, T, H, W, heads*128] per 64-column
+// half; packed: a 3-D box [1, BN, 64] of [B, S, heads*128] at the tile's first row from
+// kv_tiles. Either way shared memory holds BN rows of 128 bytes in (t, h, w) order with
+// the 128-byte swizzle (two copies per block).
 // Text blocks are such 3-D boxes from text_row on.
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -59,8 +62,13 @@ namespace {
 
 constexpr int KST = 2, VST = 2;                     // ring slots
 constexpr int THREADS = 384;                        // loader + two consumer warpgroups
-constexpr int Q_BYTES = 2 * 16384, KV_BYTES = 32768;  // q: two 64-row halves; K or V: 128 rows
-constexpr int SMEM_BYTES = Q_BYTES + (KST + VST) * KV_BYTES + 1024 /*barriers*/ + 1024 /*alignment*/;
+constexpr int Q_BYTES = 2 * 16384;                 // q: two 64-row halves
+// Key blocks of BN rows (128, or 192 where the tiles allow: half the turns per key). K or V:
+// BN rows of 256 bytes, as two 64-column halves of BN rows each.
+template <int BN>
+constexpr int KV_BYTES = BN * 256;
+template <int BN>
+constexpr int SMEM_BYTES = Q_BYTES + (KST + VST) * KV_BYTES<BN> + 1024 /*barriers*/ + 1024 /*alignment*/;
 constexpr uint32_t DESC_HI = 0x40000040u;           // descriptor high word: 128-byte swizzle, SBO 1024 B
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -153,7 +161,7 @@ DEV uint32_t pack2(float lo, float hi) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
   return r;
 }
-// wgmma m64n128k16, fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
+// wgmma m64nNk16 (N = 128 or 192), fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
 // r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors are 64-bit: the
 // low word (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI, joined once per
 // product (``Consumer::desc``) and stepped by adding to the whole value (no carry leaves the
@@ -161,23 +169,31 @@ DEV uint32_t pack2(float lo, float hi) {
 // cost three uniform moves each.
 #define ACC64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
 #define D64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define WGMMA_SS(T)                                                                                  \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                     \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+#define ACC96 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}"
+#define D96(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+#define WGMMA_SS(T, N, ACC, A, B, SD)                                         \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %" SD ", 0;\n"                            \
+  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." T "." T " " ACC ", %" A ", %" B ", p, 1, 1, 0, 0;\n}\n"
 #define WGMMA_RS(T)                                      \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
 
-template <bool F16>
-DEV void wgmma_ss(float (&d)[64], uint64_t a, uint64_t b, int scale_d) {
-  if constexpr (F16)
-    asm volatile(WGMMA_SS("f16") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
+// S = Q K^T for a key block of 128 or 192 rows (64 or 96 accumulators).
+template <bool F16, int NA>
+DEV void wgmma_ss(float (&d)[NA], uint64_t a, uint64_t b, int scale_d) {
+  static_assert(NA == 64 || NA == 96);
+  if constexpr (NA == 64 && F16)
+    asm volatile(WGMMA_SS("f16", "128", ACC64, "64", "65", "66") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
+  else if constexpr (NA == 64)
+    asm volatile(WGMMA_SS("bf16", "128", ACC64, "64", "65", "66") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
+  else if constexpr (F16)
+    asm volatile(WGMMA_SS("f16", "192", ACC96, "96", "97", "98") : D96(d) : "l"(a), "l"(b), "r"(scale_d));
   else
-    asm volatile(WGMMA_SS("bf16") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
+    asm volatile(WGMMA_SS("bf16", "192", ACC96, "96", "97", "98") : D96(d) : "l"(a), "l"(b), "r"(scale_d));
 }
 // A from registers (four per 16-column step, the accumulator layout packed in pairs),
 // B (V) transposed: N = head dim contiguous.
-template <bool F16>
-DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[32], int kk, uint64_t b) {
+template <bool F16, int NP>
+DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[NP], int kk, uint64_t b) {
   if constexpr (F16)
     asm volatile(WGMMA_RS("f16") : D64(d)
                  : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "l"(b));
@@ -204,6 +220,7 @@ DEV int quotient(int g, int d) { return __float2int_rz((g + 0.5f) * __frcp_rn(st
 // fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves. Where
 // block j lies is worked out before that wait, so a key table's reads (the list entry, the
 // tile's first row) are in flight while the slot drains, not in the ring's critical path.
+template <int BN>
 DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
                    uint32_t empty) {
   int sub = 0, ti = 0, hi = 0, wi = 0, e = 0;  // the next video block (window: without divisions)
@@ -213,13 +230,13 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
     int row = 0, w0 = 0, h0 = 0, t0 = 0;
     const bool text = j < w.n_tb, five = !text && !w.packed;
     if (text) {
-      row = w.text_row + (w.n_tb - 1 - j) * 128;
+      row = w.text_row + (w.n_tb - 1 - j) * BN;
     } else if (w.packed) {
       const int g = w.list ? __ldg(w.list + e) : ((w.st + ti) * w.grid_h + w.sh + hi) * w.grid_w + w.sw + wi;
       // ~row: the halo's row, through its map (Params' k or v, two maps before kt or vt)
       const int first = __ldg(w.kv_tiles + g * w.kv_stride);
       map = rows - (first < 0 ? 2 : 0);
-      row = (first < 0 ? ~first : first) + sub * 128;
+      row = (first < 0 ? ~first : first) + sub * BN;
     } else {
       int ct = w.st + ti, ch = w.sh + hi, cw = w.sw + wi;
       if (w.list) {  // the listed tile's (t, h, w) without integer divisions (~30 dependent instructions each)
@@ -233,13 +250,13 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
     }
     const int s = j % KST;
     if (j >= KST) mbar_sleep(empty + 8 * s, ((j / KST) - 1) & 1);
-    const uint32_t dst = base + s * KV_BYTES, bar = full + 8 * s;
-    mbar_expect_tx(bar, KV_BYTES);
+    const uint32_t dst = base + s * KV_BYTES<BN>, bar = full + 8 * s;
+    mbar_expect_tx(bar, KV_BYTES<BN>);
     for (int h = 0; h < 2; ++h) {
       if (five)
-        tma_load5(dst + h * 16384, video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
+        tma_load5(dst + h * (BN * 128), video, bar, w.kv_col + h * 64, w0, h0, t0, w.b);
       else
-        tma_load3(dst + h * 16384, map, bar, w.kv_col + h * 64, row, w.b);
+        tma_load3(dst + h * (BN * 128), map, bar, w.kv_col + h * 64, row, w.b);
     }
     if (text || ++sub < w.bpt) continue;
     sub = 0;
@@ -254,9 +271,12 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 
 // --- computing -----------------------------------------------------------------------------
 // One consumer warpgroup: 64 query rows. Per thread two rows (r0, r0 + 8) of S and O.
-template <int C, bool F16, bool RESUME>
+template <int C, bool F16, bool RESUME, int BN>
 struct Consumer {
-  float S[64];
+  static constexpr int NS = BN / 2, NP = BN / 4;  // S's accumulators and P's registers per thread
+  static constexpr int WG = C;
+  static constexpr bool HALF = F16;
+  float S[NS];
   float O[64];
   float m[2], l[2], alpha[2];
   uint32_t q_desc, k_desc, v_desc;  // descriptor low words of q's half and slot 0 of K, V
@@ -294,37 +314,37 @@ struct Consumer {
   // Descriptors as 64-bit values (the constant high word joined once), offsets added whole.
   DEV static uint64_t desc(uint32_t lo) { return (static_cast<uint64_t>(DESC_HI) << 32) | lo; }
   DEV void issue_s(int sk) {
-    const uint64_t qd = desc(q_desc), kd = desc(k_desc + sk * (KV_BYTES >> 4));
+    const uint64_t qd = desc(q_desc), kd = desc(k_desc + sk * (KV_BYTES<BN> >> 4));
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma_ss<F16>(S, qd + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16, kd + ((kk >> 2) * 16384 + (kk & 3) * 32) / 16,
+      wgmma_ss<F16>(S, qd + ((kk >> 2) * 8192 + (kk & 3) * 32) / 16, kd + ((kk >> 2) * (BN * 128) + (kk & 3) * 32) / 16,
                     kk > 0);
     wg_commit();
   }
-  DEV void issue_pv(const uint32_t (&P)[32], int sv) {
-    const uint64_t vd = desc(v_desc + sv * (KV_BYTES >> 4));
+  DEV void issue_pv(const uint32_t (&P)[NP], int sv) {
+    const uint64_t vd = desc(v_desc + sv * (KV_BYTES<BN> >> 4));
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) wgmma_rs<F16>(O, P, kk, vd + kk * (2048 / 16));
+    for (int kk = 0; kk < BN / 16; ++kk) wgmma_rs<F16>(O, P, kk, vd + kk * (2048 / 16));
     wg_commit();
   }
   // Online softmax of S (exp2, the scale folded into one FMA), each pair of exponentials
   // packed at once into the operand P; row sums kept per thread. ``valid``: columns of
   // this block that count (block 0 may be a partial text block).
-  DEV void softmax(bool first, uint32_t (&P)[32], int valid = 128) {
+  DEV void softmax(bool first, uint32_t (&P)[NP], int valid = BN) {
     row_max(first, valid);
     exps(first, P);
   }
-  DEV void row_max(bool first, int valid = 128) {
-    if (valid < 128) {
+  DEV void row_max(bool first, int valid = BN) {
+    if (valid < BN) {
       const int q2 = 2 * (threadIdx.x & 3);
 #pragma unroll
-      for (int i = 0; i < 64; ++i)
+      for (int i = 0; i < NS; ++i)
         if (8 * (i >> 2) + q2 + (i & 1) >= valid) S[i] = -INFINITY;
     }
     // Four independent maxima per row (S[i] is row (i >> 1) & 1), each started at its first value.
     float m4[2][4];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) {
+    for (int i = 0; i < NS; ++i) {
       const int r = (i >> 1) & 1, k = (i >> 2) & 3;
       m4[r][k] = (i < 16 && !(i & 1)) ? S[i] : fmaxf(m4[r][k], S[i]);
     }
@@ -339,10 +359,10 @@ struct Consumer {
       m[r] = m_new;
     }
   }
-  DEV void exps(bool first, uint32_t (&P)[32]) {
+  DEV void exps(bool first, uint32_t (&P)[NP]) {
     float s4[2][4];  // four independent partial sums per row
 #pragma unroll
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < NP; ++i) {
       const int r = i & 1, k = (i >> 1) & 3;  // S[2i], S[2i+1] lie in row r0 for even i, r0 + 8 for odd i
       const float e0 = ex2(fmaf(S[2 * i], scale, -m[r])), e1 = ex2(fmaf(S[2 * i + 1], scale, -m[r]));
       s4[r][k] = i < 8 ? e0 + e1 : s4[r][k] + (e0 + e1);
@@ -361,7 +381,7 @@ struct Consumer {
   // Trip j >= 1 (P = P_{j-1} in, P_j out): S_j and PV_{j-1} issued in turn; S_j's row
   // maxima; then PV_{j-1} retired (P free again, its V slot released), O rescaled and the
   // exponentials of S_j written into P (ptxas places O's multiplies after the exponentials).
-  DEV void trip(int j, uint32_t (&P)[32]) {
+  DEV void trip(int j, uint32_t (&P)[NP]) {
     const int sk = j % KST, sv = (j - 1) % VST;
     mbar_wait(k_full + 8 * sk, (j / KST) & 1);
     mbar_wait(v_full + 8 * sv, ((j - 1) / VST) & 1);
@@ -384,7 +404,7 @@ struct Consumer {
     exps(false, P);
   }
   // After the last trip (P = P_{n-1}).
-  DEV void last_pv(uint32_t (&P)[32]) {
+  DEV void last_pv(uint32_t (&P)[NP]) {
     const int sv = (n - 1) % VST;
     mbar_wait(v_full + 8 * sv, ((n - 1) / VST) & 1);
     fence_f(O);
@@ -397,7 +417,7 @@ struct Consumer {
   }
 
   DEV void run(int first_valid) {
-    uint32_t P[32];
+    uint32_t P[NP];
     mbar_wait(k_full, 0);
     turn_wait(true);
     wg_fence();
@@ -432,8 +452,8 @@ struct QueryRows {
 
 // Normalise O and write the warpgroup's 64 rows (block rows 64*C on), and their
 // log-sum-exp if asked: (m + log2 l) in natural-log units (m is kept in log2 units).
-template <int C, bool F16, bool RESUME>
-DEV void store(const Params& p, const Consumer<C, F16, RESUME>& cs, int b, int qh, const QueryRows& rows) {
+template <class Cs>
+DEV void store(const Params& p, const Cs& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -441,12 +461,12 @@ DEV void store(const Params& p, const Consumer<C, F16, RESUME>& cs, int b, int q
     s += __shfl_xor_sync(0xffffffff, s, 1);
     s += __shfl_xor_sync(0xffffffff, s, 2);
     const float inv = s > 0.f ? 1.f / s : 0.f;  // s == 0: no key at all (an empty list)
-    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
+    const long long tok = rows.token(64 * Cs::WG + 16 * warp + lane / 4 + 8 * r);
     uint16_t* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int i = 4 * jj + 2 * r;
-      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<F16>(cs.O[i] * inv, cs.O[i + 1] * inv);
+      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<Cs::HALF>(cs.O[i] * inv, cs.O[i + 1] * inv);
     }
     if (p.lse && lane % 4 == 0)
       p.lse[b * p.lse_b + qh * p.lse_h + tok] = s > 0.f ? (cs.m[r] + __log2f(s)) * LN2 : -INFINITY;
@@ -456,34 +476,34 @@ DEV void store(const Params& p, const Consumer<C, F16, RESUME>& cs, int b, int q
 // A resumed launch's state of the warpgroup's rows, as ``store`` left them: m the
 // log-sum-exp (log2 units), the row sum 1 spread over the four threads of a row (``store``
 // adds them up), and where the output lies (read into O after the first block's softmax).
-template <int C, bool F16, bool RESUME>
-DEV void resume_state(const Params& p, Consumer<C, F16, RESUME>& cs, int b, int qh, const QueryRows& rows) {
+template <class Cs>
+DEV void resume_state(const Params& p, Cs& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
+    const long long tok = rows.token(64 * Cs::WG + 16 * warp + lane / 4 + 8 * r);
     cs.o_src[r] = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
     cs.m[r] = p.lse[b * p.lse_b + qh * p.lse_h + tok] * (1.f / LN2);
     cs.l[r] = 0.25f;
   }
 }
 
-template <int C, bool F16, bool RESUME>
+template <int C, bool F16, bool RESUME, int BN>
 DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, uint32_t q_full, uint32_t k_full,
                  uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh,
                  const QueryRows& rows) {
-  Consumer<C, F16, RESUME> cs;
+  Consumer<C, F16, RESUME, BN> cs;
   cs.n = n;
   cs.scale = p.scale;
   cs.q_desc = ((q_base + C * 16384) & 0x3FFFF) >> 4;  // the warpgroup's half of q
   cs.k_desc = (k_base & 0x3FFFF) >> 4;
-  cs.v_desc = ((v_base & 0x3FFFF) >> 4) | ((16384 >> 4) << 16);  // V: LBO = the second 64-column half
+  cs.v_desc = ((v_base & 0x3FFFF) >> 4) | (((BN * 128) >> 4) << 16);  // V: LBO = the second 64-column half
   cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
   mbar_wait(q_full, 0);
   if constexpr (RESUME) resume_state(p, cs, b, qh, rows);  // n > 0: the kernel returned before, else
-  const int partial = p.n_text % 128;
+  const int partial = p.n_text % BN;
   if (n > 0) {
-    cs.run(n_tb > 0 && partial ? partial : 128);
+    cs.run(n_tb > 0 && partial ? partial : BN);
   } else {
 #pragma unroll
     for (int i = 0; i < 64; ++i) cs.O[i] = 0.f;
@@ -492,14 +512,14 @@ DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_b
   store(p, cs, b, qh, rows);
 }
 
-template <bool F16, bool RESUME>
+template <bool F16, bool RESUME, int BN>
 __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_constant__ Params p) {
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   const uint32_t q_base = smem_u32(smem);
   const uint32_t k_base = q_base + Q_BYTES;
-  const uint32_t v_base = k_base + KST * KV_BYTES;
-  const uint32_t q_full = v_base + VST * KV_BYTES;
+  const uint32_t v_base = k_base + KST * KV_BYTES<BN>;
+  const uint32_t q_full = v_base + VST * KV_BYTES<BN>;
   const uint32_t k_full = q_full + 8, v_full = k_full + 8 * KST, k_empty = v_full + 8 * VST, v_empty = k_empty + 8 * KST;
 
   const int pid = blockIdx.x, bh = blockIdx.y;
@@ -520,9 +540,10 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const int st = max(st0, p.clip_lo[0]), sh = max(sh0, p.clip_lo[1]), sw = max(sw0, p.clip_lo[2]);
   const int nt = max(min(st0 + kt, p.clip_hi[0]) - st, 0), nh = max(min(sh0 + kh, p.clip_hi[1]) - sh, 0),
             nw = max(min(sw0 + kw, p.clip_hi[2]) - sw, 0);
-  const int n_tb = (p.n_text + 127) / 128;
+  const int n_tb = (p.n_text + BN - 1) / BN;
+  const int kbpt = p.bpt * 128 / BN;  // key blocks per tile
   const int* list = p.sel_keys ? p.sel_keys + b * p.sel_kb + qh * p.sel_kh + qi * p.sel_kq : nullptr;
-  const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : nt * nh * nw) * p.bpt;
+  const int n = n_tb + (list ? __ldg(p.sel_counts + b * p.sel_cb + qh * p.sel_ch + qi) : nt * nh * nw) * kbpt;
   if (RESUME && n == 0) return;  // no key of this launch: the earlier result stands (q not even loaded)
 
   if (threadIdx.x == 0) {
@@ -539,7 +560,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     const int warp = threadIdx.x / 32;
     if ((threadIdx.x & 31) != 0 || warp >= 2) return;
     const Window w{p.kv_tiles, list, p.kv_stride, p.packed, b, kvh * 128, st, sh, sw, nh, nw, p.TT, p.TH, p.TW,
-                   slices, p.bpt, p.grid_h, p.grid_w, n_tb, p.text_row, n};
+                   BN / (p.TH * p.TW), kbpt, p.grid_h, p.grid_w, n_tb, p.text_row, n};
     if (warp == 0) {
       mbar_expect_tx(q_full, Q_BYTES);
       for (int c = 0; c < 2; ++c)
@@ -550,17 +571,17 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
           else
             tma_load5(dst, &p.q, q_full, qh * 128 + h * 64, rows.w0, rows.h0, rows.t0 + c * slices / 2, b);
         }
-      load_ring(w, &p.k, &p.kt, k_base, k_full, k_empty);
+      load_ring<BN>(w, &p.k, &p.kt, k_base, k_full, k_empty);
     } else {
-      load_ring(w, &p.v, &p.vt, v_base, v_full, v_empty);
+      load_ring<BN>(w, &p.v, &p.vt, v_base, v_full, v_empty);
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
   if (wg == 1)
-    consume<0, F16, RESUME>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<0, F16, RESUME, BN>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
   else
-    consume<1, F16, RESUME>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<1, F16, RESUME, BN>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
 }
 
 // --- host ----------------------------------------------------------------------------------
@@ -636,17 +657,18 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
   Params p;
   int e;
   const int slices = 128 / (TH * TW);
+  const int bn = (TT * TH * TW) % 192 == 0 ? 192 : 128;  // key block rows: 192 where whole tiles hold whole blocks
   if (packed) {
     (e = rows_map(&p.q, q, f16, B, s_q, q_heads, sq_b, sq_s, 64)) ||
-        (k_halo && ((e = rows_map(&p.k, k_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, 128)) ||
-                    (e = rows_map(&p.v, v_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, 128))));
+        (k_halo && ((e = rows_map(&p.k, k_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, bn)) ||
+                    (e = rows_map(&p.v, v_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, bn))));
   } else {
     (e = video_map(&p.q, q, f16, B, T, H, W, q_heads, sq_b, sq_s, slices / 2, TH, TW)) ||
-        (e = video_map(&p.k, k, f16, B, T, H, W, kv_heads, sk_b, sk_s, slices, TH, TW)) ||
-        (e = video_map(&p.v, v, f16, B, T, H, W, kv_heads, sv_b, sv_s, slices, TH, TW));
+        (e = video_map(&p.k, k, f16, B, T, H, W, kv_heads, sk_b, sk_s, bn / (TH * TW), TH, TW)) ||
+        (e = video_map(&p.v, v, f16, B, T, H, W, kv_heads, sv_b, sv_s, bn / (TH * TW), TH, TW));
   }
-  if (e || (e = rows_map(&p.kt, k, f16, B, s_kv, kv_heads, sk_b, sk_s, 128)) ||
-      (e = rows_map(&p.vt, v, f16, B, s_kv, kv_heads, sv_b, sv_s, 128)))
+  if (e || (e = rows_map(&p.kt, k, f16, B, s_kv, kv_heads, sk_b, sk_s, bn)) ||
+      (e = rows_map(&p.vt, v, f16, B, s_kv, kv_heads, sv_b, sv_s, bn)))
     return e;
   p.out = static_cast<uint16_t*>(out);
   p.lse = lse;
@@ -661,11 +683,14 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
   for (int a = 0; a < 3; ++a) p.clip_lo[a] = clip[a], p.clip_hi[a] = clip[3 + a];
   const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
   const dim3 grid(q_blocks, B * n_heads);
-  auto kernel = f16 ? (resume ? sta_fwd_kernel<true, true> : sta_fwd_kernel<true, false>)
-                    : (resume ? sta_fwd_kernel<false, true> : sta_fwd_kernel<false, false>);
+  auto kernel = bn == 192 ? (f16 ? (resume ? sta_fwd_kernel<true, true, 192> : sta_fwd_kernel<true, false, 192>)
+                                 : (resume ? sta_fwd_kernel<false, true, 192> : sta_fwd_kernel<false, false, 192>))
+                           : (f16 ? (resume ? sta_fwd_kernel<true, true, 128> : sta_fwd_kernel<true, false, 128>)
+                                  : (resume ? sta_fwd_kernel<false, true, 128> : sta_fwd_kernel<false, false, 128>));
+  const int smem = bn == 192 ? SMEM_BYTES<192> : SMEM_BYTES<128>;
   // Per launch, not once per process: the attribute belongs to the current device's context.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
-  kernel<<<grid, THREADS, SMEM_BYTES, static_cast<cudaStream_t>(stream)>>>(p);
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  kernel<<<grid, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? 0 : 1000 + static_cast<int>(err);
 }
