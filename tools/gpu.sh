@@ -144,6 +144,14 @@ job_hopper() {
 # every wheel checked against SHA256SUMS, and those whose distribution the machine lacks (or
 # has at a version another wheel rejects) go with --no-deps into a scratch folder on
 # PYTHONPATH, beside CuTe-DSL's package folder (its .pth is not read from PYTHONPATH).
+# Making the folder (here, with an index): in a scratch folder W,
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     --platform any flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+#     nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 einops 'apache-tvm-ffi<0.2' \
+#     torch-c-dlpack-ext quack-kernels protobuf
+# (libs-core holds the `cutlass.cute` Python package; without it FA4 does not import), then
+# `sha256sum *.whl > .whl-fa4/b/SHA256SUMS`, `split -b 55M` the cu13 wheel into NAME.whl.part-aa
+# (to .whl-fa4/a) and NAME.whl.part-ab (to .whl-fa4/b), and the other wheels into .whl-fa4/b.
 job_fa4() {
   setup
   local WH SITE_FA4 part name PICK
