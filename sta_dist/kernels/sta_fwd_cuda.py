@@ -1,7 +1,7 @@
 """The hand-written Hopper kernel ``kernels/sta_fwd_cuda.cu``: build, load and call.
 
-The source is compiled with ``nvcc`` for sm_90a the first time it is needed (a few
-seconds; no GPU needed) into a shared library in the cache directory (``$STA_DIST_CACHE``
+The source is compiled with ``nvcc`` for sm_90a the first time it is needed (seconds to
+tens of seconds; no GPU needed) into a shared library in the cache directory (``$STA_DIST_CACHE``
 or ``~/.cache/sta_dist``), named by the hash of the source and of the compiler's version,
 so the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
 ``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, a library built ahead of time
@@ -28,7 +28,10 @@ import torch
 
 LOG2E = 1.4426950408889634
 SOURCE = Path(__file__).with_name("sta_fwd_cuda.cu")
-NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC")
+# --split-compile=0: the kernel's eight instantiations (fp16/bf16 x resumed or not x 128- or
+# 192-row key blocks) optimized and assembled in parallel, one job per CPU.
+NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
+              "--split-compile=0")
 _errors: list[str] = []
 
 
