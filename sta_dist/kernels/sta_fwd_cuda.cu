@@ -204,8 +204,8 @@ DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[NP], int kk, uint64_t b) {
 
 // --- loading -------------------------------------------------------------------------------
 // Which key block j is: text blocks first (the partial last one as block 0), then the
-// window's video tiles (t, then h, then w) or the list's, 128 rows (``slices`` t-slices) at
-// a time.
+// window's video tiles (t, then h, then w) or the list's, BN rows (``slices`` t-slices; ``bpt``
+// blocks a tile) at a time.
 struct Window {
   const int* kv_tiles;  // packed: per global tile its first k/v row (stride kv_stride); natural: unused
   const int* list;      // key tables: this program's list of global tile ids; nullptr: the window
@@ -216,8 +216,8 @@ struct Window {
 // lies at least 0.5 / d from an integer, and the float product's error is below that there.
 DEV int quotient(int g, int d) { return __float2int_rz((g + 0.5f) * __frcp_rn(static_cast<float>(d))); }
 
-// One ring (K or V): fill u = j / 2 of slot j % 2 waits for the consumers' release of
-// fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves. Where
+// One ring (K or V) of BN-row blocks: fill u = j / 2 of slot j % 2 waits for the consumers'
+// release of fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves. Where
 // block j lies is worked out before that wait, so a key table's reads (the list entry, the
 // tile's first row) are in flight while the slot drains, not in the ring's critical path.
 template <int BN>
