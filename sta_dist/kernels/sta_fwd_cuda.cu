@@ -274,8 +274,6 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 template <int C, bool F16, bool RESUME, int BN>
 struct Consumer {
   static constexpr int NS = BN / 2, NP = BN / 4;  // S's accumulators and P's registers per thread
-  static constexpr int WG = C;
-  static constexpr bool HALF = F16;
   float S[NS];
   float O[64];
   float m[2], l[2], alpha[2];
@@ -452,8 +450,8 @@ struct QueryRows {
 
 // Normalise O and write the warpgroup's 64 rows (block rows 64*C on), and their
 // log-sum-exp if asked: (m + log2 l) in natural-log units (m is kept in log2 units).
-template <class Cs>
-DEV void store(const Params& p, const Cs& cs, int b, int qh, const QueryRows& rows) {
+template <int C, bool F16, bool RESUME, int BN>
+DEV void store(const Params& p, const Consumer<C, F16, RESUME, BN>& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -461,12 +459,12 @@ DEV void store(const Params& p, const Cs& cs, int b, int qh, const QueryRows& ro
     s += __shfl_xor_sync(0xffffffff, s, 1);
     s += __shfl_xor_sync(0xffffffff, s, 2);
     const float inv = s > 0.f ? 1.f / s : 0.f;  // s == 0: no key at all (an empty list)
-    const long long tok = rows.token(64 * Cs::WG + 16 * warp + lane / 4 + 8 * r);
+    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
     uint16_t* dst = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
 #pragma unroll
     for (int jj = 0; jj < 16; ++jj) {
       const int i = 4 * jj + 2 * r;
-      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<Cs::HALF>(cs.O[i] * inv, cs.O[i + 1] * inv);
+      *reinterpret_cast<uint32_t*>(dst + 8 * jj) = pack2<F16>(cs.O[i] * inv, cs.O[i + 1] * inv);
     }
     if (p.lse && lane % 4 == 0)
       p.lse[b * p.lse_b + qh * p.lse_h + tok] = s > 0.f ? (cs.m[r] + __log2f(s)) * LN2 : -INFINITY;
@@ -476,12 +474,12 @@ DEV void store(const Params& p, const Cs& cs, int b, int qh, const QueryRows& ro
 // A resumed launch's state of the warpgroup's rows, as ``store`` left them: m the
 // log-sum-exp (log2 units), the row sum 1 spread over the four threads of a row (``store``
 // adds them up), and where the output lies (read into O after the first block's softmax).
-template <class Cs>
-DEV void resume_state(const Params& p, Cs& cs, int b, int qh, const QueryRows& rows) {
+template <int C, bool F16, bool RESUME, int BN>
+DEV void resume_state(const Params& p, Consumer<C, F16, RESUME, BN>& cs, int b, int qh, const QueryRows& rows) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x / 32) & 3;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const long long tok = rows.token(64 * Cs::WG + 16 * warp + lane / 4 + 8 * r);
+    const long long tok = rows.token(64 * C + 16 * warp + lane / 4 + 8 * r);
     cs.o_src[r] = p.out + b * p.so_b + tok * p.so_s + qh * 128 + 2 * (lane % 4);
     cs.m[r] = p.lse[b * p.lse_b + qh * p.lse_h + tok] * (1.f / LN2);
     cs.l[r] = 0.25f;
@@ -635,6 +633,18 @@ int rows_map(CUtensorMap* map, void* ptr, bool f16, int B, long long S, int head
   return encode(map, ptr, f16, 3, dims, strides, box);
 }
 
+// The instantiation for (BN, f16, resume), launched on ``stream``: 0, or 1000 + cudaError_t.
+template <int BN>
+int launch(const Params& p, dim3 grid, int f16, int resume, void* stream) {
+  auto kernel = f16 ? (resume ? sta_fwd_kernel<true, true, BN> : sta_fwd_kernel<true, false, BN>)
+                    : (resume ? sta_fwd_kernel<false, true, BN> : sta_fwd_kernel<false, false, BN>);
+  // Per launch, not once per process: the attribute belongs to the current device's context.
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES<BN>);
+  kernel<<<grid, THREADS, SMEM_BYTES<BN>, static_cast<cudaStream_t>(stream)>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? 0 : 1000 + static_cast<int>(err);
+}
+
 }  // namespace
 
 // Launch on ``stream``. Strides in elements. ``q_tiles``/``kv_tiles``: the packed order's
@@ -683,14 +693,5 @@ extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, co
   for (int a = 0; a < 3; ++a) p.clip_lo[a] = clip[a], p.clip_hi[a] = clip[3 + a];
   const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
   const dim3 grid(q_blocks, B * n_heads);
-  auto kernel = bn == 192 ? (f16 ? (resume ? sta_fwd_kernel<true, true, 192> : sta_fwd_kernel<true, false, 192>)
-                                 : (resume ? sta_fwd_kernel<false, true, 192> : sta_fwd_kernel<false, false, 192>))
-                           : (f16 ? (resume ? sta_fwd_kernel<true, true, 128> : sta_fwd_kernel<true, false, 128>)
-                                  : (resume ? sta_fwd_kernel<false, true, 128> : sta_fwd_kernel<false, false, 128>));
-  const int smem = bn == 192 ? SMEM_BYTES<192> : SMEM_BYTES<128>;
-  // Per launch, not once per process: the attribute belongs to the current device's context.
-  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<grid, THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? 0 : 1000 + static_cast<int>(err);
+  return bn == 192 ? launch<192>(p, grid, f16, resume, stream) : launch<128>(p, grid, f16, resume, stream);
 }
