@@ -282,3 +282,36 @@ def test_key_tables_with_an_empty_row_batch_and_gqa():
     assert max_error(out, ref) <= error_bound(max_error(base, ref), torch.float16, ref)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)) and torch.isneginf(lse).any()
     assert max_error(lse.nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0)) <= 1e-3
+
+
+@pytest.mark.parametrize("dtype, excess", [(torch.bfloat16, 120.0), (torch.float16, 16.0)])
+@pytest.mark.parametrize("tt", [2, 6])  # 128-row key blocks, 192-row ones
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_key_far_above_the_first_block(dtype, excess, tt, resume):
+    """The fixed reference (each row's exponents against its block-0 maximum) meets a key
+    whose score beats that maximum by ``excess`` (natural units): 2^173 overflows fp32,
+    2^23 fp16's 65504, so without the online redo those rows come out inf or NaN. A few
+    query rows (2%) point at the key, so some warps of a program pass the bound and others
+    do not; resumed, the earlier part's keys (the first tile column) come by the
+    log-sum-exp and the hot key sits past the resumed launch's block 0."""
+    canvas, tile, windows = (tt, 8, 24), (tt, 8, 8), [(1, 1, 3), (1, 1, 1)]
+    n = math.prod(canvas)
+    q, k, v = (randn((1, n, 2, 128), dtype, 50 + i) for i in range(3))
+    g = torch.Generator(device="cuda").manual_seed(5)
+    u = torch.randn(128, generator=g, device="cuda")
+    u = u / u.norm()
+    hot_rows = torch.rand(n, generator=g, device="cuda") < 0.02
+    q[:, hot_rows] = (u * 128**0.5).to(dtype)
+    k[:, 16 + (tt - 1) * 8 * 24] = (u * excess).to(dtype)  # token (tt - 1, 0, 16): the third tile, its last t-slice
+    table = head_table(windows, canvas, tile, 2, 2)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((1, 2, n), float("nan"), device="cuda")
+    kw = dict(canvas=canvas, tile=tile, scale=128**-0.5, lse=lse)
+    if resume:
+        launch(q, k, v, table, out, **kw, clip=((0, 0, 0), (1, 1, 1)))
+        launch(q, k, v, table, out, **kw, clip=((0, 0, 1), (1, 1, 3)), resume=True)
+    else:
+        launch(q, k, v, table, out, **kw)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert_video_rows_match(q, k, v, out, lse, canvas, tile, windows, dtype=dtype)

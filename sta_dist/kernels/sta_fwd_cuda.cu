@@ -36,9 +36,12 @@
 //   block): S_j = Q K_j^T and O += P_{j-1} V_{j-1} issued together as asynchronous wgmma,
 //   the softmax of S_j run while PV_{j-1} is in flight (FA3's intra-warpgroup overlap),
 //   and the two warpgroups take turns issuing (FA3's ping-pong, named barriers 1 and 2).
-// - Trip j (FA4's order): S_j and PV_{j-1} issued in turn, S_j's row maxima computed while
-//   PV_{j-1} runs, then PV_{j-1} retired, O rescaled and P_j written over P_{j-1} (one
-//   register operand array; the retire comes before P is written, so ptxas needs no hint).
+// - Trip j (FA4's order): S_j and PV_{j-1} issued in turn, then PV_{j-1} retired and P_j
+//   written over P_{j-1} (one register operand array; the retire comes before P is written,
+//   so ptxas needs no hint). The exponentials are taken against a fixed reference per row,
+//   block 0's maximum, so a trip has no maxima and no rescale of O; where a row's sum shows
+//   a later key outgrew the formats, the program streams its keys again for an online pass
+//   (FA's running maximum: S_j's maxima while PV_{j-1} runs, O rescaled). See Consumer.
 //
 // Key blocks of BN rows: 192 where a tile holds whole blocks of 192 (HunyuanVideo's and
 // Wan's 6x8x8; half again the keys per turn, so the turn's fixed costs, the maxima's
@@ -113,6 +116,12 @@ DEV void mbar_sleep(uint32_t bar, uint32_t parity) {
       "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
       "r"(parity), "r"(10000000)
       : "memory");
+}
+DEV void st_shared(uint32_t addr, uint32_t x) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory"); }
+DEV uint32_t ld_shared(uint32_t addr) {
+  uint32_t x;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
+  return x;
 }
 DEV void tma_load5(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3, int c4) {
   asm volatile(
@@ -216,16 +225,31 @@ struct Window {
 // lies at least 0.5 / d from an integer, and the float product's error is below that there.
 DEV int quotient(int g, int d) { return __float2int_rz((g + 0.5f) * __frcp_rn(static_cast<float>(d))); }
 
-// One ring (K or V) of BN-row blocks: fill u = j / 2 of slot j % 2 waits for the consumers'
-// release of fill u - 1 (eight warp arrivals), then copies block j as two 64-column halves. Where
-// block j lies is worked out before that wait, so a key table's reads (the list entry, the
+// The program's mbarriers (shared addresses): q, the rings' full and empty slots (8 bytes
+// apart), and the verdict of the fixed reference (eight consumer warps arrive; ``redo`` is a
+// shared word a warp sets to 1 when a row of it needs the online pass).
+struct Bars {
+  uint32_t q_full, k_full, v_full, k_empty, v_empty, verdict, redo;
+};
+
+// One ring (K or V) of BN-row blocks, filled 2n times at most: fills 0..n-1 are the key
+// blocks for the consumers' first pass; then, if the verdict asks for the online pass, fills
+// n..2n-1 the same blocks again. Fill f of slot f % 2 waits for the consumers' release of
+// fill f - 2 (eight warp arrivals), then copies its block as two 64-column halves. Where the
+// block lies is worked out before that wait, so a key table's reads (the list entry, the
 // tile's first row) are in flight while the slot drains, not in the ring's critical path.
 template <int BN>
 DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap* rows, uint32_t base, uint32_t full,
-                   uint32_t empty) {
+                   uint32_t empty, const Bars& bars) {
   int sub = 0, ti = 0, hi = 0, wi = 0, e = 0;  // the next video block (window: without divisions)
 #pragma unroll 1
-  for (int j = 0; j < w.n; ++j) {
+  for (int f = 0; f < 2 * w.n; ++f) {
+    if (f == w.n) {  // the first pass loaded: a second only on the consumers' word
+      mbar_sleep(bars.verdict, 0);
+      if (!ld_shared(bars.redo)) break;
+      sub = ti = hi = wi = e = 0;
+    }
+    const int j = f < w.n ? f : f - w.n;  // the key block
     const CUtensorMap* map = rows;  // 3-D rows at (row), or the 5-D video view at (w0, h0, t0)
     int row = 0, w0 = 0, h0 = 0, t0 = 0;
     const bool text = j < w.n_tb, five = !text && !w.packed;
@@ -248,8 +272,8 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
       }
       t0 = ct * w.TT + sub * w.slices, h0 = ch * w.TH, w0 = cw * w.TW;
     }
-    const int s = j % KST;
-    if (j >= KST) mbar_sleep(empty + 8 * s, ((j / KST) - 1) & 1);
+    const int s = f % KST;
+    if (f >= KST) mbar_sleep(empty + 8 * s, (f / KST - 1) & 1);
     const uint32_t dst = base + s * KV_BYTES<BN>, bar = full + 8 * s;
     mbar_expect_tx(bar, KV_BYTES<BN>);
     for (int h = 0; h < 2; ++h) {
@@ -271,15 +295,27 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 
 // --- computing -----------------------------------------------------------------------------
 // One consumer warpgroup: 64 query rows. Per thread two rows (r0, r0 + 8) of S and O.
+// Two passes over the keys (template ONLINE):
+// - fixed reference (the first pass): each row's exponent reference m is block 0's row
+//   maximum and stays: later blocks add 2^(s - m) as they come, with no maxima and no
+//   rescale of O (1.10x at (3,3,3) on an H200). Exact while no term outgrows the formats:
+//   every term is at most the row sum l, so l <= LIMIT (and not NaN) bounds them all; and
+//   the largest term is at least 1 (the true maximum is at least block 0's), so nothing
+//   that counts underflows.
+// - online (a redo, only where a row's l passed LIMIT, 2^15 in fp16 and 2^64 in bf16: keys
+//   far above block 0's maximum): FA's running maximum, O rescaled as it moves.
 template <int C, bool F16, bool RESUME, int BN>
 struct Consumer {
   static constexpr int NS = BN / 2, NP = BN / 4;  // S's accumulators and P's registers per thread
+  // The fixed reference's bound on a row sum: every term (of P too) stays finite, and O's
+  // sums of at most 2^24 terms stay far from fp32's range.
+  static constexpr float LIMIT = F16 ? 32768.f : 18446744073709551616.f;  // 2^15 (fp16's largest 65504), 2^64
   float S[NS];
   float O[64];
   float m[2], l[2], alpha[2];
   uint32_t q_desc, k_desc, v_desc;  // descriptor low words of q's half and slot 0 of K, V
-  uint32_t k_full, v_full, k_empty, v_empty;
-  int n;
+  Bars bars;
+  int n, r0;  // key blocks; the rings' fill of block 0 (0, then n on a redo)
   float scale;
   const uint16_t* o_src[2];  // resumed: where the earlier output of the thread's two rows lies
 
@@ -299,6 +335,9 @@ struct Consumer {
       }
   }
 
+  // Block j's slot in a ring and the parity its fill completes.
+  DEV int slot(int j) const { return (r0 + j) % KST; }
+  DEV uint32_t parity(int j) const { return ((r0 + j) / KST) & 1; }
   DEV void turn_wait(bool first) {
     if (!(first && C == 0)) bar_sync(1 + C);
   }
@@ -357,7 +396,9 @@ struct Consumer {
       m[r] = m_new;
     }
   }
-  DEV void exps(bool first, uint32_t (&P)[NP]) {
+  // The exponentials against m; ``rescaled``: l is first multiplied by alpha (the online
+  // pass), else the terms are added to it (the fixed reference).
+  DEV void exps(bool first, uint32_t (&P)[NP], bool rescaled = true) {
     float s4[2][4];  // four independent partial sums per row
 #pragma unroll
     for (int i = 0; i < NP; ++i) {
@@ -369,20 +410,21 @@ struct Consumer {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float sum = (s4[r][0] + s4[r][1]) + (s4[r][2] + s4[r][3]);
-      l[r] = first ? sum : fmaf(l[r], alpha[r], sum);
+      l[r] = first ? sum : rescaled ? fmaf(l[r], alpha[r], sum) : l[r] + sum;
     }
   }
   DEV void rescale_o() {
 #pragma unroll
     for (int i = 0; i < 64; ++i) O[i] *= alpha[(i >> 1) & 1];
   }
-  // Trip j >= 1 (P = P_{j-1} in, P_j out): S_j and PV_{j-1} issued in turn; S_j's row
-  // maxima; then PV_{j-1} retired (P free again, its V slot released), O rescaled and the
-  // exponentials of S_j written into P (ptxas places O's multiplies after the exponentials).
+  // Trip j >= 1 (P = P_{j-1} in, P_j out): S_j and PV_{j-1} issued in turn; online, S_j's row
+  // maxima; then PV_{j-1} retired (P free again, its V slot released), online O rescaled,
+  // and the exponentials of S_j written into P (ptxas places O's multiplies after them).
+  template <bool ONLINE>
   DEV void trip(int j, uint32_t (&P)[NP]) {
-    const int sk = j % KST, sv = (j - 1) % VST;
-    mbar_wait(k_full + 8 * sk, (j / KST) & 1);
-    mbar_wait(v_full + 8 * sv, ((j - 1) / VST) & 1);
+    const int sk = slot(j), sv = slot(j - 1);
+    mbar_wait(bars.k_full + 8 * sk, parity(j));
+    mbar_wait(bars.v_full + 8 * sv, parity(j - 1));
     turn_wait(false);
     fence_f(O);
     fence_r(P);
@@ -392,19 +434,19 @@ struct Consumer {
     turn_pass(j == n - 1);
     wg_wait<1>();
     fence_f(S);
-    release(k_empty + 8 * sk);
-    row_max(false);
+    release(bars.k_empty + 8 * sk);
+    if constexpr (ONLINE) row_max(false);
     wg_wait<0>();
     fence_f(O);
     fence_r(P);
-    release(v_empty + 8 * sv);
-    rescale_o();
-    exps(false, P);
+    release(bars.v_empty + 8 * sv);
+    if constexpr (ONLINE) rescale_o();
+    exps(false, P, ONLINE);
   }
   // After the last trip (P = P_{n-1}).
   DEV void last_pv(uint32_t (&P)[NP]) {
-    const int sv = (n - 1) % VST;
-    mbar_wait(v_full + 8 * sv, ((n - 1) / VST) & 1);
+    const int sv = slot(n - 1);
+    mbar_wait(bars.v_full + 8 * sv, parity(n - 1));
     fence_f(O);
     fence_r(P);
     wg_fence();
@@ -412,18 +454,22 @@ struct Consumer {
     wg_wait<0>();
     fence_f(O);
     fence_r(P);
+    release(bars.v_empty + 8 * sv);  // a redo's fills reuse the slot
   }
 
+  // One pass over the n key blocks (m and l as ``resume_state`` left them, resumed).
+  template <bool ONLINE>
   DEV void run(int first_valid) {
     uint32_t P[NP];
-    mbar_wait(k_full, 0);
+    const int sk = slot(0);
+    mbar_wait(bars.k_full + 8 * sk, parity(0));
     turn_wait(true);
     wg_fence();
-    issue_s(0);
+    issue_s(sk);
     turn_pass(n == 1);
     wg_wait<0>();
     fence_f(S);
-    release(k_empty);
+    release(bars.k_empty + 8 * sk);
     softmax(!RESUME, P, first_valid);  // resumed: m and l hold the earlier keys' state
     if constexpr (RESUME) {
       load_o();
@@ -432,8 +478,22 @@ struct Consumer {
 #pragma unroll
       for (int i = 0; i < 64; ++i) O[i] = 0.f;
     }
-    for (int j = 1; j < n; ++j) trip(j, P);
+    for (int j = 1; j < n; ++j) trip<ONLINE>(j, P);
     last_pv(P);
+  }
+
+  // Whether a row of this thread's passed the fixed reference's bound (NaN counts: the
+  // online pass then gives what it gives).
+  DEV bool over_limit() const {
+    bool over = false;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float s = l[r];
+      s += __shfl_xor_sync(0xffffffff, s, 1);
+      s += __shfl_xor_sync(0xffffffff, s, 2);
+      over |= !(s <= LIMIT);
+    }
+    return over;
   }
 };
 
@@ -486,28 +546,45 @@ DEV void resume_state(const Params& p, Consumer<C, F16, RESUME, BN>& cs, int b, 
   }
 }
 
+// The warpgroup's pass with the fixed reference; its rows stored if none passed the bound.
+// Then the verdict of all eight consumer warps: if any warp's rows passed it, every
+// warpgroup runs the online pass over the keys streamed again (the rings must drain), and
+// stores again what it had not stored (a resumed launch: out and lse still hold the earlier
+// result there).
 template <int C, bool F16, bool RESUME, int BN>
-DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, uint32_t q_full, uint32_t k_full,
-                 uint32_t v_full, uint32_t k_empty, uint32_t v_empty, int n, int n_tb, int b, int qh,
-                 const QueryRows& rows) {
+DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, const Bars& bars, int n, int n_tb,
+                 int b, int qh, const QueryRows& rows) {
   Consumer<C, F16, RESUME, BN> cs;
   cs.n = n;
+  cs.r0 = 0;
   cs.scale = p.scale;
   cs.q_desc = ((q_base + C * 16384) & 0x3FFFF) >> 4;  // the warpgroup's half of q
   cs.k_desc = (k_base & 0x3FFFF) >> 4;
   cs.v_desc = ((v_base & 0x3FFFF) >> 4) | (((BN * 128) >> 4) << 16);  // V: LBO = the second 64-column half
-  cs.k_full = k_full, cs.v_full = v_full, cs.k_empty = k_empty, cs.v_empty = v_empty;
-  mbar_wait(q_full, 0);
-  if constexpr (RESUME) resume_state(p, cs, b, qh, rows);  // n > 0: the kernel returned before, else
-  const int partial = p.n_text % BN;
-  if (n > 0) {
-    cs.run(n_tb > 0 && partial ? partial : BN);
-  } else {
+  cs.bars = bars;
+  mbar_wait(bars.q_full, 0);
+  if (n == 0) {  // not resumed (the kernel returned before): no key at all
 #pragma unroll
     for (int i = 0; i < 64; ++i) cs.O[i] = 0.f;
     cs.l[0] = cs.l[1] = 0.f;
+    store(p, cs, b, qh, rows);
+    return;
   }
-  store(p, cs, b, qh, rows);
+  const int partial = p.n_text % BN, first_valid = n_tb > 0 && partial ? partial : BN;
+  if constexpr (RESUME) resume_state(p, cs, b, qh, rows);
+  cs.template run<false>(first_valid);
+  const bool over = __any_sync(0xffffffff, cs.over_limit());
+  if (!over) store(p, cs, b, qh, rows);
+  if ((threadIdx.x & 31) == 0) {
+    if (over) st_shared(bars.redo, 1);
+    mbar_arrive(bars.verdict);
+  }
+  mbar_wait(bars.verdict, 0);
+  if (!ld_shared(bars.redo)) return;
+  if constexpr (RESUME) resume_state(p, cs, b, qh, rows);
+  cs.r0 = n;
+  cs.template run<true>(first_valid);
+  if (over) store(p, cs, b, qh, rows);
 }
 
 template <bool F16, bool RESUME, int BN>
@@ -519,6 +596,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
   const uint32_t v_base = k_base + KST * KV_BYTES<BN>;
   const uint32_t q_full = v_base + VST * KV_BYTES<BN>;
   const uint32_t k_full = q_full + 8, v_full = k_full + 8 * KST, k_empty = v_full + 8 * VST, v_empty = k_empty + 8 * KST;
+  const Bars bars{q_full, k_full, v_full, k_empty, v_empty, v_empty + 8 * VST, v_empty + 8 * VST + 8};
 
   const int pid = blockIdx.x, bh = blockIdx.y;
   const int b = bh / p.n_heads, row = bh % p.n_heads;
@@ -548,6 +626,8 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     mbar_init(q_full, 1);
     for (int s = 0; s < KST; ++s) mbar_init(k_full + 8 * s, 1), mbar_init(k_empty + 8 * s, 8);
     for (int s = 0; s < VST; ++s) mbar_init(v_full + 8 * s, 1), mbar_init(v_empty + 8 * s, 8);
+    mbar_init(bars.verdict, 8);
+    st_shared(bars.redo, 0);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -569,17 +649,17 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
           else
             tma_load5(dst, &p.q, q_full, qh * 128 + h * 64, rows.w0, rows.h0, rows.t0 + c * slices / 2, b);
         }
-      load_ring<BN>(w, &p.k, &p.kt, k_base, k_full, k_empty);
+      load_ring<BN>(w, &p.k, &p.kt, k_base, k_full, k_empty, bars);
     } else {
-      load_ring<BN>(w, &p.v, &p.vt, v_base, v_full, v_empty);
+      load_ring<BN>(w, &p.v, &p.vt, v_base, v_full, v_empty, bars);
     }
     return;
   }
   asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
   if (wg == 1)
-    consume<0, F16, RESUME, BN>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<0, F16, RESUME, BN>(p, q_base, k_base, v_base, bars, n, n_tb, b, qh, rows);
   else
-    consume<1, F16, RESUME, BN>(p, q_base, k_base, v_base, q_full, k_full, v_full, k_empty, v_empty, n, n_tb, b, qh, rows);
+    consume<1, F16, RESUME, BN>(p, q_base, k_base, v_base, bars, n, n_tb, b, qh, rows);
 }
 
 // --- host ----------------------------------------------------------------------------------
