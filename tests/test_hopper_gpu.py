@@ -284,19 +284,22 @@ def test_key_tables_with_an_empty_row_batch_and_gqa():
     assert max_error(lse.nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0)) <= 1e-3
 
 
-@pytest.mark.parametrize("dtype, excess", [(torch.bfloat16, 120.0), (torch.float16, 16.0)])
+@pytest.mark.parametrize("dtype, excess, v_scale", [(torch.bfloat16, 120.0, 1.0), (torch.float16, 16.0, 1.0),
+                                                     (torch.bfloat16, 40.0, 1e25)])
 @pytest.mark.parametrize("tt", [2, 6])  # 128-row key blocks, 192-row ones
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_key_far_above_the_first_block(dtype, excess, tt, resume):
+def test_a_key_far_above_the_first_block(dtype, excess, v_scale, tt, resume):
     """The fixed reference (each row's exponents against its block-0 maximum) meets a key
     whose score beats that maximum by ``excess`` (natural units): 2^173 overflows fp32,
-    2^23 fp16's 65504, so without the online redo those rows come out inf or NaN. A few
+    2^23 fp16's 65504, and 2^58 stays under the bf16 bound but times values of 1e25 leaves
+    fp32's range in O; without the online redo those rows come out inf or NaN. A few
     query rows (2%) point at the key, so some warps of a program pass the bound and others
     do not; resumed, the earlier part's keys (the first tile column) come by the
     log-sum-exp and the hot key sits past the resumed launch's block 0."""
     canvas, tile, windows = (tt, 8, 24), (tt, 8, 8), [(1, 1, 3), (1, 1, 1)]
     n = math.prod(canvas)
     q, k, v = (randn((1, n, 2, 128), dtype, 50 + i) for i in range(3))
+    v = v * v_scale
     g = torch.Generator(device="cuda").manual_seed(5)
     u = torch.randn(128, generator=g, device="cuda")
     u = u / u.norm()

@@ -482,8 +482,9 @@ struct Consumer {
     last_pv(P);
   }
 
-  // Whether a row of this thread's passed the fixed reference's bound (NaN counts: the
-  // online pass then gives what it gives).
+  // Whether a row of this thread's passed the fixed reference's bound, or an O value is not
+  // finite (terms up to LIMIT times values of V beyond fp32's range over LIMIT, or a NaN of
+  // the inputs): the online pass then gives what FA's order gives.
   DEV bool over_limit() const {
     bool over = false;
 #pragma unroll
@@ -493,6 +494,8 @@ struct Consumer {
       s += __shfl_xor_sync(0xffffffff, s, 2);
       over |= !(s <= LIMIT);
     }
+#pragma unroll
+    for (int i = 0; i < 64; ++i) over |= !(fabsf(O[i]) <= 3.0e38f);
     return over;
   }
 };
