@@ -552,7 +552,7 @@ DEV void resume_state(const Params& p, Consumer<C, F16, RESUME, BN>& cs, int b, 
 // The warpgroup's pass with the fixed reference; its rows stored if none passed the bound.
 // Then the verdict of all eight consumer warps: if any warp's rows passed it, every
 // warpgroup runs the online pass over the keys streamed again (the rings must drain), and
-// stores again what it had not stored (a resumed launch: out and lse still hold the earlier
+// stores only the rows it had held back (a resumed launch: out and lse still hold the earlier
 // result there).
 template <int C, bool F16, bool RESUME, int BN>
 DEV void consume(const Params& p, uint32_t q_base, uint32_t k_base, uint32_t v_base, const Bars& bars, int n, int n_tb,
