@@ -14,6 +14,7 @@ import math
 import torch
 
 import sta_dist
+from sta_dist import geometry
 from sta_dist.bench.kernel import time_ms
 from sta_dist.testing import sampled_check
 
@@ -31,15 +32,13 @@ def inputs(share: float, seed: int = 0):
         return q, k, v
     u = torch.randn(128, generator=g, device="cuda")
     u = (u / u.norm()).to(torch.bfloat16)
-    grid = [c // t for c, t in zip(CANVAS, TILE)]
-    tiles = torch.rand(math.prod(grid), generator=g, device="cuda") < share
+    grid = geometry.grid_shape(CANVAS, TILE)
+    tiles = torch.rand(geometry.num_tiles(grid), generator=g, device="cuda") < share
+    q_grid, k_grid = (x.view(1, *CANVAS, HEADS, 128) for x in (q, k))
     for tile_id in tiles.nonzero().flatten().tolist():
-        t, h, w = tile_id // (grid[1] * grid[2]), (tile_id // grid[2]) % grid[1], tile_id % grid[2]
-        ts, hs, ws = (slice(c * s, (c + 1) * s) for c, s in zip((t, h, w), TILE))
-        view = q.view(1, *CANVAS, HEADS, 128)
-        view[:, ts, hs, ws] = u * 128**0.5
-        kv = k.view(1, *CANVAS, HEADS, 128)
-        kv[:, ts.stop - 1, hs.start, ws.start] = u * 120.0
+        ts, hs, ws = (slice(c * s, (c + 1) * s) for c, s in zip(geometry.tile_coords(tile_id, grid), TILE))
+        q_grid[:, ts, hs, ws] = u * 128**0.5
+        k_grid[:, ts.stop - 1, hs.start, ws.start] = u * 120.0
     return q, k, v
 
 

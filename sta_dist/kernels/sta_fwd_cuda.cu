@@ -44,8 +44,9 @@
 //   (FA's running maximum: S_j's maxima while PV_{j-1} runs, O rescaled). See Consumer.
 //
 // Key blocks of BN rows: 192 where a tile holds whole blocks of 192 (HunyuanVideo's and
-// Wan's 6x8x8; half again the keys per turn, so the turn's fixed costs, the maxima's
-// shuffles and O's rescale count a third less: 3-4% faster), else 128. Text blocks first
+// Wan's 6x8x8; half again the keys per turn, so the turn's fixed costs (the handover, the
+// waits, and in the online pass the maxima's shuffles and O's rescale) count a third less:
+// 3-4% faster at v23), else 128. Text blocks first
 // (the partial one as block 0, so the one column mask sits outside the loop), then the
 // window's video blocks, tile by tile (t, then h, then w), BN rows at a time. Natural: a
 // 5-D box [1, BN/(TH*TW), TH, TW, 64] of the view [B, T, H, W, heads*128] per 64-column
@@ -307,8 +308,8 @@ DEV void load_ring(const Window& w, const CUtensorMap* video, const CUtensorMap*
 template <int C, bool F16, bool RESUME, int BN>
 struct Consumer {
   static constexpr int NS = BN / 2, NP = BN / 4;  // S's accumulators and P's registers per thread
-  // The fixed reference's bound on a row sum: every term (of P too) stays finite, and O's
-  // sums of at most 2^24 terms stay far from fp32's range.
+  // The fixed reference's bound on a row sum: every term (of P too) stays finite; O's range
+  // is checked apart (``over_limit``).
   static constexpr float LIMIT = F16 ? 32768.f : 18446744073709551616.f;  // 2^15 (fp16's largest 65504), 2^64
   float S[NS];
   float O[64];
