@@ -11,12 +11,12 @@ hand for any machine.
 
 Kernels, fastest first (``auto`` takes the first that can run the video queries):
 
-- ``cuda``: the hand-written Hopper kernel (``sta_dist/kernels/sta_fwd_cuda.cu``); the whole
+- ``cuda``: the hand-written Hopper kernel (``kernels/sta_fwd_cuda.cu``); the whole
   canvas in natural order or whole tiles placed by tables (tiled order, a head-mode rank,
   a tile-mode rank's box and halo), in blocks of 128 rows; windows or per-query-tile key
   lists (selected tiles, other window rules); bf16 or fp16, head dim 128; the log-sum-exp
   too. Built with ``nvcc`` on first use.
-- ``triton``: the portable Triton kernel (``sta_dist/kernels/sta_fwd.py``); every case, on any
+- ``triton``: the portable Triton kernel (``kernels/sta_fwd.py``); every case, on any
   CUDA GPU, and on a CPU under ``TRITON_INTERPRET=1`` (tests).
 - ``torch``: the torch backend (``torch_backend.py``); every case, any device.
 

@@ -1,4 +1,4 @@
-"""The CUDA kernel's build and load (``sta_dist/kernels/sta_fwd_cuda.py``) without a GPU: no
+"""The CUDA kernel's build and load (``kernels/sta_fwd_cuda.py``) without a GPU: no
 compiler and a failing compiler leave ``library()`` empty with a reason, and a real
 ``nvcc`` (where this machine has one) builds once into the cache and reuses it."""
 

@@ -1,4 +1,4 @@
-"""GPU-only (Hopper, capability 9): the CUDA kernel (``sta_dist/kernels/sta_fwd_cuda.cu``)
+"""GPU-only (Hopper, capability 9): the CUDA kernel (``kernels/sta_fwd_cuda.cu``)
 against the dense float64 reference, on
 whole-tile canvases in natural order and in packed tiles (the whole canvas in tiled order,
 a tile-mode rank's box and halo), bf16 and fp16, with the log-sum-exp, GQA, batch and

@@ -113,7 +113,7 @@ job_dist() {
 # The CUDA kernel: its GPU tests and the route's (each test limited to 120 s), then beside
 # the other kernels on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
 # tile-mode rank's box and halo). SOURCES=a.cu,b.cu: also the CUDA kernel built from each of
-# those (e.g. `git show OLD:sta_dist/kernels/sta_fwd_cuda.cu > .ab/old.cu`, carried), as
+# those (e.g. `git show OLD:kernels/sta_fwd_cuda.cu > .ab/old.cu`, carried), as
 # cuda@<stem>; CASES: a subset of the cases; SKIP_TESTS=1: no tests.
 job_hopper() {
   setup

@@ -1,5 +1,5 @@
 """Shared by the offline compile checks (``sass_report.py``, ``table_sass_check.py``):
-import a kernel module from ``sta_dist/kernels/`` without importing the package, run the bundled
+import a kernel module from ``kernels/`` without importing the package, run the bundled
 ``cuobjdump`` on a cubin, and split SASS into instructions and loops."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton
 ROOT = Path(__file__).resolve().parents[1]
 
 
-KERNELS = ROOT / "sta_dist" / "kernels"
+KERNELS = ROOT / "kernels"
 
 
 def load_kernel_module(name: str, kernels_dir: Path = KERNELS, tag: str = "kernels"):

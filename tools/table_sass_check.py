@@ -28,12 +28,12 @@ from sass import KERNELS, ROOT, cubin_text, load_kernel_module
 
 
 def _show(ref: str, name: str) -> str:
-    """A kernel file at ``ref``: in ``sta_dist/kernels/``, or ``kernels/`` before the move."""
-    for folder in (KERNELS.relative_to(ROOT), "kernels"):
+    """A kernel file at ``ref``: in ``kernels/``, or ``sta_dist/kernels/`` where it lived for a while."""
+    for folder in (KERNELS.relative_to(ROOT), "sta_dist/kernels"):
         found = subprocess.run(["git", "show", f"{ref}:{folder}/{name}"], cwd=ROOT, capture_output=True, text=True)
         if found.returncode == 0:
             return found.stdout
-    raise SystemExit(f"table_sass_check: {name} is in neither sta_dist/kernels/ nor kernels/ at {ref}")
+    raise SystemExit(f"table_sass_check: {name} is in neither kernels/ nor sta_dist/kernels/ at {ref}")
 
 
 def compile_sm90(module, tma: int, extra: dict):

@@ -53,7 +53,7 @@ def tile_sums(x_bshd: torch.Tensor, rows: Sequence[TileRows], tile_ids: Sequence
               tile: Triple, use_triton: bool) -> torch.Tensor:
     """``[B, H, n, D]`` float64: each listed tile's sum over its tokens, the tokens found at
     ``rows`` (one :class:`TileRows` per tile) in ``x_bshd``. ``use_triton``: one launch of
-    ``sta_dist/kernels/tile_sums.py``; else torch, gathering float64 chunks of tiles."""
+    ``kernels/tile_sums.py``; else torch, gathering float64 chunks of tiles."""
     rows, tile_ids = tuple(rows), tuple(tile_ids)
     canvas, tile = tuple(canvas), tuple(tile)
     B, _, H, D = x_bshd.shape

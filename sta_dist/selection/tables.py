@@ -1,6 +1,6 @@
 """The table path: each query tile's key tiles as a list, the window's tiles united with
 the selected ones, built on the device without a host sync. The Triton kernel walks
-these lists (``sta_dist/kernels/sta_fwd.py``, ``TABLE``); the torch backend gathers them.
+these lists (``kernels/sta_fwd.py``, ``TABLE``); the torch backend gathers them.
 
 Legend: ``_bhqn`` = ``[batch, heads, query tiles, key tiles]`` (key tiles by global id).
 """
