@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from . import rules
+from .descriptors import bulk_copy_layout_ok
+
 LOG2E = 1.4426950408889634
 SOURCE = Path(__file__).with_name("sta_fwd_cuda.cu")
 # --split-compile=0: the kernel's eight instantiations (fp16/bf16 x resumed or not x 128- or
@@ -153,16 +156,15 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     (needs ``lse``): the video rows of ``out`` and ``lse`` hold an earlier launch's result
     over other keys of the same queries; this launch folds its keys in and writes both back
     (a row none of its keys reaches is left as it was). Raises if the call breaks
-    :func:`sta_dist.route.cuda_rule` or the library is missing."""
-    from ..geometry import grid_shape
-    from ..route import Call, Device, cuda_rule
-
+    :func:`rules.cuda_call_reason` or the library is missing."""
     packed = order == "packed"
     if packed and tables is None:
         raise ValueError("sta_fwd_cuda: order='packed' needs tables=(q_tiles, kv_tiles, kv_video)")
     kv_video = tables[2] if packed else math.prod(canvas)
-    reason = cuda_rule(Call.of(q, k, v, canvas, tile, order, kv_video=kv_video, text_keys=text_keys,
-                               table=keys is not None), Device.hopper())
+    reason = rules.cuda_call_reason(dtype=str(q.dtype).removeprefix("torch."), head_dim=q.shape[3],
+                                    canvas=tuple(canvas), tile=tuple(tile), order=order,
+                                    kv_rows=min(k.shape[1], v.shape[1]), kv_video=kv_video, text_keys=text_keys,
+                                    bulk_copy=bulk_copy_layout_ok(q, k, v))
     if reason:
         raise ValueError(f"sta_fwd_cuda: unsupported call: the kernel {reason}")
     if (out.shape != q.shape or out.dtype != q.dtype or out.stride(3) != 1 or out.stride(2) != q.shape[3]
@@ -189,7 +191,7 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
         raise ValueError("sta_fwd_cuda: resume=True folds keys into out and lse: it needs lse")
     if clip is not None and keys is not None:
         raise ValueError("sta_fwd_cuda: clip cuts windows; a call with key tables (keys=) has none")
-    lo, hi = clip if clip is not None else ((0, 0, 0), grid_shape(canvas, tile))
+    lo, hi = clip if clip is not None else ((0, 0, 0), tuple(-(-c // t) for c, t in zip(canvas, tile)))
     clip_arg = (ctypes.c_int * 6)(*lo, *hi)
     sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()

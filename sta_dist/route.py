@@ -31,21 +31,17 @@ too).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .kernels import rules as kernel_rules
 from .kernels.descriptors import bulk_copy_layout_ok
 
 KERNELS = ("cuda", "triton", "torch")
 """Every kernel, fastest first."""
 BACKENDS = ("auto",) + KERNELS
-HOPPER_HEAD_DIM = 128
-"""The one head dim the CUDA kernel is built for."""
-HOPPER_BLOCK = 128
-"""Rows of one query or key block of the CUDA kernel."""
-HOPPER_MAX_TILES = 1 << 22
-"""The CUDA kernel decodes listed tile ids in float arithmetic, exact below this many tiles."""
 
 Triple = tuple[int, int, int]
 
@@ -128,51 +124,14 @@ class Call:
         return all(c % t == 0 for c, t in zip(self.canvas, self.tile))
 
 
-def _hopper(device: Device) -> Optional[str]:
-    if device.type != "cuda":
-        return f"needs a CUDA GPU, the tensors are on {device.type}"
-    if device.capability is None or device.capability[0] != 9:
-        return f"needs Hopper (sm_90), this GPU is sm_{''.join(map(str, device.capability or ()))}"
-    return None
-
-
-def _common(call: Call) -> Optional[str]:
-    """What the CUDA kernel's program reads: head dim 128, whole tiles, rows the copy
-    engine can read."""
-    if call.head_dim != HOPPER_HEAD_DIM:
-        return f"is built for head dim {HOPPER_HEAD_DIM}, got head_dim={call.head_dim}"
-    if not call.whole_tiles:
-        return f"needs whole tiles: canvas={call.canvas} does not divide by tile={call.tile}"
-    if not call.bulk_copy:
-        return "reads rows through the copy engine: heads must be adjacent and row strides 16-byte multiples"
-    return None
-
-
-def _blocks(call: Call) -> Optional[str]:
-    """What the CUDA kernel's copies can read: the natural canvas or packed whole tiles, in
-    blocks of 128 rows, bf16 or fp16, and the text keys after the video keys."""
-    tt, th, tw = call.tile
-    plane = th * tw
-    if call.order == "natural":
-        blocks = (HOPPER_BLOCK // 2) % plane == 0 and tt % (HOPPER_BLOCK // plane) == 0
-    else:
-        blocks = (tt * plane) % HOPPER_BLOCK == 0
-    tiles = math.prod(-(-c // t) for c, t in zip(call.canvas, call.tile))
-    return ((f"reads the natural canvas or whole tiles of consecutive rows, the tokens here are {call.order}"
-             if call.order not in ("natural", "packed") else None)
-            or (f"is built for bfloat16 and float16, got dtype={call.dtype}"
-                if call.dtype not in ("bfloat16", "float16") else None)
-            or (f"reads blocks of {HOPPER_BLOCK} rows: tile={call.tile} does not split into them in {call.order} order"
-                if not blocks else None)
-            or (f"needs {call.text_keys} text keys after k/v row {call.kv_video}, k/v hold {call.kv_rows} rows"
-                if call.kv_rows < call.kv_video + call.text_keys else None)
-            or (f"numbers tiles below {HOPPER_MAX_TILES} (its float decode of tile ids), the grid has {tiles}"
-                if tiles >= HOPPER_MAX_TILES else None))
-
-
 def cuda_rule(call: Call, device: Device) -> Optional[str]:
-    """Why the CUDA kernel cannot take the call's video queries; ``None``: it can."""
-    return _hopper(device) or device.cuda_library or _common(call) or _blocks(call)
+    """Why the CUDA kernel cannot take the call's video queries; ``None``: it can (the
+    kernel's own rules, ``kernels/rules.py``, and whether its library loads)."""
+    return (kernel_rules.cuda_device_reason(device.type, device.capability) or device.cuda_library
+            or kernel_rules.cuda_call_reason(dtype=call.dtype, head_dim=call.head_dim, canvas=call.canvas,
+                                             tile=call.tile, order=call.order, kv_rows=call.kv_rows,
+                                             kv_video=call.kv_video, text_keys=call.text_keys,
+                                             bulk_copy=call.bulk_copy))
 
 
 def triton_rule(call: Call, device: Device) -> Optional[str]:
@@ -215,6 +174,11 @@ class Route:
     """Heads SDPA (cuDNN) runs whole: their window covers the grid."""
     declined: tuple[tuple[str, str], ...] = ()
     """Each faster kernel not taken, with why."""
+    backward: Optional[str] = dataclasses.field(default=None, compare=False)
+    """The kernel of the call's backward (:mod:`sta_dist.backward`): ``"triton"`` or
+    ``"torch"`` (not compared: routes are equal by their forward)."""
+    backward_declined: tuple[tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
+    """Each faster backward kernel not taken, with why."""
 
     def describe(self) -> str:
         """One line: what runs where, then why the faster kernels were not taken."""
@@ -228,12 +192,17 @@ class Route:
         why = "; ".join(f"not {k}: {reason}" for k, reason in self.declined)
         return ", ".join(parts) + (f" ({why})" if why else "")
 
+    def describe_backward(self) -> str:
+        """One line: the backward's kernel, then why the faster ones were not taken."""
+        why = "; ".join(f"not {k}: {reason}" for k, reason in self.backward_declined)
+        return f"backward: {self.backward}" + (f" ({why})" if why else "")
+
 
 def _heads(heads: tuple[int, ...]) -> str:
     return ", ".join(map(str, heads)) if len(heads) <= 8 else f"{len(heads)} of them"
 
 
-def route(call: Call, device: Device, backend: str = "auto") -> Route:
+def _forward_route(call: Call, device: Device, backend: str = "auto") -> Route:
     """The kernels that run ``call`` on ``device``. ``backend="auto"`` takes the fastest
     that can; a kernel's name asks for it and raises ``ValueError`` with its reason if it
     cannot. Off a GPU ``auto`` takes the torch backend (the Triton interpreter is for
@@ -264,3 +233,29 @@ def _text(call: Call, kernel: str) -> Optional[str]:
     if kernel in ("triton", "torch") or not call.q_text:
         return None
     return "sdpa" if call.text_dense else "triton"
+
+
+def route(call: Call, device: Device, backend: str = "auto") -> Route:
+    """The kernels that run ``call`` on ``device``, forward and backward. ``backend="auto"``
+    takes the fastest that can; a kernel's name asks for it and raises ``ValueError`` with
+    its reason if it cannot. Off a GPU ``auto`` takes the torch backend (the Triton
+    interpreter is for tests)."""
+    r = _forward_route(call, device, backend)
+    kernel, declined = backward_route(call, device, backend)
+    return dataclasses.replace(r, backward=kernel, backward_declined=declined)
+
+
+def backward_route(call: Call, device: Device, backend: str = "auto") -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The backward's kernel and each faster one declined, with why. There is no CUDA
+    backward yet: where the CUDA kernel runs the forward (Hopper), the Triton backward
+    runs; ``backend="torch"`` and ``auto`` off a GPU take the torch backward."""
+    if backend == "torch":
+        return "torch", ()
+    declined = [("cuda", "has no backward yet (the Triton backward runs beside the CUDA forward)")]
+    if device.type != "cuda" and backend == "auto":
+        declined.append(("triton", device.triton or "off a GPU auto takes the torch backend (the interpreter is for tests)"))
+        return "torch", tuple(declined)
+    reason = triton_rule(call, device)
+    if reason is None:
+        return "triton", tuple(declined)
+    return "torch", tuple(declined + [("triton", reason)])
