@@ -1,5 +1,5 @@
 // Sliding tile attention forward for Hopper (sm_90a), hand-written CUDA in FA3's
-// structure: the one Hopper kernel of the route (sta_dist/route.py, rule ``cuda_rule``).
+// structure: the one Hopper kernel of the route (sta_dist/route.py; what it takes: kernels/rules.py).
 // Semantics as kernels/sta_fwd.py (the portable Triton kernel).
 //
 // q/k/v [B, S, heads, 128], bf16 or fp16 (template F16), video tokens placed by one of
@@ -54,13 +54,21 @@
 // kv_tiles. Either way shared memory holds BN rows of 128 bytes in (t, h, w) order with
 // the 128-byte swizzle (two copies per block).
 // Text blocks are such 3-D boxes from text_row on.
+//
+// The file reads top to bottom: the kernel's constants and Params, loading (the loader
+// warps' rings), computing (the consumer warpgroups), the kernel, then the host entry
+// (Params from the caller's StaFwdArgs, the launch). Beside it: hopper/ptx.cuh (the PTX
+// wrappers), hopper/tensor_maps.cuh (the tensor maps' host side) and sta_fwd_cuda_args.h
+// (the host interface); nvcc finds them through -I kernels/ (sta_fwd_cuda.py's build).
 #include <cuda.h>
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-#define DEV __device__ __forceinline__
+#include "hopper/ptx.cuh"
+#include "hopper/tensor_maps.cuh"
+#include "sta_fwd_cuda_args.h"
 
 namespace {
 
@@ -88,129 +96,6 @@ struct Params {
   int clip_lo[3], clip_hi[3];  // windows cut to the key tiles [lo, hi) per axis (the whole grid: no cut)
   float scale;  // softmax scale * log2(e)
 };
-
-// --- PTX wrappers ------------------------------------------------------------------------
-DEV uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-DEV void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-DEV void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-DEV void mbar_arrive(uint32_t bar) { asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory"); }
-// The consumers' wait: try_wait's own short timeout, then again (their waits are short).
-DEV void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// The loaders' wait for a ring slot (most of a trip): with a suspend-time hint (10 ms, an
-// upper bound) the thread sleeps until the phase completes instead of re-trying every few
-// dozen cycles in the issue slots of the consumer warps beside it (even to +1% on an H200).
-DEV void mbar_sleep(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1, %2;\n"
-      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
-      "r"(parity), "r"(10000000)
-      : "memory");
-}
-DEV void st_shared(uint32_t addr, uint32_t x) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(x) : "memory"); }
-DEV uint32_t ld_shared(uint32_t addr) {
-  uint32_t x;
-  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(x) : "r"(addr) : "memory");
-  return x;
-}
-DEV void tma_load5(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2, int c3, int c4) {
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], "
-      "[%7];" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
-      : "memory");
-}
-DEV void tma_load3(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-      : "memory");
-}
-DEV void wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-DEV void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-DEV void wg_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-template <int N>
-DEV void fence_f(float (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(x[i])::"memory");
-}
-template <int N>
-DEV void fence_r(uint32_t (&x)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i])::"memory");
-}
-DEV void bar_sync(int id) { asm volatile("bar.sync %0, 256;" ::"r"(id) : "memory"); }
-DEV void bar_arrive(int id) { asm volatile("bar.arrive %0, 256;" ::"r"(id) : "memory"); }
-DEV float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-// Two fp32 values as one register of two 16-bit values (lo in the low half).
-template <bool F16>
-DEV uint32_t pack2(float lo, float hi) {
-  uint32_t r;
-  if constexpr (F16)
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-// wgmma m64nNk16 (N = 128 or 192), fp32 accumulators d (row r0 = 16*warp + lane/4: index % 4 < 2; row
-// r0 + 8: the rest; column 8*(index/4) + 2*(lane%4) + index%2). Descriptors are 64-bit: the
-// low word (shared address >> 4) | (LBO >> 4) << 16, the high word DESC_HI, joined once per
-// product (``Consumer::desc``) and stepped by adding to the whole value (no carry leaves the
-// 14-bit address field: shared memory is below 2^18 bytes); joining them per instruction
-// cost three uniform moves each.
-#define ACC64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-#define D64(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define ACC96 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95}"
-#define D96(d) "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
-#define WGMMA_SS(T, N, ACC, A, B, SD)                                         \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, %" SD ", 0;\n"                            \
-  "wgmma.mma_async.sync.aligned.m64n" N "k16.f32." T "." T " " ACC ", %" A ", %" B ", p, 1, 1, 0, 0;\n}\n"
-#define WGMMA_RS(T)                                      \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." T "." T " " ACC64 ", {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-
-// S = Q K^T for a key block of 128 or 192 rows (64 or 96 accumulators).
-template <bool F16, int NA>
-DEV void wgmma_ss(float (&d)[NA], uint64_t a, uint64_t b, int scale_d) {
-  static_assert(NA == 64 || NA == 96);
-  if constexpr (NA == 64 && F16)
-    asm volatile(WGMMA_SS("f16", "128", ACC64, "64", "65", "66") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
-  else if constexpr (NA == 64)
-    asm volatile(WGMMA_SS("bf16", "128", ACC64, "64", "65", "66") : D64(d) : "l"(a), "l"(b), "r"(scale_d));
-  else if constexpr (F16)
-    asm volatile(WGMMA_SS("f16", "192", ACC96, "96", "97", "98") : D96(d) : "l"(a), "l"(b), "r"(scale_d));
-  else
-    asm volatile(WGMMA_SS("bf16", "192", ACC96, "96", "97", "98") : D96(d) : "l"(a), "l"(b), "r"(scale_d));
-}
-// A from registers (four per 16-column step, the accumulator layout packed in pairs),
-// B (V) transposed: N = head dim contiguous.
-template <bool F16, int NP>
-DEV void wgmma_rs(float (&d)[64], const uint32_t (&a)[NP], int kk, uint64_t b) {
-  if constexpr (F16)
-    asm volatile(WGMMA_RS("f16") : D64(d)
-                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "l"(b));
-  else
-    asm volatile(WGMMA_RS("bf16") : D64(d)
-                 : "r"(a[4 * kk]), "r"(a[4 * kk + 1]), "r"(a[4 * kk + 2]), "r"(a[4 * kk + 3]), "l"(b));
-}
 
 // --- loading -------------------------------------------------------------------------------
 // Which key block j is: text blocks first (the partial last one as block 0), then the
@@ -666,57 +551,7 @@ __global__ void __launch_bounds__(THREADS, 1) sta_fwd_kernel(const __grid_consta
     consume<1, F16, RESUME, BN>(p, q_base, k_base, v_base, bars, n, n_tb, b, qh, rows);
 }
 
-// --- host ----------------------------------------------------------------------------------
-using EncodeFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                              const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                              CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeFn encode_fn() {
-  static EncodeFn fn = nullptr;
-  if (!fn) {
-    cudaDriverEntryPointQueryResult status;
-    void* ptr = nullptr;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status) ==
-            cudaSuccess &&
-        status == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeFn>(ptr);
-  }
-  return fn;
-}
-
-int encode(CUtensorMap* map, void* ptr, bool f16, cuuint32_t rank, const cuuint64_t* dims, const cuuint64_t* strides,
-           const cuuint32_t* box) {
-  EncodeFn fn = encode_fn();
-  if (!fn) return 1;
-  const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
-  CUresult r = fn(map, f16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, ptr, dims,
-                  strides, box, ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? 0 : 100 + static_cast<int>(r);
-}
-
-// The 5-D view [B, T, H, W, heads*128] of a natural-order canvas, box [1, slices, TH, TW, 64].
-int video_map(CUtensorMap* map, void* ptr, bool f16, int B, int T, int H, int W, int heads, long long s_b,
-              long long s_s, int slices, int TH, int TW) {
-  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(W),
-                              static_cast<cuuint64_t>(H), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
-  const cuuint64_t strides[4] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(W * s_s) * 2,
-                                 static_cast<cuuint64_t>(H * W * s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
-  const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(TW), static_cast<cuuint32_t>(TH),
-                             static_cast<cuuint32_t>(slices), 1};
-  return encode(map, ptr, f16, 5, dims, strides, box);
-}
-
-// The 3-D view [B, S, heads*128] (packed tiles, text rows), box [1, box_rows, 64].
-int rows_map(CUtensorMap* map, void* ptr, bool f16, int B, long long S, int heads, long long s_b, long long s_s,
-             int box_rows) {
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(heads) * 128, static_cast<cuuint64_t>(S),
-                              static_cast<cuuint64_t>(B)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(s_s) * 2, static_cast<cuuint64_t>(s_b) * 2};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
-  return encode(map, ptr, f16, 3, dims, strides, box);
-}
-
+// --- host entry ----------------------------------------------------------------------------
 // The instantiation for (BN, f16, resume), launched on ``stream``: 0, or 1000 + cudaError_t.
 template <int BN>
 int launch(const Params& p, dim3 grid, int f16, int resume, void* stream) {
@@ -731,51 +566,46 @@ int launch(const Params& p, dim3 grid, int f16, int resume, void* stream) {
 
 }  // namespace
 
-// Launch on ``stream``. Strides in elements. ``q_tiles``/``kv_tiles``: the packed order's
-// tables (``n_q_tiles`` query tiles; ignored in natural order); ``lse``: nullptr or [B,
-// q heads, S] float32 with strides (lse_b, lse_h, 1); ``sel_keys``: nullptr (windows) or
-// the key tables, with ``sel_counts`` and their strides (``sel_strides``: keys b, h, query
-// tile, counts b, h); ``k_halo``/``v_halo``: nullptr, or (packed) the halo's rows (the
-// kv_tiles entries ~r read row r of them), ``halo_rows`` of them, strides (sh_b, sh_s).
-// Returns 0, or 1 (no tensor-map encoder), 100 + CUresult (a tensor map), 1000 +
-// cudaError_t (the launch).
-extern "C" int sta_fwd_cuda(void* q, void* k, void* v, void* out, float* lse, const int* heads, int n_heads,
-                            const int* q_tiles, int q_stride, int n_q_tiles, const int* kv_tiles, int kv_stride,
-                            int packed, int f16, int B, int T, int H, int W, int TT, int TH, int TW, int q_heads,
-                            int kv_heads, long long s_q, long long s_kv, long long sq_b, long long sq_s,
-                            long long sk_b, long long sk_s, long long sv_b, long long sv_s, long long so_b,
-                            long long so_s, long long lse_b, long long lse_h, const int* sel_keys,
-                            const int* sel_counts, const long long* sel_strides, int text_row, int n_text,
-                            void* k_halo, void* v_halo, long long halo_rows, long long sh_b,
-                            long long sh_s, const int* clip, int resume, float scale, void* stream) {
+extern "C" int sta_fwd_cuda_args_size(void) { return static_cast<int>(sizeof(StaFwdArgs)); }
+
+// The kernel on ``args->stream`` (fields: sta_fwd_cuda_args.h): Params from the caller's
+// arguments, then the instantiation for the key block rows, dtype and resume.
+extern "C" int sta_fwd_cuda_launch(const StaFwdArgs* args) {
+  const StaFwdArgs& in = *args;
   Params p;
   int e;
-  const int slices = 128 / (TH * TW);
-  const int bn = (TT * TH * TW) % 192 == 0 ? 192 : 128;  // key block rows: 192 where whole tiles hold whole blocks
-  if (packed) {
-    (e = rows_map(&p.q, q, f16, B, s_q, q_heads, sq_b, sq_s, 64)) ||
-        (k_halo && ((e = rows_map(&p.k, k_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, bn)) ||
-                    (e = rows_map(&p.v, v_halo, f16, B, halo_rows, kv_heads, sh_b, sh_s, bn))));
+  const int slices = 128 / (in.TH * in.TW);
+  const int bn = (in.TT * in.TH * in.TW) % 192 == 0 ? 192 : 128;  // key block rows: 192 where whole tiles hold whole blocks
+  if (in.packed) {
+    (e = rows_map(&p.q, in.q, in.f16, in.B, in.s_q, in.q_heads, in.sq_b, in.sq_s, 64)) ||
+        (in.k_halo &&
+         ((e = rows_map(&p.k, in.k_halo, in.f16, in.B, in.halo_rows, in.kv_heads, in.sh_b, in.sh_s, bn)) ||
+          (e = rows_map(&p.v, in.v_halo, in.f16, in.B, in.halo_rows, in.kv_heads, in.sh_b, in.sh_s, bn))));
   } else {
-    (e = video_map(&p.q, q, f16, B, T, H, W, q_heads, sq_b, sq_s, slices / 2, TH, TW)) ||
-        (e = video_map(&p.k, k, f16, B, T, H, W, kv_heads, sk_b, sk_s, bn / (TH * TW), TH, TW)) ||
-        (e = video_map(&p.v, v, f16, B, T, H, W, kv_heads, sv_b, sv_s, bn / (TH * TW), TH, TW));
+    (e = video_map(&p.q, in.q, in.f16, in.B, in.T, in.H, in.W, in.q_heads, in.sq_b, in.sq_s, slices / 2, in.TH,
+                   in.TW)) ||
+        (e = video_map(&p.k, in.k, in.f16, in.B, in.T, in.H, in.W, in.kv_heads, in.sk_b, in.sk_s, bn / (in.TH * in.TW),
+                       in.TH, in.TW)) ||
+        (e = video_map(&p.v, in.v, in.f16, in.B, in.T, in.H, in.W, in.kv_heads, in.sv_b, in.sv_s, bn / (in.TH * in.TW),
+                       in.TH, in.TW));
   }
-  if (e || (e = rows_map(&p.kt, k, f16, B, s_kv, kv_heads, sk_b, sk_s, bn)) ||
-      (e = rows_map(&p.vt, v, f16, B, s_kv, kv_heads, sv_b, sv_s, bn)))
+  if (e || (e = rows_map(&p.kt, in.k, in.f16, in.B, in.s_kv, in.kv_heads, in.sk_b, in.sk_s, bn)) ||
+      (e = rows_map(&p.vt, in.v, in.f16, in.B, in.s_kv, in.kv_heads, in.sv_b, in.sv_s, bn)))
     return e;
-  p.out = static_cast<uint16_t*>(out);
-  p.lse = lse;
-  p.heads = heads, p.q_tiles = q_tiles, p.kv_tiles = kv_tiles, p.sel_keys = sel_keys, p.sel_counts = sel_counts;
-  p.sel_kb = sel_strides[0], p.sel_kh = sel_strides[1], p.sel_kq = sel_strides[2];
-  p.sel_cb = sel_strides[3], p.sel_ch = sel_strides[4];
-  p.so_b = so_b, p.so_s = so_s, p.lse_b = lse_b, p.lse_h = lse_h;
-  p.q_stride = q_stride, p.kv_stride = kv_stride, p.packed = packed;
-  p.n_heads = n_heads, p.grid_t = T / TT, p.grid_h = H / TH, p.grid_w = W / TW;
-  p.TT = TT, p.TH = TH, p.TW = TW, p.bpt = TT * TH * TW / 128;
-  p.canvas_h = H, p.canvas_w = W, p.text_row = text_row, p.n_text = n_text, p.scale = scale;
-  for (int a = 0; a < 3; ++a) p.clip_lo[a] = clip[a], p.clip_hi[a] = clip[3 + a];
-  const int q_blocks = (packed ? n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
-  const dim3 grid(q_blocks, B * n_heads);
-  return bn == 192 ? launch<192>(p, grid, f16, resume, stream) : launch<128>(p, grid, f16, resume, stream);
+  p.out = static_cast<uint16_t*>(in.out);
+  p.lse = in.lse;
+  p.heads = in.heads, p.q_tiles = in.q_tiles, p.kv_tiles = in.kv_tiles;
+  p.sel_keys = in.sel_keys, p.sel_counts = in.sel_counts;
+  p.sel_kb = in.sel_strides[0], p.sel_kh = in.sel_strides[1], p.sel_kq = in.sel_strides[2];
+  p.sel_cb = in.sel_strides[3], p.sel_ch = in.sel_strides[4];
+  p.so_b = in.so_b, p.so_s = in.so_s, p.lse_b = in.lse_b, p.lse_h = in.lse_h;
+  p.q_stride = in.q_stride, p.kv_stride = in.kv_stride, p.packed = in.packed;
+  p.n_heads = in.n_heads, p.grid_t = in.T / in.TT, p.grid_h = in.H / in.TH, p.grid_w = in.W / in.TW;
+  p.TT = in.TT, p.TH = in.TH, p.TW = in.TW, p.bpt = in.TT * in.TH * in.TW / 128;
+  p.canvas_h = in.H, p.canvas_w = in.W, p.text_row = in.text_row, p.n_text = in.n_text, p.scale = in.scale;
+  for (int a = 0; a < 3; ++a) p.clip_lo[a] = in.clip[a], p.clip_hi[a] = in.clip[3 + a];
+  const int q_blocks = (in.packed ? in.n_q_tiles : p.grid_t * p.grid_h * p.grid_w) * p.bpt;
+  const dim3 grid(q_blocks, in.B * in.n_heads);
+  return bn == 192 ? launch<192>(p, grid, in.f16, in.resume, in.stream)
+                   : launch<128>(p, grid, in.f16, in.resume, in.stream);
 }

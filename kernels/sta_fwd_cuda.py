@@ -1,15 +1,17 @@
 """The hand-written Hopper kernel ``kernels/sta_fwd_cuda.cu``: build, load and call.
 
-The source is compiled with ``nvcc`` for sm_90a the first time it is needed (seconds to
-tens of seconds; no GPU needed) into a shared library in the cache directory (``$STA_DIST_CACHE``
-or ``~/.cache/sta_dist``), named by the hash of the source and of the compiler's version,
-so the next process loads it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the
-``PATH``, else ``$CUDA_HOME/bin/nvcc``. Without a compiler, a library built ahead of time
+The source (with the headers it includes from ``kernels/``: ``hopper/*.cuh``,
+``sta_fwd_cuda_args.h``) is compiled with ``nvcc`` for sm_90a in one invocation the first
+time it is needed (seconds to tens of seconds; no GPU needed) into a shared library in the
+cache directory (``$STA_DIST_CACHE`` or ``~/.cache/sta_dist``), named by the hash of the
+source, its headers and the flags and of the compiler's version, so the next process loads
+it at once. ``nvcc`` is ``$STA_DIST_NVCC``, else the one on the ``PATH``, else
+``$CUDA_HOME/bin/nvcc``. Without a compiler, a library built ahead of time
 for this source is loaded from the cache (``python -m sta_dist.kernels.sta_fwd_cuda`` builds
 one where ``nvcc`` is, e.g. on a login node into a shared ``$STA_DIST_CACHE``). With
 neither, or if the build fails, ``library()`` is ``None`` (``build_error()`` says why) and
 the route takes the Triton kernel. The call goes through ``ctypes`` on the caller's CUDA
-stream.
+stream: one :class:`StaFwdArgs` by pointer, the struct of ``sta_fwd_cuda_args.h``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import functools
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +33,11 @@ from . import rules
 from .descriptors import bulk_copy_layout_ok
 
 LOG2E = 1.4426950408889634
-SOURCE = Path(__file__).with_name("sta_fwd_cuda.cu")
+KERNELS = Path(__file__).parent
+"""The folder of the kernel sources: nvcc's ``-I``, so a source elsewhere (another
+commit's ``sta_fwd_cuda.cu``) takes the headers it lacks beside it from here."""
+SOURCE = KERNELS / "sta_fwd_cuda.cu"
+ARGS_HEADER = KERNELS / "sta_fwd_cuda_args.h"
 # --split-compile=0: the kernel's eight instantiations (fp16/bf16 x resumed or not x 128- or
 # 192-row key blocks) optimized and assembled in parallel, one job per CPU.
 NVCC_FLAGS = ("-O3", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-shared", "-Xcompiler", "-fPIC",
@@ -51,9 +58,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STA_DIST_CACHE", Path.home() / ".cache" / "sta_dist")) / "cuda"
 
 
+def headers(source: Path = SOURCE) -> list[tuple[str, Path]]:
+    """The ``#include "..."`` files that compiling ``source`` reads, as ``(name as
+    written, path)``, each once, in the order the preprocessor meets them: found as nvcc
+    finds them, beside the including file first, then in :data:`KERNELS` (``-I``); a name
+    found in neither is left to nvcc to report."""
+    found: list[tuple[str, Path]] = []
+
+    def walk(path: Path) -> None:
+        for line in path.read_text().splitlines():
+            m = re.match(r'\s*#\s*include\s*"([^"]+)"', line)
+            if not m:
+                continue
+            name = m.group(1)
+            header = next((d / name for d in (path.parent, KERNELS) if (d / name).is_file()), None)
+            if header is not None and all(header.resolve() != seen.resolve() for _, seen in found):
+                found.append((name, header))
+                walk(header)
+
+    walk(Path(source))
+    return found
+
+
 def source_key(source: Path = SOURCE) -> str:
-    """The hash of the source and the build flags: the first part of a library's name."""
-    return hashlib.sha256(source.read_bytes() + " ".join(NVCC_FLAGS).encode()).hexdigest()[:16]
+    """The hash of the source, the headers it includes (name and text) and the build
+    flags: the first part of a library's name, so a changed header builds anew."""
+    h = hashlib.sha256(Path(source).read_bytes())
+    for name, path in headers(source):
+        h.update(b"\0" + name.encode() + b"\0" + path.read_bytes())
+    h.update(" ".join(NVCC_FLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def nvcc_command(compiler: str, source: Path, output: str) -> list[str]:
+    """The one nvcc invocation that builds ``source`` into the library ``output``."""
+    return [compiler, *NVCC_FLAGS, "-I", str(KERNELS), "-o", output, str(source)]
 
 
 def prebuilt() -> Path | None:
@@ -74,7 +113,7 @@ def build(compiler: str, source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *NVCC_FLAGS, "-o", tmp, str(source)], capture_output=True, text=True, check=True)
+        subprocess.run(nvcc_command(compiler, source, tmp), capture_output=True, text=True, check=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -99,13 +138,41 @@ def library():
         return None
 
 
-def load(path: Path):
-    """A built library, its entry point's signature declared."""
-    lib = ctypes.CDLL(str(path))
+class StaFwdArgs(ctypes.Structure):
+    """``StaFwdArgs`` of ``sta_fwd_cuda_args.h``, field for field (pointers as
+    ``c_void_p``; ``tests/test_cuda_build.py`` checks names, order and C types against the
+    header; :func:`load` checks the size against the library's)."""
+
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-    lib.sta_fwd_cuda.argtypes = ([P] * 6 + [I, P, I, I, P] + [I] * 12 + [L] * 12 + [P] * 3 + [I, I] + [P, P, L, L, L]
-                                 + [P, I, ctypes.c_float, P])
-    lib.sta_fwd_cuda.restype = I
+    _fields_ = [
+        ("q", P), ("k", P), ("v", P), ("out", P), ("lse", P), ("heads", P), ("n_heads", I),
+        ("q_tiles", P), ("q_stride", I), ("n_q_tiles", I), ("kv_tiles", P), ("kv_stride", I),
+        ("packed", I), ("f16", I), ("B", I), ("T", I), ("H", I), ("W", I), ("TT", I), ("TH", I), ("TW", I),
+        ("q_heads", I), ("kv_heads", I),
+        ("s_q", L), ("s_kv", L), ("sq_b", L), ("sq_s", L), ("sk_b", L), ("sk_s", L), ("sv_b", L), ("sv_s", L),
+        ("so_b", L), ("so_s", L), ("lse_b", L), ("lse_h", L),
+        ("sel_keys", P), ("sel_counts", P), ("sel_strides", L * 5), ("text_row", I), ("n_text", I),
+        ("k_halo", P), ("v_halo", P), ("halo_rows", L), ("sh_b", L), ("sh_s", L),
+        ("clip", I * 6), ("resume", I), ("scale", ctypes.c_float), ("stream", P),
+    ]
+    del P, I, L
+
+
+def load(path: Path):
+    """A built library, its entry points' signatures declared; ``OSError`` if it is not
+    this interface's (a source from before the struct, or a header that changed since)."""
+    lib = ctypes.CDLL(str(path))
+    try:
+        lib.sta_fwd_cuda_launch.argtypes = [ctypes.POINTER(StaFwdArgs)]
+        lib.sta_fwd_cuda_args_size.argtypes = []
+    except AttributeError as err:
+        raise OSError(f"{path} has no sta_fwd_cuda_launch(const StaFwdArgs*) (built from a source older than "
+                      f"sta_fwd_cuda_args.h?): {err}") from None
+    lib.sta_fwd_cuda_launch.restype = lib.sta_fwd_cuda_args_size.restype = ctypes.c_int
+    size = lib.sta_fwd_cuda_args_size()
+    if size != ctypes.sizeof(StaFwdArgs):
+        raise OSError(f"{path}: sizeof(StaFwdArgs) is {size} there, {ctypes.sizeof(StaFwdArgs)} here (another "
+                      f"sta_fwd_cuda_args.h)")
     return lib
 
 
@@ -192,7 +259,6 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     if clip is not None and keys is not None:
         raise ValueError("sta_fwd_cuda: clip cuts windows; a call with key tables (keys=) has none")
     lo, hi = clip if clip is not None else ((0, 0, 0), tuple(-(-c // t) for c, t in zip(canvas, tile)))
-    clip_arg = (ctypes.c_int * 6)(*lo, *hi)
     sel_keys, sel_counts, sel_strides = _key_tables(keys)
     lib = library()
     if lib is None:
@@ -204,17 +270,22 @@ def sta_fwd_cuda(q, k, v, heads, out, *, canvas, tile, scale, text_keys=0, order
     if n == 0 or B == 0 or (packed and n_q == 0):
         return out
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    rc = lib.sta_fwd_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                          lse.data_ptr() if lse is not None else None, heads.data_ptr(), n,
-                          q_tiles.data_ptr(), q_tiles.stride(0), n_q, kv_tiles.data_ptr(), kv_tiles.stride(0),
-                          int(packed), int(q.dtype == torch.float16), B, T, H, W, *tile, q.shape[2], k.shape[2],
-                          q.shape[1], min(k.shape[1], v.shape[1]), q.stride(0), q.stride(1), k.stride(0),
-                          k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-                          lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
-                          sel_keys, sel_counts, sel_strides, kv_video, text_keys,
-                          None if halo is None else k_halo.data_ptr(), None if halo is None else v_halo.data_ptr(),
-                          0 if halo is None else k_halo.shape[1], 0 if halo is None else k_halo.stride(0),
-                          0 if halo is None else k_halo.stride(1), clip_arg, int(resume), scale * LOG2E, stream)
+    args = StaFwdArgs(
+        q=q.data_ptr(), k=k.data_ptr(), v=v.data_ptr(), out=out.data_ptr(),
+        lse=lse.data_ptr() if lse is not None else None, heads=heads.data_ptr(), n_heads=n,
+        q_tiles=q_tiles.data_ptr(), q_stride=q_tiles.stride(0), n_q_tiles=n_q,
+        kv_tiles=kv_tiles.data_ptr(), kv_stride=kv_tiles.stride(0),
+        packed=int(packed), f16=int(q.dtype == torch.float16), B=B, T=T, H=H, W=W, TT=tile[0], TH=tile[1],
+        TW=tile[2], q_heads=q.shape[2], kv_heads=k.shape[2],
+        s_q=q.shape[1], s_kv=min(k.shape[1], v.shape[1]), sq_b=q.stride(0), sq_s=q.stride(1), sk_b=k.stride(0),
+        sk_s=k.stride(1), sv_b=v.stride(0), sv_s=v.stride(1), so_b=out.stride(0), so_s=out.stride(1),
+        lse_b=lse.stride(0) if lse is not None else 0, lse_h=lse.stride(1) if lse is not None else 0,
+        sel_keys=sel_keys, sel_counts=sel_counts, sel_strides=sel_strides, text_row=kv_video, n_text=text_keys,
+        k_halo=None if halo is None else k_halo.data_ptr(), v_halo=None if halo is None else v_halo.data_ptr(),
+        halo_rows=0 if halo is None else k_halo.shape[1], sh_b=0 if halo is None else k_halo.stride(0),
+        sh_s=0 if halo is None else k_halo.stride(1), clip=(ctypes.c_int * 6)(*lo, *hi), resume=int(resume),
+        scale=scale * LOG2E, stream=stream)
+    rc = lib.sta_fwd_cuda_launch(ctypes.byref(args))
     if rc:
         raise RuntimeError(f"sta_fwd_cuda: launch failed with code {rc} (1: no tensor-map encoder; 100+: CUresult of "
                            f"a tensor map; 1000+: cudaError_t)")
