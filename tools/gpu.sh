@@ -113,8 +113,11 @@ job_dist() {
 # The CUDA kernel: its GPU tests and the route's (each test limited to 120 s), then beside
 # the other kernels on the runtime's local calls (natural, log-sum-exp, fp16, text, tiled, a
 # tile-mode rank's box and halo). SOURCES=a.cu,b.cu: also the CUDA kernel built from each of
-# those (e.g. `git show OLD:kernels/sta_fwd_cuda.cu > .ab/old.cu`, carried), as
-# cuda@<stem>; CASES: a subset of the cases; SKIP_TESTS=1: no tests.
+# those main sources, its headers from beside it, else from kernels/ (one file: `git show
+# OLD:kernels/sta_fwd_cuda.cu > .ab/old.cu`; all of them: `mkdir -p .ab/old && git archive OLD
+# kernels | tar -x --strip-components=1 -C .ab/old`, then .ab/old/sta_fwd_cuda.cu; carried), as
+# cuda@<stem> (cuda@<folder> for a sta_fwd_cuda.cu); a source from before the StaFwdArgs host
+# interface does not load: AB=DIR for those. CASES: a subset of the cases; SKIP_TESTS=1: no tests.
 job_hopper() {
   setup
   if [ "${SKIP_TESTS:-0}" != 1 ]; then

@@ -12,6 +12,14 @@ window given as key lists (the table path of selected tiles, with nothing select
     python3 tools/hopper_bench.py --kernels cuda --cases natural --once   # one call each (a profiler)
     python3 tools/hopper_bench.py --kernels cuda --sources .ab/old.cu     # the tree's CUDA kernel against
                                                                           # another source of it ("cuda@old")
+    python3 tools/hopper_bench.py --kernels cuda --sources .ab/old/sta_fwd_cuda.cu   # a whole kernels/ copy
+                                                                          # ("cuda@old")
+
+A source given by ``--sources`` is the main ``.cu``: the headers it includes are taken from
+beside it where they are there (a copy of another commit's ``kernels/``), else from the
+tree's ``kernels/`` (a one-file change). Its library must have the tree's host interface
+(``sta_fwd_cuda_args.h``); a source from before that interface is refused at load: compare
+such a commit whole (``tools/gpu.sh``'s ``AB=DIR``).
 """
 
 from __future__ import annotations
@@ -84,11 +92,19 @@ def cuda_source(lib):
 
 
 def source_kernels(sources: str) -> dict:
-    """``{"cuda@<stem>": library}`` for each comma-separated ``.cu`` path."""
+    """``{"cuda@<name>": library}`` for each comma-separated ``.cu`` path (name: the file's
+    stem, or its folder's name for a ``sta_fwd_cuda.cu``)."""
     from sta_dist.kernels import sta_fwd_cuda
 
-    return {f"cuda@{Path(src).stem}": sta_fwd_cuda.load(sta_fwd_cuda.build(sta_fwd_cuda.nvcc(), Path(src)))
-            for src in sources.split(",") if src}
+    libs = {}
+    for src in filter(None, sources.split(",")):
+        path = Path(src)
+        name = path.parent.resolve().name if path.stem == "sta_fwd_cuda" else path.stem
+        try:
+            libs[f"cuda@{name}"] = sta_fwd_cuda.load(sta_fwd_cuda.build(sta_fwd_cuda.nvcc(), path))
+        except OSError as err:
+            raise SystemExit(f"hopper_bench: --sources {src}: {err}") from None
+    return libs
 
 
 def main() -> None:
