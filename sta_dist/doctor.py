@@ -12,7 +12,7 @@ import torch
 from .dispatch import device_facts, layout_call
 from .local import LocalText
 from .parallel.plan import ShardPlan
-from .parallel.schedule import call_schedule
+from .parallel.decide import call_schedule
 from .plan_report import call_windows
 from .route import Device, route
 from .run import RunConfig

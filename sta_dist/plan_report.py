@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from . import geometry
-from .parallel.cost import H100_NVLINK, call_cost, call_mode, call_parts
-from .parallel.plan import ShardPlan, choose_mesh
+from .parallel.cost import H100_NVLINK
+from .parallel.decide import call_cost, call_mode, call_parts, choose_mesh
+from .parallel.plan import ShardPlan
 from .parallel.schedule import CallSchedule
 from .run import DTYPES, RunConfig
 

@@ -26,7 +26,8 @@ from .config import STAConfig, check_triple
 from .distributed import DistributedSlidingTileAttention
 from .geometry import Triple
 from .mask_strategy import MaskStrategy
-from .parallel.cost import H100_NVLINK, call_cost, call_mode
+from .parallel.cost import H100_NVLINK
+from .parallel.decide import call_cost, call_mode
 from .parallel.env import detect_env, init_distributed
 from .parallel.plan import MODES, ShardPlan
 from .testing import error_bound, max_error, reference_attention

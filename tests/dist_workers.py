@@ -11,9 +11,8 @@ from sta_dist import DistributedSlidingTileAttention, ShardPlan
 from sta_dist.backend import SlidingTileAttentionMetadata
 from sta_dist.config import normalize_windows
 from sta_dist.local import longest_text
-from sta_dist.parallel.cost import CallPart, call_mode
+from sta_dist.parallel.decide import CallPart, call_mode, call_schedule
 from sta_dist.parallel.runtime import PartialOutput, exchange_in, exchange_out
-from sta_dist.parallel.schedule import call_schedule
 from tests.cases import Case
 
 
@@ -171,7 +170,7 @@ def one_rank_invalid(rank, world):
 def run_selected(rank, world, cases):
     """Each (case, window, select, window_rule, plan kwargs, seed): the rank's local output,
     its SelectionInfo, the bytes it sent per step, and the call's mode."""
-    from sta_dist.parallel.schedule import call_schedule as schedule_of
+    from sta_dist.parallel.decide import call_schedule as schedule_of
     from sta_dist.selection.attention import table_heads
 
     results = []

@@ -193,7 +193,7 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     from sta_dist.dispatch import layout_call
     from sta_dist.local import LocalText
     from sta_dist.parallel.plan import ShardPlan
-    from sta_dist.parallel.schedule import call_schedule
+    from sta_dist.parallel.decide import call_schedule
     from sta_dist.route import Device, route
     from sta_dist.run import RunConfig
 

@@ -9,8 +9,10 @@ import torch
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
 from sta_dist.geometry import effective_window
-from sta_dist.parallel.cost import H100_NVLINK, MIXED, CallPart, _parts_cost, call_cost, call_mode, call_parts
-from sta_dist.parallel.schedule import call_schedule, head_chunk, key_split, whole_canvas_halo
+from sta_dist.parallel.cost import H100_NVLINK
+from sta_dist.parallel.decide import MIXED, CallPart, call_cost, call_mode, call_parts, call_schedule, parts_cost
+from sta_dist.parallel.layout import whole_canvas_halo
+from sta_dist.parallel.schedule import head_chunk, key_split
 from sta_dist.run import RunConfig
 from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
@@ -173,7 +175,7 @@ def test_a_call_in_parts_matches_reference(world):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         check_against_reference(case, plan, [results[r][i][0] for r in range(world)], seed=i)
         parts = dist_workers.kv_group_parts(case, groups)
-        predicted = _parts_cost(plan, parts, case.batch, case.head_dim, 4, case.text_length)
+        predicted = parts_cost(plan, parts, case.batch, case.head_dim, 4, case.text_length)
         for r in range(world):  # the bytes of the parts, each its own schedule's
             assert predicted.ranks[r].bytes_sent == results[r][i][1], (case, plan_kw, r)
             assert results[r][i][2] == ["head (fallback)", plan.mode]  # wide heads all-to-all, local ones halo
@@ -198,7 +200,7 @@ def test_call_parts_split_the_real_strategy_by_cost():
         two = tuple(CallPart(tuple(hs), tuple(hs), tuple(windows[h] for h in hs)) for hs in (wide, local))
         assert wide and local
         assert whole[0].schedule(plan, 0).mode == "head (fallback)" and whole_tile[0].schedule(plan, 0).mode == "tile"
-        costs = {p: _parts_cost(plan, p, 1, 128, 2, cfg.text_valid).time_ms(H100_NVLINK) for p in (whole, whole_tile, two)}
+        costs = {p: parts_cost(plan, p, 1, 128, 2, cfg.text_valid).time_ms(H100_NVLINK) for p in (whole, whole_tile, two)}
         assert parts in costs and costs[parts] == min(costs.values())
         mode = call_mode(plan, windows, cfg.heads, 0, 1, 128, 2, cfg.text_valid)
         assert mode == (MIXED if len(parts) > 1 else parts[0].schedule(plan, 0).mode)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from sta_dist import ShardPlan, geometry
-from sta_dist.parallel.plan import _mesh_cost, assign_heads, best_tile_split
-from sta_dist.parallel.cost import H100_NVLINK, call_cost
-from sta_dist.parallel.schedule import call_schedule
+from sta_dist.parallel.cost import H100_NVLINK
+from sta_dist.parallel.decide import best_tile_split, call_cost, call_schedule, mesh_cost
+from sta_dist.parallel.schedule import assign_heads
 from sta_dist.testing import sta_mask
 
 HUNYUAN = dict(canvas=(30, 48, 80), tile=(6, 8, 8), text_len=256)
@@ -132,7 +132,7 @@ def test_hybrid_without_a_mesh_picks_a_two_d_mesh_by_cost():
     plan = ShardPlan(**HUNYUAN, mode="hybrid", world_size=8, num_heads=24, windows=((3, 3, 3),))
     assert plan.mesh == (2, 4) and "by cost" in plan.reason
     # the choice is the cheapest 2-D mesh under the same cost: recompute each candidate
-    costs = {m: _mesh_cost(plan.grid, m, ((3, 3, 3),), 24)[0] for m in ((2, 4), (4, 2))}
+    costs = {m: mesh_cost(plan.grid, m, ((3, 3, 3),), 24)[0] for m in ((2, 4), (4, 2))}
     assert costs[(2, 4)] <= costs[(4, 2)]
     # a prime world size has no 2-D mesh: the cheapest of head and tile
     assert ShardPlan(**HUNYUAN, mode="hybrid", world_size=3, num_heads=24).mesh in ((3, 1), (1, 3))

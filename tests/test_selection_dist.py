@@ -14,8 +14,7 @@ import torch
 import sta_dist
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
-from sta_dist.parallel.cost import selected_call_cost
-from sta_dist.parallel.selected import box_tiles
+from sta_dist.parallel.decide import selected_call_cost
 from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, reference_selection
 from tests import dist_workers
@@ -79,11 +78,11 @@ def check_call(j: int, plan: ShardPlan, results, i) -> None:
         if len(tile_group) == 1 or not info.q_heads:
             assert all(not f for f in info.fetched)
             continue
-        own = set(box_tiles(plan, plan.head_group(rank)))
+        own = set(plan.box_tiles(plan.head_group(rank)))
         union = set(mine.any(0).any(0).any(0).nonzero().flatten().tolist())
         assert set(t for f in info.fetched for t in f) == union - own, (rank, plan.describe())
         for member, f in zip(tile_group, info.fetched):
-            assert set(f) <= set(box_tiles(plan, plan.head_group(member)))
+            assert set(f) <= set(plan.box_tiles(plan.head_group(member)))
             fetched_from[member] |= {(t, rank) for t in f}
     windows = None if window is None else normalize_windows(window, case.heads)
     predicted = selected_call_cost(plan, windows, rule, select, case.heads, case.kv_heads, case.batch,
@@ -97,7 +96,7 @@ def check_call(j: int, plan: ShardPlan, results, i) -> None:
 
 
 def plan_kv_heads(plan: ShardPlan, rank: int, case: Case) -> tuple:
-    from sta_dist.parallel.schedule import call_schedule
+    from sta_dist.parallel.decide import call_schedule
 
     sched = call_schedule(plan, normalize_windows((1, 1, 1), case.heads), case.kv_heads, rank)
     return sched.kv_heads[sched.me_in_head_group]

@@ -15,7 +15,8 @@ import json
 import os
 import sys
 
-from sta_dist.parallel.cost import H100_NVLINK, call_cost
+from sta_dist.parallel.cost import H100_NVLINK
+from sta_dist.parallel.decide import call_cost
 from sta_dist.parallel.plan import ShardPlan
 from sta_dist.run import RunConfig
 

@@ -18,10 +18,10 @@ import torch.distributed as dist
 from .. import geometry
 from ..api import sliding_tile_attention
 from ..distributed import DistributedSlidingTileAttention
-from ..parallel.cost import H100_NVLINK, call_cost, call_mode, selected_call_cost
+from ..parallel.cost import H100_NVLINK
+from ..parallel.decide import call_cost, call_mode, call_schedule, selected_call_cost
 from ..parallel.env import init_distributed
 from ..parallel.plan import ShardPlan
-from ..parallel.schedule import call_schedule
 from ..testing import max_error, sampled_check
 from . import anchors
 from .kernel import environment

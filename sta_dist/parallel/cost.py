@@ -1,9 +1,7 @@
 """A cost model of one distributed call: the work and the bytes of every rank, from its
-schedule, and a time from two measured rates (attention TFLOP/s and link GB/s); and the
-one decision it makes, :func:`call_parts`: how a call on a tile plan with heads whose windows
-reach the whole canvas from some box runs: all in head mode, all in tile mode (their halo
-the rest of the canvas), or in two parts (those heads over the head all-to-all, the local
-ones in tile mode with their halo). :meth:`ShardPlan.modelled_modes` asks it for ``auto``.
+schedules, and a time from two measured rates (attention TFLOP/s and link GB/s). It decides
+nothing: :mod:`~sta_dist.parallel.decide` prices its choices (the plan's mode and mesh, a
+call's parts) here.
 
 The bytes are exact (what :class:`~sta_dist.parallel.comm.Comm` will count); the time is a
 model: the busiest rank's kernel time, plus the busiest rank's transfer time where the call
@@ -15,15 +13,14 @@ scattered back) at the card's copy rate.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Sequence
 
 from .. import geometry
 from ..geometry import Triple
-from .plan import ShardPlan
-from .schedule import CallSchedule, call_schedule, key_split, whole_canvas_halo
+from .layout import MeshLayout
+from .schedule import CallSchedule, key_split
 
 COLLECTIVE_LATENCY_MS = 0.05
 """Per collective with peers: launch and synchronisation, measured ~30-80 us with NCCL."""
@@ -112,7 +109,7 @@ def _tile_tokens(canvas: Triple, tile: Triple, tile_id: int) -> int:
     return geometry.volume(geometry.tile_extent(geometry.tile_coords(tile_id, grid), canvas, tile))
 
 
-def rank_cost(plan: ShardPlan, sched: CallSchedule, batch: int, head_dim: int, itemsize: int,
+def rank_cost(plan: MeshLayout, sched: CallSchedule, batch: int, head_dim: int, itemsize: int,
               text_length: int) -> RankCost:
     """The work and bytes of one rank's call (its schedule), for ``batch`` samples."""
     canvas, tile, L = plan.canvas, plan.tile, plan.text_len
@@ -167,94 +164,27 @@ def _copied(sched: CallSchedule, batch: int, head_dim: int, itemsize: int, text_
     return 2.0 * row * (packed + joined + sent_back + scattered)
 
 
-@dataclass(frozen=True, slots=True)
-class CallPart:
-    """Some of a call's heads, run as a call of their own (with the plan's schedule for
-    their windows): whole kv groups, so the part's heads keep the call's GQA grouping."""
-
-    q_heads: tuple[int, ...]
-    kv_heads: tuple[int, ...]
-    windows: tuple[Triple, ...]
-    """The windows of ``q_heads``, in order."""
-    wide_tile: bool = False
-    """Windows that reach the whole canvas stay in tile mode (their halo: the rest of the
-    canvas) instead of falling back to head mode."""
-
-    def schedule(self, plan: ShardPlan, rank: int) -> CallSchedule:
-        return call_schedule(plan, self.windows, len(self.kv_heads), rank, self.wide_tile)
-
-
-MIXED = "mixed (head + tile)"
-"""The mode of a call run in two parts (:func:`call_mode`)."""
-
-
-@functools.lru_cache(maxsize=1024)
-def call_parts(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, batch: int, head_dim: int,
-               itemsize: int, text_length: int) -> tuple[CallPart, ...]:
-    """How a call runs, the cheapest by the model of: one part (every head, the plan's
-    schedule); on a plan with a tile axis where some kv groups have a head whose window
-    reaches the whole canvas from some rank's box ("wide"), one part in tile mode all the
-    same (the halo is the rest of the canvas, exchanged beside the box's own keys), or, when
-    others are local, two parts: the wide groups over the head all-to-all, then the local
-    ones in tile mode. The same on every rank."""
-    windows = tuple(tuple(w) for w in windows)
-    whole = (CallPart(tuple(range(len(windows))), tuple(range(num_kv_heads)), windows),)
-    if plan.mesh[1] == 1:
-        return whole
-    group = len(windows) // num_kv_heads
-    grid = plan.grid
-
-    def wide(g: int) -> bool:
-        return whole_canvas_halo(plan, tuple(sorted({geometry.effective_window(windows[h], grid)
-                                                     for h in range(g * group, (g + 1) * group)})))
-
-    sides = [[g for g in range(num_kv_heads) if wide(g) == is_wide] for is_wide in (True, False)]
-    if not sides[0]:
-        return whole
-    candidates = [whole, (dataclasses.replace(whole[0], wide_tile=True),)]
-    if sides[1]:
-        candidates.append(tuple(CallPart(tuple(h for g in kv for h in range(g * group, (g + 1) * group)), tuple(kv),
-                                         tuple(windows[h] for g in kv for h in range(g * group, (g + 1) * group)))
-                                for kv in sides))
-    return min(candidates, key=lambda parts: _parts_cost(plan, parts, batch, head_dim, itemsize,
-                                                         text_length).time_ms(H100_NVLINK))
-
-
-def call_mode(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, rank: int, batch: int, head_dim: int,
-              itemsize: int, text_length: int) -> str:
-    """What a call does on ``rank``: its schedule's mode, or :data:`MIXED`."""
-    parts = call_parts(plan, tuple(tuple(w) for w in windows), num_kv_heads, batch, head_dim, itemsize, text_length)
-    return MIXED if len(parts) > 1 else parts[0].schedule(plan, rank).mode
-
-
-def _parts_cost(plan: ShardPlan, parts: tuple[CallPart, ...], batch: int, head_dim: int, itemsize: int,
-                text_length: int) -> CallCost:
-    """The parts run one after the other: per rank, their work and bytes add up (one
-    agreement check for the call)."""
+def parts_cost(plan: MeshLayout, schedules: Sequence[Sequence[CallSchedule]], batch: int, head_dim: int,
+               itemsize: int, text_length: int) -> CallCost:
+    """Every rank's cost of a call run in parts, one after the other (``schedules[r]``: rank
+    ``r``'s schedule of each part): per rank, their work and bytes add up (one agreement
+    check for the call)."""
     ranks = []
-    extra_checks = (len(parts) - 1) * (1 if plan.world_size > 1 else 0)  # each part's cost counts the call's one
-    heads = sum(len(p.q_heads) for p in parts)
-    kv_heads = sum(len(p.kv_heads) for p in parts)
-    for r in range(plan.world_size):
-        costs = [rank_cost(plan, p.schedule(plan, r), batch, head_dim, itemsize, text_length) for p in parts]
+    for r, scheds in enumerate(schedules):
+        costs = [rank_cost(plan, sched, batch, head_dim, itemsize, text_length) for sched in scheds]
+        extra_checks = (len(scheds) - 1) * (1 if plan.world_size > 1 else 0)  # each part's cost counts the call's one
         sent: dict = {}
         for c in costs:
             for step, n in c.bytes_sent.items():
                 sent[step] = sent.get(step, 0) + n
         # in parts: each part's heads split out of q, k, v, and its output scattered back
+        heads = sum(len(qh) for sched in scheds for qh in sched.q_heads)
+        kv_heads = sum(len(set().union(*sched.kv_heads)) for sched in scheds)
         rows = plan.held_count(r) + plan.text_len
-        split = 2.0 * batch * rows * (2 * heads + 2 * kv_heads) * head_dim * itemsize if len(parts) > 1 else 0.0
+        split = 2.0 * batch * rows * (2 * heads + 2 * kv_heads) * head_dim * itemsize if len(scheds) > 1 else 0.0
         ranks.append(RankCost(r, sum(c.flops for c in costs), sent, sum(c.collectives for c in costs) - extra_checks,
                               sum(c.copied for c in costs) + split, sum(c.beside for c in costs)))
     return CallCost(tuple(ranks))
-
-
-def call_cost(plan: ShardPlan, windows: Sequence[Triple], num_kv_heads: int, batch: int, head_dim: int,
-              itemsize: int, text_length: int) -> CallCost:
-    """Every rank's cost of a call with one window per query head (of its parts, as it runs)."""
-    windows = tuple(tuple(w) for w in windows)
-    parts = call_parts(plan, windows, num_kv_heads, batch, head_dim, itemsize, text_length)
-    return _parts_cost(plan, parts, batch, head_dim, itemsize, text_length)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,7 +208,7 @@ def selection_probability(select, selected, heads: int, n_tiles: int):
     return torch.full((1, 1 if select.share_heads else heads, n_tiles, n_tiles), chance, dtype=torch.float64)
 
 
-def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rule: str, select, sel_p, batch: int,
+def selected_rank_cost(plan: MeshLayout, sched: CallSchedule, windows, window_rule: str, select, sel_p, batch: int,
                        head_dim: int, itemsize: int, text_length) -> RankCost:
     """One rank's work and bytes in a call with selected tiles (``sel_p`` from
     :func:`selection_probability`; ``text_length`` one int or one per sample): exact when
@@ -288,7 +218,6 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
     import torch
 
     from ..selection.rules import window_mask
-    from .selected import box_tiles
 
     grid, n = plan.grid, geometry.num_tiles(plan.grid)
     me = sched.me_in_head_group
@@ -326,7 +255,7 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
         sent["output all-to-all"] = back * itemsize
     if len(sched.tile_group) > 1:
         peers = len(sched.tile_group) - 1
-        boxes = {r: list(box_tiles(plan, plan.head_group(r))) for r in sched.tile_group}
+        boxes = {r: list(plan.box_tiles(plan.head_group(r))) for r in sched.tile_group}
         if select is not None and not isinstance(select, torch.Tensor):
             heads_k = 1 if select.share_heads else len(my_kv)
             sent["tile means"] = batch * heads_k * max(map(len, boxes.values())) * head_dim * 4 * peers
@@ -348,20 +277,3 @@ def selected_rank_cost(plan: ShardPlan, sched: CallSchedule, windows, window_rul
             sent["text merge"] = batch * L * len(my_q) * (head_dim + 1) * 4 * peers
     collectives = len(sent) + (1 if plan.world_size > 1 else 0)
     return RankCost(sched.rank, flops, sent, collectives)
-
-
-def selected_call_cost(plan: ShardPlan, windows, window_rule: str, select, num_heads: int, num_kv_heads: int,
-                       batch: int, head_dim: int, itemsize: int, text_length, selected=None) -> CallCost:
-    """Every rank's cost of a call with selected tiles (``windows``: one per query head, or
-    ``None``): exact with ``selected`` (or a mask), expected for a ``TopK`` / ``Mass``
-    without it (:func:`selection_probability`)."""
-    from ..selection.attention import table_heads
-
-    n = geometry.num_tiles(plan.grid)
-    windows = None if windows is None else tuple(tuple(w) for w in windows)
-    heads = table_heads(windows, window_rule, num_heads, plan.grid, num_kv_heads)
-    sel_p = selection_probability(select, selected, num_heads, n)
-    return CallCost(tuple(
-        selected_rank_cost(plan, call_schedule(plan, heads.windows, num_kv_heads, r), windows, window_rule, select,
-                           sel_p, batch, head_dim, itemsize, text_length)
-        for r in range(plan.world_size)))

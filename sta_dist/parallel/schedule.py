@@ -4,23 +4,23 @@ every rank for the same plan and windows.
 For a call with per-head ``windows`` the schedule says which query/kv heads each member
 of the head group computes (by cost), which halo tiles go to and come from each member
 of the tile group, and the local problem (:mod:`sta_dist.local`) the kernel then solves.
+It reads the mesh layout and is told what was decided (whether the call falls back to head
+mode, in how many head chunks it runs: :func:`sta_dist.parallel.decide.call_schedule`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from .. import geometry
 from ..geometry import Triple
 from ..local import LocalHeads, LocalLayout
-from .plan import ShardPlan, assign_heads
-
-logger = logging.getLogger("sta_dist")
+from .layout import MeshLayout
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,6 @@ class CallSchedule:
         return self.layout.q_video
 
 
-def _head_chunks(plan: ShardPlan, tile_group: tuple[int, ...], kv_heads: tuple[tuple[int, ...], ...]) -> int:
-    """Head mode only, and at most as many chunks as the member with the most kv heads has
-    (a member with fewer sits some chunks out)."""
-    if len(tile_group) > 1 or len(kv_heads) == 1:
-        return 1
-    return max(1, min(plan.head_chunks, max(len(kv) for kv in kv_heads)))
-
-
 @functools.lru_cache(maxsize=1024)
 def head_chunk(sched: CallSchedule, c: int) -> CallSchedule:
     """Chunk ``c`` of a call in ``sched.head_chunks`` chunks: each head-group member's
@@ -88,31 +80,36 @@ def head_chunk(sched: CallSchedule, c: int) -> CallSchedule:
     return dataclasses.replace(sched, q_heads=q_heads, kv_heads=kv_heads, heads=heads, head_chunks=1)
 
 
-@functools.lru_cache(maxsize=256)
-def whole_canvas_halo(plan: ShardPlan, windows: tuple[Triple, ...]) -> bool:
-    """Would some rank's windows reach every tile of the grid (so its halo is the rest
-    of the canvas)? Then tile parallelism only moves more bytes than head parallelism."""
-    if plan.mesh[1] == 1:
-        return False
-    n = geometry.num_tiles(plan.grid)
-    return any(len(geometry.key_tiles(box, windows, plan.grid)) == n for box in plan.boxes)
+def assign_heads(costs: Sequence[float], parts: int, kv_of: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Query heads to ``parts`` ranks by cost: longest first onto the least-loaded rank
+    (ties: a rank already holding the head's kv head, then fewer heads, then the lower
+    rank). Contiguous blocks when they balance just as well (uniform windows), since a
+    block of heads is a view, not a copy. Returns each rank's heads, sorted."""
+    load = [0.0] * parts
+    heads: list[list[int]] = [[] for _ in range(parts)]
+    for h in sorted(range(len(costs)), key=lambda h: (-costs[h], h)):
+        r = min(range(parts), key=lambda r: (load[r], kv_of[h] not in {kv_of[x] for x in heads[r]}, len(heads[r]), r))
+        load[r] += costs[h]
+        heads[r].append(h)
+    blocks = [tuple(range(lo, hi)) for lo, hi in geometry.split_range(len(costs), parts)]
+    if max(sum(costs[h] for h in b) for b in blocks) <= max(load):
+        return tuple(blocks)
+    return tuple(tuple(sorted(h)) for h in heads)
 
 
 @functools.lru_cache(maxsize=1024)
-def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: int, rank: int,
-                  wide_tile: bool = False) -> CallSchedule:
-    """The schedule of ``rank`` for a call with one window per query head. A call whose
-    windows reach the whole canvas from some box falls back to head mode, unless
-    ``wide_tile`` (the cost model's choice, :func:`~sta_dist.parallel.cost.call_parts`):
-    then its halo is the rest of the canvas, as many bytes as the head all-to-all moves on
-    two ranks, but exchanged beside the attention of the box's own keys."""
+def build_schedule(plan: MeshLayout, windows: tuple[Triple, ...], num_kv_heads: int, rank: int,
+                   fallback: bool = False) -> CallSchedule:
+    """The schedule of ``rank`` for a call with one window per query head, in one chunk of
+    heads, on the plan's mesh; with ``fallback``, on the head mesh of every rank instead
+    (the call's halo would be the whole canvas: :func:`~sta_dist.parallel.decide.call_schedule`
+    decides)."""
     grid = plan.grid
     H = len(windows)
     group = H // num_kv_heads
     kv_of = [h // group for h in range(H)]
     eff = [geometry.effective_window(w, grid) for w in windows]
     costs = [geometry.volume(w) for w in eff]
-    fallback = not wide_tile and whole_canvas_halo(plan, tuple(sorted(set(eff))))
     if fallback:
         head_group, tile_group = tuple(range(plan.world_size)), (rank,)
     else:
@@ -129,11 +126,11 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
         layout = LocalLayout.natural(plan.canvas, plan.tile, plan.text_len)
         empty = ((),) * len(tile_group)
         return CallSchedule(rank, "head", head_group, tile_group, q_heads, kv_heads, held_counts, empty, empty,
-                            layout, heads, True, _head_chunks(plan, tile_group, kv_heads))
+                            layout, heads, True)
 
-    box_tiles = [t for r in head_group for t in plan.held_tiles(r)]
+    box_tiles = list(plan.box_tiles(head_group))
     my_windows = sorted({eff[h] for h in my_q})
-    boxes = {r: [t for m in plan.head_group(r) for t in plan.held_tiles(m)] for r in tile_group}
+    boxes = {r: plan.box_tiles(plan.head_group(r)) for r in tile_group}
     sends, recvs = [], []
     for r in tile_group:
         if r == rank or not my_windows:
@@ -156,8 +153,7 @@ def call_schedule(plan: ShardPlan, windows: tuple[Triple, ...], num_kv_heads: in
     else:
         mode = "tile" if len(head_group) == 1 else "hybrid"
     return CallSchedule(rank, mode, head_group, tile_group, q_heads, kv_heads, held_counts, tuple(sends),
-                        tuple(recvs), layout, heads, tile_group.index(rank) == 0,
-                        _head_chunks(plan, tile_group, kv_heads))
+                        tuple(recvs), layout, heads, tile_group.index(rank) == 0)
 
 
 @dataclass(frozen=True)
@@ -209,22 +205,6 @@ def bounding_box(tiles, grid: Triple) -> geometry.Box:
     coords = [geometry.tile_coords(t, grid) for t in tiles]
     return geometry.Box(tuple(min(c[a] for c in coords) for a in range(3)),  # type: ignore[arg-type]
                         tuple(max(c[a] for c in coords) + 1 for a in range(3)))  # type: ignore[arg-type]
-
-
-def warn_if_fallback(sched: CallSchedule, plan: ShardPlan) -> None:
-    """Say once per job (rank 0, once per plan and windows) that a call fell back to head
-    mode; called when a call runs, not when a schedule is only modelled."""
-    if sched.mode == "head (fallback)" and sched.rank == 0:
-        _warn_fallback(plan, tuple(sorted(set(sched.heads.windows))))
-
-
-@functools.lru_cache(maxsize=64)
-def _warn_fallback(plan: ShardPlan, windows: tuple[Triple, ...]) -> None:
-    logger.warning(
-        "tile mode falls back to head mode for windows %s: some rank's windows reach the whole "
-        "canvas (grid %s), so its halo would be the whole canvas",
-        sorted(set(windows)), plan.grid,
-    )
 
 
 @functools.lru_cache(maxsize=256)
