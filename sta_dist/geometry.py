@@ -81,6 +81,30 @@ def window_span(q: int, k: int, n: int) -> tuple[int, int]:
     return lo, lo + min(k, n)
 
 
+def query_span(c: int, k: int, n: int) -> tuple[int, int]:
+    """Half-open range ``[lo, hi)`` of the query tiles on one axis whose window (``k``,
+    ``n`` tiles) holds key tile ``c``: the window's transpose, what a backward by key tile
+    walks.
+
+    The window start ``clamp(q - a, 0, n - k)`` (``a = (k - 1) // 2``, ``k <= n``) is
+    non-decreasing in ``q``, so the queries with ``c - k < start(q) <= c`` are contiguous:
+    every ``q`` reaches ``c`` from above when ``c >= n - k`` (the start never passes
+    ``n - k``), else those with ``q <= c + a``; from below every ``q`` when ``c < k`` (the
+    start is never below 0), else those with ``q >= c - k + 1 + a``.
+    """
+    k = min(k, n)
+    a = (k - 1) // 2
+    lo = 0 if c < k else c - k + 1 + a
+    hi = n if c >= n - k else c + a + 1
+    return lo, hi
+
+
+def query_box(key_tile: Triple, window: Triple, grid: Triple) -> Box:
+    """The query tiles whose window holds ``key_tile``, as a box (:func:`query_span` per axis)."""
+    spans = [query_span(c, k, n) for c, k, n in zip(key_tile, window, grid)]
+    return Box(tuple(s[0] for s in spans), tuple(s[1] for s in spans))  # type: ignore[arg-type]
+
+
 def fastvideo_window(window: Triple, grid: Triple) -> Triple:
     """The window, in this module's rule, that covers what FastVideo's rule covers.
 

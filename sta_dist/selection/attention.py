@@ -81,11 +81,30 @@ def local_key_tiles(q, k, layout: LocalLayout, heads: LocalHeads, windows, windo
 
 
 def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, backend, layout, return_lse, select,
-                       window_rule, return_selection):
+                       window_rule, return_selection, differentiable: bool = False):
     """:func:`sta_dist.sliding_tile_attention` with ``select`` / ``window_rule`` /
-    ``return_selection`` (same arguments and results)."""
+    ``return_selection`` (same arguments and results). ``differentiable``: through
+    :mod:`sta_dist.autograd`, the selection computed without gradients (its tiles are
+    constants of the call)."""
+    if differentiable:
+        with torch.no_grad():
+            return _selected(q, k, v, canvas, tile, window, text_length, scale, backend, layout, return_lse, select,
+                             window_rule, return_selection, differentiable)
+    return _selected(q, k, v, canvas, tile, window, text_length, scale, backend, layout, return_lse, select,
+                     window_rule, return_selection, differentiable)
+
+
+def _selected(q, k, v, canvas, tile, window, text_length, scale, backend, layout, return_lse, select, window_rule,
+              return_selection, differentiable):
     from ..api import _layout
+    from ..autograd import Problem, attention
     from ..dispatch import choose_backend, local_attention
+
+    def run(local, heads, text, keys=None):
+        if not differentiable:
+            return local_attention(q, k, v, local, heads, text, scale, backend, return_lse, keys=keys)
+        with torch.enable_grad():
+            return attention(q, k, v, Problem(local, heads, text, scale, backend, keys), return_lse)
 
     window_rule = check_window_rule(window_rule)
     check_window_or_select(window, select)
@@ -99,14 +118,14 @@ def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, bac
     attended = None
     if not needs_table(select, window_rule):  # sta_dist windows: the window path, untouched
         heads = LocalHeads.build([sta_window(w, window_rule) for w in windows], cfg.grid, hkv)
-        result = local_attention(q, k, v, local, heads, text, scale, backend, return_lse)
+        result = run(local, heads, text)
         if return_selection:
             attended = union_with_windows(None, windows, window_rule, local.q_tiles, cfg.grid, q.device)
     else:
         heads = table_heads(windows, window_rule, H, cfg.grid, hkv)
         use_triton = choose_backend(q, backend) == "triton"
         keys, attended = local_key_tiles(q, k, local, heads, windows, window_rule, select, use_triton)
-        result = local_attention(q, k, v, local, heads, text, scale, backend, return_lse, keys=keys)
+        result = run(local, heads, text, keys)
     if not return_selection:
         return result
     attended = attended.expand(B, -1, -1, -1)
