@@ -53,7 +53,7 @@ def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, l
         text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
         call = layout_call(sched.layout, sched.heads, text, cfg.dtype, kernel_head_dim(cfg.head_dim), merge)
         try:
-            line = f"{sched.mode}: {route(call, facts, backend).describe()}"
+            line = f"{sched.mode}: {(r := route(call, facts, backend)).describe()}; {r.describe_backward()}"
         except ValueError as refusal:
             line = f"{sched.mode}: refused: {refusal}"
         routes.setdefault(line, []).append(rank)
