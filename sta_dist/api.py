@@ -5,6 +5,7 @@ Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -13,11 +14,10 @@ import torch
 from . import geometry
 from .config import WindowArg
 from .geometry import Triple
-from .autograd import Problem, attention, needs_grad
 from .dispatch import call_route, local_attention
 from .local import LocalHeads, LocalLayout, LocalText, sample_groups
 from .route import Route
-from .validation import check_call, check_layout
+from .validation import check_call, check_causal, check_layout
 
 
 @functools.lru_cache(maxsize=64)
@@ -41,6 +41,7 @@ def sliding_tile_attention(
     select=None,
     window_rule: str = "sta",
     return_selection: bool = False,
+    causal: bool = False,
 ):
     """Sliding tile attention on one device.
 
@@ -60,38 +61,41 @@ def sliding_tile_attention(
     :class:`sta_dist.TopK`, :class:`sta_dist.Mass` or a bool tile mask ``[B, H or 1, n, n]``
     (``window=None``: the selection alone); ``window_rule`` is ``"sta"`` (default),
     ``"fastvideo"`` or ``"clipped"`` (docs/design.md §1, :mod:`sta_dist.selection`).
+    ``causal=True`` is refused (``ValueError``): the attention is bidirectional in its window.
 
     Returns ``out [B, S, H, D]`` in the input dtype, with ``return_lse`` also the
     log-sum-exp ``[B, H, S]`` in float32, and with ``return_selection`` also the key tiles
     each query tile attended, ``[B, 1 or H, n, n]`` bool (window and selection united).
-
-    Differentiable (:mod:`sta_dist.autograd`) when grad mode is on and an input requires
-    grad: ``out`` and the log-sum-exp, in ``q, k, v`` (the selection is not differentiated).
     """
-    grad = needs_grad(q, k, v)
+    check_causal(causal)
     if select is not None or window is None or window_rule != "sta" or return_selection:
         from .selection.attention import selected_attention
 
         return selected_attention(q, k, v, canvas=canvas, tile=tile, window=window, text_length=text_length,
                                   scale=scale, backend=backend, layout=layout, return_lse=return_lse, select=select,
-                                  window_rule=window_rule, return_selection=return_selection, differentiable=grad)
+                                  window_rule=window_rule, return_selection=return_selection)
     local, heads, text, scale = _local_call(q, k, v, canvas, tile, window, text_length, scale, layout)
-    if grad:
-        return attention(q, k, v, Problem(local, heads, text, scale, backend), return_lse)
     return local_attention(q, k, v, local, heads, text, scale, backend, return_lse)
 
 
 def route_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, canvas, tile, window: WindowArg,
-             text_length=None, backend: str = "auto", layout: str = "natural", return_lse: bool = False) -> Route:
+             text_length=None, backend: str = "auto", layout: str = "natural", return_lse: bool = False,
+             causal: bool = False) -> Route:
     """Which kernels :func:`sliding_tile_attention` runs for these arguments, and why each
     faster one does not (:class:`sta_dist.route.Route`; nothing is computed). With
     per-sample text lengths: the route of the first sample's. A kernel named in
     ``backend`` that cannot run the call raises ``ValueError`` with the reason, as the call
-    would."""
+    would. ``text`` names the kernel of the text query rows whenever the call has valid
+    text: beside the CUDA kernel SDPA or Triton, else the kernel that takes the video rows
+    (Triton or torch take the whole call), or SDPA where every head runs whole there."""
+    check_causal(causal)
     local, heads, text, _ = _local_call(q, k, v, canvas, tile, window, text_length, None, layout)
     if not isinstance(text, LocalText):
         text = sample_groups(text)[0][0]
-    return call_route(q, k, v, local, heads, text, backend, return_lse)
+    r = call_route(q, k, v, local, heads, text, backend, return_lse)
+    if text.q_valid and r.text is None:
+        r = dataclasses.replace(r, text=r.video or "sdpa")
+    return r
 
 
 def _local_call(q, k, v, canvas, tile, window, text_length, scale, layout: str):

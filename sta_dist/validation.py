@@ -127,11 +127,10 @@ def check_scale(scale: Optional[float], head_dim: int) -> float:
 
 
 def check_causal(causal: bool) -> None:
+    """Sliding tile attention has no causal form: ``causal`` must be false."""
     if causal:
-        raise ValueError(
-            "causal=True is not supported: sliding tile attention is bidirectional within its "
-            "3D window (got causal=True)"
-        )
+        raise ValueError(f"causal must be False: sliding tile attention is bidirectional within its 3-D window, "
+                         f"got causal={causal!r}")
 
 
 def check_layout(layout: str) -> str:

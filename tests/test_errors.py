@@ -75,9 +75,28 @@ def test_unsupported_head_dim():
         SlidingTileAttentionImpl(2, 80, False, None)
 
 
-def test_causal_refused():
-    with pytest.raises(ValueError, match=r"causal=True is not supported"):
+CAUSAL = r"^causal must be False: sliding tile attention is bidirectional within its 3-D window, got causal=True$"
+
+
+def test_causal_refused_by_every_entry_that_takes_it():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=CAUSAL):
         SlidingTileAttentionImpl(2, 64, True, None)
+    with pytest.raises(ValueError, match=CAUSAL):
+        call(q, k, v, causal=True)
+    with pytest.raises(ValueError, match=CAUSAL):
+        sta_dist.route_of(q, k, v, canvas=CANVAS, tile=TILE, window=(1, 1, 1), causal=True)
+    assert call(q, k, v, causal=False).shape == q.shape
+
+
+def test_route_of_names_the_kernel_of_the_text_rows():
+    """On a CPU the torch backend takes the whole call, text rows too: ``text`` says so."""
+    q, k, v = qkv()
+    route = sta_dist.route_of(q, k, v, canvas=CANVAS, tile=TILE, window=(1, 1, 1))
+    assert (route.video, route.text) == ("torch", "torch")
+    assert route.describe().startswith("video: torch, text queries: torch (not cuda: ")
+    no_text = sta_dist.route_of(q, k, v, canvas=CANVAS, tile=TILE, window=(1, 1, 1), text_length=0)
+    assert (no_text.video, no_text.text) == ("torch", None)
 
 
 def test_mismatched_dtypes():
