@@ -23,6 +23,21 @@ class GenerateError(Exception):
     """A user error of ``sta-dist generate``: printed as one line, exit code 2."""
 
 
+EXTRA = "pip install -e '.[diffusers]'"
+"""How to install what ``sta-dist generate`` imports (pyproject.toml's ``diffusers`` extra)."""
+
+
+def _check_installed() -> None:
+    """diffusers and transformers (the pipelines' text encoders) are importable, or a
+    :class:`GenerateError` that names the extra to install."""
+    for name in ("diffusers", "transformers"):
+        try:
+            __import__(name)
+        except ImportError as err:
+            raise GenerateError(f"sta-dist generate needs {name}, which does not import here ({err}): install the "
+                                f"diffusers extra with {EXTRA}") from None
+
+
 def register(subparsers) -> None:
     """Add the ``generate`` subcommand to ``sta-dist``'s parser."""
     g = subparsers.add_parser("generate", help="generate a video with a diffusers pipeline (Wan 2.1 / HunyuanVideo) "
@@ -125,12 +140,12 @@ def _check(args, tiny: bool) -> None:
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
-            raise GenerateError(f"--out={args.out!r} needs imageio-ffmpeg (pip install 'sta-dist[diffusers]'); "
-                                "or write a .gif") from None
+            raise GenerateError(f"--out={args.out!r} needs imageio-ffmpeg ({EXTRA}); or write a .gif") from None
 
 
 def run(args) -> dict:
-    """Generate; returns the summary (written by rank 0)."""
+    """Generate; returns the summary (written by rank 0, which prints where)."""
+    _check_installed()
     import torch
 
     import sta_dist.diffusers as sta_diffusers
@@ -198,8 +213,11 @@ def run(args) -> dict:
     if env.rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         _write_video(frames, args.out, args.fps)
-        with open(args.summary or os.path.splitext(args.out)[0] + ".json", "w") as f:
+        summary_path = args.summary or os.path.splitext(args.out)[0] + ".json"
+        with open(summary_path, "w") as f:
             json.dump(summary, f, indent=1)
+        print(f"wrote the video to {os.path.abspath(args.out)} and its summary to {os.path.abspath(summary_path)}",
+              flush=True)
     return summary
 
 
@@ -207,7 +225,8 @@ def main(args) -> int:
     try:
         run(args)
     except (GenerateError, ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"sta-dist generate: error: {err}".splitlines()[0], file=sys.stderr)
+        extra = f": install the diffusers extra with {EXTRA}" if isinstance(err, ImportError) else ""
+        print(f"sta-dist generate: error: {' '.join(str(err).split())}{extra}", file=sys.stderr)
         return 2
     return 0
 

@@ -58,12 +58,22 @@ def guard_torchvision() -> None:
             setattr(sys.modules[parent], child, module)
 
 
-def import_fastvideo():
-    """FastVideo, or skip the test where it is not installed."""
+MISSING = ("fastvideo is not installed: pip install -e '.[fastvideo-test]' && pip install --no-deps "
+           "fastvideo==0.1.7 (as the README says)")
+"""The skip message where FastVideo is missing: the extra that exists, then FastVideo itself."""
+
+
+def skip_without_fastvideo() -> None:
+    """Skip the test where FastVideo is not installed, saying how to install it."""
     import importlib.util
 
     if importlib.util.find_spec("fastvideo") is None:
-        pytest.skip("fastvideo is not installed (pip install -e '.[fastvideo]')")
+        pytest.skip(MISSING)
+
+
+def import_fastvideo():
+    """FastVideo, or skip the test where it is not installed."""
+    skip_without_fastvideo()
     guard_torchvision()
     os.environ.setdefault("FASTVIDEO_LOGGING_LEVEL", "WARNING")
     import fastvideo

@@ -3,7 +3,8 @@
 Each world size runs in spawned gloo ranks with FastVideo's own parallel state (sequence
 parallelism over all ranks); outputs are compared with the single reference
 (``sta_dist.testing.reference_attention``) within ``error_bound``, or with FastVideo's SDPA
-backend. Skipped where FastVideo is not installed (``pip install -e '.[fastvideo]'``).
+backend. Skipped where FastVideo is not installed (``pip install -e '.[fastvideo-test]'``, then
+``pip install --no-deps fastvideo==0.1.7``).
 """
 
 import json
@@ -18,7 +19,7 @@ from sta_dist.geometry import fastvideo_window, grid_shape
 from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention
 from tests import fastvideo_workers as fw
-from tests.fastvideo_support import import_fastvideo
+from tests.fastvideo_support import import_fastvideo, skip_without_fastvideo
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,10 +28,7 @@ LAYER1_STEP1 = [[1, 1, 1], [2, 1, 1], [1, 2, 1], [1, 1, 2], [2, 2, 2], [1, 2, 2]
 
 @pytest.fixture(scope="module")
 def fastvideo():
-    import importlib.util
-
-    if importlib.util.find_spec("fastvideo") is None:
-        pytest.skip("fastvideo is not installed (pip install -e '.[fastvideo]')")
+    skip_without_fastvideo()
 
 
 @pytest.fixture(scope="module")
