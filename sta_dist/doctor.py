@@ -1,7 +1,9 @@
 """What ``sta-dist doctor`` prints: this machine's kernels, then for one call of a config
 (a step and a layer of its mask strategy) the route of every rank's local call: which
-kernel takes it and why each faster one does not. Nothing runs; the routes come from
-:func:`sta_dist.route.route` on the plan's local layouts."""
+kernel takes it and why each faster one does not, and why a call falls back to head mode.
+Nothing runs; the schedules are those the call runs (the cost model's parts, as ``sta-dist
+plan`` shows them) and the routes come from :func:`sta_dist.route.route` on their local
+layouts."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import torch
 
 from .dispatch import device_facts, layout_call
 from .local import LocalText
+from .parallel.decide import call_parts
 from .parallel.plan import ShardPlan
-from .parallel.decide import call_schedule
-from .plan_report import call_windows
+from .plan_report import FALLBACK, call_windows, fallback_reason, ranks_text
 from .route import Device, route
-from .run import RunConfig
+from .run import DTYPES, RunConfig
 from .validation import kernel_head_dim
 
 ASSUMED = {"h100": Device.hopper()}
@@ -46,24 +48,22 @@ def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, l
     plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     lines.append(f"config {cfg.name}, step {step}, layer {layer}, {cfg.dtype}, head dim {cfg.head_dim}, "
                  f"backend={backend!r}; plan: {plan.describe()}")
+    parts = call_parts(plan, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, DTYPES[cfg.dtype].itemsize,
+                       cfg.text_valid)
+    lines += [f"  {fallback_reason(plan, p.windows)}" for p in parts if p.schedule(plan, 0).mode == FALLBACK]
     routes: dict[str, list[int]] = {}
     for rank in range(world_size):
-        sched = call_schedule(plan, windows, cfg.kv_heads, rank)
-        merge = len(sched.tile_group) > 1 and cfg.text_valid > 0  # as parallel.runtime.attend asks
-        text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
-        call = layout_call(sched.layout, sched.heads, text, cfg.dtype, kernel_head_dim(cfg.head_dim), merge)
-        try:
-            line = f"{sched.mode}: {(r := route(call, facts, backend)).describe()}; {r.describe_backward()}"
-        except ValueError as refusal:
-            line = f"{sched.mode}: refused: {refusal}"
-        routes.setdefault(line, []).append(rank)
+        for part in parts:
+            sched = part.schedule(plan, rank)
+            merge = len(sched.tile_group) > 1 and cfg.text_valid > 0  # as parallel.runtime.attend asks
+            text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
+            call = layout_call(sched.layout, sched.heads, text, cfg.dtype, kernel_head_dim(cfg.head_dim), merge)
+            heads = f"heads {list(part.q_heads)} in " if len(parts) > 1 else ""
+            try:
+                line = f"{heads}{sched.mode}: {(r := route(call, facts, backend)).describe()}; {r.describe_backward()}"
+            except ValueError as refusal:
+                line = f"{heads}{sched.mode}: refused: {refusal}"
+            routes.setdefault(line, []).append(rank)
     for line, ranks in routes.items():
-        lines.append(f"  {_ranks(ranks, world_size)}: {line}")
+        lines.append(f"  {ranks_text(ranks, world_size)}: {line}")
     return "\n".join(lines)
-
-
-def _ranks(ranks: list[int], world_size: int) -> str:
-    if len(ranks) == world_size:
-        return "every rank" if world_size > 1 else "rank 0"
-    shown = ", ".join(map(str, ranks[:8])) + (f" ... ({len(ranks)} ranks)" if len(ranks) > 8 else "")
-    return f"rank{'s' if len(ranks) > 1 else ''} {shown}"
