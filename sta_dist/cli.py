@@ -1,8 +1,10 @@
-"""``sta-dist``: run (the main job), plan, doctor, bench.
+"""sta-dist: run (the main job: a workload, distributed and verified), plan, doctor, bench,
+generate (a video with a diffusers pipeline).
 
-Every argument is checked before any process starts; a misuse ends with one line naming
-the argument, the rule and the value, and a non-zero exit (``--debug`` shows the
-traceback).
+Every argument is checked before any process starts. A misuse (a bad argument or config,
+or a launcher environment that cannot form the job) ends with one line naming the
+argument, the rule and the value, and exit code 2; a job that fails, with one line and exit
+code 1. --debug, before or after the subcommand, shows the traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import importlib.resources
 import sys
 from typing import Optional, Sequence
 
+from .parallel.env import LaunchError
 from .route import BACKENDS
 
 USAGE_ERROR, JOB_FAILED = 2, 1
+"""Exit codes: a misuse (:data:`MISUSE` errors), a job that failed (any other error)."""
+MISUSE = (ValueError, TypeError, IndexError, FileNotFoundError, LaunchError)
+"""Errors that mean the arguments, the config or the launcher's environment are wrong."""
 
 
 class CLIError(Exception):
@@ -51,6 +57,10 @@ def _run(args) -> int:
     cfg, job = run.prepare(args.config, steps=args.steps, layers=args.layers, start_step=args.start_step,
                            mode=args.mode, mesh=args.mesh, canvas=args.canvas, heads=args.heads,
                            head_chunks=args.head_chunks, timeout_s=args.timeout)
+    if args.check:
+        print(f"sta-dist run --check: config {cfg.name}, {job.steps} step(s) from step {job.start_step}, "
+              f"{job.layers} layer(s): the arguments check out; nothing started")
+        return 0
     return run.main(cfg, job, timeout_s=args.timeout, summary_path=args.summary,
                     rendezvous_timeout_s=args.rendezvous_timeout)
 
@@ -181,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", default=None, metavar="PATH", help="also write the summary as JSON to PATH")
     r.add_argument("--rendezvous-timeout", type=positive_float, default=None, metavar="S",
                    help="seconds ranks wait for each other to form the job (default 15)")
+    r.add_argument("--check", action="store_true", help="check the arguments and the config, then exit: start "
+                   "nothing (the launchers do this before torchrun or srun)")
     r.set_defaults(func=_run)
 
     def one_call(parser_: argparse.ArgumentParser, world_size: int) -> None:
@@ -233,11 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .generate import register as register_generate
     register_generate(sub)
+    for leaf in (r, p, dr, k, d, sub.choices["generate"]):
+        # --debug after the subcommand too; SUPPRESS keeps a --debug given before it
+        leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an error")
+        leaf.set_defaults(parser=leaf)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, which names its own --help
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -246,12 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure reaches the user as one line
         if args.debug:
             raise
-        usage = isinstance(err, (CLIError, ValueError, TypeError, IndexError, FileNotFoundError))
-        message = " ".join(str(err).split()) if usage else _failure_line(err)
-        print(f"sta-dist {args.command}: error: {message}", file=sys.stderr)
-        if not usage:
-            print("sta-dist: run again with --debug for the traceback", file=sys.stderr)
-        return USAGE_ERROR if usage else JOB_FAILED
+        misuse = isinstance(err, (CLIError, *MISUSE))
+        message = " ".join(str(err).split()) if misuse else _failure_line(err)
+        hint = "" if misuse else f" (run again with --debug for the traceback: {args.parser.prog} --debug ...)"
+        print(f"{args.parser.prog}: error: {message}{hint}", file=sys.stderr)
+        return USAGE_ERROR if misuse else JOB_FAILED
 
 
 def _failure_line(err: Exception) -> str:

@@ -22,7 +22,8 @@ ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
 
 
 def one_line_error(capsys, argv, code=cli.USAGE_ERROR) -> str:
-    """Run the CLI in this process; it must fail with ``code`` and one stderr line."""
+    """Run the CLI in this process; it must fail with ``code`` and one stderr line (a
+    misuse and a failed job alike)."""
     try:
         got = cli.main(argv)
     except SystemExit as stop:  # argparse's own exit
@@ -30,7 +31,7 @@ def one_line_error(capsys, argv, code=cli.USAGE_ERROR) -> str:
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert got == code, (got, captured.out, captured.err)
-    assert len(lines) == 1 + (code == cli.JOB_FAILED), captured.err
+    assert len(lines) == 1, captured.err
     assert "Traceback" not in captured.err + captured.out
     return lines[0]
 
@@ -82,9 +83,70 @@ def test_bad_config_files(capsys, tmp_path, content, message):
     assert re.search(message, one_line_error(capsys, ["run", "--config", str(path)]))
 
 
-def test_debug_shows_the_traceback():
+@pytest.mark.parametrize("argv", [["--debug", "run", "--config", "nosuch"], ["run", "--debug", "--config", "nosuch"],
+                                  ["run", "--config", "nosuch", "--debug"]])
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(argv):
     with pytest.raises(ValueError, match="config must be a JSON path"):
-        cli.main(["--debug", "run", "--config", "nosuch"])
+        cli.main(argv)
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["run", "--bogus"], "sta-dist run: error: unrecognized arguments: --bogus (see sta-dist run --help)"),
+    (["plan", "--ranks", "x"], "sta-dist plan: error: unrecognized arguments: x (see sta-dist plan --help)"),
+    (["bench", "kernel", "--bogus"],
+     "sta-dist bench kernel: error: unrecognized arguments: --bogus (see sta-dist bench kernel --help)"),
+])
+def test_unrecognized_arguments_name_the_subcommands_help(capsys, argv, line):
+    assert one_line_error(capsys, argv) == line
+
+
+def test_a_launch_environment_that_cannot_form_the_job_is_a_misuse(capsys, monkeypatch):
+    """A RANK outside WORLD_SIZE: one line, exit 2, no hint of a traceback (item 1 of issue 31)."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert one_line_error(capsys, ["run", "--steps", "1"]) == (
+        "sta-dist run: error: RANK must be in [0, WORLD_SIZE=2), got RANK=3: each of the 2 ranks needs its own "
+        "RANK below WORLD_SIZE")
+
+
+def test_check_starts_nothing(capsys):
+    assert cli.main(["run", "--check", "--steps", "2", "--layers", "1"]) == 0
+    assert capsys.readouterr().out == ("sta-dist run --check: config tiny_cpu, 2 step(s) from step 0, 1 layer(s): "
+                                       "the arguments check out; nothing started\n")
+
+
+def test_help_is_plain_text_and_names_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "``" not in out
+    assert ("sta-dist: run (the main job: a workload, distributed and verified), plan, doctor, bench,\n"
+            "generate (a video with a diffusers pipeline).\n") in out
+    assert "{run,plan,doctor,bench,generate}" in out
+
+
+def test_generate_without_diffusers_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed: import raises ImportError
+    assert cli.main(["generate", "--pipeline", "tiny", "--prompt", "x", "--out", "v.gif"]) == cli.USAGE_ERROR
+    assert capsys.readouterr().err == (
+        "sta-dist generate: error: sta-dist generate needs diffusers, which does not import here (import of "
+        "diffusers halted; None in sys.modules): install the diffusers extra with pip install -e '.[diffusers]'\n")
+
+
+def test_fastvideo_skip_names_an_extra_that_exists(monkeypatch):
+    import importlib.util
+    import tomllib
+
+    from tests.fastvideo_support import skip_without_fastvideo
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        skip_without_fastvideo()
+    assert str(skipped.value.msg) == ("fastvideo is not installed: pip install -e '.[fastvideo-test]' && pip install "
+                                      "--no-deps fastvideo==0.1.7 (as the README says)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        assert "fastvideo-test" in tomllib.load(f)["project"]["optional-dependencies"]
 
 
 def test_version_and_python_dash_m():
@@ -100,16 +162,46 @@ def test_every_packaged_config_plans(capsys, config):
     assert f"config {config}:" in out and "rank 3:" in out
 
 
+def model_line(out: str, mode: str, mesh: str) -> str:
+    """The model's figures of one candidate plan in ``sta-dist plan``'s output."""
+    line = next(line for line in out.splitlines() if re.match(rf"^ [* ] mode {mode} +mesh {re.escape(mesh)} ", line))
+    return re.search(r"predicted +[\d.]+ ms, at most +[\d.]+ MB sent per rank", line).group(0)
+
+
 def test_plan_stays_readable_at_1024_ranks_and_warns_of_idle_ranks(capsys):
+    """The idle warning's figures are the model's lines' own (ms and MB sent per rank);
+    a mesh chosen by cost gives its figures' unit, the tile-head, in MB."""
     assert cli.main(["plan", "--world-size", "64", "--mode", "head"]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: 40 of 64 ranks compute no head" in out and "--mode hybrid --mesh 8 8 would use them" in out
+    better, this = model_line(out, "hybrid", "(8, 8)"), model_line(out, "head", "(64, 1)")
+    assert re.sub(r" +", " ", better) == "predicted 1.76 ms, at most 185.5 MB sent per rank"
+    assert ("WARNING: 40 of 64 ranks compute no head in this call (ranks 24, 25, 26, 27, 28, 29, 30, 31 ... (40 in "
+            "all)); --mode hybrid --mesh 8 8 would use them (predicted 1.76 ms, at most 185.5 MB sent per rank; "
+            "this plan: predicted 2.60 ms, at most 67.0 MB sent per rank)") in out.splitlines()
+    assert re.sub(r" +", " ", this) == "predicted 2.60 ms, at most 67.0 MB sent per rank"
     assert len(out.splitlines()) < 25 and "* mode head   mesh (64, 1)" in out  # the chosen plan among candidates
     assert cli.main(["plan", "--world-size", "1024"]) == 0
     out = capsys.readouterr().out
     assert len(out.splitlines()) < 15 and "(one line per rank: --ranks)" in out
     assert cli.main(["plan", "--world-size", "3", "--mode", "hybrid"]) == 0  # hybrid picks its own mesh
-    assert "by cost" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("(hybrid: mesh (3, 1) by cost: 2400 tile-heads of work and 6400 moved per rank)")
+    assert lines[2] == ("  (the mesh's figures are tile-heads, for the plan's hinted windows: one tile-head is 0.098 MB, "
+                        "a tile of q, k, v or o for one head; the model's MB sent per rank below are this call's)")
+
+
+FALLBACK_LINE = ("head (fallback): from the box of every rank the windows [(1, 6, 10), (5, 1, 10), (5, 6, 1)] reach "
+                 "all 300 tiles of grid (5, 6, 10), so the halo would be the whole canvas; the cost model prices head "
+                 "mode lower than tile mode with that halo")
+
+
+def test_plan_and_doctor_say_why_a_call_falls_back_to_head_mode(capsys):
+    assert cli.main(["plan", "--world-size", "4", "--mode", "hybrid"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[lines.index("4 ranks, this call in mode head (fallback):") - 1] == FALLBACK_LINE
+    assert cli.main(["doctor", "--world-size", "4", "--mode", "hybrid"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "  " + FALLBACK_LINE and lines[3].startswith("  every rank: head (fallback): video: torch (")
 
 
 def test_plan_shows_the_wide_heads_in_tile_mode(capsys):
@@ -167,14 +259,17 @@ def launch(env_overrides, timeout=60):
 ])
 def test_wrong_environment_fails_within_30_s(overrides, message):
     done, seconds = launch(dict(overrides, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
-    assert done.returncode != 0 and seconds < 30, (seconds, done.stderr)
-    assert re.search(message, done.stderr), done.stderr
-    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == cli.USAGE_ERROR and seconds < 30, (seconds, done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("sta-dist run: error: "), done.stderr
+    assert re.search(message, lines[0]), done.stderr
 
 
 def test_a_spawned_job_past_its_deadline_says_what_to_do(capsys):
     line = one_line_error(capsys, ["run", "--timeout", "0.5", "--steps", "1", "--layers", "1"], code=cli.JOB_FAILED)
+    assert line.startswith("sta-dist run: error: SpawnError: ")
     assert "did not finish within 0.5s (--timeout 0.5): give it more time with --timeout" in line
+    assert line.endswith(" (run again with --debug for the traceback: sta-dist run --debug ...)")
 
 
 def test_a_config_given_by_path(capsys, tmp_path):
@@ -189,11 +284,12 @@ def test_a_config_given_by_path(capsys, tmp_path):
 
 def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     """``sta-dist doctor`` shows, per rank, the route :func:`sta_dist.route.route` gives the
-    rank's local call (here as on an H100), and refuses a kernel that cannot take it."""
+    rank's local call as it runs (the cost model's parts; here as on an H100), and refuses
+    a kernel that cannot take it."""
     from sta_dist.dispatch import layout_call
     from sta_dist.local import LocalText
+    from sta_dist.parallel.decide import call_parts
     from sta_dist.parallel.plan import ShardPlan
-    from sta_dist.parallel.decide import call_schedule
     from sta_dist.route import Device, route
     from sta_dist.run import RunConfig
 
@@ -203,11 +299,14 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
     strategy = cfg.strategy()
     plan = ShardPlan.from_config(cfg, 2, strategy=strategy)
     windows = tuple(strategy.layer_windows(49, 0)[h % 24] for h in range(cfg.heads))
-    sched = call_schedule(plan, windows, cfg.kv_heads, 0)
-    text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
-    merge = len(sched.tile_group) > 1 and cfg.text_valid > 0
-    expected = route(layout_call(sched.layout, sched.heads, text, cfg.dtype, cfg.head_dim, merge), Device.hopper())
-    assert f"every rank: {sched.mode}: {expected.describe()}" in printed
+    parts = call_parts(plan, windows, cfg.kv_heads, cfg.batch, cfg.head_dim, 2, cfg.text_valid)  # bf16
+    assert len(parts) == 1
+    for rank in range(2):
+        sched = parts[0].schedule(plan, rank)  # the schedule the call runs: wide heads in tile mode, as plan says
+        text = LocalText.per_sample(cfg.text_valid, kv_for_text_q=sched.counts_text_keys)
+        merge = len(sched.tile_group) > 1 and cfg.text_valid > 0
+        expected = route(layout_call(sched.layout, sched.heads, text, cfg.dtype, cfg.head_dim, merge), Device.hopper())
+        assert sched.mode == "tile" and f"  rank {rank}: tile: {expected.describe()}" in printed.splitlines()
     path = tmp_path / "tile3.json"  # 3x8x8 tiles: 192 rows, no 128-row blocks
     spec = json.loads(open(cli.packaged("hunyuan_720p.json")).read())
     path.write_text(json.dumps(dict(spec, tile=[3, 8, 8])))

@@ -27,6 +27,8 @@ def test_tiny_pipeline_writes_video_and_summary(tmp_path):
     result = generate("--pipeline", "tiny", "--prompt", "a cat walks on the beach", "--steps", "3",
                       "--tile", "1", "2", "2", "--window", "2", "1", "1", "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (f"wrote the video to {out} and its summary to "
+                                              f"{out.with_suffix('.json')}")
     assert out.stat().st_size > 0 and out.read_bytes()[4:8] == b"ftyp"  # an MP4 container
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["model"] == "WanTransformer3DModel" and summary["steps"] == 3 and summary["frames"] == 9

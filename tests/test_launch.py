@@ -13,6 +13,26 @@ from sta_dist.parallel.spawn import free_port
 pytestmark = pytest.mark.timeout(400)
 
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_ENV = {k: v for k, v in ENV.items() if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE")}
+LAUNCH_ENV["PATH"] = os.path.dirname(sys.executable) + os.pathsep + ENV.get("PATH", "")  # this venv's sta-dist
+
+
+@pytest.mark.parametrize("script, env, args, line", [
+    ("torchrun.sh", dict(NGPU="0"), [], "launch/torchrun.sh: error: NGPU must be an int >= 1, got NGPU='0'"),
+    ("torchrun.sh", dict(NGPU="1", CONFIG="nosuch"), ["--steps", "1"],
+     "sta-dist run: error: config must be a JSON path or one of ['hunyuan_720p', 'stepvideo', 'tiny_cpu', "
+     "'wan21_480p', 'wan21_720p'], got config='nosuch'"),
+    ("slurm.sbatch", {}, [], "launch/slurm.sbatch: error: SLURM_JOB_NODELIST and SLURM_JOB_NUM_NODES must be set: "
+                             "submit it with sbatch (e.g. sbatch --nodes 2 launch/slurm.sbatch)"),
+    ("slurm.sbatch", dict(SLURM_JOB_NODELIST="n1", SLURM_JOB_NUM_NODES="2", NGPU="x"), [],
+     "launch/slurm.sbatch: error: NGPU must be an int >= 1, got NGPU='x'"),
+])
+def test_a_launch_misuse_is_one_line_and_exit_2(script, env, args, line):
+    """Checked before torchrun or srun starts: no launcher traceback, torchrun's exit 1."""
+    done = subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, env=dict(LAUNCH_ENV, **env),
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [line]), done.stdout + done.stderr
 
 
 def test_sta_dist_run_default_is_verified():
