@@ -60,7 +60,7 @@ def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, l
             call = layout_call(sched.layout, sched.heads, text, cfg.dtype, kernel_head_dim(cfg.head_dim), merge)
             heads = f"heads {list(part.q_heads)} in " if len(parts) > 1 else ""
             try:
-                line = f"{heads}{sched.mode}: {(r := route(call, facts, backend)).describe()}; {r.describe_backward()}"
+                line = f"{heads}{sched.mode}: {(r := route(call, facts, backend)).describe()}\n      {r.describe_backward()}"
             except ValueError as refusal:
                 line = f"{heads}{sched.mode}: refused: {refusal}"
             routes.setdefault(line, []).append(rank)

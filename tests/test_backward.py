@@ -284,6 +284,7 @@ def test_torch_func_transforms_are_refused():
         torch.func.vmap(lambda q: sta_dist.sliding_tile_attention(q[None], k, v, **kw))(q)
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # the checks before the break
 def test_torch_compile_runs_it_eagerly():
     """Under torch.compile the call is a graph break, run eagerly; the gradient is the eager one."""
     q, k, v = qkv(1, CANVAS, L, 2, 1, seed=14)
