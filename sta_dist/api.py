@@ -14,6 +14,7 @@ import torch
 from . import geometry
 from .config import WindowArg
 from .geometry import Triple
+from .autograd import Problem, attention, needs_grad
 from .dispatch import call_route, local_attention
 from .local import LocalHeads, LocalLayout, LocalText, sample_groups
 from .route import Route
@@ -66,15 +67,21 @@ def sliding_tile_attention(
     Returns ``out [B, S, H, D]`` in the input dtype, with ``return_lse`` also the
     log-sum-exp ``[B, H, S]`` in float32, and with ``return_selection`` also the key tiles
     each query tile attended, ``[B, 1 or H, n, n]`` bool (window and selection united).
+
+    Differentiable (:mod:`sta_dist.autograd`) when grad mode is on and an input requires
+    grad: ``out`` and the log-sum-exp, in ``q, k, v`` (the selection is not differentiated).
     """
     check_causal(causal)
+    grad = needs_grad(q, k, v)
     if select is not None or window is None or window_rule != "sta" or return_selection:
         from .selection.attention import selected_attention
 
         return selected_attention(q, k, v, canvas=canvas, tile=tile, window=window, text_length=text_length,
                                   scale=scale, backend=backend, layout=layout, return_lse=return_lse, select=select,
-                                  window_rule=window_rule, return_selection=return_selection)
+                                  window_rule=window_rule, return_selection=return_selection, differentiable=grad)
     local, heads, text, scale = _local_call(q, k, v, canvas, tile, window, text_length, scale, layout)
+    if grad:
+        return attention(q, k, v, Problem(local, heads, text, scale, backend), return_lse)
     return local_attention(q, k, v, local, heads, text, scale, backend, return_lse)
 
 
