@@ -28,14 +28,13 @@ import torch
 from .api import sliding_tile_attention, to_natural, to_tiled
 from .config import STAConfig, check_triple, normalize_windows
 from .geometry import Triple, fastvideo_window
-from .local import head_index, longest_text
 from .mask_strategy import MaskStrategy
+from .parallel import call
 from .parallel.comm import Comm
-from .parallel.cost import call_parts
 from .parallel.plan import ShardPlan
-from .parallel.pipeline import head_pipelined
-from .parallel.runtime import BoxInputs, attend, attend_beside_halo, exchange_in, exchange_out, head_exchange
-from .parallel.schedule import CallSchedule, call_schedule, warn_if_fallback
+from .parallel.runtime import BoxInputs
+from .parallel.decide import warn_if_fallback
+from .parallel.schedule import CallSchedule
 from .validation import (
     SUPPORTED_HEAD_DIMS,
     check_causal,
@@ -224,14 +223,6 @@ class SlidingTileAttentionImpl:
         self.tile_size = extra_impl_args.get("tile") or (self.plan.tile if self.plan else None)
         self.backend = extra_impl_args.get("backend", "auto")
         self.comm: Optional[Comm] = None
-        self.overlap = True
-        """A call with a plan (``run_planned``, ``__call__``) overlaps its exchanges: head mode
-        receives into the box and sends from the output as they lie
-        (:mod:`~sta_dist.parallel.pipeline`), tile and hybrid mode attend the tiles that need
-        no halo beside the halo exchange (:func:`~sta_dist.parallel.runtime.attend_beside_halo`),
-        and with selected tiles the window's tiles of the own box beside the selection and the
-        fetch (:func:`~sta_dist.parallel.selected.selected_call`).
-        ``False``: the three hooks' staged path (the benchmark measures both)."""
         self._tiled_next = False
         """FastVideo's protocol only: ``preprocess_qkv`` handed out tiled order, so the next
         ``forward`` reads tiled order (FastVideo's LocalAttention calls ``forward`` alone,
@@ -340,8 +331,10 @@ class SlidingTileAttentionImpl:
         attn_metadata.search_losses.append(losses)
 
     # -- the hooks and the call -------------------------------------------------------
-    def _schedule(self, attn_metadata: SlidingTileAttentionMetadata, windows=None,
-                  wide_tile: bool = False) -> CallSchedule:
+    def _schedule(self, attn_metadata: SlidingTileAttentionMetadata, x_bshd: torch.Tensor,
+                  windows=None) -> CallSchedule:
+        """The hooks' schedule (:func:`~sta_dist.parallel.call.hooks_schedule`); ``x_bshd``:
+        any of the call's tensors (batch, head dim and dtype)."""
         plan = self._plan(attn_metadata)
         for name in ("canvas", "tile"):
             given = getattr(attn_metadata, name)
@@ -352,7 +345,8 @@ class SlidingTileAttentionImpl:
                 )
         if windows is None:
             windows = self._call_windows(attn_metadata, plan.grid)
-        return call_schedule(plan, windows, self.num_kv_heads, self._comm(attn_metadata).rank, wide_tile)
+        return call.hooks_schedule(plan, windows, self.num_kv_heads, self._comm(attn_metadata).rank, x_bshd,
+                                   self._text_length(attn_metadata))
 
     def _call_windows(self, attn_metadata, grid: Triple) -> tuple[Triple, ...]:
         """All heads' windows of a planned call, in sta_dist's rule."""
@@ -373,39 +367,16 @@ class SlidingTileAttentionImpl:
             )
         return S
 
-    def _check_local(self, q, k, v, plan: ShardPlan, rank: int) -> None:
-        S = self._check_tensors(q, k, v)
-        expected = plan.held_count(rank) + plan.text_len
-        if S != expected:
-            raise ValueError(
-                f"rank {rank}'s q/k/v must be [B, {expected}, H, D]: its "
-                f"{plan.held_count(rank)} video tokens plus {plan.text_len} text, "
-                f"got q.shape={tuple(q.shape)}, k.shape={tuple(k.shape)}"
-            )
+    def attention(self) -> call.Attention:
+        """What this layer's distributed calls compute (:mod:`sta_dist.parallel.call`)."""
+        return call.Attention(self.num_heads, self.num_kv_heads, self.head_size, self.softmax_scale, self.backend)
 
-    def _check_call(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> tuple[tuple[Triple, ...], object]:
-        """Check this rank's inputs, then that every rank makes the same call (windows, text
-        length, batch, dtype): otherwise the exchanges would silently mix different
-        problems. One 8-byte digest per call; a rank whose inputs are invalid makes every
-        rank fail at once, instead of leaving its peers waiting in the next collective.
-        Returns the call's windows (all heads) and text length, as checked."""
-        plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
-        try:
-            self._check_local(q, k, v, plan, comm.rank)
-            text_length = check_text_length(attn_metadata.text_length, plan.text_len, q.shape[0])
-            windows = self._call_windows(attn_metadata, plan.grid)
-            description = (f"windows={windows} text_length={text_length} batch={q.shape[0]} "
-                           f"dtype={q.dtype} device={q.device.type}")
-            error = None
-        except (ValueError, TypeError, IndexError) as err:
-            description, error = f"invalid call ({type(err).__name__}: {err})", err
-        # Over NCCL the check runs on the host beside the call's GPU exchanges and is settled in
-        # postprocess_output, before any output is returned; on gloo the exchanges themselves
-        # run on the host, so it is settled before them.
-        comm.check_agreement("this call", description, defer=error is None and comm.backend == "nccl")
-        if error is not None:
-            raise error
-        return windows, text_length
+    def _check_call(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> call.CallRequest:
+        """This rank's inputs checked and every rank's call agreed on
+        (:func:`~sta_dist.parallel.call.check_call`), the windows from the metadata."""
+        plan = self._plan(attn_metadata)
+        return call.check_call(q, k, v, self.attention(), plan, self._comm(attn_metadata),
+                               lambda: self._call_windows(attn_metadata, plan.grid), attn_metadata.text_length)
 
     def preprocess_qkv(self, qkv, attn_metadata: SlidingTileAttentionMetadata):
         """Before ``forward``.
@@ -418,7 +389,10 @@ class SlidingTileAttentionImpl:
         - Otherwise nothing moves: the kernel reads the natural order directly."""
         if self._plan(attn_metadata) is not None:
             q, k, v = qkv.chunk(3) if isinstance(qkv, torch.Tensor) else qkv
-            return exchange_in(q, k, v, self._planned_schedule(q, k, v, attn_metadata), self._comm(attn_metadata))
+            request = self._check_call(q, k, v, attn_metadata)
+            sched = self._schedule(attn_metadata, q, request.windows)
+            warn_if_fallback(sched, self._plan(attn_metadata))
+            return call.stage_in(q, k, v, sched, self._comm(attn_metadata))
         if self._fastvideo(attn_metadata):
             cfg = self._config(attn_metadata)
             self._check_video_tokens(qkv, cfg, attn_metadata)
@@ -426,49 +400,14 @@ class SlidingTileAttentionImpl:
             return to_tiled(qkv, cfg.canvas, cfg.tile)
         return qkv
 
-    def _planned_schedule(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata) -> CallSchedule:
-        """The checked call's schedule (with a plan)."""
-        windows, _ = self._check_call(q, k, v, attn_metadata)
-        sched = self._schedule(attn_metadata, windows)
-        warn_if_fallback(sched, self._plan(attn_metadata))
-        return sched
-
-    def run_planned(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata, parts=None) -> torch.Tensor:
-        """The three hooks as one call (with a plan), in the parts the cost model chose
-        (:func:`~sta_dist.parallel.cost.call_parts`: a call mixing heads whose windows reach
-        the whole canvas with local ones can run the first in head mode, the others in tile
-        mode; ``parts``: a split of the caller's own, the same on every rank), each in head
-        mode pipelined in chunks of heads when the plan asks (:mod:`sta_dist.parallel.pipeline`):
-        what the hooks called one by one cannot."""
-        windows, text_length = self._check_call(q, k, v, attn_metadata)
-        plan, comm = self._plan(attn_metadata), self._comm(attn_metadata)
-        if parts is None:
-            parts = call_parts(plan, windows, self.num_kv_heads, q.shape[0], q.shape[3], q.element_size(),
-                               longest_text(text_length))
-        if len(parts) == 1:
-            sched = self._schedule(attn_metadata, windows, parts[0].wide_tile)
-            warn_if_fallback(sched, plan)
-            out = self._run(q, k, v, sched, comm, text_length, self.num_heads)
-        else:
-            out = torch.empty_like(q)
-            for part in parts:
-                qi, kvi = head_index(part.q_heads, q.device), head_index(part.kv_heads, q.device)
-                local = (q[:, :, qi].contiguous(), k[:, :, kvi].contiguous(), v[:, :, kvi].contiguous())
-                out[:, :, qi] = self._run(*local, part.schedule(plan, comm.rank), comm, text_length, len(part.q_heads))
-        comm.settle_agreements()  # a call the ranks disagreed on returns no output
-        return out
-
-    def _run(self, q, k, v, sched: CallSchedule, comm: Comm, text_length, num_heads: int) -> torch.Tensor:
-        """One schedule's call on this rank's tokens: exchange, attend, exchange back."""
-        head_only = len(sched.tile_group) == 1 and len(sched.head_group) > 1
-        if sched.head_chunks > 1 or (self.overlap and head_only):
-            return head_pipelined(q, k, v, sched, comm, text_length, self.softmax_scale, self.backend, num_heads)
-        if self.overlap and len(sched.tile_group) > 1:
-            partial = attend_beside_halo(head_exchange(q, k, v, sched, comm), sched, comm, text_length,
-                                         self.softmax_scale, self.backend)
-        else:
-            partial = attend(exchange_in(q, k, v, sched, comm), sched, text_length, self.softmax_scale, self.backend)
-        return exchange_out(partial, sched, comm, num_heads)
+    def run_planned(self, q, k, v, attn_metadata: SlidingTileAttentionMetadata, parts=None,
+                    overlap: bool = True) -> torch.Tensor:
+        """The three hooks as one call (with a plan): :func:`sta_dist.parallel.call.run`, the
+        executor (``parts``: a split of the heads of the caller's own, the same on every
+        rank; ``overlap=False``: the staged order, the same result bit for bit)."""
+        request = self._check_call(q, k, v, attn_metadata)
+        return call.run(q, k, v, request, self.attention(), self._plan(attn_metadata), self._comm(attn_metadata),
+                        overlap=overlap, parts=parts)
 
     def postprocess_output(self, output, attn_metadata: SlidingTileAttentionMetadata) -> torch.Tensor:
         """After ``forward``. With a plan: the text rows' exact merge and the inverse
@@ -476,7 +415,7 @@ class SlidingTileAttentionImpl:
         order. Otherwise nothing moves."""
         if self._plan(attn_metadata) is not None:
             comm = self._comm(attn_metadata)
-            out = exchange_out(output, self._schedule(attn_metadata), comm, self.num_heads)
+            out = call.stage_out(output, self._schedule(attn_metadata, output.out_bshd), comm, self.num_heads)
             comm.settle_agreements()  # a call the ranks disagreed on returns no output
             return out
         if self._fastvideo(attn_metadata):
@@ -501,8 +440,8 @@ class SlidingTileAttentionImpl:
         tiled, self._tiled_next = self._tiled_next, False
         plan = self._plan(attn_metadata)
         if plan is not None:
-            return attend(BoxInputs(q, k, v), self._schedule(attn_metadata), self._text_length(attn_metadata),
-                          self.softmax_scale, self.backend)
+            return call.stage_attend(BoxInputs(q, k, v), self._schedule(attn_metadata, q),
+                                     self._text_length(attn_metadata), self.attention())
         if self._fastvideo(attn_metadata):
             return self._forward_fastvideo(q, k, v, attn_metadata, "tiled" if tiled else "natural")
         self._check_tensors(q, k, v)

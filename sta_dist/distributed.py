@@ -12,8 +12,9 @@ from typing import Optional
 
 import torch
 
-from .backend import SlidingTileAttentionImpl, SlidingTileAttentionMetadata
+from .backend import SlidingTileAttentionImpl
 from .config import WindowArg
+from .parallel import call
 from .parallel.plan import ShardPlan
 
 
@@ -27,12 +28,14 @@ class DistributedSlidingTileAttention(torch.nn.Module):
     the whole call's, the same on every rank): each rank selects for its own query tiles
     and fetches exactly the key tiles they attend; ``return_selection=True`` also returns
     a :class:`~sta_dist.parallel.selected.SelectionInfo` (what the rank attended and fetched).
+    ``overlap=False``: the executor's staged order (each exchange waited for before the
+    attention that reads it), the same output bit for bit (:mod:`sta_dist.parallel.call`).
     """
 
     def __init__(self, num_heads: int, head_size: int, plan: ShardPlan, num_kv_heads: Optional[int] = None,
-                 group=None, scale: Optional[float] = None, backend: str = "auto"):
+                 group=None, scale: Optional[float] = None, backend: str = "auto", causal: bool = False):
         super().__init__()
-        self.impl = SlidingTileAttentionImpl(num_heads, head_size, False, scale, num_kv_heads,
+        self.impl = SlidingTileAttentionImpl(num_heads, head_size, causal, scale, num_kv_heads,
                                              plan=plan, group=group, backend=backend)
 
     @property
@@ -45,17 +48,15 @@ class DistributedSlidingTileAttention(torch.nn.Module):
 
     def forward(self, q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor,
                 window: WindowArg, text_length=None, select=None, window_rule: str = "sta",
-                return_selection: bool = False):
+                return_selection: bool = False, overlap: bool = True):
         if select is None and window_rule == "fastvideo" and window is not None and not return_selection:
             window, window_rule = _fastvideo_as_sta(window, self.impl.num_heads), "sta"
-        if select is not None or window is None or window_rule != "sta" or return_selection:
-            from .parallel.selected import selected_forward
-
-            return selected_forward(self.impl, q_local, k_local, v_local, window, text_length, select, window_rule,
-                                    return_selection)
-        # Checked by the Impl on every rank together: one rank's bad input fails them all.
-        meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[window], text_length=text_length)
-        return self.impl.run_planned(q_local, k_local, v_local, meta)
+        attn = self.impl.attention()
+        # Checked on every rank together: one rank's bad input fails them all.
+        request = call.check_call(q_local, k_local, v_local, attn, self.plan, self.comm, lambda: window, text_length,
+                                  select, window_rule)
+        return call.run(q_local, k_local, v_local, request, attn, self.plan, self.comm, overlap=overlap,
+                        return_selection=return_selection)
 
 
 def _fastvideo_as_sta(window: WindowArg, num_heads: int):

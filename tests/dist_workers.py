@@ -11,7 +11,7 @@ from sta_dist import DistributedSlidingTileAttention, ShardPlan
 from sta_dist.backend import SlidingTileAttentionMetadata
 from sta_dist.config import normalize_windows
 from sta_dist.local import longest_text
-from sta_dist.parallel.decide import CallPart, call_mode, call_schedule
+from sta_dist.parallel.decide import CallPart, call_mode, call_parts, call_schedule
 from sta_dist.parallel.runtime import PartialOutput, exchange_in, exchange_out
 from tests.cases import Case
 
@@ -22,15 +22,14 @@ def full_inputs(case: Case, seed: int):
 
 def run_cases(rank, world, cases, overlap=True):
     """Each (case, plan kwargs): the rank's local output, bytes sent per step, and mode;
-    ``overlap=False``: the staged path (the hooks')."""
+    ``overlap=False``: the executor's staged order."""
     results = []
     for i, (case, plan_kw) in enumerate(cases):
         q, k, v = full_inputs(case, seed=i)
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
-        attn.impl.overlap = overlap
         out = attn(plan.shard(q, rank), plan.shard(k, rank), plan.shard(v, rank), window=case.window,
-                   text_length=case.text_length)
+                   text_length=case.text_length, overlap=overlap)
         mode = call_mode(plan, normalize_windows(case.window, case.heads), case.kv_heads, rank, case.batch,
                          case.head_dim, 4, longest_text(case.text_length))
         results.append((out, dict(attn.comm.bytes_sent), mode))
@@ -210,3 +209,26 @@ def deferred_disagreement(rank, world):
     except ValueError as err:
         return str(err)
     return "no error"
+
+
+def run_in_every_order(rank, world, cases):
+    """Each (case, plan kwargs, select): the rank's output in the executor's overlapped order,
+    in its staged order, and through the seed API's three hooks (window calls the cost model
+    runs in one part: the hooks pass one box between them)."""
+    results = []
+    for i, (case, plan_kw, select) in enumerate(cases):
+        q, k, v = full_inputs(case, seed=i)
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads)
+        local = [plan.shard(x, rank) for x in (q, k, v)]
+        orders = [attn(*local, window=case.window, text_length=case.text_length, select=select, overlap=overlap)
+                  for overlap in (True, False)]
+        windows = normalize_windows(case.window, case.heads)
+        if select is None and len(call_parts(plan, windows, case.kv_heads, case.batch, case.head_dim, 4,
+                                             longest_text(case.text_length))) == 1:
+            meta = SlidingTileAttentionMetadata(current_timestep=0, STA_param=[case.window],
+                                                text_length=case.text_length)
+            impl = attn.impl
+            orders.append(impl.postprocess_output(impl.forward(*impl.preprocess_qkv(tuple(local), meta), meta), meta))
+        results.append(orders)
+    return results

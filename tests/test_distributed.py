@@ -54,12 +54,12 @@ def check_against_reference(case: Case, plan: ShardPlan, outs, seed: int) -> Non
         assert torch.equal(o[:, o.shape[1] - case.text_len:], outs[0][:, outs[0].shape[1] - case.text_len:])
 
 
-@pytest.mark.parametrize("world, overlap", [(w, True) for w in sorted(PLANS)] + [(2, False), (4, False)])
-def test_every_mode_matches_reference(world, overlap):
-    """``overlap``: the default call (head mode received in place, the halo beside the
-    interior tiles) or the staged one (the hooks')."""
+@pytest.mark.parametrize("world", sorted(PLANS))
+def test_every_mode_matches_reference(world):
+    """The executor's default (overlapped) order; its staged order and the hooks give the
+    same bits (:func:`test_every_order_gives_the_same_bits`)."""
     cases = PLANS[world]
-    results = spawn_local(dist_workers.run_cases, world, (cases, overlap), timeout_s=240)
+    results = spawn_local(dist_workers.run_cases, world, (cases, True), timeout_s=240)
     seen = set()
     for i, (case, plan_kw) in enumerate(cases):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
@@ -77,6 +77,32 @@ def test_every_mode_matches_reference(world, overlap):
             seen.add((wide, modes.pop()))
     if world == 2:  # whole-canvas windows in tile mode (the model finds it cheaper on two ranks)
         assert seen >= {(False, "tile"), (True, "tile")}, seen
+
+
+# per-sample text lengths (one launch group per length), head chunks, a selection
+PER_SAMPLE = Case((4, 6, 8), (2, 2, 2), [(1, 1, 1), (2, 3, 1)], 3, (3, 1), 2, 2, 1, 32)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_order_gives_the_same_bits(world):
+    """The executor's overlapped order, its staged order (each exchange waited for before
+    the attention that reads it) and the seed API's three hooks run the same launches on
+    the same rows: their outputs are equal bit for bit in every mode, and equal the
+    reference."""
+    from sta_dist import TopK
+
+    cases = [(case, kw, None) for case, kw in PLANS[world]] + [
+        (PER_SAMPLE, dict(mode="tile"), None), (PER_SAMPLE, dict(mode="head", head_chunks=2), None),
+        (ODD, dict(mode="tile"), TopK(2)), (PER_SAMPLE, dict(mode="tile"), TopK(1))]
+    results = spawn_local(dist_workers.run_in_every_order, world, (cases,), timeout_s=240)
+    for i, (case, plan_kw, select) in enumerate(cases):
+        for r in range(world):
+            first, *others = results[r][i]
+            for j, other in enumerate(others):
+                assert torch.equal(first, other), (case, plan_kw, select, r, ("staged", "hooks")[j])
+        if select is None:
+            plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+            check_against_reference(case, plan, [results[r][i][1] for r in range(world)], seed=i)
 
 
 # head mode in chunks of heads: one sample (received in place) and two, GQA, text, a

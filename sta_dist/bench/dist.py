@@ -42,16 +42,13 @@ def _time_ms(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
-def _time_variants(fn, variants, reps: int, device) -> list[float]:
-    """Median ms of ``fn`` under each variant (a callable that sets it up; the first is
-    the default and is set again at the end), interleaved rep by rep so that clock drift
-    falls on all alike."""
-    times: list[list[float]] = [[] for _ in variants]
+def _time_variants(fns, reps: int, device) -> list[float]:
+    """Median ms of each of ``fns``, interleaved rep by rep so that clock drift falls on
+    all alike."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for setup, ts in zip(variants, times):
-            setup()
+        for fn, ts in zip(fns, times):
             ts.append(_time_ms(fn, 1, device))
-    variants[0]()
     return [statistics.median(ts) for ts in times]
 
 
@@ -111,19 +108,16 @@ def _measure_mode(mode, canvas, tile, window, text_len, text_valid, heads, head_
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     attn.comm.bytes_sent.clear()
 
-    def default():
-        attn.comm.check_calls, attn.impl.overlap = True, True
+    def run(overlap: bool = True, checked: bool = True):
+        attn.comm.check_calls = checked  # False: without the per-call agreement check
+        try:
+            return call(*local, window=windows, text_length=text_valid, overlap=overlap)
+        finally:
+            attn.comm.check_calls = True
 
-    def unchecked():  # without the per-call agreement check
-        default()
-        attn.comm.check_calls = False
-
-    def staged():  # the hooks' path: exchanges not overlapped, box and halo joined
-        default()
-        attn.impl.overlap = False
-
-    ms, ms_unchecked, ms_staged = _time_variants(lambda: call(*local, window=windows, text_length=text_valid),
-                                                 [default, unchecked, staged], reps, device)
+    # the default; unchecked; the executor's staged order (each exchange waited for first)
+    ms, ms_unchecked, ms_staged = _time_variants([run, lambda: run(checked=False), lambda: run(overlap=False)],
+                                                 reps, device)
     sent = {step: n / (3 * reps) for step, n in attn.comm.bytes_sent.items()}  # three calls a rep
     extra = {}
     if select is not None:  # a new selection every call, as in a denoising run: nothing cached by tile set helps

@@ -1,13 +1,16 @@
 """The three stages of a distributed STA call, driven by a :class:`CallSchedule`:
 
-1. :func:`exchange_in` (the Impl's ``preprocess_qkv``): the head all-to-all (tokens for
-   heads) over the head group, then the k/v halo exchange over the tile group;
-2. :func:`attend` (``forward``): the local kernel on own box + halo, with the log-sum-exp
-   of the text rows when they must be merged; in one call (:func:`attend_beside_halo`)
-   the halo exchange instead runs beside the attention of the box's own keys, and the
-   halo's keys are folded in after;
-3. :func:`exchange_out` (``postprocess_output``): the exact log-sum-exp merge of the text
-   rows over the tile group, then the inverse all-to-all back to the caller's tokens.
+1. :func:`exchange_in`: the head all-to-all (tokens for heads) over the head group
+   (:func:`start_head_exchange` started beside compute), then the k/v halo exchange over
+   the tile group (:func:`start_halo` received into tensors of its own);
+2. :func:`attend`: the local kernel on one layout, with the log-sum-exp of the text rows
+   when they must be merged;
+3. :func:`exchange_out`: the exact log-sum-exp merge of the text rows over the tile group,
+   then the inverse all-to-all back to the caller's tokens (:func:`start_out` started
+   beside compute, per chunk of heads).
+
+The executor (:mod:`sta_dist.parallel.call`) puts them in order; this module holds no
+order of its own.
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; a rank's local tensors hold its
 video tokens, then all ``L`` text tokens.
@@ -24,9 +27,9 @@ import torch
 
 from .. import geometry
 from ..dispatch import local_attention, merge_partials
-from ..local import Halo, LocalText, head_index, longest_text, sample_groups
+from ..local import LocalText, head_index, longest_text
 from .comm import Comm, Exchange
-from .schedule import CallSchedule, key_split, row_range, tile_rows
+from .schedule import CallSchedule, row_range, tile_rows
 
 
 class BoxInputs(NamedTuple):
@@ -142,37 +145,6 @@ def halo_exchange(box: BoxInputs, sched: CallSchedule, comm: Comm, sends=None, r
     return BoxInputs(q_box, k_kv, v_kv)
 
 
-def attend_beside_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, text_length, scale: float,
-                       backend: str) -> PartialOutput:
-    """Steps 2 and 3 overlapped (a tile-group call, one text length for the batch): every
-    query of the box is attended over the box's keys (and the text) while the halo
-    exchange runs, then the query tiles whose windows reach a neighbour's box over the halo
-    from it, folded in by the log-sum-exp (:func:`~sta_dist.parallel.schedule.key_split`).
-    The halo is received into tensors of its own, which the CUDA kernel reads where they
-    lie (other kernels get k/v joined). Same output as :func:`halo_exchange` then
-    :func:`attend`, up to the rounding of the folded rows' first part."""
-    split = key_split(sched)
-    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
-    groups = [text] if isinstance(text, LocalText) else [t for t, _ in sample_groups(text)]
-    if split is None or len(groups) > 1:
-        return attend(halo_exchange(box, sched, comm), sched, text_length, scale, backend)
-    text = groups[0]
-    n_box = sched.box_tokens
-    merge = longest_text(text_length) > 0
-    side = fork(box.k_bshd.device)
-    # The host enqueues the box's launch first, so the GPU starts it at once; the halo's
-    # rows are gathered and sent on the side stream (after what came before this call).
-    result = local_attention(*box, split.own, sched.heads, text, scale, backend, return_lse=merge or bool(split.halo))
-    out, lse = result if isinstance(result, tuple) else (result, None)
-    exchanges = [start_halo(x, sched, comm, side) for x in (box.k_bshd, box.v_bshd)]
-    halo = Halo(*(wait() for wait in exchanges), n_box)  # every member takes part, needed or not
-    for part in split.halo:
-        if part.q_tiles:
-            local_attention(*box, part, sched.heads, LocalText(0, 0, 0), scale, backend, out=out, lse=lse,
-                            resume=True, halo=halo)
-    return PartialOutput(out, lse[:, :, n_box:] if merge else None)
-
-
 def start_halo(x_bshd: torch.Tensor, sched: CallSchedule, comm: Comm, side: Optional[torch.cuda.Stream]):
     """The halo exchange of one of k, v started beside the attention (its rows gathered on
     ``side``, a stream from :func:`fork`, when on a GPU), received into one tensor of its
@@ -244,6 +216,26 @@ def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedu
     outs, lses = gathered[..., :-1], gathered[..., -1]  # [R, B, L, Hl, D], [R, B, L, Hl]
     out_bshd[:, n_box:] = merge_partials(outs, lses)[0]  # in place: the box's rows stay where they are
     return out_bshd
+
+
+def start_out(out_bshd: torch.Tensor, ch: CallSchedule, comm: Comm, overlap: bool = True) -> tuple[Exchange, Exchange]:
+    """Chunk ``ch``'s output (head mode, no text merge) back to the members that hold its
+    tokens: the video rows each member holds, then the text rows to every member (two
+    exchanges: with one sample the video rows leave from the output as they lie).
+    ``overlap``: beside compute (the high-priority group)."""
+    B, D = out_bshd.shape[0], out_bshd.shape[3]
+    n_total = sum(ch.held_counts)
+    me = ch.me_in_head_group
+    n_held = ch.held_counts[me]
+    starts = row_starts(ch.held_counts)
+    L = out_bshd.shape[1] - n_total
+    video = comm.all_to_all_start("output all-to-all", ch.head_group,
+                                  [[out_bshd[:, lo:hi]] for lo, hi in zip(starts, starts[1:])],
+                                  [B * n_held * len(qh) * D for qh in ch.q_heads], overlap=overlap)
+    text = out_bshd[:, n_total:].contiguous()
+    txt = comm.all_to_all_start("output all-to-all", ch.head_group, [[text]] * len(ch.head_group),
+                                [B * L * len(qh) * D for qh in ch.q_heads], overlap=overlap)
+    return video, txt
 
 
 def exchange_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_heads: int) -> torch.Tensor:

@@ -17,11 +17,12 @@ its box's tokens for its heads, and:
 5. fetches exactly those tiles' k/v rows (an all-to-all with uneven splits), runs the
    kernel over its lists, and finishes as any call (text merge, output all-to-all).
 
-On several ranks (one text length for the batch) steps 1-5 run beside the attention: the
-kernel first walks each query tile's window tiles of the own box (and the text), which
-need no selection, while a side stream selects, gathers the counts (the host waits for
-that stream only) and fetches; then the rest of each list, the fetched tiles read where
-they arrived, is folded in (:func:`_attend_beside_fetch`).
+On several ranks (one text length for the batch) the kernel first walks each query tile's
+window tiles of the own box (and the text), which need no selection, and in the executor's
+overlapped order (:mod:`sta_dist.parallel.call`) a side stream selects, gathers the counts
+(the host waits for that stream only) and fetches meanwhile; then the rest of each list,
+the fetched tiles read where they arrived, is folded in (:func:`_attend_beside_fetch`).
+This module is the selected key source; :func:`attend_selected` is its one entry.
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``; ``_bhnd`` = ``[batch, heads, tiles,
 head_dim]``; ``_bhqn`` = ``[batch, heads, query tiles, key tiles]``.
@@ -47,7 +48,7 @@ from ..selection.means import means, tile_counts, tile_sums
 from ..selection.tables import KeyTiles, key_tiles, table_width, union_with_windows
 from .comm import Comm
 from .plan import ShardPlan
-from .runtime import BoxInputs, PartialOutput, attend, exchange_out, fork, halo_exchange, head_exchange, start_halo
+from .runtime import BoxInputs, PartialOutput, attend, fork, halo_exchange, start_halo
 from .schedule import CallSchedule
 
 
@@ -64,12 +65,6 @@ class SelectionInfo:
     attended (window and selection united)."""
     fetched: tuple[tuple[int, ...], ...]
     """Per member of the tile group: the tiles of its box this rank fetched."""
-
-
-@functools.lru_cache(maxsize=1024)
-def box_tiles(plan: ShardPlan, head_group: tuple[int, ...]) -> tuple[int, ...]:
-    """The tiles of a head group's box, in its storage order."""
-    return tuple(t for r in head_group for t in plan.held_tiles(r))
 
 
 @functools.lru_cache(maxsize=256)
@@ -119,7 +114,7 @@ def _all_key_means(kbar_box: torch.Tensor, plan: ShardPlan, sched: CallSchedule,
     out = kbar_box.new_zeros(B, Hk, n, D)
     if len(sched.tile_group) == 1:
         return out.index_copy_(2, index_on(sched.layout.q_tiles, out.device), kbar_box)
-    boxes = [box_tiles(plan, plan.head_group(r)) for r in sched.tile_group]
+    boxes = [plan.box_tiles(plan.head_group(r)) for r in sched.tile_group]
     widest = max(len(b) for b in boxes)
     padded = kbar_box.new_zeros(B, Hk, widest, D)
     padded[:, :, :kbar_box.shape[2]] = kbar_box
@@ -139,7 +134,7 @@ def _fetch_lists(attended: torch.Tensor, plan: ShardPlan, sched: CallSchedule, c
     everyone = comm.all_gather("tile requests", sched.tile_group, needed.to(torch.uint8), overlap=overlap)
     comm.settle_agreements()  # before the host waits for the device: ranks that disagree fail here, at once
     everyone = torch.stack(everyone).cpu().tolist()  # the host learns the sizes: the one wait for the device
-    mine = box_tiles(plan, sched.head_group)
+    mine = plan.box_tiles(sched.head_group)
     me = sched.me_in_tile_group
     sends, recvs = [], []
     for i, r in enumerate(sched.tile_group):
@@ -148,7 +143,7 @@ def _fetch_lists(attended: torch.Tensor, plan: ShardPlan, sched: CallSchedule, c
             recvs.append(())
             continue
         sends.append(tuple(t for t in mine if everyone[i][t]))
-        recvs.append(tuple(t for t in box_tiles(plan, plan.head_group(r)) if everyone[me][t]))
+        recvs.append(tuple(t for t in plan.box_tiles(plan.head_group(r)) if everyone[me][t]))
     return tuple(sends), tuple(recvs)
 
 
@@ -205,35 +200,39 @@ def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedul
 
 def _attend_beside_fetch(box: BoxInputs, choose, windows: Optional[tuple[Triple, ...]], window_rule: str,
                          sched: CallSchedule, plan: ShardPlan, comm: Comm, text: LocalText, text_length, scale: float,
-                         backend: str):
-    """Steps 1-5 beside the attention (a call over several ranks, one text length): every
-    query tile first attends its window's tiles of the own box (and the text), known before
-    the data is looked at, so the GPU starts at once; meanwhile ``choose`` (:func:`_attended`,
-    given ``overlap``) selects on a side stream, which then gathers the counts (the host
-    waits for that stream only) and fetches the chosen remote tiles (a tile group; in head
-    mode the box is the canvas, nothing to fetch); then the rest of each list
-    (its selected tiles, and its window's tiles in other boxes, read where they arrived)
-    is folded in by the log-sum-exp. Same output as :func:`_attend_after_fetch` up to the
-    rounding of the folded rows' first part. ``(PartialOutput, the call's schedule, the
-    tiles fetched per tile-group member, attended)``."""
+                         backend: str, overlap: bool):
+    """Steps 1-5 as two launches: every query tile first attends its window's tiles of the
+    own box (and the text), known before the data is looked at; ``choose`` (:func:`_attended`)
+    selects, the counts are gathered and the chosen remote tiles fetched (a tile group; in
+    head mode the box is the canvas, nothing to fetch); then the rest of each list (its
+    selected tiles, and its window's tiles in other boxes, read where they arrived) is
+    folded in by the log-sum-exp. ``overlap``: the first launch starts at once and the
+    selection, the counts (the host waits for that stream only) and the fetch run on a side
+    stream beside it; else they run before it (the staged order, the same launches).
+    ``(PartialOutput, the call's schedule, the tiles fetched per tile-group member, attended)``."""
     device = box.q_bshd.device
     q_tiles = sched.layout.q_tiles
     first, first_keys = _window_in_box(q_tiles, windows, window_rule, sched.layout.grid, device)
-    side = fork(device)  # the selection, the counts and the fetch: after what is enqueued so far, beside the launch
+    side = fork(device) if overlap else None  # after what is enqueued so far, beside the launch
     n_box = sched.box_tokens
     fetching = len(sched.tile_group) > 1
     own = _packed(plan.canvas, plan.tile, plan.text_len, q_tiles, q_tiles, n_box) if fetching else sched.layout
+
+    def select_and_fetch():
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            attended, width = choose(overlap=overlap)
+            rest = key_tiles(attended & ~first, width)
+            sends, recvs = _fetch_lists(attended, plan, sched, comm, overlap=overlap)
+            call = dataclasses.replace(sched, halo_send=sends, halo_recv=recvs) if fetching else sched
+            layout = _fetched_layout(call, plan, recvs, 0) if fetching else _without_text_queries(sched.layout)
+            # A new selection fetches new tiles: the second launch's tables are copied to the
+            # device here, as a copy waits for its stream's queue, and this one holds no launch.
+            facts = layout_facts(layout, device)
+        return attended, rest, recvs, call, layout, facts
+
+    chosen = None if overlap else select_and_fetch()
     out, lse = local_attention(*box, own, sched.heads, text, scale, backend, return_lse=True, keys=first_keys)
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        attended, width = choose(overlap=True)
-        rest = key_tiles(attended & ~first, width)
-        sends, recvs = _fetch_lists(attended, plan, sched, comm, overlap=True)
-        if fetching:  # the halo is the fetched tiles; only the second launch needs a layout holding them
-            sched = dataclasses.replace(sched, halo_send=sends, halo_recv=recvs)
-        rest_layout = _fetched_layout(sched, plan, recvs, 0) if fetching else _without_text_queries(sched.layout)
-        # A new selection fetches new tiles: the second launch's tables are copied to the
-        # device here, as a copy waits for its stream's queue, and this one holds no launch.
-        facts = layout_facts(rest_layout, device)
+    attended, rest, recvs, sched, rest_layout, facts = chosen or select_and_fetch()
     if side is not None:  # made on the side stream, read on this one
         torch.cuda.current_stream(device).wait_stream(side)
         for x in (attended, rest.keys, rest.counts, facts.q_tiles, facts.kv_tiles):
@@ -276,67 +275,27 @@ def _tile_mask(tiles: tuple[int, ...], n: int, device: torch.device) -> torch.Te
     return mask.to(device)
 
 
-def selected_call(q_bshd, k_bshd, v_bshd, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
-                  window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
-                  use_triton: bool, overlap: bool = True):
-    """One rank's whole call: ``(output in the rank's tokens, SelectionInfo)``. ``overlap``:
-    on several ranks, the selection and the fetch beside the attention (else selection,
-    counts, fetch, one launch, in series)."""
-    box = head_exchange(q_bshd, k_bshd, v_bshd, sched, comm)
+def attend_selected(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
+                    window_rule: str, num_heads: int, num_kv_heads: int, text_length, scale: float, backend: str,
+                    use_triton: bool, overlap: bool = True):
+    """Steps 1-5 on this rank's box (after the head exchange): ``(PartialOutput, the call's
+    schedule, SelectionInfo)``. Over several ranks with one text length for the batch, two
+    launches (:func:`_attend_beside_fetch`: the window's own-box tiles, then the rest folded
+    in; ``overlap``: the selection and the fetch beside the first); a rank alone, or
+    per-sample text lengths: the selection, the counts, the fetch, then one launch over the
+    whole lists (:func:`_attend_after_fetch`)."""
     choose = functools.partial(_attended, box, sched, plan, comm, select=select, windows=windows,
                                window_rule=window_rule, num_heads=num_heads, num_kv_heads=num_kv_heads,
                                use_triton=use_triton)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     my_q = sched.q_heads[sched.me_in_head_group]
-    if overlap and len(sched.tile_group) * len(sched.head_group) > 1 and isinstance(text, LocalText):
+    if len(sched.tile_group) * len(sched.head_group) > 1 and isinstance(text, LocalText):
         my_windows = None if windows is None else tuple(tuple(windows[h]) for h in my_q)
         partial, call_sched, recvs, attended = _attend_beside_fetch(box, choose, my_windows, window_rule, sched, plan,
-                                                                    comm, text, text_length, scale, backend)
+                                                                    comm, text, text_length, scale, backend, overlap)
     else:
         attended, width = choose()
         partial, call_sched, recvs = _attend_after_fetch(box, attended, width, sched, plan, comm, text_length, scale,
                                                          backend)
-    info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(q_bshd.shape[0], -1, -1, -1), recvs)
-    return exchange_out(partial, call_sched, comm, num_heads), info
-
-
-def selected_forward(impl, q_local, k_local, v_local, window, text_length, select, window_rule: str,
-                     return_selection: bool):
-    """:class:`~sta_dist.DistributedSlidingTileAttention` with selected tiles: every rank
-    checks its call, the ranks agree on it (one digest; a rank's bad input fails them all),
-    then :func:`selected_call`."""
-    from ..dispatch import choose_backend
-    from ..config import normalize_windows
-    from ..selection.attention import table_heads
-    from ..selection.config import check_select, check_window_or_select, check_window_rule, describe
-    from ..validation import check_text_length
-    from .schedule import call_schedule, warn_if_fallback
-
-    plan, comm = impl.plan, impl.comm
-    try:
-        window_rule = check_window_rule(window_rule)
-        check_window_or_select(window, select)
-        impl._check_local(q_local, k_local, v_local, plan, comm.rank)
-        B, H = q_local.shape[0], impl.num_heads
-        text_length = check_text_length(text_length, plan.text_len, B)
-        windows = None if window is None else normalize_windows(window, H)
-        select = check_select(select, B, H, plan.config.num_tiles, q_local.device)
-        description = (f"windows={windows} text_length={text_length} batch={B} dtype={q_local.dtype} "
-                       f"device={q_local.device.type} {describe(select, window_rule)}")
-        error = None
-    except (ValueError, TypeError, IndexError) as err:
-        description, error = f"invalid call ({type(err).__name__}: {err})", err
-    # Over NCCL the check runs on the host beside the call's first GPU work (the sums, the means'
-    # gather, the own tiles' launch) and is settled before the host waits for the tile counts.
-    comm.check_agreement("this call", description, defer=error is None and comm.backend == "nccl")
-    if error is not None:
-        raise error
-    heads = table_heads(windows, window_rule, H, plan.grid, impl.num_kv_heads)
-    sched = call_schedule(plan, heads.windows, impl.num_kv_heads, comm.rank)
-    warn_if_fallback(sched, plan)
-    out, info = selected_call(q_local, k_local, v_local, sched, plan, comm, select=select, windows=windows,
-                              window_rule=window_rule, num_heads=H, num_kv_heads=impl.num_kv_heads,
-                              text_length=text_length, scale=impl.softmax_scale, backend=impl.backend,
-                              use_triton=choose_backend(q_local, impl.backend) == "triton", overlap=impl.overlap)
-    comm.settle_agreements()  # a call the ranks disagreed on returns no output (head mode waits for no counts)
-    return (out, info) if return_selection else out
+    info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(box.q_bshd.shape[0], -1, -1, -1), recvs)
+    return partial, call_sched, info
