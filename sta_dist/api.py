@@ -16,14 +16,9 @@ from .config import WindowArg
 from .geometry import Triple
 from .autograd import Problem, attention, needs_grad
 from .dispatch import call_route, local_attention
-from .local import LocalHeads, LocalLayout, LocalText, sample_groups
+from .local import LocalHeads, LocalText, call_layout, sample_groups
 from .route import Route
 from .validation import check_call, check_causal, check_layout
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(canvas: Triple, tile: Triple, text_len: int, order: str) -> LocalLayout:
-    return (LocalLayout.natural if order == "natural" else LocalLayout.tiled)(canvas, tile, text_len)
 
 
 def sliding_tile_attention(
@@ -109,7 +104,7 @@ def _local_call(q, k, v, canvas, tile, window, text_length, scale, layout: str):
     """The checked arguments of a window-only call as one local problem: ``(layout,
     heads, text, scale)``, ``text`` one :class:`LocalText` or one per sample."""
     cfg, windows, text_length, scale, hkv = check_call(q, k, v, canvas, tile, window, text_length, scale)
-    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
+    local = call_layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
     return local, LocalHeads.build(windows, cfg.grid, hkv), LocalText.per_sample(text_length), scale
 
 

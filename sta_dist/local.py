@@ -122,6 +122,13 @@ def _packed(canvas: Triple, tile: Triple, text_len: int, q_tiles: tuple[int, ...
                        n_q, n_kv, text_len, n_kv if text_q_video_keys is None else text_q_video_keys)
 
 
+@functools.lru_cache(maxsize=64)
+def call_layout(canvas: Triple, tile: Triple, text_len: int, order: str) -> LocalLayout:
+    """The layout of a one-device call whose video tokens come in ``order``: ``"natural"``
+    or ``"tiled"`` (checked by the caller)."""
+    return (LocalLayout.natural if order == "natural" else LocalLayout.tiled)(canvas, tile, text_len)
+
+
 @dataclass(frozen=True, slots=True)
 class LocalHeads:
     """Per query head of the local call: its effective window and its kv head."""

@@ -17,10 +17,10 @@ from typing import Callable, Optional
 import torch
 
 from .. import geometry
-from ..api import _layout, sliding_tile_attention, to_natural
+from ..api import sliding_tile_attention, to_natural
 from ..dispatch import run_local
 from ..geometry import Triple
-from ..local import LocalHeads, LocalText
+from ..local import LocalHeads, LocalText, call_layout
 from ..selection import Mass, TopK
 from ..selection.attention import local_key_tiles, table_heads
 from ..testing import reference_selection, sampled_check
@@ -65,7 +65,7 @@ def case_inputs(case: SelectionCase, device, dtype, seed: int = 0):
 def case_functions(case: SelectionCase, q, k, v, compile_flex: bool = True) -> dict[str, Callable]:
     """What is timed, by row name: each a call with no arguments."""
     kw = dict(canvas=case.canvas, tile=case.tile, window=case.window, text_length=case.text_valid)
-    layout = _layout(case.canvas, case.tile, case.text_len, "natural")
+    layout = call_layout(case.canvas, case.tile, case.text_len, "natural")
     grid = geometry.grid_shape(case.canvas, case.tile)
     n = geometry.num_tiles(grid)
     windows = [case.window] * case.heads

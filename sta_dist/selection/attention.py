@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..geometry import Triple
-from ..local import LocalHeads, LocalLayout, LocalText, index_on
+from ..local import LocalHeads, LocalLayout, LocalText, call_layout, index_on
 from ..validation import check_call, check_layout
 from .choose import select_tiles
 from .config import check_select, check_window_or_select, check_window_rule
@@ -96,7 +96,6 @@ def selected_attention(q, k, v, *, canvas, tile, window, text_length, scale, bac
 
 def _selected(q, k, v, canvas, tile, window, text_length, scale, backend, layout, return_lse, select, window_rule,
               return_selection, differentiable):
-    from ..api import _layout
     from ..autograd import Problem, attention
     from ..dispatch import choose_backend, local_attention
 
@@ -113,7 +112,7 @@ def _selected(q, k, v, canvas, tile, window, text_length, scale, backend, layout
     windows = None if window is None else windows
     B, _, H, _ = q.shape
     select = check_select(select, B, H, cfg.num_tiles, q.device)
-    local = _layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
+    local = call_layout(cfg.canvas, cfg.tile, cfg.text_len, check_layout(layout))
     text = LocalText.per_sample(text_length)
     attended = None
     if not needs_table(select, window_rule):  # sta_dist windows: the window path, untouched
