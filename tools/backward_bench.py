@@ -23,7 +23,8 @@ import torch
 
 import sta_dist
 from sta_dist.bench import anchors
-from sta_dist.bench.kernel import HUNYUAN, TILE, attended_pairs, time_ms, uniform
+from sta_dist.bench.common import HUNYUAN, TILE, time_ms
+from sta_dist.bench.kernel import attended_pairs, uniform
 from sta_dist.testing import error_bound, max_error, reference_attention
 
 HEADS, HEAD_DIM = 24, 128

@@ -2,7 +2,7 @@
 
 HunyuanVideo 30x48x80, 24 heads, head dim 128, bf16, tile (6,8,8): window (3,3,3) and the
 whole canvas (5,6,10), the cases ``hunyuan_333`` and ``hunyuan_full`` of ``sta-dist bench
-kernel``. Every row is timed (median ms, device events, ``bench.kernel.time_ms``) and its
+kernel``. Every row is timed (median ms, device events, ``bench.common.time_ms``) and its
 output checked against the reference on sampled rows (``sta_dist.testing.sampled_check``):
 
 - ``ours``: ``sta_dist.sliding_tile_attention`` (natural token order);
@@ -35,7 +35,8 @@ import torch
 
 from sta_dist import geometry, sliding_tile_attention, to_natural
 from sta_dist.bench import anchors
-from sta_dist.bench.kernel import STANDARD_CASES, flex_anchor, attended_pairs, environment, time_ms
+from sta_dist.bench.common import time_ms
+from sta_dist.bench.kernel import STANDARD_CASES, flex_anchor, attended_pairs, environment
 from sta_dist.testing import sampled_check
 
 CASES = ("hunyuan_333", "hunyuan_full")

@@ -27,7 +27,8 @@ import os
 import torch
 
 from sta_dist import geometry, sliding_tile_attention, to_natural
-from sta_dist.bench.kernel import environment, time_ms
+from sta_dist.bench.common import time_ms
+from sta_dist.bench.kernel import environment
 from sta_dist.bench.selection import SELECTION_CASES, case_inputs
 from sta_dist.testing import max_error, sampled_check
 

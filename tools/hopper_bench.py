@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from sta_dist import geometry, to_tiled
-from sta_dist.bench.kernel import time_ms
+from sta_dist.bench.common import time_ms
 from sta_dist.dispatch import run_local
 from sta_dist.local import LocalHeads, LocalLayout, LocalText
 

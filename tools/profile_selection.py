@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sta_dist.bench.kernel import time_ms
+from sta_dist.bench.common import time_ms
 from sta_dist.bench.selection import SELECTION_CASES, case_functions, case_inputs
 
 

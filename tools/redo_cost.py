@@ -15,7 +15,7 @@ import torch
 
 import sta_dist
 from sta_dist import geometry
-from sta_dist.bench.kernel import time_ms
+from sta_dist.bench.common import time_ms
 from sta_dist.testing import sampled_check
 
 CANVAS, TILE, WINDOW, HEADS = (30, 48, 80), (6, 8, 8), (3, 3, 3), 24

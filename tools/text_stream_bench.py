@@ -20,7 +20,8 @@ import sys
 import torch
 
 from sta_dist import cli, kernel_calls, sliding_tile_attention
-from sta_dist.bench.kernel import STANDARD_CASES, attended_pairs, time_ms
+from sta_dist.bench.common import time_ms
+from sta_dist.bench.kernel import STANDARD_CASES, attended_pairs
 
 
 def text_after(device):

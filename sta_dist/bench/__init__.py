@@ -8,4 +8,5 @@
 - :mod:`.selection`: window plus selected tiles against the window alone and FlexAttention
   given the same block mask;
 - :mod:`.anchors`: the anchors themselves (FlexAttention with the STA mask, SDPA).
+- :mod:`.common`: what they share: the cases' canvases and tile, and the timer.
 """

@@ -12,7 +12,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -22,11 +22,7 @@ from ..geometry import Triple
 from ..mask_strategy import MaskStrategy
 from ..testing import sampled_check
 from . import anchors
-
-HUNYUAN = (30, 48, 80)
-WAN_480 = (18, 48, 80)
-TILE = (6, 8, 8)
-FULL = (5, 6, 10)
+from .common import FULL, HUNYUAN, TILE, WAN_480, time_ms
 
 
 @dataclass(frozen=True)
@@ -92,20 +88,6 @@ def attended_pairs(case: BenchCase) -> int:
             total += n_q * (sum(tile_tokens[k] for k in keys) + case.text_valid)
         total += case.text_valid * (n_video + case.text_valid)
     return total
-
-
-def time_ms(fn: Callable, min_reps: int = 5, min_rep_ms: float = 100.0) -> float:
-    """Median milliseconds of ``fn`` (device events, after a warm-up call)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    estimate = (time.perf_counter() - start) * 1e3
-    rep = min(max(min_rep_ms, estimate * min_reps), 4000.0)
-    return triton.testing.do_bench(fn, warmup=max(min(25.0, min_rep_ms), estimate), rep=rep, return_mode="median")
 
 
 @dataclass

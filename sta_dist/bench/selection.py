@@ -25,7 +25,7 @@ from ..selection import Mass, TopK
 from ..selection.attention import local_key_tiles, table_heads
 from ..testing import reference_selection, sampled_check
 from .anchors import FlexTileLists
-from .kernel import HUNYUAN, TILE, time_ms
+from .common import HUNYUAN, TILE, time_ms
 
 
 @dataclass(frozen=True)
