@@ -232,3 +232,31 @@ def run_in_every_order(rank, world, cases):
             orders.append(impl.postprocess_output(impl.forward(*impl.preprocess_qkv(tuple(local), meta), meta), meta))
         results.append(orders)
     return results
+
+
+def gradients(rank, world, cases, plant_wrong_halo_adjoint=False):
+    """Each (case, plan kwargs): the rank's ``(dq, dk, dv)`` of ``sum(out * w)`` (``w`` a fixed
+    random tensor, sharded as the output; its text rows replicated). ``plant_wrong_halo_adjoint``:
+    the halo's gradients are not sent back to their owners (a test that the check can fail)."""
+    if plant_wrong_halo_adjoint:
+        from sta_dist.parallel import call
+
+        call.halo_back = lambda x, sched, comm: torch.cat(
+            [x[:, :sched.box_tokens], x[:, x.shape[1] - (x.shape[1] - sched.box_tokens - _halo_rows(sched)):]], 1)
+    results = []
+    for i, (case, plan_kw) in enumerate(cases):
+        q, k, v = full_inputs(case, seed=i)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 + i))
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads, backend="torch")
+        local = [plan.shard(x, rank).requires_grad_() for x in (q, k, v)]
+        out = attn(*local, window=case.window, text_length=case.text_length)
+        (out * plan.shard(w, rank)).sum().backward()
+        results.append(tuple(x.grad for x in local))
+    return results
+
+
+def _halo_rows(sched) -> int:
+    from sta_dist import geometry
+
+    return sum(geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, t) for t in sched.halo_recv)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -41,11 +41,12 @@ from ..geometry import Triple
 from ..local import Halo, LocalText, head_index, longest_text, sample_groups
 from ..validation import check_qkv, check_text_length
 from . import selected
+from .adjoint import halo_back, heads_back, sum_over
 from .comm import Comm
 from .decide import call_parts, call_schedule, warn_if_fallback
 from .plan import ShardPlan
-from .runtime import (BoxInputs, PartialOutput, attend, exchange_out, fork, halo_exchange, head_exchange,
-                      start_halo, start_head_exchange, start_out)
+from .runtime import (BoxInputs, PartialOutput, attend, exchange_out, fork, halo_exchange, head_exchange, merge_text,
+                      start_halo, start_head_exchange, start_heads_in, start_out)
 from .schedule import CallSchedule, head_chunk, key_split
 
 
@@ -147,7 +148,9 @@ def run(q, k, v, request: CallRequest, attn: Attention, plan: ShardPlan, comm: C
     if parts is None:
         parts = call_parts(plan, request.windows, attn.num_kv_heads, q.shape[0], q.shape[3], q.element_size(),
                            longest_text(request.text_length))
-    if len(parts) == 1:
+    if needs_grad(q, k, v):
+        out = _Call.apply(q, k, v, request, attn, plan, comm, parts)
+    elif len(parts) == 1:
         sched = call_schedule(plan, request.windows, attn.num_kv_heads, comm.rank, parts[0].wide_tile)
         out = _run_schedule(q, k, v, sched, request.text_length, attn, comm, overlap, attn.num_heads, plan)
     else:
@@ -245,17 +248,21 @@ def _start_halo(box: BoxInputs, sched: CallSchedule, comm: Comm, side) -> Callab
     return lambda: Halo(*(wait() for wait in waits), sched.box_tokens)
 
 
-def _joined_partial(own: list, box: BoxInputs, sched: CallSchedule, text_length) -> PartialOutput:
-    """The groups' ``(idx, inputs, out, lse)`` as one partial output (the text rows'
-    log-sum-exp kept where they are merged)."""
+def _joined(own: list, box: BoxInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' ``(idx, inputs, out, lse)`` as one ``(out, lse)`` of the whole batch."""
     if len(own) == 1:
-        out, lse = own[0][2:]
-    else:
-        B, S, H, _ = box.q_bshd.shape
-        out = torch.empty_like(box.q_bshd)
-        lse = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
-        for idx, _, o, l in own:
-            out[idx], lse[idx] = o, l
+        return own[0][2], own[0][3]
+    B, S, H, _ = box.q_bshd.shape
+    out = torch.empty_like(box.q_bshd)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
+    for idx, _, o, l in own:
+        out[idx], lse[idx] = o, l
+    return out, lse
+
+
+def _joined_partial(own: list, box: BoxInputs, sched: CallSchedule, text_length) -> PartialOutput:
+    """:func:`_joined` as a partial output (the text rows' log-sum-exp kept where they are merged)."""
+    out, lse = _joined(own, box)
     merge = longest_text(text_length) > 0
     return PartialOutput(out, lse[:, :, sched.box_tokens:] if merge else None)
 
@@ -335,3 +342,121 @@ def _run_selected(q, k, v, request: CallRequest, attn: Attention, plan: ShardPla
                                          scale=attn.scale, backend=attn.backend,
                                          use_triton=choose_backend(q, attn.backend) == "triton", overlap=overlap)
     return exchange_out(partial, call_sched, comm, attn.num_heads), info
+
+
+# -- training: the call as one autograd Function ---------------------------------------------
+
+def needs_grad(*xs: torch.Tensor) -> bool:
+    """Whether a call records its backward: grad mode on and some input requiring grad."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+class _Saved(NamedTuple):
+    """What one schedule's backward needs: the box inputs with the halo kept (joined after
+    the box's keys), the final output and log-sum-exp of the box's rows (text rows merged)."""
+
+    sched: CallSchedule
+    inputs: BoxInputs
+    out_bshd: torch.Tensor
+    lse_bhs: torch.Tensor
+
+
+def _train_forward(q, k, v, sched: CallSchedule, text_length, attn: Attention, comm: Comm,
+                   num_heads: int) -> tuple[torch.Tensor, _Saved]:
+    """One schedule's call in the staged order, keeping what its backward reads."""
+    inputs = stage_in(q, k, v, sched, comm)
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
+    if len(sched.tile_group) == 1:
+        out, lse = local_attention(*inputs, sched.layout, sched.heads, text, attn.scale, attn.backend,
+                                   return_lse=True)
+    else:
+        n_halo = inputs.k_bshd.shape[1] - inputs.q_bshd.shape[1]
+        groups = [(text, None)] if isinstance(text, LocalText) else sample_groups(text)
+        own = []
+        for group_text, idx in groups:
+            part = inputs if idx is None else BoxInputs(*(x[idx] for x in inputs))
+            o, l = _own_keys(part, sched, group_text, attn, joined_halo=n_halo)
+            _fold_halo(part, sched, attn, o, l, None)
+            own.append((idx, part, o, l))
+        out, lse = _joined(own, inputs)
+        if longest_text(text_length) > 0:
+            text_lse = lse[:, :, sched.box_tokens:]
+            merge_text(out, text_lse, sched, comm, lse_out=text_lse)
+    local = exchange_out(PartialOutput(out, None), sched, comm, num_heads)
+    return local, _Saved(sched, inputs, out, lse)
+
+
+def _train_backward(dout_local: torch.Tensor, saved: _Saved, text_length, attn: Attention, comm: Comm,
+                    num_heads: int, num_kv_heads: int):
+    """One schedule's ``(dq, dk, dv)`` in the rank's tokens (every head; text rows whole)."""
+    from ..backward import local_backward
+
+    sched, inputs = saved.sched, saved.inputs
+    me = sched.me_in_head_group
+    dout_box = _heads_in(dout_local, sched.q_heads, sched, comm)
+    text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
+    dq, dk, dv = local_backward(*inputs, saved.out_bshd, saved.lse_bhs, dout_box, sched.layout, sched.heads, text,
+                                attn.scale, attn.backend)
+    n_box = sched.box_tokens
+    if len(sched.tile_group) > 1:
+        if longest_text(text_length) > 0:  # the text queries' partial sums over each member's keys
+            dq[:, n_box:] = sum_over(dq[:, n_box:], sched.tile_group, comm, "text grad merge")
+        dk, dv = (halo_back(x, sched, comm) for x in (dk, dv))
+        if dk.shape[1] > n_box:  # every member's queries read the text keys
+            for x in (dk, dv):
+                x[:, n_box:] = sum_over(x[:, n_box:], sched.tile_group, comm, "text grad merge")
+    return (heads_back(dq, sched.q_heads, sched, comm, num_heads),
+            heads_back(dk, sched.kv_heads, sched, comm, num_kv_heads),
+            heads_back(dv, sched.kv_heads, sched, comm, num_kv_heads))
+
+
+def _heads_in(x_bshd: torch.Tensor, heads_of, sched: CallSchedule, comm: Comm) -> torch.Tensor:
+    """The head all-to-all of one tensor (the forward's, for ``dout``): this member's heads
+    of the whole box, then its heads of the (replicated) text rows."""
+    box, exchanges = start_heads_in(x_bshd, heads_of, sched, comm)
+    exchanges.wait()
+    return box
+
+
+class _Call(torch.autograd.Function):
+    """A distributed window call whose backward runs the exchanges' adjoints
+    (:mod:`~sta_dist.parallel.adjoint`) around the local backward
+    (:func:`sta_dist.backward.local_backward`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, request: CallRequest, attn: Attention, plan: ShardPlan, comm: Comm, parts):
+        ctx.request, ctx.attn, ctx.comm, ctx.parts = request, attn, comm, parts
+        if len(parts) == 1:
+            sched = call_schedule(plan, request.windows, attn.num_kv_heads, comm.rank, parts[0].wide_tile)
+            warn_if_fallback(sched, plan)
+            out, saved = _train_forward(q, k, v, sched, request.text_length, attn, comm, attn.num_heads)
+            ctx.saved = [saved]
+            return out
+        out = torch.empty_like(q)
+        ctx.saved = []
+        for part in parts:
+            qi, kvi = head_index(part.q_heads, q.device), head_index(part.kv_heads, q.device)
+            local = (q[:, :, qi].contiguous(), k[:, :, kvi].contiguous(), v[:, :, kvi].contiguous())
+            out[:, :, qi], saved = _train_forward(*local, part.schedule(plan, comm.rank), request.text_length, attn,
+                                                  comm, len(part.q_heads))
+            ctx.saved.append(saved)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        request, attn, comm = ctx.request, ctx.attn, ctx.comm
+        dout = dout.contiguous()
+        if len(ctx.parts) == 1:
+            grads = _train_backward(dout, ctx.saved[0], request.text_length, attn, comm, attn.num_heads,
+                                    attn.num_kv_heads)
+        else:
+            B, S, _, D = dout.shape
+            grads = (dout.new_zeros(B, S, attn.num_heads, D), dout.new_zeros(B, S, attn.num_kv_heads, D),
+                     dout.new_zeros(B, S, attn.num_kv_heads, D))
+            for part, saved in zip(ctx.parts, ctx.saved):
+                qi, kvi = head_index(part.q_heads, dout.device), head_index(part.kv_heads, dout.device)
+                dq, dk, dv = _train_backward(dout[:, :, qi].contiguous(), saved, request.text_length, attn, comm,
+                                             len(part.q_heads), len(part.kv_heads))
+                grads[0][:, :, qi], grads[1][:, :, kvi], grads[2][:, :, kvi] = dq, dk, dv
+        ctx.saved = None
+        return (*grads, None, None, None, None, None)

@@ -75,30 +75,34 @@ def head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm) -> Bo
 def start_head_exchange(q_bshd, k_bshd, v_bshd, sched: CallSchedule, comm: Comm,
                         overlap: bool = False) -> tuple[BoxInputs, list]:
     """:func:`head_exchange` started: the box inputs (allocated, the text copied in) and
-    the exchanges (one per tensor) filling them, each to ``wait()`` for. With one sample
-    the members' token ranges are consecutive rows of the box, received in place; else
-    received into a buffer and copied. ``overlap``: beside compute (the high-priority
-    group)."""
-    n_held = q_bshd.shape[1] - sched.layout.q_text
-    B, D, L = q_bshd.shape[0], q_bshd.shape[3], sched.layout.q_text
+    the exchanges (one per tensor) filling them, each to ``wait()`` for (:func:`start_heads_in`)."""
+    started = [start_heads_in(x, heads_of, sched, comm, overlap)
+               for x, heads_of in ((q_bshd, sched.q_heads), (k_bshd, sched.kv_heads), (v_bshd, sched.kv_heads))]
+    return BoxInputs(*(box for box, _ in started)), [exchange for _, exchange in started]
+
+
+def start_heads_in(x_bshd: torch.Tensor, heads_of: tuple[tuple[int, ...], ...], sched: CallSchedule, comm: Comm,
+                   overlap: bool = False):
+    """The head all-to-all of one tensor started: ``(box, exchange)``, ``box [B, n_box + L,
+    len(heads_of[me]), D]`` this member's heads of the whole box (to ``wait()`` for), then
+    of the text (copied in: text is replicated). With one sample the members' token ranges
+    are consecutive rows of the box, received in place; else received into a buffer and
+    copied. ``overlap``: beside compute (the high-priority group)."""
+    n_held = x_bshd.shape[1] - sched.layout.q_text
+    B, D, L = x_bshd.shape[0], x_bshd.shape[3], sched.layout.q_text
     me = sched.me_in_head_group
     n_total = sum(sched.held_counts)
-    starts = row_starts(sched.held_counts)
-    box, exchanges = [], []
-    for x, heads_of in ((q_bshd, sched.q_heads), (k_bshd, sched.kv_heads), (v_bshd, sched.kv_heads)):
-        mine = heads_of[me]
-        dst = x.new_empty(B, n_total + L, len(mine), D)
-        dst[:, n_total:] = x[:, n_held:, head_index(mine, x.device)]  # text is replicated: this rank's heads are here
-        send = [[x[:, :n_held, head_index(heads, x.device)]] for heads in heads_of]
-        recv = [B * n * len(mine) * D for n in sched.held_counts]
-        in_place = B == 1
-        exchange = comm.all_to_all_start("head all-to-all", sched.head_group, send, recv,
-                                         out=dst[0, :n_total].view(-1) if in_place else None, overlap=overlap)
-        if not in_place:
-            exchange = _CopiedInto(exchange, dst, starts, len(mine))
-        box.append(dst)
-        exchanges.append(exchange)
-    return BoxInputs(*box), exchanges
+    mine = heads_of[me]
+    dst = x_bshd.new_empty(B, n_total + L, len(mine), D)
+    dst[:, n_total:] = x_bshd[:, n_held:, head_index(mine, x_bshd.device)]  # this rank's heads are here
+    send = [[x_bshd[:, :n_held, head_index(heads, x_bshd.device)]] for heads in heads_of]
+    recv = [B * n * len(mine) * D for n in sched.held_counts]
+    in_place = B == 1
+    exchange = comm.all_to_all_start("head all-to-all", sched.head_group, send, recv,
+                                     out=dst[0, :n_total].view(-1) if in_place else None, overlap=overlap)
+    if not in_place:
+        exchange = _CopiedInto(exchange, dst, row_starts(sched.held_counts), len(mine))
+    return dst, exchange
 
 
 def row_starts(counts) -> list[int]:
@@ -207,14 +211,19 @@ def attend(inputs: BoxInputs, sched: CallSchedule, text_length, scale: float, ba
     return PartialOutput(result, None)
 
 
-def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedule, comm: Comm) -> torch.Tensor:
-    """Exact softmax merge of the text rows' partial results over the tile group."""
+def merge_text(out_bshd: torch.Tensor, text_lse: torch.Tensor, sched: CallSchedule, comm: Comm,
+               lse_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact softmax merge of the text rows' partial results over the tile group, in place.
+    ``lse_out [B, H_local, L]``: also gets the merged rows' log-sum-exp."""
     n_box = sched.box_tokens
     part = out_bshd[:, n_box:].float()  # [B, L, Hl, D]
     packed = torch.cat([part, text_lse.transpose(1, 2)[..., None]], -1)  # [B, L, Hl, D + 1]
     gathered = torch.stack(comm.all_gather("text merge", sched.tile_group, packed))
     outs, lses = gathered[..., :-1], gathered[..., -1]  # [R, B, L, Hl, D], [R, B, L, Hl]
-    out_bshd[:, n_box:] = merge_partials(outs, lses)[0]  # in place: the box's rows stay where they are
+    merged, lse = merge_partials(outs, lses)
+    out_bshd[:, n_box:] = merged  # in place: the box's rows stay where they are
+    if lse_out is not None:
+        lse_out.copy_(lse.transpose(1, 2))
     return out_bshd
 
 
