@@ -10,11 +10,11 @@ code 1. --debug, before or after the subcommand, shows the traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import sys
 from typing import Optional, Sequence
 
 from .parallel.env import LaunchError
+from .resources import packaged
 from .route import BACKENDS
 
 USAGE_ERROR, JOB_FAILED = 2, 1
@@ -25,11 +25,6 @@ MISUSE = (ValueError, TypeError, IndexError, FileNotFoundError, LaunchError)
 
 class CLIError(Exception):
     """A misuse of the command line, reported as one line."""
-
-
-def packaged(name: str) -> str:
-    """Path of a file shipped in ``sta_dist.configs``."""
-    return str(importlib.resources.files("sta_dist.configs") / name)
 
 
 def _bound(kind, minimum, inclusive=True):

@@ -162,7 +162,7 @@ def run(args) -> dict:
     pipe.set_progress_bar_config(disable=True)  # ours below: one line per step in a log file
     strategy = args.mask_strategy
     if strategy == "hunyuan":
-        from sta_dist.cli import packaged
+        from sta_dist.resources import packaged
 
         strategy = packaged("mask_strategy_hunyuan.json.gz")
     window = None if strategy else tuple(args.window or (3, 3, 3))

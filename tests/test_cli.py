@@ -14,6 +14,7 @@ import pytest
 
 from sta_dist import cli
 from sta_dist.parallel.spawn import free_port
+from sta_dist.resources import packaged
 from sta_dist.run import packaged_configs
 
 pytestmark = pytest.mark.timeout(300)
@@ -275,7 +276,7 @@ def test_a_spawned_job_past_its_deadline_says_what_to_do(capsys):
 def test_a_config_given_by_path(capsys, tmp_path):
     """A config file given by path works like a packaged one."""
     path = tmp_path / "mine.json"
-    spec = json.loads(open(cli.packaged("tiny_cpu.json")).read())
+    spec = json.loads(open(packaged("tiny_cpu.json")).read())
     spec["mask_strategy"] = "uniform:1,2,2"
     path.write_text(json.dumps(spec))
     assert cli.main(["plan", "--config", str(path), "--world-size", "2"]) == 0
@@ -308,7 +309,7 @@ def test_doctor_prints_each_ranks_route_as_the_route_gives_it(capsys, tmp_path):
         expected = route(layout_call(sched.layout, sched.heads, text, cfg.dtype, cfg.head_dim, merge), Device.hopper())
         assert sched.mode == "tile" and f"  rank {rank}: tile: {expected.describe()}" in printed.splitlines()
     path = tmp_path / "tile3.json"  # 3x8x8 tiles: 192 rows, no 128-row blocks
-    spec = json.loads(open(cli.packaged("hunyuan_720p.json")).read())
+    spec = json.loads(open(packaged("hunyuan_720p.json")).read())
     path.write_text(json.dumps(dict(spec, tile=[3, 8, 8])))
     assert cli.main(["doctor", "--assume-gpu", "h100", "--backend", "cuda", "--config", str(path)]) == 0
     assert "refused: backend='cuda' cannot run this call: the cuda kernel reads blocks of 128 rows: tile=(3, 8, 8)" \

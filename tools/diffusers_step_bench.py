@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 
 import sta_dist.diffusers as sta_diffusers
-from sta_dist.cli import packaged
 from sta_dist.mask_strategy import MaskStrategy
 from sta_dist.parallel.env import init_distributed
+from sta_dist.resources import packaged
 
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
