@@ -33,19 +33,6 @@ from .windows import WindowTable
 _ATTR = "_sta_dist_handle"
 
 
-class LayerProcessor:
-    """What every sta_dist attention processor is: bound to its handle and its layer of
-    the mask strategy. diffusers' ``enable_parallelism()`` writes its config into
-    ``_parallel_config`` (Ulysses: head mode on its group)."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, handle, layer: int):
-        self.handle = handle
-        self.layer = layer
-
-
 @dataclass(frozen=True)
 class CallContext:
     """What every attention layer of one transformer forward shares."""

@@ -12,7 +12,7 @@ import torch
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .handle import LayerProcessor
+from .processor import LayerProcessor
 
 # Video tokens split after the patch embedding (with their RoPE rows), text kept whole on
 # every rank, the output gathered after the projection. Pass it as

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.transformers.transformer_kandinsky6_sr import FRACTAL_BLOCK_SIZE, apply_rotary
 
-from .handle import LayerProcessor
+from .processor import LayerProcessor
 
 FRACTAL = (1, FRACTAL_BLOCK_SIZE, FRACTAL_BLOCK_SIZE)
 """The tile of the model's token order."""

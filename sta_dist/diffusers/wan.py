@@ -10,7 +10,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
-from .handle import LayerProcessor
+from .processor import LayerProcessor
 
 
 class WanSTAProcessor(LayerProcessor):
