@@ -12,8 +12,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"sta_dist": ROOT / "sta_dist", "sta_dist.kernels": ROOT / "kernels"}
 
@@ -143,8 +141,6 @@ def test_parallel_has_no_circle():
     assert not found, report(graph, found)
 
 
-@pytest.mark.xfail(strict=True, reason="circles through the call paths (backend, distributed, selection.attention "
-                                       "and the integrations), to break with issue 31's item 1")
 def test_sta_dist_has_no_circle():
     graph = import_graph()
     found = circles(graph)
