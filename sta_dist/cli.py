@@ -85,6 +85,10 @@ def _bench(args) -> int:
     if not torch.cuda.is_available():
         raise CLIError("sta-dist bench kernel needs a CUDA GPU, and none is visible (torch.cuda.is_available() "
                        "is False)")
+    if args.backward:
+        from .bench import backward
+
+        return backward.run(skip_check=args.skip_check, reps_ms=args.reps_ms, step_timeout=args.step_timeout)
     from .bench import kernel as bench
 
     replay = None
@@ -218,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--cases", default="", help="comma-separated case names (default: all standard cases; "
                                                "window plus selected tiles: hunyuan_topk8, hunyuan_mass09)")
     k.add_argument("--replay", default="", help="'hunyuan' or a mask strategy JSON to replay")
+    k.add_argument("--backward", action="store_true", help="forward+backward beside FlexAttention-STA's (training)")
+    k.add_argument("--skip-check", action="store_true", help="with --backward: time only")
+    k.add_argument("--reps-ms", type=positive_float, default=200.0, help="with --backward: ms per measurement")
+    k.add_argument("--step-timeout", type=positive_int, default=300, help="with --backward: seconds per step")
     k.add_argument("--out", default="out/bench", help="folder for kernel_bench.json and .png")
     k.add_argument("--sweep", action="store_true", help="time launch configs instead")
     k.add_argument("--config", type=nonnegative_int, help="with --sweep: only the config of this index")

@@ -6,16 +6,15 @@ at HunyuanVideo 30x48x80, tile 6x8x8, 24 heads, D=128, bf16, window (3,3,3), wit
 with 256 text tokens, beside FlexAttention-STA's with the same block mask
 (:class:`sta_dist.bench.anchors.FlexSTA`), in the same process. Tokens in tiled order for
 both (Flex's best case). TFLOP/s count the forward's attended FLOPs ``4*B*H*pairs*D`` and
-2.5 times that for the backward.
+2.5 times that for the backward. With ``TopK(8)`` selected tiles beside the window, our
+forward+backward alone (FlexAttention's STA block mask has no selection).
 
-    python3 tools/backward_bench.py [--skip-check] [--reps-ms 200] [--step-timeout 300]
+    sta-dist bench kernel --backward [--skip-check] [--reps-ms 200] [--step-timeout 300]
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
-import sys
 import time
 from contextlib import contextmanager
 
@@ -80,6 +79,32 @@ def check(backend: str) -> bool:
     return ok
 
 
+def bench_selected(reps_ms: float) -> list[tuple]:
+    """Window (3,3,3) plus ``TopK(8)`` at the HunyuanVideo shape: our forward and
+    forward+backward (the FLOPs of the tiles each query tile attended)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S = HUNYUAN[0] * HUNYUAN[1] * HUNYUAN[2]
+    q, k, v, dout = (torch.randn(1, S, HEADS, HEAD_DIM, generator=g, device="cuda", dtype=torch.bfloat16)
+                     for _ in range(4))
+    kw = dict(canvas=HUNYUAN, tile=TILE, window=(3, 3, 3), select=sta_dist.TopK(8), layout="tiled")
+    with torch.no_grad():
+        _, attended = sta_dist.sliding_tile_attention(q, k, v, **kw, return_selection=True)
+    tile_tokens = TILE[0] * TILE[1] * TILE[2]  # whole tiles at this shape
+    fwd_flops = 4 * int(attended.sum()) * (HEADS if attended.shape[1] == 1 else 1) * tile_tokens ** 2 * HEAD_DIM
+    ours_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+
+    def fwd():
+        with torch.no_grad():
+            sta_dist.sliding_tile_attention(*ours_in, **kw)
+
+    def fwd_bwd():
+        torch.autograd.grad(sta_dist.sliding_tile_attention(*ours_in, **kw), ours_in, dout)
+
+    f_ms, fb_ms = time_ms(fwd, min_rep_ms=reps_ms), time_ms(fwd_bwd, min_rep_ms=reps_ms)
+    return [("hunyuan_333_topk8", "sta_dist", f_ms, fb_ms, fb_ms - f_ms, fwd_flops / (f_ms * 1e9),
+             3.5 * fwd_flops / (fb_ms * 1e9), 2.5 * fwd_flops / ((fb_ms - f_ms) * 1e9), float("nan"))]
+
+
 def bench(text: int, reps_ms: float) -> list[tuple]:
     case = uniform("hunyuan_333" + ("_text" if text else ""), HUNYUAN, (3, 3, 3), heads=HEADS, text_len=text,
                    text_valid=text)
@@ -122,44 +147,36 @@ def bench(text: int, reps_ms: float) -> list[tuple]:
     return rows
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--reps-ms", type=float, default=200.0, help="time per measurement (ms)")
-    p.add_argument("--step-timeout", type=int, default=300, help="seconds each step may take")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
-        return 2
+def run(skip_check: bool = False, reps_ms: float = 200.0, step_timeout: int = 300) -> int:
+    """The check, then the timings; prints a table. 0 when every check passed and every step ran."""
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     ok = True
-    if not args.skip_check:
+    if not skip_check:
         print("(a) gradients against the reference's autograd, bf16:")
         for backend in ("auto", "triton"):
             try:
-                with time_guard(args.step_timeout, f"check {backend}"):
+                with time_guard(step_timeout, f"check {backend}"):
                     ok &= check(backend)
             except Exception as err:  # report and go on to the timings
                 print(f"  check backend={backend}: {type(err).__name__}: {err}")
                 ok = False
     print("(b) HunyuanVideo 30x48x80, tile 6x8x8, 24 heads, D=128, bf16, window (3,3,3):")
     rows = []
-    for text in (0, 256):
+    for name, step in (("text=0", lambda: bench(0, reps_ms)), ("text=256", lambda: bench(256, reps_ms)),
+                       ("TopK(8)", lambda: bench_selected(reps_ms))):
         start = time.perf_counter()
         try:
-            with time_guard(args.step_timeout, f"bench text={text}"):
-                rows += bench(text, args.reps_ms)
+            with time_guard(step_timeout, f"bench {name}"):
+                rows += step()
         except Exception as err:
-            print(f"  text={text}: {type(err).__name__}: {err}")
+            print(f"  {name}: {type(err).__name__}: {err}")
             ok = False
-        print(f"  (step took {time.perf_counter() - start:.0f} s)")
+        print(f"  ({name}: step took {time.perf_counter() - start:.0f} s)")
     header = ("case", "impl", "fwd ms", "fwd+bwd ms", "bwd ms", "fwd TF/s", "fwd+bwd TF/s", "bwd TF/s",
               "flex/ours fwd+bwd")
-    print(" | ".join(header))
+    print("| " + " | ".join(header) + " |")
     for r in rows:
-        print(" | ".join([r[0], r[1]] + [f"{x:.2f}" for x in r[2:5]] + [f"{x:.0f}" for x in r[5:8]] + [f"{r[8]:.2f}x"]))
+        ratio = "" if r[8] != r[8] else f"{r[8]:.2f}x"
+        print("| " + " | ".join([r[0], r[1]] + [f"{x:.2f}" for x in r[2:5]] + [f"{x:.0f}" for x in r[5:8]] + [ratio])
+              + " |")
     return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
