@@ -7,11 +7,11 @@ SSTA and Kandinsky 6 SR's NABLA with selected tiles).
     sta_diffusers.disable(pipe.transformer)
 """
 
-from .handle import CallContext, STAHandle, disable, enable
+from .handle import CallContext, STAHandle, disable, enable, reduce_gradients
 from .hunyuan import HUNYUAN_VIDEO_CP_PLAN, HunyuanVideoSTAProcessor
 from .hunyuan15 import HunyuanVideo15STAProcessor
 from .models import SUPPORTED
 from .wan import WanSTAProcessor
 
-__all__ = ["enable", "disable", "STAHandle", "CallContext", "SUPPORTED", "WanSTAProcessor",
+__all__ = ["enable", "disable", "reduce_gradients", "STAHandle", "CallContext", "SUPPORTED", "WanSTAProcessor",
            "HunyuanVideoSTAProcessor", "HUNYUAN_VIDEO_CP_PLAN", "HunyuanVideo15STAProcessor"]

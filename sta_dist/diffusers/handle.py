@@ -11,6 +11,7 @@ Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from ..api import sliding_tile_attention
 from ..config import check_triple
 from ..distributed import DistributedSlidingTileAttention
 from ..geometry import Triple
+from ..integrations import training
 from ..parallel.comm import Comm
 from ..parallel.plan import MODES, ShardPlan
 from ..validation import TextLength, check_head_dim, check_text_length
@@ -129,9 +131,15 @@ class STAHandle:
                              windows=self.windows.distinct(self.step))
         self.context = CallContext(canvas, text_len, text_length, plan)
         self.last_plan = plan
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None and torch.is_grad_enabled():
+            module._gradient_checkpointing_func = _Recompute(self, self.context, func)
 
     def _end(self, module, args, kwargs, output) -> None:
         self.context = None
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(func, _Recompute):
+            module._gradient_checkpointing_func = func.func
 
     def _check_shardable(self, bound: dict) -> None:
         timestep = bound.get("timestep")
@@ -151,7 +159,8 @@ class STAHandle:
         ctx = self.context
         if ctx is None:
             raise RuntimeError("sta_dist's attention processors run inside the transformer's forward (which reads "
-                               "the canvas and text of the call); the attention module was called on its own")
+                               "the canvas and text of the call); the attention module was called on its own (to "
+                               "checkpoint blocks, use the transformer's enable_gradient_checkpointing())")
         if ctx.text_length is None:
             ctx = self.context = _with_text_from_mask(ctx, text_mask)
         window = self.windows.layer(self.step, layer)
@@ -161,7 +170,10 @@ class STAHandle:
         if self.select is not None or self.window_rule != "sta":
             kw.update(select=self.select, window_rule=self.window_rule)
         if ctx.plan is not None:
+            # training: the text rows' gradients between the core's contract and the model's
+            q_bshd, k_bshd, v_bshd = training.text_inputs((q_bshd, k_bshd, v_bshd), ctx.text_len, self._comm)
             out = self._distributed(ctx.plan, None)(q_bshd, k_bshd, v_bshd, **kw)
+            out = training.text_output(out, ctx.text_len, self._comm)
         elif ulysses is not None:
             if self.spec.layout != "natural":
                 raise ValueError(f"{self.spec.name} orders its tokens in tiles; diffusers' Ulysses chunks are cut "
@@ -191,6 +203,13 @@ class STAHandle:
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def reduce_gradients(self) -> None:
+        """After ``backward`` under ``parallel=``: sum the transformer's parameter gradients
+        over the group (each rank holds its share), so every rank has the one-process
+        gradient and the same optimizer step. A no-op in one process."""
+        if self.parallel is not None:
+            training.reduce_gradients(self.transformer.parameters(), self.group)
+
     def bytes_sent(self) -> dict:
         """Bytes this rank sent, per step name (attention exchanges and the output gather)."""
         total: dict = {}
@@ -204,6 +223,25 @@ class STAHandle:
         mode = f"parallel={self.parallel}" if self.parallel else "one process"
         selection = f", select={self.select!r}, window_rule={self.window_rule}" if self.select is not None else ""
         return f"{self.spec.name}: tile={self.tile}{selection}, {mode}, backend={self.backend}"
+
+
+class _Recompute:
+    """diffusers' gradient-checkpointing function for one forward: each block it runs, and
+    reruns in the backward (after the forward has ended), sees that forward's context."""
+
+    def __init__(self, handle: STAHandle, context: CallContext, func):
+        self.handle, self.context, self.func = handle, context, func
+
+    def __call__(self, block, *args, **kwargs):
+        return self.func(functools.partial(self._run, block), *args, **kwargs)
+
+    def _run(self, block, *args, **kwargs):
+        handle, outer = self.handle, self.handle.context
+        handle.context = self.context
+        try:
+            return block(*args, **kwargs)
+        finally:
+            handle.context = outer
 
 
 def enable(transformer: torch.nn.Module, *, tile=None, window=None, mask_strategy=None, parallel: Optional[str] = None,
@@ -292,6 +330,15 @@ def _check_parallel(transformer, parallel, group, mesh):
         p_head = max(d for d in range(1, int(world**0.5) + 1) if world % d == 0)
         return (p_head, world // p_head)
     return tuple(mesh)
+
+
+def reduce_gradients(transformer: torch.nn.Module) -> None:
+    """:meth:`STAHandle.reduce_gradients` of the transformer sta_dist is enabled on: call it
+    after ``loss.backward()`` and before ``optimizer.step()``."""
+    handle: Optional[STAHandle] = getattr(transformer, _ATTR, None)
+    if handle is None:
+        raise ValueError("sta_dist is not enabled on this transformer (sta_dist.diffusers.enable was not called)")
+    handle.reduce_gradients()
 
 
 def disable(transformer: torch.nn.Module) -> None:

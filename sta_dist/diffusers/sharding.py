@@ -9,6 +9,10 @@ what their windows need; the output projection's result is gathered once, back i
 natural order (it has ``C * prod(patch)`` channels per token, far fewer than the model
 width, so this moves the fewest bytes of any point after the last block).
 
+Training (:mod:`sta_dist.integrations.training`): the shard is an ``index_select``, whose
+backward gives the replicated input this rank's share of its gradient; the gather's
+backward takes this rank's rows of the (replicated) output's gradient.
+
 Legend: ``_bnc`` = ``[batch, tokens, channels]``.
 """
 
@@ -18,6 +22,7 @@ import functools
 
 import torch
 
+from ..integrations.training import gather_rows
 from ..parallel.comm import Comm
 from ..parallel.plan import ShardPlan
 
@@ -76,4 +81,6 @@ class TransformerSharding:
         return tuple(shard_tokens(x, plan, self.comm.rank, dim) for x in output)
 
     def _gather_output(self, module, args, output):
-        return gather_tokens(output, self._plan(), self.comm)
+        plan = self._plan()
+        return gather_rows(output, lambda x: gather_tokens(x, plan, self.comm),
+                           _held_index(plan, self.comm.rank, output.device), 1)
