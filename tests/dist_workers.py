@@ -260,3 +260,39 @@ def _halo_rows(sched) -> int:
     from sta_dist import geometry
 
     return sum(geometry.packed_token_count(sched.layout.canvas, sched.layout.tile, t) for t in sched.halo_recv)
+
+
+def selected_gradients(rank, world, cases, plant_wrong_halo_adjoint=False):
+    """Each (case, window, select, window_rule, plan kwargs, seed): the rank's ``(dq, dk, dv)``
+    of ``sum(out * w)`` (``w`` as in :func:`gradients`) and the tiles its query tiles attended
+    (its SelectionInfo's ``attended``, ``q_tiles``, ``q_heads``); ``plant_wrong_halo_adjoint``:
+    the fetched tiles' gradients are not sent back to their owners. Also the call's mode."""
+    from sta_dist.selection.attention import table_heads
+
+    if plant_wrong_halo_adjoint:
+        from sta_dist.parallel import call
+
+        call.halo_back = lambda x, sched, comm: torch.cat(
+            [x[:, :sched.box_tokens], x[:, x.shape[1] - (x.shape[1] - sched.box_tokens - _halo_rows(sched)):]], 1)
+    results = []
+    for case, window, select, rule, plan_kw, seed in cases:
+        q, k, v = full_inputs(case, seed=seed)
+        w = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 + seed))
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        attn = DistributedSlidingTileAttention(case.heads, case.head_dim, plan, case.kv_heads, backend="torch")
+        local = [plan.shard(x, rank).requires_grad_() for x in (q, k, v)]
+        out, info = attn(*local, window=window, text_length=case.text_length, select=select, window_rule=rule,
+                         return_selection=True)
+        (out * plan.shard(w, rank)).sum().backward()
+        windows = None if window is None else normalize_windows(window, case.heads)
+        mode = call_schedule(plan, table_heads(windows, rule, case.heads, plan.grid, case.kv_heads).windows,
+                             case.kv_heads, rank).mode
+        results.append((tuple(x.grad for x in local), (info.attended, info.q_tiles, info.q_heads), mode))
+    return results
+
+
+def all_gradients(rank, world, cases, selected_cases, plant_wrong_halo_adjoint=False):
+    """:func:`gradients` of ``cases`` and :func:`selected_gradients` of ``selected_cases``, in
+    one spawn."""
+    return (gradients(rank, world, cases, plant_wrong_halo_adjoint),
+            selected_gradients(rank, world, selected_cases, plant_wrong_halo_adjoint))

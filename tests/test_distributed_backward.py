@@ -1,18 +1,25 @@
 """The distributed backward on real gloo process groups: every mode's ``dq, dk, dv`` equal
 the reference's autograd (a rank holds the gradients of its own video rows and of every
-text row); a wrong halo adjoint fails the check."""
+text row), for windows and for selected tiles (the reference attends the same selection,
+given as a mask, so the selection's inputs get no gradient from it); a wrong halo adjoint
+fails the check, and so do the fetched tiles' gradients kept where they were fetched.
+
+One spawn per world size runs the window and the selected calls (a spawn costs more than
+its calls)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import sta_dist
 from sta_dist import ShardPlan
 from sta_dist.parallel.spawn import spawn_local
-from sta_dist.testing import error_bound, max_error, reference_attention
+from sta_dist.testing import error_bound, max_error, reference_attention, reference_selection
 from tests import dist_workers
 from tests.cases import Case
 from tests.test_distributed import EVEN_WIN, MANY_HEADS, ODD, PER_SAMPLE, WHOLE
+from tests.test_selection_dist import FLAT, MASK
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,18 +31,38 @@ GRAD_PLANS = {
         (ODD, dict(mode="tile", tile_split=(1, 2, 2)))],
 }
 
+SODD = Case((5, 7, 9), (2, 3, 4), [(1, 1, 1), (2, 1, 2), (1, 2, 1), (1, 1, 2)], 5, 3, 2, 4, 2, 32)  # odd, partial
+GQA4 = Case((4, 6, 8), (2, 2, 2), [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 1)], 4, 2, 1, 4, 1, 32)  # 4 q heads, 1 kv
 
-def reference_gradients(case: Case, seed: int, dtype: torch.dtype):
+# (case, window, select, window_rule, plan kwargs): partial tiles, GQA, text with padding,
+# per-sample text, window=None, every rule
+SELECTED_PLANS = {
+    2: [(SODD, SODD.window, sta_dist.TopK(3), "sta", dict(mode="tile")),
+        (FLAT, None, MASK, "sta", dict(mode="tile")),
+        (SODD, SODD.window, sta_dist.Mass(0.6), "clipped", dict(mode="head")),
+        (PER_SAMPLE, PER_SAMPLE.window, sta_dist.TopK(2), "fastvideo", dict(mode="tile"))],
+    3: [(FLAT, FLAT.window, sta_dist.TopK(2, share_heads=False), "fastvideo", dict(mode="tile", tile_split=(1, 1, 3))),
+        (SODD, None, sta_dist.Mass(0.5, share_heads=True), "sta", dict(mode="tile")),
+        (GQA4, GQA4.window, sta_dist.TopK(2), "clipped", dict(mode="head"))],
+    4: [(SODD, SODD.window, sta_dist.TopK(3), "sta", dict(mode="hybrid", mesh=(2, 2))),
+        (GQA4, GQA4.window, sta_dist.Mass(0.7), "clipped", dict(mode="hybrid", mesh=(2, 2))),
+        (FLAT, None, MASK, "sta", dict(mode="tile", tile_split=(1, 2, 2)))],
+}
+
+
+def reference_gradients(case: Case, seed: int, dtype: torch.dtype, **call):
+    """The reference's autograd of ``sum(out * w)``; ``call``: window/select/window_rule."""
     q, k, v = (x.to(dtype).requires_grad_() for x in dist_workers.full_inputs(case, seed))
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(100 + seed)).to(dtype)
-    out = reference_attention(q, k, v, **case.kwargs(), compute_dtype=dtype)
+    out = reference_attention(q, k, v, **{**case.kwargs(), **call}, compute_dtype=dtype)
     (out * w).sum().backward()
     return [x.grad for x in (q, k, v)]
 
 
-def errors(case: Case, plan: ShardPlan, grads, seed: int):
+def errors(case: Case, plan: ShardPlan, grads, seed: int, **call):
     """Per tensor: the gathered gradient's error against float64, and its bound (from float32's)."""
-    ref, base = reference_gradients(case, seed, torch.float64), reference_gradients(case, seed, torch.float32)
+    ref = reference_gradients(case, seed, torch.float64, **call)
+    base = reference_gradients(case, seed, torch.float32, **call)
     out = []
     for j, (r, b) in enumerate(zip(ref, base)):
         full = plan.unshard([g[j] for g in grads])
@@ -46,19 +73,61 @@ def errors(case: Case, plan: ShardPlan, grads, seed: int):
     return out
 
 
+def reference_choice(case: Case, window, select, rule: str, seed: int):
+    """The reference's selection as a mask (from the inputs the ranks get), and the tiles each
+    query tile attends with it, ``[B, H, n, n]``."""
+    q, k, v = dist_workers.full_inputs(case, seed)
+    mask = reference_selection(q, k, case.canvas, case.tile, select)
+    _, tiles = reference_attention(q, k, v, **{**case.kwargs(), "window": window}, select=mask, window_rule=rule,
+                                   return_selection=True)
+    return mask, tiles.expand(case.batch, case.heads, -1, -1)
+
+
+def selected_errors(j: int, call, plan: ShardPlan, results):
+    """Selected call ``j`` on every rank: each rank attended the reference's tiles for its
+    query tiles and heads; the gradients' errors and bounds (as :func:`errors`)."""
+    case, window, select, rule, _ = call
+    mask, tiles = reference_choice(case, window, select, rule, j)
+    for rank in range(plan.world_size):
+        (_, (attended, q_tiles, q_heads), _) = results[rank][j]
+        mine = tiles[:, list(q_heads)][:, :, list(q_tiles)]
+        assert torch.equal(attended.expand(case.batch, len(q_heads), -1, -1), mine), (rank, plan.describe())
+    grads = [results[r][j][0] for r in range(plan.world_size)]
+    return errors(case, plan, grads, j, window=window, select=mask, window_rule=rule)
+
+
+def selected_calls(world: int):
+    return [(*call, j) for j, call in enumerate(SELECTED_PLANS[world])]
+
+
 @pytest.mark.parametrize("world", sorted(GRAD_PLANS))
 def test_every_mode_gives_the_reference_gradients(world):
-    cases = GRAD_PLANS[world]
-    results = spawn_local(dist_workers.gradients, world, (cases,), timeout_s=240)
+    cases, calls = GRAD_PLANS[world], SELECTED_PLANS[world]
+    windowed, chosen = zip(*spawn_local(dist_workers.all_gradients, world, (cases, selected_calls(world)),
+                                        timeout_s=280))
     for i, (case, plan_kw) in enumerate(cases):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
-        for name, (err, bound) in zip("qkv", errors(case, plan, [results[r][i] for r in range(world)], i)):
+        for name, (err, bound) in zip("qkv", errors(case, plan, [windowed[r][i] for r in range(world)], i)):
             assert err <= bound, f"d{name} of {case} {plan.describe()}: error {err:.3g} > {bound:.3g}"
+    modes = set()
+    for j, call in enumerate(calls):
+        case, plan_kw = call[0], call[-1]
+        plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
+        for name, (err, bound) in zip("qkv", selected_errors(j, call, plan, chosen)):
+            assert err <= bound, f"d{name} of {call} {plan.describe()}: error {err:.3g} > {bound:.3g}"
+        modes |= {chosen[r][j][2] for r in range(world)}
+    assert modes >= {2: {"head", "tile"}, 3: {"head", "tile"}, 4: {"hybrid", "tile"}}[world], modes
 
 
 def test_a_wrong_halo_adjoint_fails_the_check():
+    """The halo's gradients not sent back: a window call's dk/dv fail, and so do a selected
+    call's (window=None: every remote key tile it attends is a fetched one)."""
     cases = [(ODD, dict(mode="tile"))]
-    results = spawn_local(dist_workers.gradients, 2, (cases, True), timeout_s=240)
+    calls = [(FLAT, None, MASK, "sta", dict(mode="tile"), 0)]
+    windowed, chosen = zip(*spawn_local(dist_workers.all_gradients, 2, (cases, calls, True), timeout_s=240))
     plan = ShardPlan(canvas=ODD.canvas, tile=ODD.tile, text_len=ODD.text_len, world_size=2, mode="tile")
-    (dq, dk, dv) = errors(ODD, plan, [results[r][0] for r in range(2)], 0)
+    (dq, dk, dv) = errors(ODD, plan, [windowed[r][0] for r in range(2)], 0)
+    assert dq[0] <= dq[1] and dk[0] > dk[1] and dv[0] > dv[1], (dq, dk, dv)
+    plan = ShardPlan(canvas=FLAT.canvas, tile=FLAT.tile, text_len=FLAT.text_len, world_size=2, mode="tile")
+    (dq, dk, dv) = selected_errors(0, calls[0][:-1], plan, chosen)
     assert dq[0] <= dq[1] and dk[0] > dk[1] and dv[0] > dv[1], (dq, dk, dv)

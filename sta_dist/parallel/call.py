@@ -39,6 +39,7 @@ from ..config import normalize_windows
 from ..dispatch import choose_backend, local_attention
 from ..geometry import Triple
 from ..local import Halo, LocalText, head_index, longest_text, sample_groups
+from ..selection.tables import KeyTiles
 from ..validation import check_qkv, check_text_length
 from . import selected
 from .adjoint import halo_back, heads_back, sum_over
@@ -142,7 +143,12 @@ def run(q, k, v, request: CallRequest, attn: Attention, plan: ShardPlan, comm: C
     of the caller's own (:class:`~sta_dist.parallel.decide.CallPart`, the same on every
     rank), default the cost model's."""
     if request.selects or return_selection:
-        out, info = _run_selected(q, k, v, request, attn, plan, comm, overlap)
+        if needs_grad(q, k, v):
+            found = []  # the SelectionInfo, not differentiable: beside the Function's output
+            out = _SelectedCall.apply(q, k, v, request, attn, plan, comm, found)
+            info = found[0]
+        else:
+            out, info = _run_selected(q, k, v, request, attn, plan, comm, overlap)
         comm.settle_agreements()  # a call the ranks disagreed on returns no output
         return (out, info) if return_selection else out
     if parts is None:
@@ -353,12 +359,14 @@ def needs_grad(*xs: torch.Tensor) -> bool:
 
 class _Saved(NamedTuple):
     """What one schedule's backward needs: the box inputs with the halo kept (joined after
-    the box's keys), the final output and log-sum-exp of the box's rows (text rows merged)."""
+    the box's keys), the final output and log-sum-exp of the box's rows (text rows merged);
+    a selected call's lists (its schedule's halo is the fetched tiles)."""
 
     sched: CallSchedule
     inputs: BoxInputs
     out_bshd: torch.Tensor
     lse_bhs: torch.Tensor
+    keys: Optional[KeyTiles] = None
 
 
 def _train_forward(q, k, v, sched: CallSchedule, text_length, attn: Attention, comm: Comm,
@@ -396,7 +404,7 @@ def _train_backward(dout_local: torch.Tensor, saved: _Saved, text_length, attn: 
     dout_box = _heads_in(dout_local, sched.q_heads, sched, comm)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     dq, dk, dv = local_backward(*inputs, saved.out_bshd, saved.lse_bhs, dout_box, sched.layout, sched.heads, text,
-                                attn.scale, attn.backend)
+                                attn.scale, attn.backend, keys=saved.keys)
     n_box = sched.box_tokens
     if len(sched.tile_group) > 1:
         if longest_text(text_length) > 0:  # the text queries' partial sums over each member's keys
@@ -458,5 +466,52 @@ class _Call(torch.autograd.Function):
                 dq, dk, dv = _train_backward(dout[:, :, qi].contiguous(), saved, request.text_length, attn, comm,
                                              len(part.q_heads), len(part.kv_heads))
                 grads[0][:, :, qi], grads[1][:, :, kvi], grads[2][:, :, kvi] = dq, dk, dv
+        ctx.saved = None
+        return (*grads, None, None, None, None, None)
+
+
+def _selected_train_forward(q, k, v, request: CallRequest, attn: Attention, plan: ShardPlan,
+                            comm: Comm) -> tuple[torch.Tensor, _Saved, "selected.SelectionInfo"]:
+    """A selected call in series, keeping what its backward reads: the head exchange, the
+    selection and the fetch (:func:`~sta_dist.parallel.selected.fetch_selected`), one
+    launch over the whole lists, the text rows merged (their merged log-sum-exp kept), the
+    output all-to-all."""
+    from ..selection.attention import table_heads
+
+    heads = table_heads(request.windows, request.window_rule, attn.num_heads, plan.grid, attn.num_kv_heads)
+    sched = call_schedule(plan, heads.windows, attn.num_kv_heads, comm.rank)
+    warn_if_fallback(sched, plan)
+    box = head_exchange(q, k, v, sched, comm)
+    inputs, sched, keys, info = selected.fetch_selected(
+        box, sched, plan, comm, select=request.select, windows=request.windows, window_rule=request.window_rule,
+        num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+        use_triton=choose_backend(q, attn.backend) == "triton")
+    text = LocalText.per_sample(request.text_length, kv_for_text_q=sched.counts_text_keys)
+    out, lse = local_attention(*inputs, sched.layout, sched.heads, text, attn.scale, attn.backend, return_lse=True,
+                               keys=keys)
+    if len(sched.tile_group) > 1 and longest_text(request.text_length) > 0:
+        text_lse = lse[:, :, sched.box_tokens:]
+        merge_text(out, text_lse, sched, comm, lse_out=text_lse)
+    local = exchange_out(PartialOutput(out, None), sched, comm, attn.num_heads)
+    return local, _Saved(sched, inputs, out, lse, keys), info
+
+
+class _SelectedCall(torch.autograd.Function):
+    """A distributed call with selected tiles whose backward is the window call's
+    (:func:`_train_backward`): the fetched tiles are its halo, so their gradients go back
+    to their owners. The selection is a constant of the call, not differentiated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, request: CallRequest, attn: Attention, plan: ShardPlan, comm: Comm, found: list):
+        out, ctx.saved, info = _selected_train_forward(q, k, v, request, attn, plan, comm)
+        ctx.request, ctx.attn, ctx.comm = request, attn, comm
+        found.append(info)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        attn = ctx.attn
+        grads = _train_backward(dout.contiguous(), ctx.saved, ctx.request.text_length, attn, ctx.comm,
+                                attn.num_heads, attn.num_kv_heads)
         ctx.saved = None
         return (*grads, None, None, None, None, None)

@@ -187,14 +187,23 @@ def _fetched(sched: CallSchedule, plan: ShardPlan, sends, recvs) -> CallSchedule
     return dataclasses.replace(sched, layout=layout, halo_send=sends, halo_recv=recvs)
 
 
-def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedule, plan: ShardPlan, comm: Comm,
-                        text_length, scale: float, backend: str):
-    """Steps 4-5 in series: the counts, the fetch, one launch over the whole lists.
-    ``(PartialOutput, the call's schedule, the tiles fetched per tile-group member)``."""
+def _fetch(box: BoxInputs, attended, sched: CallSchedule, plan: ShardPlan, comm: Comm):
+    """Step 4 in series: the counts, then the fetch, waited for. ``(the box inputs with the
+    fetched tiles joined after the box's keys, the call's schedule (its halo: the fetched
+    tiles, so :func:`~sta_dist.parallel.adjoint.halo_back` sends their gradients back), the
+    tiles fetched per tile-group member)``."""
     sends, recvs = _fetch_lists(attended, plan, sched, comm)
     inputs = halo_exchange(box, sched, comm, sends, recvs)
     if len(sched.tile_group) > 1:
         sched = _fetched(sched, plan, sends, recvs)
+    return inputs, sched, recvs
+
+
+def _attend_after_fetch(box: BoxInputs, attended, width: int, sched: CallSchedule, plan: ShardPlan, comm: Comm,
+                        text_length, scale: float, backend: str):
+    """Steps 4-5 in series: the counts, the fetch, one launch over the whole lists.
+    ``(PartialOutput, the call's schedule, the tiles fetched per tile-group member)``."""
+    inputs, sched, recvs = _fetch(box, attended, sched, plan, comm)
     return attend(inputs, sched, text_length, scale, backend, keys=key_tiles(attended, width)), sched, recvs
 
 
@@ -299,3 +308,17 @@ def attend_selected(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: 
                                                          backend)
     info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(box.q_bshd.shape[0], -1, -1, -1), recvs)
     return partial, call_sched, info
+
+
+def fetch_selected(box: BoxInputs, sched: CallSchedule, plan: ShardPlan, comm: Comm, *, select, windows,
+                   window_rule: str, num_heads: int, num_kv_heads: int, use_triton: bool):
+    """Steps 1-4 in series, for a call that keeps what its backward reads (the training
+    path of :mod:`sta_dist.parallel.call`): ``(the box inputs with the fetched tiles joined,
+    the call's schedule, the lists (:class:`~sta_dist.selection.tables.KeyTiles`),
+    SelectionInfo)``; the caller runs one launch over the whole lists."""
+    attended, width = _attended(box, sched, plan, comm, select=select, windows=windows, window_rule=window_rule,
+                                num_heads=num_heads, num_kv_heads=num_kv_heads, use_triton=use_triton)
+    inputs, call_sched, recvs = _fetch(box, attended, sched, plan, comm)
+    my_q = sched.q_heads[sched.me_in_head_group]
+    info = SelectionInfo(sched.layout.q_tiles, my_q, attended.expand(box.q_bshd.shape[0], -1, -1, -1), recvs)
+    return inputs, call_sched, key_tiles(attended, width), info
