@@ -31,7 +31,7 @@ GRAD_PLANS = {
         (ODD, dict(mode="tile", tile_split=(1, 2, 2)))],
 }
 
-SODD = Case((5, 7, 9), (2, 3, 4), [(1, 1, 1), (2, 1, 2), (1, 2, 1), (1, 1, 2)], 5, 3, 2, 4, 2, 32)  # odd, partial
+SODD = Case((5, 7, 9), (2, 2, 2), [(1, 1, 1), (2, 1, 2), (1, 2, 1), (1, 1, 2)], 5, 3, 2, 4, 2, 32)  # odd, partial
 GQA4 = Case((4, 6, 8), (2, 2, 2), [(1, 1, 1), (2, 1, 1), (1, 1, 2), (1, 2, 1)], 4, 2, 1, 4, 1, 32)  # 4 q heads, 1 kv
 
 # (case, window, select, window_rule, plan kwargs): partial tiles, GQA, text with padding,
