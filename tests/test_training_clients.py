@@ -30,6 +30,15 @@ def flat(tensors: dict) -> torch.Tensor:
     return torch.cat([t.reshape(-1).double() for _, t in sorted(tensors.items())])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: intra-op threads only contend with the spawned ranks for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def references():
     """Per model: the float64 and float32 reference steps (diffusers' attention, masked)."""
@@ -62,26 +71,76 @@ def test_one_process_step_and_checkpointing(name, references):
         assert all(torch.equal(ckpt[what][n], plain[what][n]) for n in plain[what]), what
 
 
-def parallel_runs(world: int) -> list:
-    runs = [(name, mode, False, None) for name in MODELS for mode in ("tile", "head")]
-    runs += [(name, "tile", True, None) for name in MODELS]
-    if world == 2:
+def parallel_runs(ranks: int) -> list:
+    modes = ("tile",) if ranks == 1 else ("tile", "head")  # one rank: both are the local call
+    runs = [(name, mode, False, None) for name in MODELS for mode in modes]
+    if ranks == 2:
+        runs += [(name, "tile", True, None) for name in MODELS]
+    if ranks == 3:
         runs += [("wan", "tile", False, "gather sums"), ("hunyuan", "tile", False, "text whole")]
     return runs
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_parallel_step_equals_one_process(world, references):
-    runs = parallel_runs(world)
-    results = spawn_local(tw.parallel_steps, world, (runs,), timeout_s=360)
+RANKS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    """Every group size's steps from one spawn of 3 processes (groups of the first 1, 2, 3)."""
+    jobs = {ranks: parallel_runs(ranks) for ranks in RANKS}
+    return spawn_local(tw.parallel_steps, max(RANKS), (jobs,), timeout_s=360)
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+def test_parallel_step_equals_one_process(ranks, references, parallel_results):
+    runs = parallel_runs(ranks)
     for i, (name, mode, checkpoint, planted) in enumerate(runs):
-        what = f"{name} parallel={mode!r} on {world} ranks" + (", checkpointed" if checkpoint else "")
-        ranks = [results[r][i] for r in range(world)]
-        for r, result in enumerate(ranks):  # the ranks take the same step
+        what = f"{name} parallel={mode!r} on {ranks} ranks" + (", checkpointed" if checkpoint else "")
+        steps = [parallel_results[r][ranks][i] for r in range(ranks)]
+        for r, result in enumerate(steps):  # the ranks take the same step
             for key in ("grads", "params"):
-                assert all(torch.equal(result[key][n], ranks[0][key][n]) for n in result[key]), (what, r, key)
+                assert all(torch.equal(result[key][n], steps[0][key][n]) for n in result[key]), (what, r, key)
+        if checkpoint:  # every block ran again in the backward, the same computation
+            plain = parallel_results[0][ranks][runs.index((name, mode, False, None))]
+            assert steps[0]["attention_calls"] == 2 * plain["attention_calls"]
+            for key in ("grads", "params"):
+                assert all(torch.equal(steps[0][key][n], plain[key][n]) for n in plain[key]), (what, key)
         if planted is None:
-            check_step(ranks[0], *references[name], what)
+            check_step(steps[0], *references[name], what)
         else:
-            errors = step_errors(ranks[0], *references[name])
+            errors = step_errors(steps[0], *references[name])
             assert errors["grads"][0] > 10 * errors["grads"][1], f"{what} with {planted!r} planted passed: {errors}"
+
+
+@pytest.fixture(scope="module")
+def fastvideo_strategy(tmp_path_factory):
+    from tests.fastvideo_support import skip_without_fastvideo
+
+    skip_without_fastvideo()
+    path = str(tmp_path_factory.mktemp("strategy") / "mask_strategy.json")
+    tw.fastvideo_strategy(path)
+    return path
+
+
+def fastvideo_errors(grads: list, reference: list) -> list:
+    """Per input: ``(error, bound)`` of the ranks' summed gradient against float64."""
+    (ref, base), total = reference, [sum(g[j] for g in grads) for j in range(3)]
+    return [(max_error(t, r), error_bound(max_error(b, r), torch.float32, r)) for t, r, b in zip(total, ref, base)]
+
+
+def test_fastvideo_backward_equals_one_process(fastvideo_strategy):
+    from tests import fastvideo_workers as fw
+
+    world = 2
+    results = spawn_local(tw.fastvideo_grads, world, (fastvideo_strategy,), timeout_s=300)
+    refs = results[0]
+    cases = {("tile", world, True): (fw.TILE_MODE_TILE, True), ("head", world, False): ((3, 4, 4), False),
+             ("head", 1, True): ((3, 4, 4), True)}
+    for key, (tile, text) in cases.items():
+        ranks = world if key[1] == world else 1  # a group of one: each rank alone, rank 0's checked
+        for j, (err, bound) in enumerate(fastvideo_errors([results[r][key] for r in range(ranks)],
+                                                          refs[("reference", tile, text)])):
+            assert err <= bound, f"FastVideo {key}: d{'qkv'[j]} error {err:.3g} > bound {bound:.3g}"
+    errors = fastvideo_errors([results[r][("tile planted", world, True)] for r in range(world)],
+                              refs[("reference", fw.TILE_MODE_TILE, True)])
+    assert any(err > 10 * bound for err, bound in errors), f"a gather summing over ranks passed: {errors}"

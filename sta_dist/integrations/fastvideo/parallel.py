@@ -15,6 +15,11 @@ the model's own sharding tile-aligned instead, from outside the model:
   ``freqs_cis`` at their positions) and runs sta_dist's plan: only the k/v halo moves, and
   the text rows are merged exactly (log-sum-exp), so each layer moves data once.
 
+Training keeps FastVideo's own convention (its all-gather's adjoint is a reduce-scatter: a
+rank's gradient of a replicated tensor is its share): the shard is an ``index_select``, the
+gather's backward takes the rank's rows, and the text rows' gradients are converted at the
+call (:mod:`sta_dist.integrations.training`).
+
 On when ``STA_DIST_FASTVIDEO_PARALLEL`` (or ``install(parallel=...)``) is ``tile``, ``auto`` or
 ``hybrid``, the sequence-parallel group has more than one rank, and the call is FastVideo's
 STA protocol with sta_dist's Impl; otherwise FastVideo's own functions run. It covers the
@@ -35,6 +40,7 @@ import torch
 from ... import geometry
 from ...config import check_triple
 from ...geometry import Triple
+from ...integrations import training
 from ...parallel.comm import Comm
 from ...parallel.plan import ShardPlan
 
@@ -143,7 +149,13 @@ def _current_plan() -> Optional[ShardPlan]:
 
 
 def _gather_video(x: torch.Tensor, dim: int, plan: ShardPlan) -> torch.Tensor:
-    """Every rank's box along ``dim`` -> the whole video in natural order."""
+    """Every rank's box along ``dim`` -> the whole video in natural order (differentiable:
+    the backward takes this rank's rows)."""
+    own = plan.held_index(_sp().rank_in_group).to(x.device)
+    return training.gather_rows(x, lambda y: _gather_boxes(y, dim, plan), own, dim)
+
+
+def _gather_boxes(x: torch.Tensor, dim: int, plan: ShardPlan) -> torch.Tensor:
     group = _sp()
     x = x.movedim(dim, 0).contiguous()
     most = max(plan.held_count(r) for r in range(plan.world_size))
@@ -247,5 +259,11 @@ def tile_forward(impl, meta, q, k, v, replicated_q, replicated_k, replicated_v, 
     from ...backend import plan_groups
 
     call.comm.make_groups(plan_groups(call.plan))
-    out = impl.postprocess_output(impl.forward(*impl.preprocess_qkv((q, k, v), call), call), call)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        # training: the executor as one autograd Function (the hooks' call, the same bits);
+        # the text rows' gradients a share per rank, as FastVideo's own are
+        q, k, v = training.text_inputs((q, k, v), L, call.comm)
+        out = training.text_output(impl.run_planned(q, k, v, call), L, call.comm)
+    else:
+        out = impl.postprocess_output(impl.forward(*impl.preprocess_qkv((q, k, v), call), call), call)
     return out[:, :n], (out[:, n:] if L else None)
