@@ -5,6 +5,9 @@ SSTA and Kandinsky 6 SR's NABLA with selected tiles).
     handle = sta_diffusers.enable(pipe.transformer, tile=(6, 8, 8), window=(3, 3, 3))
     video = pipe(prompt, callback_on_step_end=handle.callback).frames[0]
     sta_diffusers.disable(pipe.transformer)
+
+Training with ``parallel=``: ``loss.backward()``, then ``sta_diffusers.reduce_gradients(transformer)``
+(each rank holds its share of every gradient), then the optimizer step (docs/diffusers.md).
 """
 
 from .handle import CallContext, STAHandle, disable, enable, reduce_gradients
