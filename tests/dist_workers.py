@@ -266,7 +266,8 @@ def selected_gradients(rank, world, cases, plant_wrong_halo_adjoint=False):
     """Each (case, window, select, window_rule, plan kwargs, seed): the rank's ``(dq, dk, dv)``
     of ``sum(out * w)`` (``w`` as in :func:`gradients`) and the tiles its query tiles attended
     (its SelectionInfo's ``attended``, ``q_tiles``, ``q_heads``); ``plant_wrong_halo_adjoint``:
-    the fetched tiles' gradients are not sent back to their owners. Also the call's mode."""
+    the fetched tiles' gradients are not sent back to their owners. Also the call's mode and
+    the bytes the rank sent per step (forward and backward)."""
     from sta_dist.selection.attention import table_heads
 
     if plant_wrong_halo_adjoint:
@@ -287,7 +288,8 @@ def selected_gradients(rank, world, cases, plant_wrong_halo_adjoint=False):
         windows = None if window is None else normalize_windows(window, case.heads)
         mode = call_schedule(plan, table_heads(windows, rule, case.heads, plan.grid, case.kv_heads).windows,
                              case.kv_heads, rank).mode
-        results.append((tuple(x.grad for x in local), (info.attended, info.q_tiles, info.q_heads), mode))
+        results.append((tuple(x.grad for x in local), (info.attended, info.q_tiles, info.q_heads), mode,
+                        dict(attn.comm.bytes_sent)))
     return results
 
 

@@ -89,7 +89,7 @@ def selected_errors(j: int, call, plan: ShardPlan, results):
     case, window, select, rule, _ = call
     mask, tiles = reference_choice(case, window, select, rule, j)
     for rank in range(plan.world_size):
-        (_, (attended, q_tiles, q_heads), _) = results[rank][j]
+        (_, (attended, q_tiles, q_heads), _, _) = results[rank][j]
         mine = tiles[:, list(q_heads)][:, :, list(q_tiles)]
         assert torch.equal(attended.expand(case.batch, len(q_heads), -1, -1), mine), (rank, plan.describe())
     grads = [results[r][j][0] for r in range(plan.world_size)]
@@ -109,13 +109,20 @@ def test_every_mode_gives_the_reference_gradients(world):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         for name, (err, bound) in zip("qkv", errors(case, plan, [windowed[r][i] for r in range(world)], i)):
             assert err <= bound, f"d{name} of {case} {plan.describe()}: error {err:.3g} > {bound:.3g}"
-    modes = set()
+    modes, returned = set(), 0
     for j, call in enumerate(calls):
         case, plan_kw = call[0], call[-1]
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         for name, (err, bound) in zip("qkv", selected_errors(j, call, plan, chosen)):
             assert err <= bound, f"d{name} of {call} {plan.describe()}: error {err:.3g} > {bound:.3g}"
         modes |= {chosen[r][j][2] for r in range(world)}
+        # the fetched tiles' gradients go back: as many bytes as were fetched (a rank sends
+        # back what it received)
+        fetched, back = (sum(chosen[r][j][3].get(step, 0) for r in range(world)) for step in ("halo exchange",
+                                                                                               "halo adjoint"))
+        assert back == fetched, (plan.describe(), back, fetched)
+        returned += back
+    assert returned > 0
     assert modes >= {2: {"head", "tile"}, 3: {"head", "tile"}, 4: {"hybrid", "tile"}}[world], modes
 
 
