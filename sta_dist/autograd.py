@@ -66,10 +66,16 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-@torch.compiler.disable
 def attention(q_bshd, k_bshd, v_bshd, problem: Problem, return_lse: bool):
     """The call's output (and with ``return_lse`` its log-sum-exp ``[B, H, S]`` float32),
     both differentiable in ``q, k, v``. Under ``torch.compile`` it runs eagerly (a graph
-    break): its kernels and tables are not traceable."""
+    break): its kernels and tables are not traceable. (The graph break is asked for only
+    while compiling: ``torch.compiler.disable`` imports dynamo, 1.8 s a process.)"""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_attention)(q_bshd, k_bshd, v_bshd, problem, return_lse)
+    return _attention(q_bshd, k_bshd, v_bshd, problem, return_lse)
+
+
+def _attention(q_bshd, k_bshd, v_bshd, problem: Problem, return_lse: bool):
     out, lse = _Attention.apply(q_bshd, k_bshd, v_bshd, problem)
     return (out, lse) if return_lse else out
