@@ -211,6 +211,12 @@ def deferred_disagreement(rank, world):
     return "no error"
 
 
+def forward_checks(rank, world, cases, order_cases):
+    """:func:`run_cases` of ``cases`` and :func:`run_in_every_order` of ``order_cases``, in one
+    spawn (a spawn costs more than its calls)."""
+    return run_cases(rank, world, cases), run_in_every_order(rank, world, order_cases)
+
+
 def run_in_every_order(rank, world, cases):
     """Each (case, plan kwargs, select): the rank's output in the executor's overlapped order,
     in its staged order, and through the seed API's three hooks (window calls the cost model
