@@ -315,6 +315,14 @@ def stage_attend(inputs: BoxInputs, sched: CallSchedule, text_length, attn: Atte
     on the same rows as :func:`run`."""
     if len(sched.tile_group) == 1:
         return attend(inputs, sched, text_length, attn.scale, attn.backend)
+    out, lse = _joined_launches(inputs, sched, text_length, attn)
+    merge = longest_text(text_length) > 0
+    return PartialOutput(out, lse[:, :, sched.box_tokens:] if merge else None)
+
+
+def _joined_launches(inputs: BoxInputs, sched: CallSchedule, text_length, attn: Attention):
+    """Steps 4 and 5's launches on inputs with the halo joined after the box's keys (per
+    group of samples with one text length): ``(out, lse)`` of every row of the box."""
     n_halo = inputs.k_bshd.shape[1] - inputs.q_bshd.shape[1]
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     groups = [(text, None)] if isinstance(text, LocalText) else sample_groups(text)
@@ -324,7 +332,7 @@ def stage_attend(inputs: BoxInputs, sched: CallSchedule, text_length, attn: Atte
         out, lse = _own_keys(part, sched, group_text, attn, joined_halo=n_halo)
         _fold_halo(part, sched, attn, out, lse, None)
         own.append((idx, part, out, lse))
-    return _joined_partial(own, inputs, sched, text_length)
+    return _joined(own, inputs)
 
 
 def stage_out(partial: PartialOutput, sched: CallSchedule, comm: Comm, num_heads: int) -> torch.Tensor:
@@ -378,15 +386,7 @@ def _train_forward(q, k, v, sched: CallSchedule, text_length, attn: Attention, c
         out, lse = local_attention(*inputs, sched.layout, sched.heads, text, attn.scale, attn.backend,
                                    return_lse=True)
     else:
-        n_halo = inputs.k_bshd.shape[1] - inputs.q_bshd.shape[1]
-        groups = [(text, None)] if isinstance(text, LocalText) else sample_groups(text)
-        own = []
-        for group_text, idx in groups:
-            part = inputs if idx is None else BoxInputs(*(x[idx] for x in inputs))
-            o, l = _own_keys(part, sched, group_text, attn, joined_halo=n_halo)
-            _fold_halo(part, sched, attn, o, l, None)
-            own.append((idx, part, o, l))
-        out, lse = _joined(own, inputs)
+        out, lse = _joined_launches(inputs, sched, text_length, attn)
         if longest_text(text_length) > 0:
             text_lse = lse[:, :, sched.box_tokens:]
             merge_text(out, text_lse, sched, comm, lse_out=text_lse)
