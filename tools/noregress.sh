@@ -28,10 +28,12 @@ if step tests; then
 fi
 
 # the old tree first (its own copy of sta_dist on PYTHONPATH), then this one
-step kernel && for tree in old new; do
+# ORDER (default "old new new old"): the trees' kernel benches in turn, so that a GPU warmed by
+# the first process falls on both alike; each tree's log gathers its runs.
+step kernel && for tree in ${ORDER:-old new new old}; do
   path=$([ $tree = old ] && echo "$(realpath "$OLD")" || echo "")
   PYTHONPATH="$path" timeout ${BENCH_TIMEOUT:-240} python3 -m sta_dist.cli bench kernel --cases "$CASES" \
-    --out "$OUT/kernel_$tree" >"$OUT/kernel_$tree.log" 2>&1
+    --out "$OUT/kernel_$tree" >>"$OUT/kernel_$tree.log" 2>&1
   echo "kernel bench ($tree tree): rc $?"
 done
 step run && for tree in old new; do
@@ -47,6 +49,6 @@ if step backward; then
 fi
 for tree in old new; do
   echo "== $tree tree =="
-  [ -f "$OUT/kernel_$tree.log" ] && grep -E "^\|" "$OUT/kernel_$tree.log" | head -n 12
+  [ -f "$OUT/kernel_$tree.log" ] && grep -E "^\| [a-z]" "$OUT/kernel_$tree.log" | grep -v "^| case"
   [ -f "$OUT/run_$tree.log" ] && tail -n 4 "$OUT/run_$tree.log"
 done
