@@ -28,7 +28,6 @@ video tokens, then all ``L`` text tokens.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -400,7 +399,6 @@ def _train_backward(dout_local: torch.Tensor, saved: _Saved, text_length, attn: 
     from ..backward import local_backward
 
     sched, inputs = saved.sched, saved.inputs
-    me = sched.me_in_head_group
     dout_box = _heads_in(dout_local, sched.q_heads, sched, comm)
     text = LocalText.per_sample(text_length, kv_for_text_q=sched.counts_text_keys)
     dq, dk, dv = local_backward(*inputs, saved.out_bshd, saved.lse_bhs, dout_box, sched.layout, sched.heads, text,
