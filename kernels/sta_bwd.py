@@ -389,10 +389,23 @@ def transposed_tables(keys: torch.Tensor, counts: torch.Tensor, n_tiles: int) ->
 
 
 def backward_config(volume: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of both backward kernels for a tile volume and head dim."""
+    """Block sizes, warps and stages of the two backward kernels for a tile volume and head
+    dim: ``{"dq": {...}, "dkdv": {...}}``, each with ``BLOCK_M`` (query rows) and ``BLOCK_N``
+    (key rows). The dq program holds a query block and walks key blocks, the dk/dv program
+    the other way round."""
     cap = 32 if head_dim > 128 or dtype == torch.float32 else 64
-    return dict(BLOCK_M=pick_block(volume, cap), BLOCK_N=pick_block(volume, cap),
-                num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    one = dict(BLOCK_M=pick_block(volume, cap), BLOCK_N=pick_block(volume, cap),
+               num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return {"dq": dict(one), "dkdv": dict(one)}
+
+
+def _kernel_config(base: dict, override: dict | None, volume: int, even: bool, **fixed) -> tuple[int, int, dict]:
+    """One kernel's ``(BLOCK_M, BLOCK_N, launch keywords)`` from its base config and the
+    caller's override."""
+    cfg = dict(base, **(override or {}))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    return block_m, block_n, dict(fixed, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  EVEN=even and volume % block_m == 0 and volume % block_n == 0, **cfg)
 
 
 def _strides(keys) -> tuple:
@@ -446,7 +459,8 @@ def sta_bwd(
     order), ``groups [Hkv, G + 1]``; ``keys = (sel_keys [Bk, Hk, n_q, width], sel_count [Bk,
     Hk, n_q])`` and ``t_keys = (t_keys [Bk, Hk, n_tiles, n_q'], t_count [Bk, Hk, n_tiles])``
     for the table path. The rows, text counts, ``even`` and ``clip`` are the forward's
-    (``kernels/sta_fwd.py``). ``dq`` has ``q``'s shape and dtype, ``dk, dv`` ``k``'s;
+    (``kernels/sta_fwd.py``); ``config`` overrides :func:`backward_config` per kernel
+    (``{"dq": {"BLOCK_M": 128}, "dkdv": {...}}``). ``dq`` has ``q``'s shape and dtype, ``dk, dv`` ``k``'s;
     rows no program covers are zero.
     """
     B, Sq, H, D = q_bshd.shape
@@ -454,12 +468,12 @@ def sta_bwd(
     grid_shape = tuple(-(-c // t) for c, t in zip(canvas, tile))
     clip_lo, clip_hi = clip if clip is not None else ((0, 0, 0), grid_shape)
     volume = math.prod(tile)
-    cfg = dict(backward_config(volume, D, q_bshd.dtype), **(config or {}))
-    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     block_d = triton.next_power_of_2(D)
-    common = dict(TT=tile[0], TH=tile[1], TW=tile[2], HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-                  EVEN=even and volume % block_m == 0 and volume % block_n == 0,
-                  IEEE=q_bshd.dtype == torch.float32, TABLE=keys is not None, **cfg)
+    base = backward_config(volume, D, q_bshd.dtype)
+    fixed = dict(TT=tile[0], TH=tile[1], TW=tile[2], HEAD_DIM=D, BLOCK_D=block_d, IEEE=q_bshd.dtype == torch.float32,
+                 TABLE=keys is not None)
+    dq_m, _, dq_args = _kernel_config(base["dq"], (config or {}).get("dq"), volume, even, **fixed)
+    _, kv_n, kv_args = _kernel_config(base["dkdv"], (config or {}).get("dkdv"), volume, even, **fixed)
 
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device)
     if B * H and Sq:
@@ -478,20 +492,20 @@ def sta_bwd(
                dout_bshd.stride(0), dout_bshd.stride(1), dout_bshd.stride(2))
     text = (q_video, q_text_valid, kv_video, kv_text_for_video, kv_text_for_text, text_q_video_keys)
     lse_strides = (lse_bhs.stride(0), lse_bhs.stride(1), delta.stride(0), delta.stride(1))
-    n_text_blocks = triton.cdiv(q_text_valid, block_m)
-    n_q_blocks = n_text_blocks + q_tiles.shape[0] * triton.cdiv(volume, block_m)
+    n_text_blocks = triton.cdiv(q_text_valid, dq_m)
+    n_q_blocks = n_text_blocks + q_tiles.shape[0] * triton.cdiv(volume, dq_m)
     if n_q_blocks and B * H:
         _sta_bwd_dq_kernel[(n_q_blocks, B * H)](
             q_bshd, k_bshd, v_bshd, dout_bshd, dq, lse_bhs, delta, q_tiles, kv_tiles, heads, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2), *lse_strides, H, *grid_shape, *canvas,
-            n_text_blocks, *text, scale * LOG2E, scale, *_strides(keys), *clip_lo, *clip_hi, **common)
+            n_text_blocks, *text, scale * LOG2E, scale, *_strides(keys), *clip_lo, *clip_hi, **dq_args)
     n_text_keys = max(kv_text_for_video, kv_text_for_text)
-    n_text_key_blocks = triton.cdiv(n_text_keys, block_n)
-    n_kv_blocks = n_text_key_blocks + kv_list.shape[0] * triton.cdiv(volume, block_n)
+    n_text_key_blocks = triton.cdiv(n_text_keys, kv_n)
+    n_kv_blocks = n_text_key_blocks + kv_list.shape[0] * triton.cdiv(volume, kv_n)
     if n_kv_blocks and B * Hkv:
         _sta_bwd_dkdv_kernel[(n_kv_blocks, B * Hkv)](
             q_bshd, k_bshd, v_bshd, dout_bshd, dk, dv, lse_bhs, delta, q_tiles, q_slot, kv_list, heads, groups,
             *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             *lse_strides, Hkv, groups.stride(0), q_tiles.shape[0], *grid_shape, *canvas,
-            n_text_key_blocks, *text, scale * LOG2E, scale, *_strides(t_keys), *clip_lo, *clip_hi, **common)
+            n_text_key_blocks, *text, scale * LOG2E, scale, *_strides(t_keys), *clip_lo, *clip_hi, **kv_args)
     return dq, dk, dv
