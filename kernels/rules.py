@@ -75,3 +75,23 @@ def _blocks(dtype: str, canvas: Triple, tile: Triple, order: str, kv_rows: int, 
                 if kv_rows < kv_video + text_keys else None)
             or (f"numbers tiles below {MAX_TILES} (its float decode of tile ids), the grid has {tiles}"
                 if tiles >= MAX_TILES else None))
+
+
+def cuda_backward_reason(*, dtype: str, head_dim: int, canvas: Triple, tile: Triple, packed: bool, even: bool,
+                         rows_aligned: bool, bulk_copy: bool) -> Optional[str]:
+    """Why the CUDA backward (``sta_bwd_cuda.cu``) cannot take a call; ``None``: it can.
+
+    ``packed``: every query and k/v tile's rows are consecutive (tiled storage);
+    ``even``: the canvas holds whole tiles; ``rows_aligned``: each query tile's first row
+    and the first text row are multiples of 4 (the rows' statistics come by 16-byte bulk
+    copies); ``bulk_copy``: the copy engine can read q, k, v and dout."""
+    if not packed:
+        return "reads whole tiles of consecutive rows (tiled order), the tokens here are in another order"
+    volume = math.prod(tile)
+    return (_common(head_dim, canvas, tile, bulk_copy)
+            or (f"is built for bfloat16 and float16, got dtype={dtype}"
+                if dtype not in ("bfloat16", "float16") else None)
+            or (f"holds blocks of {BLOCK} rows of one tile: tile={tile} has {volume} tokens"
+                if volume % BLOCK else None)
+            or ("needs whole tiles" if not even else None)
+            or ("needs each query tile's first row a multiple of 4" if not rows_aligned else None))

@@ -399,6 +399,21 @@ def backward_config(volume: int, head_dim: int, dtype: torch.dtype) -> dict:
     return {"dq": dict(one), "dkdv": dict(one)}
 
 
+def preprocess(out_bshd: torch.Tensor, dout_bshd: torch.Tensor, dlse_bhs: torch.Tensor | None) -> torch.Tensor:
+    """``delta [B, H, S] = rowsum(dout * out) - dlse`` float32 (``dlse_bhs``: ``None`` or
+    ``[B, H, S]``)."""
+    B, Sq, H, D = out_bshd.shape
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out_bshd.device)
+    if B * H and Sq:
+        dl = dlse_bhs if dlse_bhs is None or dlse_bhs.stride(-1) == 1 else dlse_bhs.contiguous()
+        _preprocess_kernel[(triton.cdiv(Sq, 64), B * H)](
+            out_bshd, dout_bshd, dl, delta, out_bshd.stride(0), out_bshd.stride(1), out_bshd.stride(2),
+            dout_bshd.stride(0), dout_bshd.stride(1), dout_bshd.stride(2),
+            0 if dl is None else dl.stride(0), 0 if dl is None else dl.stride(1), H, Sq,
+            HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=64, HAS_DLSE=dl is not None)
+    return delta
+
+
 def _kernel_config(base: dict, override: dict | None, volume: int, even: bool, **fixed) -> tuple[int, int, dict]:
     """One kernel's ``(BLOCK_M, BLOCK_N, launch keywords)`` from its base config and the
     caller's override."""
@@ -475,14 +490,7 @@ def sta_bwd(
     dq_m, _, dq_args = _kernel_config(base["dq"], (config or {}).get("dq"), volume, even, **fixed)
     _, kv_n, kv_args = _kernel_config(base["dkdv"], (config or {}).get("dkdv"), volume, even, **fixed)
 
-    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q_bshd.device)
-    if B * H and Sq:
-        dl = dlse_bhs if dlse_bhs is None or dlse_bhs.stride(-1) == 1 else dlse_bhs.contiguous()
-        _preprocess_kernel[(triton.cdiv(Sq, 64), B * H)](
-            out_bshd, dout_bshd, dl, delta, out_bshd.stride(0), out_bshd.stride(1), out_bshd.stride(2),
-            dout_bshd.stride(0), dout_bshd.stride(1), dout_bshd.stride(2),
-            0 if dl is None else dl.stride(0), 0 if dl is None else dl.stride(1), H, Sq,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=64, HAS_DLSE=dl is not None)
+    delta = preprocess(out_bshd, dout_bshd, dlse_bhs)
 
     dq = torch.zeros_like(q_bshd)
     dk = torch.zeros_like(k_bshd)

@@ -95,18 +95,20 @@ def nvcc_command(compiler: str, source: Path, output: str) -> list[str]:
     return [compiler, *NVCC_FLAGS, "-I", str(KERNELS), "-o", output, str(source)]
 
 
-def prebuilt() -> Path | None:
+def prebuilt(source: Path = SOURCE) -> Path | None:
     """A library for this source in the cache, built by any compiler (newest first)."""
-    found = sorted(cache_dir().glob(f"sta_fwd_cuda_{source_key()}_*.so"), key=lambda p: p.stat().st_mtime)
+    found = sorted(cache_dir().glob(f"{Path(source).stem}_{source_key(source)}_*.so"), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
 
 
 def build(compiler: str, source: Path = SOURCE) -> Path:
-    """The shared library for this source (another one: an experiment's, e.g. an older
-    commit's kernel beside this one) and compiler, compiled if the cache lacks it (written to
+    """The shared library for this source (another one: the backward's
+    ``sta_bwd_cuda.cu``, or an experiment's, e.g. an older commit's kernel beside this one)
+    and compiler, named by the source's stem, compiled if the cache lacks it (written to
     a temporary name first, so concurrent builds never load a partial file)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    target = cache_dir() / f"sta_fwd_cuda_{source_key(source)}_{hashlib.sha256(version.encode()).hexdigest()[:8]}.so"
+    digest = hashlib.sha256(version.encode()).hexdigest()[:8]
+    target = cache_dir() / f"{Path(source).stem}_{source_key(source)}_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

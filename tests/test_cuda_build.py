@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sta_dist.kernels import sta_fwd_cuda
+from sta_dist.kernels import sta_bwd_cuda, sta_fwd_cuda
 
 
 @pytest.fixture
@@ -105,12 +105,12 @@ def test_build_ahead_of_time_from_the_command_line(fresh):
 C_SCALARS = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}
 
 
-def header_fields(text: str) -> list[tuple[str, type]]:
-    """``(name, ctypes type)`` of ``typedef struct StaFwdArgs {...}`` in ``text``, in order:
+def header_fields(text: str, struct: str = "StaFwdArgs") -> list[tuple[str, type]]:
+    """``(name, ctypes type)`` of ``typedef struct <struct> {...}`` in ``text``, in order:
     any pointer ``c_void_p``, ``int``/``long long``/``float`` their ctypes, ``T name[N]``
     an array of N."""
-    body = re.search(r"typedef struct StaFwdArgs \{(.*?)\} StaFwdArgs;", text, re.S)
-    assert body, "no typedef struct StaFwdArgs {...} StaFwdArgs; in the header"
+    body = re.search(rf"typedef struct {struct} \{{(.*?)\}} {struct};", text, re.S)
+    assert body, f"no typedef struct {struct} {{...}} {struct}; in the header"
     fields = []
     for decl in re.sub(r"/\*.*?\*/", " ", body.group(1), flags=re.S).split(";"):
         decl = " ".join(decl.split())
@@ -125,9 +125,12 @@ def header_fields(text: str) -> list[tuple[str, type]]:
 
 
 def test_ctypes_struct_matches_the_header():
-    """Names, order and C types of every field, as the header declares them."""
+    """Names, order and C types of every field, as the header declares them (the forward's
+    and the backward's)."""
     assert header_fields(sta_fwd_cuda.ARGS_HEADER.read_text()) == list(sta_fwd_cuda.StaFwdArgs._fields_)
     assert len(sta_fwd_cuda.StaFwdArgs._fields_) == 49  # the 49 arguments the positional call had
+    assert (header_fields(sta_bwd_cuda.ARGS_HEADER.read_text(), "StaBwdArgs")
+            == list(sta_bwd_cuda.StaBwdArgs._fields_))
 
 
 def test_a_swapped_field_is_caught():
@@ -153,16 +156,18 @@ needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler on this machine"
 
 
 @needs_cc
-def test_ctypes_layout_is_the_c_compilers(tmp_path):
+@pytest.mark.parametrize("struct, header", [("StaFwdArgs", "sta_fwd_cuda_args.h"),
+                                            ("StaBwdArgs", "sta_bwd_cuda_args.h")])
+def test_ctypes_layout_is_the_c_compilers(tmp_path, struct, header):
     """Every field's offset and the size, as a C compiler lays the header's struct out."""
-    names = [name for name, _ in sta_fwd_cuda.StaFwdArgs._fields_]
-    probe = compile_c(tmp_path, "layout", '#include <stddef.h>\n#include <stdio.h>\n#include "sta_fwd_cuda_args.h"\n'
-                      "int main(void) {\n" + "".join(f'  printf("%zu\\n", offsetof(StaFwdArgs, {n}));\n'
+    twin = getattr(sta_fwd_cuda if struct == "StaFwdArgs" else sta_bwd_cuda, struct)
+    names = [name for name, _ in twin._fields_]
+    probe = compile_c(tmp_path, "layout", f'#include <stddef.h>\n#include <stdio.h>\n#include "{header}"\n'
+                      "int main(void) {\n" + "".join(f'  printf("%zu\\n", offsetof({struct}, {n}));\n'
                                                       for n in names)
-                      + '  printf("%zu\\n", sizeof(StaFwdArgs));\n  return 0;\n}\n', shared=False)
+                      + f'  printf("%zu\\n", sizeof({struct}));\n  return 0;\n}}\n', shared=False)
     got = [int(x) for x in subprocess.run([str(probe)], capture_output=True, text=True, check=True).stdout.split()]
-    assert got == [getattr(sta_fwd_cuda.StaFwdArgs, n).offset for n in names] + [
-        ctypes.sizeof(sta_fwd_cuda.StaFwdArgs)]
+    assert got == [getattr(twin, n).offset for n in names] + [ctypes.sizeof(twin)]
 
 
 FAKE_ENTRY = """#include "sta_fwd_cuda_args.h"
