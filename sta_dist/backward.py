@@ -58,7 +58,7 @@ def local_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout:
 
 def backward_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
                     backend: str = "auto", table: bool = False) -> str:
-    """The kernel the backward of this call runs (``"triton"`` or ``"torch"``): the route's
+    """The kernel the backward of this call runs (``"cuda"``, ``"triton"`` or ``"torch"``): the route's
     ``backward`` field (:func:`sta_dist.route.route`)."""
     from .dispatch import call_route, choose_backend
 
@@ -68,9 +68,9 @@ def backward_kernel(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHea
 
 
 def _one_group(q, k, v, out, lse, dout, layout, heads, text: LocalText, scale, backend, keys, dlse):
-    if backward_kernel(q, k, v, layout, heads, text, backend, keys is not None) == "torch":
-        return torch_backward(q, k, v, out, lse, dout, layout, heads, text, scale, keys, dlse)
-    return triton_backward(q, k, v, out, lse, dout, layout, heads, text, scale, keys, dlse)
+    kernel = backward_kernel(q, k, v, layout, heads, text, backend, keys is not None)
+    run = {"torch": torch_backward, "triton": triton_backward, "cuda": cuda_backward}[kernel]
+    return run(q, k, v, out, lse, dout, layout, heads, text, scale, keys, dlse)
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,6 +193,42 @@ def triton_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout
                    kv_text_for_text=text.kv_for_text_q, scale=scale, even=facts.even,
                    keys=None if keys is None else (keys.keys, keys.counts), t_keys=t_keys, clip=clip(layout),
                    config=config)
+
+
+def cuda_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout: LocalLayout, heads: LocalHeads,
+                  text: LocalText, scale: float, keys: Optional["KeyTiles"] = None,
+                  dlse_bhs: Optional[torch.Tensor] = None):
+    """:func:`local_backward` of one text group on the Hopper kernels (packed tiles; the
+    route's ``cuda_backward_rule``)."""
+    from .kernel_calls import layout_facts
+    from .kernels.descriptors import bulk_copy_layout_ok
+    from .kernels.sta_bwd_cuda import sta_bwd_cuda
+
+    q, k, v, out, dout = (x if bulk_copy_layout_ok(x, x, x) else x.contiguous()
+                          for x in (q_bshd, k_bshd, v_bshd, out_bshd, dout_bshd))
+    return sta_bwd_cuda(q, k, v, out, dout, lse_bhs, None if dlse_bhs is None else dlse_bhs.float(),
+                        **cuda_tables(layout, heads, text, k_bshd.shape[2], keys, q_bshd.device), scale=scale,
+                        even=layout_facts(layout, q_bshd.device).even,
+                        rows_aligned=all(r.base % 4 == 0 for r in layout.q_rows))
+
+
+def cuda_tables(layout: LocalLayout, heads: LocalHeads, text: LocalText, num_kv_heads: int,
+                keys: Optional["KeyTiles"], device: torch.device) -> dict:
+    """What the Hopper backward takes besides the tensors (``kernels/sta_bwd_cuda.py``'s
+    ``launch_args``): the tables on ``device`` and the layout's numbers."""
+    from .kernel_calls import clip, head_table, layout_facts
+    from .kernels.sta_bwd import transposed_tables
+
+    facts = layout_facts(layout, device)
+    q_slot, kv_list, groups = _bwd_tables(layout, heads, num_kv_heads, device)
+    return dict(q_tiles=facts.q_tiles, q_slot=q_slot, kv_tiles=facts.kv_tiles, kv_list=kv_list,
+                heads=head_table(heads, tuple(range(len(heads.windows))), device), groups=groups,
+                canvas=layout.canvas, tile=layout.tile, q_video=layout.q_video, kv_video=layout.kv_video,
+                text_q_video_keys=layout.text_q_video_keys, q_text_valid=text.q_valid,
+                kv_text_for_video=text.kv_for_video_q, kv_text_for_text=text.kv_for_text_q,
+                keys=None if keys is None else (keys.keys, keys.counts),
+                t_keys=None if keys is None else transposed_tables(keys.keys, keys.counts, len(layout.kv_rows)),
+                clip=clip(layout))
 
 
 @functools.lru_cache(maxsize=64)

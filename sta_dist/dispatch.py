@@ -26,13 +26,23 @@ from .validation import kernel_head_dim
 
 def device_facts(device: torch.device) -> Device:
     """What the route needs to know of ``device`` (cached; a failed CUDA build shows)."""
-    from .kernels import sta_fwd_cuda
+    from .kernels import sta_bwd_cuda, sta_fwd_cuda
 
-    return _device_facts(device, sta_fwd_cuda.build_error(), os.environ.get("TRITON_INTERPRET") == "1")
+    backward_error = sta_bwd_cuda.build_error()
+    if backward_error is None and os.environ.get("STA_DIST_CUDA_BACKWARD") != "1":
+        backward_error = UNVERIFIED_BACKWARD
+    return _device_facts(device, sta_fwd_cuda.build_error(), backward_error,
+                         os.environ.get("TRITON_INTERPRET") == "1")
+
+
+UNVERIFIED_BACKWARD = "is not yet checked on a GPU (STA_DIST_CUDA_BACKWARD=1 takes it)"
+"""Why a Hopper GPU's route does not take the CUDA backward by default: its block schedule
+is checked on the CPU (tests/test_backward_schedule.py), its matrix products only where a
+GPU runs tests/test_backward_gpu.py (tools/backward_gpu.sh)."""
 
 
 @functools.lru_cache(maxsize=16)
-def _device_facts(device: torch.device, cuda_build_error, interpreted: bool) -> Device:
+def _device_facts(device: torch.device, cuda_build_error, cuda_backward_build_error, interpreted: bool) -> Device:
     triton = None
     if device.type != "cuda" and not (interpreted and device.type == "cpu"):
         triton = (f"needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is imported), "
@@ -45,12 +55,13 @@ def _device_facts(device: torch.device, cuda_build_error, interpreted: bool) -> 
     if device.type != "cuda":
         return Device(device.type, None, triton)
     capability = torch.cuda.get_device_capability(device)
-    cuda_library = None
+    cuda_library = cuda_backward_library = None
     if capability[0] == 9:
         from .kernels import sta_fwd_cuda
 
         cuda_library = cuda_build_error or sta_fwd_cuda.missing()
-    return Device("cuda", capability, triton, cuda_library)
+        cuda_backward_library = cuda_backward_build_error or sta_fwd_cuda.missing()
+    return Device("cuda", capability, triton, cuda_library, cuda_backward_library)
 
 
 def describe(q_bshd, k_bshd, v_bshd, layout: LocalLayout, heads: LocalHeads, text: LocalText,
@@ -73,7 +84,9 @@ def layout_call(layout: LocalLayout, heads: LocalHeads, text: LocalText, dtype: 
     facts = calls.layout_facts(layout, device)
     order = ("natural" if facts.whole_natural else
              "packed" if facts.even and facts.packed and facts.q_packed else "other")
+    aligned = layout.q_video % 4 == 0 and all(r.base % 4 == 0 for r in layout.q_rows)
     return Call(dtype=dtype, head_dim=head_dim, canvas=layout.canvas, tile=layout.tile, order=order,
+                rows_aligned=aligned,
                 heads=len(heads.windows), q_rows=layout.q_video + layout.q_text,
                 kv_rows=layout.kv_video + layout.q_text, kv_video=layout.kv_video, text_keys=text.kv_for_video_q,
                 q_text=layout.q_text, text_dense=calls.text_by_sdpa(layout, text),

@@ -60,6 +60,8 @@ class Device:
     cuda_library: Optional[str] = None
     """Why the CUDA kernel's library cannot load (no nvcc and nothing built ahead of time,
     a failed build); ``None``: it is loaded, or will be built or loaded on first use."""
+    cuda_backward_library: Optional[str] = None
+    """The same for the CUDA backward's library (``kernels/sta_bwd_cuda.cu``)."""
 
     @staticmethod
     def hopper() -> "Device":
@@ -108,6 +110,8 @@ class Call:
     return_lse: bool = False
     table: bool = False
     """Per-query-tile key-tile lists (selected tiles, windows of other rules)."""
+    rows_aligned: bool = True
+    """Each query tile's first row and the first text query row are multiples of 4."""
 
     @staticmethod
     def of(q, k, v, canvas, tile, order: str, *, kv_video: Optional[int] = None, **facts) -> "Call":
@@ -132,6 +136,16 @@ def cuda_rule(call: Call, device: Device) -> Optional[str]:
                                              tile=call.tile, order=call.order, kv_rows=call.kv_rows,
                                              kv_video=call.kv_video, text_keys=call.text_keys,
                                              bulk_copy=call.bulk_copy))
+
+
+def cuda_backward_rule(call: Call, device: Device) -> Optional[str]:
+    """Why the CUDA backward cannot take the call; ``None``: it can (``kernels/rules.py``
+    and whether its library loads)."""
+    return (kernel_rules.cuda_device_reason(device.type, device.capability) or device.cuda_backward_library
+            or kernel_rules.cuda_backward_reason(dtype=call.dtype, head_dim=call.head_dim, canvas=call.canvas,
+                                                 tile=call.tile, packed=call.order == "packed",
+                                                 even=call.whole_tiles, rows_aligned=call.rows_aligned,
+                                                 bulk_copy=call.bulk_copy))
 
 
 def triton_rule(call: Call, device: Device) -> Optional[str]:
@@ -246,12 +260,17 @@ def route(call: Call, device: Device, backend: str = "auto") -> Route:
 
 
 def backward_route(call: Call, device: Device, backend: str = "auto") -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The backward's kernel and each faster one declined, with why. There is no CUDA
-    backward yet: where the CUDA kernel runs the forward (Hopper), the Triton backward
-    runs; ``backend="torch"`` and ``auto`` off a GPU take the torch backward."""
+    """The backward's kernel and each faster one declined, with why: the CUDA backward
+    where it can (``auto`` or ``cuda``), else Triton; ``backend="torch"`` and ``auto`` off
+    a GPU take the torch backward."""
     if backend == "torch":
         return "torch", ()
-    declined = [("cuda", "has no backward yet (the Triton backward runs beside the CUDA forward)")]
+    declined = []
+    if backend in ("auto", "cuda"):
+        reason = cuda_backward_rule(call, device)
+        if reason is None:
+            return "cuda", ()
+        declined.append(("cuda", reason))
     if device.type != "cuda" and backend == "auto":
         declined.append(("triton", device.triton or "off a GPU auto takes the torch backend (the interpreter is for tests)"))
         return "torch", tuple(declined)

@@ -308,7 +308,16 @@ def test_route_names_the_backward():
 
     r = route(hunyuan_call(), Device.hopper())
     assert r.video == "cuda" and r.backward == "triton"
-    assert "not cuda: has no backward yet" in r.describe_backward()
+    assert "not cuda: reads whole tiles of consecutive rows (tiled order)" in r.describe_backward()
+    assert route(hunyuan_call(order="packed"), Device.hopper()).backward == "cuda"
+    from sta_dist.dispatch import UNVERIFIED_BACKWARD
+    gated = route(hunyuan_call(order="packed"), Device("cuda", (9, 0), cuda_backward_library=UNVERIFIED_BACKWARD))
+    assert gated.backward == "triton" and "STA_DIST_CUDA_BACKWARD=1 takes it" in gated.describe_backward()
+    for change, why in ((dict(dtype="float32"), "is built for bfloat16 and float16, got dtype=float32"),
+                        (dict(rows_aligned=False), "needs each query tile's first row a multiple of 4"),
+                        (dict(head_dim=64), "is built for head dim 128")):
+        r = route(hunyuan_call(order="packed", **change), Device.hopper())
+        assert r.backward == "triton" and f"not cuda: {why}" in r.describe_backward(), r.describe_backward()
     cpu = route(hunyuan_call(), Device.cpu())
     assert cpu.backward == "torch" and "not triton" in cpu.describe_backward()
     assert route(hunyuan_call(dtype="bfloat16"), Device.cpu(interpreter=True), "torch").backward == "torch"

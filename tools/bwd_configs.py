@@ -37,7 +37,7 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     S = HUNYUAN[0] * HUNYUAN[1] * HUNYUAN[2]
     q, k, v, dout = (torch.randn(1, S, HEADS, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    kw = dict(canvas=HUNYUAN, tile=TILE, window=(3, 3, 3), layout="tiled")
+    kw = dict(canvas=HUNYUAN, tile=TILE, window=(3, 3, 3), layout="tiled", backend="triton")
     xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
     default = sta_bwd.backward_config
 

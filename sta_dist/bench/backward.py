@@ -52,10 +52,12 @@ def grads_of(fn, q, k, v, dout, dlse):
     return torch.autograd.grad(loss, xs)
 
 
-def check(backend: str) -> bool:
-    """Small bf16 problem with GQA, per-head windows, partial-free whole tiles and text."""
+def check(backend: str, layout: str = "natural") -> bool:
+    """Small bf16 problem with GQA, per-head windows, partial-free whole tiles and text,
+    the tokens in ``layout`` order (the reference's in natural order, the same tokens)."""
     canvas, tile, L, valid = (12, 16, 24), (6, 8, 8), 40, 33
     kw = dict(canvas=canvas, tile=tile, window=[(1, 1, 3), (2, 2, 1), (2, 1, 2), (1, 2, 3)], text_length=valid)
+    order = (lambda x: sta_dist.to_tiled(x, canvas, tile)) if layout == "tiled" else (lambda x: x)
     g = torch.Generator(device="cuda").manual_seed(0)
     S = canvas[0] * canvas[1] * canvas[2] + L
     q = torch.randn(1, S, 4, HEAD_DIM, generator=g, device="cuda").bfloat16()
@@ -69,13 +71,20 @@ def check(backend: str) -> bool:
 
     exact = grads_of(ref(torch.float64), q, k, v, dout, dlse)
     base = grads_of(ref(torch.bfloat16), q, k, v, dout, dlse)
-    got = grads_of(lambda *xs: sta_dist.sliding_tile_attention(*xs, **kw, backend=backend, return_lse=True),
-                   q, k, v, dout, dlse)
+    def ours(*xs):
+        out, lse = sta_dist.sliding_tile_attention(*map(order, xs), **kw, backend=backend, layout=layout,
+                                                   return_lse=True)
+        if layout == "tiled":
+            out, lse = sta_dist.to_natural(out, canvas, tile), sta_dist.to_natural(lse.transpose(1, 2), canvas,
+                                                                                  tile).transpose(1, 2)
+        return out, lse
+
+    got = grads_of(ours, q, k, v, dout, dlse)
     ok = True
     for name, x, b, r in zip(("dq", "dk", "dv"), got, base, exact):
         err, bound = max_error(x, r), error_bound(max_error(b, r), torch.bfloat16, r)
         ok &= err <= bound
-        print(f"  check backend={backend} {name}: error {err:.3g}, bound {bound:.3g} "
+        print(f"  check backend={backend} layout={layout} {name}: error {err:.3g}, bound {bound:.3g} "
               f"({'ok' if err <= bound else 'FAILED'})")
     return ok
 
@@ -186,10 +195,10 @@ def run(skip_check: bool = False, reps_ms: float = 200.0, step_timeout: int = 30
     ok = True
     if not skip_check:
         print("(a) gradients against the reference's autograd, bf16:")
-        for backend in ("auto", "triton"):
+        for backend, layout in (("auto", "tiled"), ("auto", "natural"), ("triton", "tiled")):
             try:
                 with time_guard(step_timeout, f"check {backend}"):
-                    ok &= check(backend)
+                    ok &= check(backend, layout)
             except Exception as err:  # report and go on to the timings
                 print(f"  check backend={backend}: {type(err).__name__}: {err}")
                 ok = False
