@@ -423,7 +423,7 @@ def _kernel_config(base: dict, override: dict | None, volume: int, even: bool, *
                                   EVEN=even and volume % block_m == 0 and volume % block_n == 0, **cfg)
 
 
-def _strides(keys) -> tuple:
+def table_strides(keys) -> tuple:
     """A table pair's pointers and batch / head / row strides (0 where it broadcasts)."""
     if keys is None:
         return (None, None, 0, 0, 0, 0, 0)
@@ -506,7 +506,7 @@ def sta_bwd(
         _sta_bwd_dq_kernel[(n_q_blocks, B * H)](
             q_bshd, k_bshd, v_bshd, dout_bshd, dq, lse_bhs, delta, q_tiles, kv_tiles, heads, *strides,
             dq.stride(0), dq.stride(1), dq.stride(2), *lse_strides, H, *grid_shape, *canvas,
-            n_text_blocks, *text, scale * LOG2E, scale, *_strides(keys), *clip_lo, *clip_hi, **dq_args)
+            n_text_blocks, *text, scale * LOG2E, scale, *table_strides(keys), *clip_lo, *clip_hi, **dq_args)
     n_text_keys = max(kv_text_for_video, kv_text_for_text)
     n_text_key_blocks = triton.cdiv(n_text_keys, kv_n)
     n_kv_blocks = n_text_key_blocks + kv_list.shape[0] * triton.cdiv(volume, kv_n)
@@ -515,5 +515,5 @@ def sta_bwd(
             q_bshd, k_bshd, v_bshd, dout_bshd, dk, dv, lse_bhs, delta, q_tiles, q_slot, kv_list, heads, groups,
             *strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             *lse_strides, Hkv, groups.stride(0), q_tiles.shape[0], *grid_shape, *canvas,
-            n_text_key_blocks, *text, scale * LOG2E, scale, *_strides(t_keys), *clip_lo, *clip_hi, **kv_args)
+            n_text_key_blocks, *text, scale * LOG2E, scale, *table_strides(t_keys), *clip_lo, *clip_hi, **kv_args)
     return dq, dk, dv

@@ -84,15 +84,13 @@ def load(path):
     return lib
 
 
-def _table_strides(keys):
-    if keys is None:
-        return None, None, (ctypes.c_longlong * 5)()
-    k, c = keys
-    if k.dtype != torch.int32 or c.dtype != torch.int32 or k.stride(-1) != 1 or c.stride(-1) != 1:
-        raise ValueError(f"sta_bwd_cuda: key tables must be int32 with a contiguous last dim, got {k.dtype}, {c.dtype}")
-    strides = (k.stride(0) if k.shape[0] > 1 else 0, k.stride(1) if k.shape[1] > 1 else 0, k.stride(2),
-               c.stride(0) if c.shape[0] > 1 else 0, c.stride(1) if c.shape[1] > 1 else 0)
-    return k.data_ptr(), c.data_ptr(), (ctypes.c_longlong * 5)(*strides)
+def _tables(keys):
+    """A table pair's pointers and its strides as the struct holds them (``sta_bwd.table_strides``)."""
+    from .sta_bwd import table_strides
+
+    k, c, *strides = table_strides(keys)
+    return (None if k is None else k.data_ptr(), None if c is None else c.data_ptr(),
+            (ctypes.c_longlong * 5)(*strides))
 
 
 def row_stats(lse_bhs, delta_bhs, q_video: int, q_text_valid: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -118,8 +116,8 @@ def launch_args(q, k, v, dout, dq, dk, dv, lse2, delta, s_pad, q_tiles, q_slot, 
     :func:`row_stats`); for :func:`schedule` the tables may lie in host memory."""
     grid = tuple(c // t for c, t in zip(canvas, tile))
     lo, hi = clip if clip is not None else ((0, 0, 0), grid)
-    sel_keys, sel_counts, sel_strides = _table_strides(keys)
-    t_k, t_c, t_strides = _table_strides(t_keys)
+    sel_keys, sel_counts, sel_strides = _tables(keys)
+    t_k, t_c, t_strides = _tables(t_keys)
     T, Hc, W = canvas
     ptr = lambda x: None if x is None else x.data_ptr()  # noqa: E731
     return StaBwdArgs(
