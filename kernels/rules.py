@@ -81,7 +81,8 @@ def cuda_backward_reason(*, dtype: str, head_dim: int, canvas: Triple, tile: Tri
                          rows_aligned: bool, bulk_copy: bool) -> Optional[str]:
     """Why the CUDA backward (``sta_bwd_cuda.cu``) cannot take a call; ``None``: it can.
 
-    ``packed``: every query and k/v tile's rows are consecutive (tiled storage);
+    ``packed``: every query and k/v tile's rows are consecutive (tiled storage), or the
+    whole canvas in natural order, which the caller carries to tiled order and back;
     ``even``: the canvas holds whole tiles; ``rows_aligned``: each query tile's first row
     and the first text row are multiples of 4 (the rows' statistics come by 16-byte bulk
     copies); ``bulk_copy``: the copy engine can read q, k, v and dout."""

@@ -199,7 +199,30 @@ def cuda_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout: 
                   text: LocalText, scale: float, keys: Optional["KeyTiles"] = None,
                   dlse_bhs: Optional[torch.Tensor] = None):
     """:func:`local_backward` of one text group on the Hopper kernels (packed tiles; the
-    route's ``cuda_backward_rule``)."""
+    route's ``cuda_backward_rule``). The whole canvas in natural order goes through tiled
+    order: the five inputs and the log-sum-exp gathered there, the three gradients back."""
+    from .kernel_calls import layout_facts
+
+    if layout_facts(layout, q_bshd.device).whole_natural:
+        tiled = LocalLayout.tiled(layout.canvas, layout.tile, layout.q_text)
+        order = geometry.tiled_permutation(layout.canvas, layout.tile).to(q_bshd.device)
+        there, back = _rows_in(order, q_bshd.shape[1]), _rows_in(torch.argsort(order), k_bshd.shape[1])
+        q, out, dout = (x[:, there] for x in (q_bshd, out_bshd, dout_bshd))
+        k, v = (x[:, _rows_in(order, k_bshd.shape[1])] for x in (k_bshd, v_bshd))
+        lse, dlse = (None if x is None else x[:, :, there] for x in (lse_bhs, dlse_bhs))
+        dq, dk, dv = _cuda_packed(q, k, v, out, lse, dout, tiled, heads, text, scale, keys, dlse)
+        return dq[:, _rows_in(torch.argsort(order), q_bshd.shape[1])], dk[:, back], dv[:, back]
+    return _cuda_packed(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout, heads, text, scale, keys,
+                        dlse_bhs)
+
+
+def _rows_in(video_order: torch.Tensor, rows: int) -> torch.Tensor:
+    """``video_order`` for the video rows, then the text rows where they are."""
+    n = len(video_order)
+    return torch.cat([video_order, torch.arange(n, rows, device=video_order.device)])
+
+
+def _cuda_packed(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout, heads, text, scale, keys, dlse_bhs):
     from .kernel_calls import layout_facts
     from .kernels.descriptors import bulk_copy_layout_ok
     from .kernels.sta_bwd_cuda import sta_bwd_cuda

@@ -84,7 +84,7 @@ def layout_call(layout: LocalLayout, heads: LocalHeads, text: LocalText, dtype: 
     facts = calls.layout_facts(layout, device)
     order = ("natural" if facts.whole_natural else
              "packed" if facts.even and facts.packed and facts.q_packed else "other")
-    aligned = layout.q_video % 4 == 0 and all(r.base % 4 == 0 for r in layout.q_rows)
+    aligned = layout.q_video % 4 == 0 and (order == "natural" or all(r.base % 4 == 0 for r in layout.q_rows))
     return Call(dtype=dtype, head_dim=head_dim, canvas=layout.canvas, tile=layout.tile, order=order,
                 rows_aligned=aligned,
                 heads=len(heads.windows), q_rows=layout.q_video + layout.q_text,

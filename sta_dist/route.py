@@ -140,10 +140,11 @@ def cuda_rule(call: Call, device: Device) -> Optional[str]:
 
 def cuda_backward_rule(call: Call, device: Device) -> Optional[str]:
     """Why the CUDA backward cannot take the call; ``None``: it can (``kernels/rules.py``
-    and whether its library loads)."""
+    and whether its library loads). The natural canvas goes through tiled order
+    (``backward.cuda_backward``)."""
     return (kernel_rules.cuda_device_reason(device.type, device.capability) or device.cuda_backward_library
             or kernel_rules.cuda_backward_reason(dtype=call.dtype, head_dim=call.head_dim, canvas=call.canvas,
-                                                 tile=call.tile, packed=call.order == "packed",
+                                                 tile=call.tile, packed=call.order in ("packed", "natural"),
                                                  even=call.whole_tiles, rows_aligned=call.rows_aligned,
                                                  bulk_copy=call.bulk_copy))
 

@@ -301,15 +301,41 @@ def test_torch_compile_runs_it_eagerly():
         assert torch.equal(a.grad, b.grad)
 
 
+def test_cuda_backward_of_the_natural_canvas_goes_through_tiled_order(monkeypatch):
+    """The Hopper backward reads tiled order: a natural-order call's inputs are carried
+    there and its gradients back (the kernel stood in for by the torch backward on the
+    tiled layout, float64), equal to the natural-order backward's."""
+    import sta_dist.backward as bw
+
+    q, k, v, dout, dlse, kw = natural_problem(1, 2, 1, L)
+    out, lse, _ = reference_grads(q, k, v, dout, dlse, **kw)
+    local, heads, text, scale = _local_call(q, k, v, CANVAS, TILE, kw["window"], L, None, "natural")
+    seen = []
+
+    def kernel(q, k, v, out, lse, dout, layout, heads, text, scale, keys, dlse):
+        seen.append(layout)
+        return bw.torch_backward(q, k, v, out, lse, dout, layout, heads, text, scale, keys, dlse)
+
+    monkeypatch.setattr(bw, "_cuda_packed", kernel)
+    args = (*(x.double() for x in (q, k, v)), out, lse, dout, local, heads, text, scale)
+    got = bw.cuda_backward(*args, dlse_bhs=dlse)
+    want = bw.torch_backward(*args, dlse_bhs=dlse)
+    assert seen == [LocalLayout.tiled(CANVAS, TILE, L)]
+    for x, w in zip(got, want):
+        assert max_error(x, w) <= F64_ROUNDOFF * w.abs().max().item()
+
+
 def test_route_names_the_backward():
     """The route says which kernel runs the backward, and why the faster ones do not."""
     from sta_dist.route import Device, route
     from tests.test_route import hunyuan_call
 
     r = route(hunyuan_call(), Device.hopper())
-    assert r.video == "cuda" and r.backward == "triton"
-    assert "not cuda: reads whole tiles of consecutive rows (tiled order)" in r.describe_backward()
+    assert r.video == "cuda" and r.backward == "cuda"  # natural order, through tiled order
     assert route(hunyuan_call(order="packed"), Device.hopper()).backward == "cuda"
+    other = route(hunyuan_call(order="other"), Device.hopper())
+    assert other.backward == "triton"
+    assert "not cuda: reads whole tiles of consecutive rows (tiled order)" in other.describe_backward()
     from sta_dist.dispatch import UNVERIFIED_BACKWARD
     gated = route(hunyuan_call(order="packed"), Device("cuda", (9, 0), cuda_backward_library=UNVERIFIED_BACKWARD))
     assert gated.backward == "triton" and "STA_DIST_CUDA_BACKWARD=1 takes it" in gated.describe_backward()

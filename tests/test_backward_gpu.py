@@ -40,9 +40,10 @@ def grads(fn, q, k, v, dout, dlse):
     return torch.autograd.grad(loss, xs)
 
 
-def check_public(dtype, L=40, valid=33, B=1, H=4, Hkv=2, **kw):
+def check_public(dtype, L=40, valid=33, B=1, H=4, Hkv=2, layout="tiled", **kw):
     """Natural-order inputs; our call on their tiled copies (the CUDA backward's order), its
-    gradients put back in natural order, against the reference's."""
+    gradients put back in natural order, against the reference's; ``layout="natural"``: on
+    the natural inputs (the backward carries them to tiled order and back)."""
     q, k, v, dout, dlse = (x if x.dtype == torch.float64 else x.to(dtype) for x in inputs(B, H, Hkv, L))
     kw = dict(canvas=CANVAS, tile=TILE, text_length=valid, **kw)
 
@@ -51,13 +52,16 @@ def check_public(dtype, L=40, valid=33, B=1, H=4, Hkv=2, **kw):
                                                return_lse=True)
 
     def ours(*xs):
+        if layout == "natural":
+            return sta_dist.sliding_tile_attention(*xs, **kw, return_lse=True)
         tiled = [sta_dist.to_tiled(x, CANVAS, TILE) for x in xs]
         out, lse = sta_dist.sliding_tile_attention(*tiled, **kw, layout="tiled", return_lse=True)
         return (sta_dist.to_natural(out, CANVAS, TILE),
                 sta_dist.to_natural(lse.transpose(1, 2), CANVAS, TILE).transpose(1, 2))
 
     if "select" not in kw:  # route_of takes windows only
-        route = sta_dist.route_of(*(sta_dist.to_tiled(x, CANVAS, TILE) for x in (q, k, v)), **kw, layout="tiled")
+        order = (lambda x: x) if layout == "natural" else (lambda x: sta_dist.to_tiled(x, CANVAS, TILE))
+        route = sta_dist.route_of(*map(order, (q, k, v)), **kw, layout=layout)
         assert route.backward == "cuda", route.describe_backward()
     exact, base = grads(ref(torch.float64), q, k, v, dout, dlse), grads(ref(dtype), q, k, v, dout, dlse)
     got = grads(ours, q, k, v, dout, dlse)
@@ -70,6 +74,10 @@ def check_public(dtype, L=40, valid=33, B=1, H=4, Hkv=2, **kw):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_windows_gqa_text_lse(dtype):
     check_public(dtype, window=WINDOWS)
+
+
+def test_natural_order():
+    check_public(torch.bfloat16, window=WINDOWS, layout="natural")
 
 
 def test_no_text_two_samples():

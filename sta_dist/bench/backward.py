@@ -1,7 +1,8 @@
-"""The backward on one GPU (issue 30): (a) the Triton backward's gradients against the
-reference's autograd at a small shape in bf16 (bound: twice the bf16 reference's own error
-vs float64, plus one ulp), through the public call on ``backend="auto"`` (on Hopper: the
-CUDA forward, the Triton backward) and ``"triton"``; (b) forward and forward+backward time
+"""The backward on one GPU (issue 30): (a) the gradients against the reference's autograd
+at a small shape in bf16 (bound: twice the bf16 reference's own error vs float64, plus one
+ulp), through the public call on ``backend="auto"`` (on Hopper the CUDA forward and the
+route's backward: the CUDA one where STA_DIST_CUDA_BACKWARD=1, else Triton) in tiled and
+natural order, and on ``"triton"``; (b) forward and forward+backward time
 at HunyuanVideo 30x48x80, tile 6x8x8, 24 heads, D=128, bf16, window (3,3,3), without and
 with 256 text tokens, beside FlexAttention-STA's with the same block mask
 (:class:`sta_dist.bench.anchors.FlexSTA`), in the same process. Tokens in tiled order for
