@@ -11,8 +11,11 @@ One implementation, two ways in:
   works; ``preprocess_qkv`` turns the stacked ``[3B, S, H_local, D]`` video into tiled
   order, ``forward`` reads tiled q/k/v with the text at the end and FastVideo's even-window
   rule, with the windows of this sequence-parallel rank's heads, ``postprocess_output``
-  turns the video back into natural order. A ``STA_param`` layer with fewer windows than
-  heads is FastVideo's mask search: candidates then the full window.
+  turns the video back into natural order. FastVideo's ``LocalAttention`` calls ``forward``
+  alone, in natural order, with the same arguments: so this protocol, and only it, keeps
+  one flag between the hooks (``_tiled_next``: ``preprocess_qkv`` handed out tiled order,
+  and the next ``forward`` reads it and clears it). A ``STA_param`` layer with fewer
+  windows than heads is FastVideo's mask search: candidates then the full window.
 
 Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 """
