@@ -28,11 +28,13 @@ def device_facts(device: torch.device) -> Device:
     """What the route needs to know of ``device`` (cached; a failed CUDA build shows)."""
     from .kernels import sta_bwd_cuda, sta_fwd_cuda
 
-    backward_error = sta_bwd_cuda.build_error()
-    if backward_error is None and os.environ.get("STA_DIST_CUDA_BACKWARD") != "1":
-        backward_error = UNVERIFIED_BACKWARD
-    return _device_facts(device, sta_fwd_cuda.build_error(), backward_error,
+    return _device_facts(device, sta_fwd_cuda.build_error(), sta_bwd_cuda.build_error() or cuda_backward_gate(),
                          os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def cuda_backward_gate() -> Optional[str]:
+    """:data:`UNVERIFIED_BACKWARD` unless ``STA_DIST_CUDA_BACKWARD=1`` is set."""
+    return None if os.environ.get("STA_DIST_CUDA_BACKWARD") == "1" else UNVERIFIED_BACKWARD
 
 
 UNVERIFIED_BACKWARD = "is not yet checked on a GPU (STA_DIST_CUDA_BACKWARD=1 takes it)"

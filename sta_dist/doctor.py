@@ -7,11 +7,12 @@ layouts."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from .dispatch import device_facts, layout_call
+from .dispatch import cuda_backward_gate, device_facts, layout_call
 from .local import LocalText
 from .parallel.decide import call_parts
 from .parallel.plan import ShardPlan
@@ -21,7 +22,8 @@ from .run import DTYPES, RunConfig
 from .validation import kernel_head_dim
 
 ASSUMED = {"h100": Device.hopper()}
-"""Devices ``--assume-gpu`` routes for: an H100/H200 with triton and nvcc."""
+"""Devices ``--assume-gpu`` routes for: an H100/H200 with triton and nvcc (and the CUDA
+backward's gate as this environment sets it)."""
 
 
 def machine_lines(device: torch.device, facts: Device) -> list[str]:
@@ -43,7 +45,7 @@ def doctor_report(cfg: RunConfig, world_size: int, step: Optional[int] = None, l
     facts = device_facts(here)
     lines = machine_lines(here, facts)
     if assume_gpu:
-        facts = ASSUMED[assume_gpu]
+        facts = dataclasses.replace(ASSUMED[assume_gpu], cuda_backward_library=cuda_backward_gate())
         lines.append(f"routes as on an {assume_gpu.upper()} with triton and nvcc (--assume-gpu {assume_gpu}):")
     plan = ShardPlan.from_config(cfg, world_size, strategy=strategy)
     lines.append(f"config {cfg.name}, step {step}, layer {layer}, {cfg.dtype}, head dim {cfg.head_dim}, "
