@@ -301,6 +301,13 @@ def selected_gradients(rank, world, cases, plant_wrong_halo_adjoint=False):
 
 def all_gradients(rank, world, cases, selected_cases, plant_wrong_halo_adjoint=False):
     """:func:`gradients` of ``cases`` and :func:`selected_gradients` of ``selected_cases``, in
-    one spawn."""
-    return (gradients(rank, world, cases, plant_wrong_halo_adjoint),
-            selected_gradients(rank, world, selected_cases, plant_wrong_halo_adjoint))
+    one spawn; a planted wrong halo adjoint is taken out again after them (the spawn's later
+    calls, in a shared spawn, get the right one)."""
+    from sta_dist.parallel import call
+
+    right = call.halo_back
+    try:
+        return (gradients(rank, world, cases, plant_wrong_halo_adjoint),
+                selected_gradients(rank, world, selected_cases, plant_wrong_halo_adjoint))
+    finally:
+        call.halo_back = right

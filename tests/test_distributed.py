@@ -1,5 +1,9 @@
 """Distributed STA on real gloo process groups: every mode equals the single-device
-reference; round trips are exact; tile mode moves exactly the halo; failures are clear."""
+reference; round trips are exact; tile mode moves exactly the halo; failures are clear.
+
+The calls of one world size run in the spawn the gloo family's modules share
+(tests/world_spawns.py, :func:`spawn_parts`); a dying peer, a spawn past its deadline and
+the fake backend's large worlds have spawns of their own."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from sta_dist.parallel.spawn import SpawnError, spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, sta_mask
 from tests import dist_workers
 from tests.cases import Case
+from tests.world_spawns import shares, world_param
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,14 +59,14 @@ def check_against_reference(case: Case, plan: ShardPlan, outs, seed: int) -> Non
         assert torch.equal(o[:, o.shape[1] - case.text_len:], outs[0][:, outs[0].shape[1] - case.text_len:])
 
 
-@pytest.mark.parametrize("world", sorted(PLANS))
-def test_every_mode_matches_reference(world):
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in sorted(PLANS)])
+def test_every_mode_matches_reference(world, world_spawn):
     """The executor's default (overlapped) order against the reference, the bytes it moved
-    against the cost model; in the same spawn, at 2-4 ranks, every order's bits
+    against the cost model; in the same call, at 2-4 ranks, every order's bits
     (:func:`check_every_order_gives_the_same_bits`)."""
     cases = PLANS[world]
     order_cases = every_order_cases(world) if world in (2, 3, 4) else []
-    both = spawn_local(dist_workers.forward_checks, world, (cases, order_cases), timeout_s=280)
+    both = world_spawn("gloo", world, "test_distributed:every mode")
     results, orders = [b[0] for b in both], [b[1] for b in both]
     check_every_order_gives_the_same_bits(world, order_cases, orders)
     seen = set()
@@ -122,9 +127,9 @@ CHUNKED = [
 ]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_head_mode_in_chunks_matches_reference(world):
-    results = spawn_local(dist_workers.run_cases, world, (CHUNKED,), timeout_s=240)
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in (2, 3)])
+def test_head_mode_in_chunks_matches_reference(world, world_spawn):
+    results = world_spawn("gloo", world, "test_distributed:head chunks")
     chunked = 0
     for i, (case, plan_kw) in enumerate(CHUNKED):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
@@ -198,10 +203,14 @@ MIXED_CASES = [
 MIXED_PLANS = {2: dict(mode="tile"), 3: dict(mode="tile"), 4: dict(mode="hybrid", mesh=(2, 2))}
 
 
-@pytest.mark.parametrize("world", sorted(MIXED_PLANS))
-def test_a_call_in_parts_matches_reference(world):
-    cases = [(case, MIXED_PLANS[world], groups) for case, groups in MIXED_CASES]
-    results = spawn_local(dist_workers.run_in_parts, world, (cases,), timeout_s=240)
+def mixed_cases(world: int) -> list:
+    return [(case, MIXED_PLANS[world], groups) for case, groups in MIXED_CASES]
+
+
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in sorted(MIXED_PLANS)])
+def test_a_call_in_parts_matches_reference(world, world_spawn):
+    cases = mixed_cases(world)
+    results = world_spawn("gloo", world, "test_distributed:call in parts")
     for i, (case, plan_kw, groups) in enumerate(cases):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         check_against_reference(case, plan, [results[r][i][0] for r in range(world)], seed=i)
@@ -276,11 +285,15 @@ def halo_bytes_brute_force(case: Case, plan: ShardPlan, rank: int) -> int:
     return tokens * case.batch * case.kv_heads * case.head_dim * 2 * 4  # K and V, float32
 
 
-@pytest.mark.parametrize("world, split", [(2, None), (3, (1, 1, 3)), (4, (1, 2, 2))])
-def test_tile_mode_moves_exactly_the_halo(world, split):
-    case = Case((4, 8, 12), (2, 2, 2), [(1, 1, 1), (1, 3, 1), (2, 1, 2)], 4, 4, 1, 3, 3, 32)
+HALO_CASE = Case((4, 8, 12), (2, 2, 2), [(1, 1, 1), (1, 3, 1), (2, 1, 2)], 4, 4, 1, 3, 3, 32)
+HALO_SPLITS = {2: None, 3: (1, 1, 3), 4: (1, 2, 2)}
+
+
+@pytest.mark.parametrize("world, split", [world_param("gloo", w, s) for w, s in HALO_SPLITS.items()])
+def test_tile_mode_moves_exactly_the_halo(world, split, world_spawn):
+    case = HALO_CASE
     plan_kw = dict(mode="tile", tile_split=split)
-    results = spawn_local(dist_workers.run_cases, world, ([(case, plan_kw)],), timeout_s=120)
+    results = world_spawn("gloo", world, "test_distributed:halo")
     plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
     for rank in range(world):
         _, sent, mode = results[rank][0]
@@ -291,16 +304,19 @@ def test_tile_mode_moves_exactly_the_halo(world, split):
     check_against_reference(case, plan, [results[r][0][0] for r in range(world)], seed=0)
 
 
-@pytest.mark.parametrize("world, plan_kw", [(3, dict(mode="head")), (2, dict(mode="head", order="natural")),
-                                            (4, dict(mode="hybrid", mesh=(2, 2)))])
-def test_all_to_all_round_trip_is_exact(world, plan_kw):
-    case = Case((3, 5, 7), (2, 2, 3), (1, 1, 1), 3, 3, 2, 5, 5, 32)
-    results = spawn_local(dist_workers.round_trip, world, (case, plan_kw), timeout_s=120)
+ROUND_TRIP_CASE = Case((3, 5, 7), (2, 2, 3), (1, 1, 1), 3, 3, 2, 5, 5, 32)
+ROUND_TRIPS = {3: dict(mode="head"), 2: dict(mode="head", order="natural"), 4: dict(mode="hybrid", mesh=(2, 2))}
+
+
+@pytest.mark.parametrize("world, plan_kw", [world_param("gloo", w, kw) for w, kw in ROUND_TRIPS.items()])
+def test_all_to_all_round_trip_is_exact(world, plan_kw, world_spawn):
+    results = world_spawn("gloo", world, "test_distributed:round trip")
     assert all(ok for ok, _ in results)
 
 
-def test_ranks_that_disagree_fail_clearly():
-    results = spawn_local(dist_workers.disagreeing_plans, 2, timeout_s=60, allow_failures=True)
+@shares("gloo", 2)
+def test_ranks_that_disagree_fail_clearly(world_spawn):
+    results = world_spawn.outcomes("gloo", 2, "test_distributed:disagreeing plans")
     for r in results:
         assert "ranks disagree on the attention config" in r and "rank 0:" in r and "rank 1:" in r
 
@@ -333,34 +349,37 @@ def test_spawn_times_out_instead_of_hanging():
         spawn_local(dist_workers.sleep_forever, 2, timeout_s=3)
 
 
-def test_dist_bench_runs_on_gloo(tmp_path):
-    results = spawn_local(dist_workers.dist_bench, 2, (str(tmp_path),), timeout_s=120)
+@shares("gloo", 2)
+def test_dist_bench_runs_on_gloo(world_spawn):
+    results = world_spawn("gloo", 2, "test_distributed:dist bench")
     diffs = results[0]
     assert any("tile" in name for name in diffs) and any("head" in name for name in diffs)
     for name, diff in diffs.items():
         if diff is not None:
             assert diff <= 1e-5, (name, diff)
-    assert (tmp_path / "dist_bench_2.json").exists()
+    assert (world_spawn.workdir("gloo", 2) / "dist_bench" / "dist_bench_2.json").exists()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_that_make_different_calls_fail_on_every_rank(world):
-    results = spawn_local(dist_workers.disagreeing_calls, world, timeout_s=90)
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in (2, 3)])
+def test_ranks_that_make_different_calls_fail_on_every_rank(world, world_spawn):
+    results = world_spawn("gloo", world, "test_distributed:different calls")
     for scenario in dist_workers.DISAGREEMENTS:
         for message in (r[scenario] for r in results):
             assert message.startswith("ValueError: ranks disagree on this call"), (scenario, message)
             assert all(f"rank {r}:" in message for r in range(world)), (scenario, message)
 
 
-def test_one_invalid_rank_fails_every_rank_at_once():
-    results = spawn_local(dist_workers.one_rank_invalid, 3, timeout_s=60, collective_timeout_s=50)
+@shares("gloo", 3)
+def test_one_invalid_rank_fails_every_rank_at_once(world_spawn):
+    results = world_spawn("gloo", 3, "test_distributed:one invalid rank")
     for seconds, message in results:
         assert seconds < 10, (seconds, message)
         assert "ranks disagree on this call" in message and "rank 2: invalid call (ValueError: text_length" in message
 
 
-def test_a_deferred_agreement_check_raises_on_every_rank_when_settled():
-    for message in spawn_local(dist_workers.deferred_disagreement, 3, timeout_s=60):
+@shares("gloo", 3)
+def test_a_deferred_agreement_check_raises_on_every_rank_when_settled(world_spawn):
+    for message in world_spawn("gloo", 3, "test_distributed:deferred agreement"):
         assert message.startswith("ranks disagree on this call: rank 0: same; rank 1: same; rank 2: rank 2"), message
 
 
@@ -380,3 +399,32 @@ def test_a_send_that_lies_in_one_range_is_sent_from_where_it_lies():
     assert flat.data_ptr() == x[:, 2:9].data_ptr() and torch.equal(flat, x[:, 2:9].flatten())
     (copied,) = comm.all_to_all_start("halo exchange", (0,), [[x[:, 0:2], x[:, 5:7]]], [16]).wait()
     assert copied.data_ptr() != x.data_ptr() and torch.equal(copied, torch.cat([x[:, 0:2], x[:, 5:7]], 1).flatten())
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the gloo family's shared spawn of ``world`` ranks
+    (tests/world_spawns.py), each read by the test named beside it."""
+    if family != "gloo":
+        return []
+    parts = []
+    if world in PLANS:  # test_every_mode_matches_reference
+        parts.append(("every mode", dist_workers.forward_checks,
+                      (PLANS[world], every_order_cases(world) if world in (2, 3, 4) else [])))
+    if world in (2, 3):  # test_head_mode_in_chunks_matches_reference
+        parts.append(("head chunks", dist_workers.run_cases, (CHUNKED,)))
+    if world in MIXED_PLANS:  # test_a_call_in_parts_matches_reference
+        parts.append(("call in parts", dist_workers.run_in_parts, (mixed_cases(world),)))
+    if world in HALO_SPLITS:  # test_tile_mode_moves_exactly_the_halo
+        parts.append(("halo", dist_workers.run_cases, ([(HALO_CASE, dict(mode="tile", tile_split=HALO_SPLITS[world]))],)))
+    if world in ROUND_TRIPS:  # test_all_to_all_round_trip_is_exact
+        parts.append(("round trip", dist_workers.round_trip, (ROUND_TRIP_CASE, ROUND_TRIPS[world])))
+    if world == 2:  # test_dist_bench_runs_on_gloo
+        parts.append(("dist bench", dist_workers.dist_bench, (str(workdir / "dist_bench"),)))
+    if world in (2, 3):  # test_ranks_that_make_different_calls_fail_on_every_rank
+        parts.append(("different calls", dist_workers.disagreeing_calls, ()))
+    if world == 3:  # test_one_invalid_rank_fails_every_rank_at_once, test_a_deferred_agreement_check_...
+        parts.append(("one invalid rank", dist_workers.one_rank_invalid, ()))
+        parts.append(("deferred agreement", dist_workers.deferred_disagreement, ()))
+    if world == 2:  # test_ranks_that_disagree_fail_clearly (every rank raises)
+        parts.append(("disagreeing plans", dist_workers.disagreeing_plans, ()))
+    return parts

@@ -5,7 +5,9 @@ given as a mask, so the selection's inputs get no gradient from it); a wrong hal
 fails the check, and so do the fetched tiles' gradients kept where they were fetched.
 
 One spawn per world size runs the window and the selected calls (a spawn costs more than
-its calls)."""
+its calls): the spawn the gloo family's modules share (tests/world_spawns.py, beside the
+forward checks of tests/test_distributed.py), the planted wrong adjoint last of this module's
+calls and taken out after them."""
 
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ import torch
 
 import sta_dist
 from sta_dist import ShardPlan
-from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, reference_selection
 from tests import dist_workers
 from tests.cases import Case
 from tests.test_distributed import EVEN_WIN, MANY_HEADS, ODD, PER_SAMPLE, WHOLE
 from tests.test_selection_dist import FLAT, MASK
+from tests.world_spawns import shares, world_param
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -100,11 +102,10 @@ def selected_calls(world: int):
     return [(*call, j) for j, call in enumerate(SELECTED_PLANS[world])]
 
 
-@pytest.mark.parametrize("world", sorted(GRAD_PLANS))
-def test_every_mode_gives_the_reference_gradients(world):
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in sorted(GRAD_PLANS)])
+def test_every_mode_gives_the_reference_gradients(world, world_spawn):
     cases, calls = GRAD_PLANS[world], SELECTED_PLANS[world]
-    windowed, chosen = zip(*spawn_local(dist_workers.all_gradients, world, (cases, selected_calls(world)),
-                                        timeout_s=280))
+    windowed, chosen = zip(*world_spawn("gloo", world, "test_distributed_backward:gradients"))
     for i, (case, plan_kw) in enumerate(cases):
         plan = ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=world, **plan_kw)
         for name, (err, bound) in zip("qkv", errors(case, plan, [windowed[r][i] for r in range(world)], i)):
@@ -126,15 +127,30 @@ def test_every_mode_gives_the_reference_gradients(world):
     assert modes >= {2: {"head", "tile"}, 3: {"head", "tile"}, 4: {"hybrid", "tile"}}[world], modes
 
 
-def test_a_wrong_halo_adjoint_fails_the_check():
+PLANTED = ([(ODD, dict(mode="tile"))], [(FLAT, None, MASK, "sta", dict(mode="tile"), 0)])
+
+
+@shares("gloo", 2)
+def test_a_wrong_halo_adjoint_fails_the_check(world_spawn):
     """The halo's gradients not sent back: a window call's dk/dv fail, and so do a selected
     call's (window=None: every remote key tile it attends is a fetched one)."""
-    cases = [(ODD, dict(mode="tile"))]
-    calls = [(FLAT, None, MASK, "sta", dict(mode="tile"), 0)]
-    windowed, chosen = zip(*spawn_local(dist_workers.all_gradients, 2, (cases, calls, True), timeout_s=240))
+    cases, calls = PLANTED
+    windowed, chosen = zip(*world_spawn("gloo", 2, "test_distributed_backward:wrong halo adjoint"))
     plan = ShardPlan(canvas=ODD.canvas, tile=ODD.tile, text_len=ODD.text_len, world_size=2, mode="tile")
     (dq, dk, dv) = errors(ODD, plan, [windowed[r][0] for r in range(2)], 0)
     assert dq[0] <= dq[1] and dk[0] > dk[1] and dv[0] > dv[1], (dq, dk, dv)
     plan = ShardPlan(canvas=FLAT.canvas, tile=FLAT.tile, text_len=FLAT.text_len, world_size=2, mode="tile")
     (dq, dk, dv) = selected_errors(0, calls[0][:-1], plan, chosen)
     assert dq[0] <= dq[1] and dk[0] > dk[1] and dv[0] > dv[1], (dq, dk, dv)
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the gloo family's shared spawn (tests/world_spawns.py)."""
+    if family != "gloo":
+        return []
+    parts = []
+    if world in GRAD_PLANS:  # test_every_mode_gives_the_reference_gradients
+        parts.append(("gradients", dist_workers.all_gradients, (GRAD_PLANS[world], selected_calls(world))))
+    if world == 2:  # test_a_wrong_halo_adjoint_fails_the_check
+        parts.append(("wrong halo adjoint", dist_workers.all_gradients, (*PLANTED, True)))
+    return parts

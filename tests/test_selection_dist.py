@@ -15,10 +15,10 @@ import sta_dist
 from sta_dist import ShardPlan, geometry
 from sta_dist.config import normalize_windows
 from sta_dist.parallel.decide import selected_call_cost
-from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention, reference_selection
 from tests import dist_workers
 from tests.cases import Case
+from tests.world_spawns import shares, world_param
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,11 +102,14 @@ def plan_kv_heads(plan: ShardPlan, rank: int, case: Case) -> tuple:
     return sched.kv_heads[sched.me_in_head_group]
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_mode_matches_reference_and_fetches_exactly_its_union(world):
-    calls = [(j, plan_kw) for plan_kw in plans(world) for j in range(len(SELECTIONS))]
-    results = spawn_local(dist_workers.run_selected, world, ([(*SELECTIONS[j], kw, j) for j, kw in calls],),
-                          timeout_s=280)
+def selected_calls(world: int) -> list:
+    return [(j, plan_kw) for plan_kw in plans(world) for j in range(len(SELECTIONS))]
+
+
+@pytest.mark.parametrize("world", [world_param("gloo", w) for w in (2, 3, 4)])
+def test_every_mode_matches_reference_and_fetches_exactly_its_union(world, world_spawn):
+    calls = selected_calls(world)
+    results = world_spawn("gloo", world, "test_selection_dist:selected")
     modes = set()
     for i, (j, plan_kw) in enumerate(calls):
         case = SELECTIONS[j][0]
@@ -153,8 +156,10 @@ def test_expected_cost_of_a_selection():
     assert all(w.flops < x.flops for w, x in zip(window_only.ranks, expected.ranks))
 
 
-def test_dist_bench_with_selection_runs_on_gloo(tmp_path):
-    results = spawn_local(dist_workers.dist_bench_selected, 2, (str(tmp_path),), timeout_s=200)
+@shares("gloo", 2)
+def test_dist_bench_with_selection_runs_on_gloo(world_spawn):
+    tmp_path = world_spawn.workdir("gloo", 2) / "dist_bench_selected"
+    results = world_spawn("gloo", 2, "test_selection_dist:dist bench selected")
     diffs, check = results[0]
     assert any("tile" in name for name in diffs) and "one GPU, window alone" in diffs
     for name, diff in diffs.items():
@@ -162,3 +167,17 @@ def test_dist_bench_with_selection_runs_on_gloo(tmp_path):
             assert diff <= 1e-5, (name, diff)
     assert check["selection_equal"], check
     assert (tmp_path / "dist_bench_2_selected.json").exists()
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the gloo family's shared spawn (tests/world_spawns.py)."""
+    if family != "gloo":
+        return []
+    parts = []
+    if world in (2, 3, 4):  # test_every_mode_matches_reference_and_fetches_exactly_its_union
+        parts.append(("selected", dist_workers.run_selected,
+                      ([(*SELECTIONS[j], kw, j) for j, kw in selected_calls(world)],)))
+    if world == 2:  # test_dist_bench_with_selection_runs_on_gloo
+        parts.append(("dist bench selected", dist_workers.dist_bench_selected,
+                      (str(workdir / "dist_bench_selected"),)))
+    return parts

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import sta_dist
-from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention
 from sta_dist.validation import check_text_length
 from tests import dist_workers
 from tests.cases import Case
 from tests.test_distributed import check_against_reference
+from tests.world_spawns import shares
 
 CANVAS, TILE = (2, 4, 4), (2, 2, 2)
 
@@ -91,11 +91,20 @@ PER_SAMPLE = Case((5, 6, 7), (2, 3, 4), [(1, 1, 1), (2, 1, 2)], 5, (5, 0), 2, 2,
 PER_SAMPLE_GQA = Case((4, 4, 6), (2, 2, 2), (1, 1, 2), 3, (1, 3, 0), 3, 4, 2, 32)
 
 
-def test_distributed_per_sample_lengths():
-    cases = [(PER_SAMPLE, dict(mode="tile")), (PER_SAMPLE, dict(mode="head")),
-             (PER_SAMPLE_GQA, dict(mode="head", order="natural")), (PER_SAMPLE_GQA, dict(mode="tile"))]
-    results = spawn_local(dist_workers.run_cases, 2, (cases,), timeout_s=180)
+DISTRIBUTED = [(PER_SAMPLE, dict(mode="tile")), (PER_SAMPLE, dict(mode="head")),
+               (PER_SAMPLE_GQA, dict(mode="head", order="natural")), (PER_SAMPLE_GQA, dict(mode="tile"))]
+
+
+@shares("gloo", 2)
+def test_distributed_per_sample_lengths(world_spawn):
+    cases = DISTRIBUTED
+    results = world_spawn("gloo", 2, "test_text_lengths:per sample")
     for i, (case, plan_kw) in enumerate(cases):
         plan = sta_dist.ShardPlan(canvas=case.canvas, tile=case.tile, text_len=case.text_len, world_size=2,
                                   **plan_kw)
         check_against_reference(case, plan, [results[r][i][0] for r in range(2)], seed=i)
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the gloo family's shared spawn (tests/world_spawns.py)."""
+    return [("per sample", dist_workers.run_cases, (DISTRIBUTED,))] if (family, world) == ("gloo", 2) else []
