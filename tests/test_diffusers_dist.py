@@ -1,7 +1,10 @@
 """The whole transformer sequence-parallel on gloo ranks: with sta_dist's ``parallel=``
 (head, tile, auto, hybrid) and under diffusers' own ``enable_parallelism`` (Ulysses);
 every rank's output equals the one-process output (both within the float32 bound of the
-float64 reference of diffusers' own attention under the STA mask)."""
+float64 reference of diffusers' own attention under the STA mask).
+
+The ranks are the diffusers family's shared spawns (tests/world_spawns.py: one per world
+size, beside the selection and training tests; diffusers' own context parallelism last)."""
 
 import pytest
 import torch
@@ -9,9 +12,9 @@ import torch
 pytest.importorskip("diffusers")
 
 import sta_dist.diffusers as sta_diffusers  # noqa: E402
-from sta_dist.parallel.spawn import spawn_local  # noqa: E402
 from tests import diffusers_models as dm  # noqa: E402
 from tests import diffusers_workers as workers  # noqa: E402
+from tests.world_spawns import shares, world_param  # noqa: E402
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -34,11 +37,15 @@ def check_ranks(outs, name: str, what: str) -> None:
         assert torch.equal(out, outs[0])  # every rank holds the same gathered output
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_sta_parallel_equals_one_process(world):
+def sta_runs(world: int) -> list:
     modes = ["head", "tile", "auto"] + (["hybrid"] if world == 2 else [])
-    runs = [(name, mode) for name in ("wan", "hunyuan") for mode in modes]
-    results = spawn_local(workers.sta_parallel, world, (runs,), timeout_s=360)
+    return [(name, mode) for name in ("wan", "hunyuan") for mode in modes]
+
+
+@pytest.mark.parametrize("world", [world_param("diffusers", w) for w in (2, 3)])
+def test_sta_parallel_equals_one_process(world, world_spawn):
+    runs = sta_runs(world)
+    results = world_spawn("diffusers", world, "test_diffusers_dist:sta parallel")
     for i, (name, mode) in enumerate(runs):
         check_ranks([results[r][i][0] for r in range(world)], name, mode)
         if mode in ("head", "tile"):
@@ -48,15 +55,35 @@ def test_sta_parallel_equals_one_process(world):
                 assert sum(results[r][i][2].get(step, 0) for r in range(world)) > 0, step
 
 
+ULYSSES = [(name, sta_first) for sta_first in (True, False) for name in ("wan", "hunyuan")]
+
+
 @pytest.mark.parametrize("sta_first", [True, False], ids=["sta-then-diffusers", "diffusers-then-sta"])
-def test_under_diffusers_ulysses(sta_first):
+@shares("diffusers", 2)
+def test_under_diffusers_ulysses(sta_first, world_spawn):
     for name in ("wan", "hunyuan"):
-        results = spawn_local(workers.diffusers_ulysses, 2, (name, sta_first), timeout_s=240)
+        results = world_spawn("diffusers", 2, f"test_diffusers_dist:ulysses {name} sta first={sta_first}")
         check_ranks([out for out, _ in results], name, "diffusers Ulysses")
         assert results[0][1]["head all-to-all"] > 0  # sta_dist's head mode did the exchange
 
 
-def test_diffusers_ring_is_refused():
-    messages = spawn_local(workers.diffusers_ring_refused, 2, timeout_s=120)
+@shares("diffusers", 2)
+def test_diffusers_ring_is_refused(world_spawn):
+    messages = world_spawn("diffusers", 2, "test_diffusers_dist:ring refused")
     for message in messages:
         assert "ring attention is not supported, got ContextParallelConfig(ring_degree=2, ulysses_degree=1)" in message
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the diffusers family's shared spawn (tests/world_spawns.py);
+    diffusers' own context parallelism last (it patches torch.accelerator.device_count)."""
+    if family != "diffusers":
+        return []
+    parts = []
+    if world in (2, 3):  # test_sta_parallel_equals_one_process
+        parts.append(("sta parallel", workers.sta_parallel, (sta_runs(world),)))
+    if world == 2:  # test_under_diffusers_ulysses, test_diffusers_ring_is_refused
+        parts += [(f"ulysses {name} sta first={sta_first}", workers.diffusers_ulysses, (name, sta_first))
+                  for name, sta_first in ULYSSES]
+        parts.append(("ring refused", workers.diffusers_ring_refused, ()))
+    return parts

@@ -15,6 +15,7 @@ from sta_dist.diffusers.handle import CallContext, _with_text_from_mask  # noqa:
 from sta_dist.testing import max_error  # noqa: E402
 from tests import diffusers_models as dm  # noqa: E402
 from tests import diffusers_selection_models as sm  # noqa: E402
+from tests.world_spawns import shares  # noqa: E402
 
 
 def test_hunyuan15_whole_grid_window_equals_stock():
@@ -86,17 +87,20 @@ def test_text_mask_must_hold_valid_tokens_first():
         _with_text_from_mask(ctx, torch.tensor([[1, 0, 1]]))
 
 
-def test_hunyuan15_ssta_sharded_on_gloo_equals_the_reference():
-    """The whole transformer over 2 ranks (tile and head mode), SSTA with TopK(2): every
-    rank's output within the float32 bound of the float64 reference, identical across ranks."""
-    from sta_dist.parallel.spawn import spawn_local
+SHARDED = ((3, 8, 9), sta_dist.TopK(2))  # grid (2, 4, 3): boxes with real halos
 
-    canvas, select = (3, 8, 9), sta_dist.TopK(2)  # grid (2, 4, 3): boxes with real halos
+
+@shares("diffusers", 2)
+def test_hunyuan15_ssta_sharded_on_gloo_equals_the_reference(world_spawn):
+    """The whole transformer over 2 ranks (tile and head mode), SSTA with TopK(2): every
+    rank's output within the float32 bound of the float64 reference, identical across ranks
+    (the ranks: the diffusers family's shared spawn, tests/world_spawns.py)."""
+    canvas, select = SHARDED
     model, kw = sm.hunyuan15(), sm.hunyuan15_inputs(canvas=canvas)
     with sm.hunyuan15_reference_attention(sm.HV15_TILE, (1, 1, 1), select, "fastvideo", canvas=canvas):
         ref = sm.run(sm.reference_model(model), kw, torch.float64)
         base = sm.run(sm.reference_model(model, torch.float32), kw)
-    results = spawn_local(sm.hunyuan15_parallel, 2, (("tile", "head"), canvas, select), timeout_s=240)
+    results = world_spawn("diffusers", 2, "test_diffusers_selection:hunyuan15 parallel")
     for i, mode in enumerate(("tile", "head")):
         outs = [results[r][i][0] for r in range(2)]
         for rank, out in enumerate(outs):
@@ -104,3 +108,10 @@ def test_hunyuan15_ssta_sharded_on_gloo_equals_the_reference():
         assert torch.equal(outs[0], outs[1])
         exchange = "halo exchange" if mode == "tile" else "head all-to-all"
         assert sum(results[r][i][1].get(exchange, 0) for r in range(2)) > 0
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's call in the diffusers family's shared spawn (tests/world_spawns.py)."""
+    if (family, world) != ("diffusers", 2):
+        return []
+    return [("hunyuan15 parallel", sm.hunyuan15_parallel, (("tile", "head"), *SHARDED))]

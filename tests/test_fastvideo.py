@@ -3,7 +3,8 @@
 Each world size runs in spawned gloo ranks with FastVideo's own parallel state (sequence
 parallelism over all ranks); outputs are compared with the single reference
 (``sta_dist.testing.reference_attention``) within ``error_bound``, or with FastVideo's SDPA
-backend. Skipped where FastVideo is not installed (``pip install -e '.[fastvideo-test]'``, then
+backend. Two ranks are the FastVideo family's shared spawn (tests/world_spawns.py, with
+the FastVideo backward of tests/test_training_clients.py). Skipped where FastVideo is not installed (``pip install -e '.[fastvideo-test]'``, then
 ``pip install --no-deps fastvideo==0.1.7``).
 """
 
@@ -20,6 +21,7 @@ from sta_dist.parallel.spawn import spawn_local
 from sta_dist.testing import error_bound, max_error, reference_attention
 from tests import fastvideo_workers as fw
 from tests.fastvideo_support import import_fastvideo, skip_without_fastvideo
+from tests.world_spawns import shares
 
 pytestmark = pytest.mark.timeout(400)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,17 +33,20 @@ def fastvideo():
     skip_without_fastvideo()
 
 
-@pytest.fixture(scope="module")
-def strategy(tmp_path_factory, fastvideo):
+def write_strategy(path) -> str:
     """A mask strategy in FastVideo's JSON format: 2 steps x 2 layers x 6 heads."""
     entries = {}
     for t in range(2):
         for l in range(2):
             for h in range(fw.H):
                 entries[f"{t}_{l}_{h}"] = LAYER1_STEP1[h] if (t, l) == (1, 1) else [3, 3, 3]
-    path = tmp_path_factory.mktemp("strategy") / "mask_strategy.json"
     path.write_text(json.dumps(entries))
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def strategy(tmp_path_factory, fastvideo):
+    return write_strategy(tmp_path_factory.mktemp("strategy") / "mask_strategy.json")
 
 
 def assemble(results, text=True):
@@ -150,8 +155,11 @@ def check_bad_input_names_the_setting(out):
 
 def run_world(world, strategy, tmp_path):
     """One spawn per world size runs every scenario of it (FastVideo takes ~10 s to import)."""
-    args = (strategy, str(tmp_path), str(tmp_path / "missing.json"))
-    return spawn_local(fw.run_all, world, args, timeout_s=360)
+    return spawn_local(fw.run_all, world, run_all_args(strategy, tmp_path), timeout_s=360)
+
+
+def run_all_args(strategy, workdir) -> tuple:
+    return strategy, str(workdir), str(workdir / "missing.json")
 
 
 def check_head_mode(results):
@@ -170,9 +178,10 @@ def test_fastvideo_layers_on_one_rank(strategy, tmp_path):
     check_bad_input_names_the_setting(results[0]["errors"])
 
 
-def test_fastvideo_sequence_parallel_on_two_ranks(strategy, tmp_path):
+@shares("fastvideo", 2)
+def test_fastvideo_sequence_parallel_on_two_ranks(fastvideo, world_spawn):
     """FastVideo's head all-to-all; tile and auto mode instead of it; search over SP."""
-    results = run_world(2, strategy, tmp_path)
+    results = world_spawn("fastvideo", 2, "test_fastvideo:run all")
     check_head_mode(results)
     check_tile_mode_replaces_the_head_all_to_all([r["tile"] for r in results])
     check_tile_mode_replaces_the_head_all_to_all([r["auto"] for r in results])
@@ -210,3 +219,11 @@ def test_installed_by_pth_without_code(fastvideo, tmp_path):
     cmd[3] = "uninstall"
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     assert not (site / "sta_dist_fastvideo.pth").exists()
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's scenarios in the FastVideo family's shared spawn of 2 ranks
+    (tests/world_spawns.py); its strategy file is written here, into ``workdir``."""
+    if (family, world) != ("fastvideo", 2):
+        return []
+    return [("run all", fw.run_all, run_all_args(write_strategy(workdir / "mask_strategy.json"), workdir))]

@@ -18,9 +18,9 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from sta_dist.parallel.spawn import spawn_local  # noqa: E402
 from sta_dist.testing import error_bound, max_error  # noqa: E402
 from tests import training_workers as tw  # noqa: E402
+from tests.world_spawns import on_world, shares  # noqa: E402
 
 pytestmark = pytest.mark.timeout(400)
 MODELS = ("wan", "hunyuan")
@@ -85,13 +85,13 @@ RANKS = (1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def parallel_results():
-    """Every group size's steps from one spawn of 3 processes (groups of the first 1, 2, 3)."""
-    jobs = {ranks: parallel_runs(ranks) for ranks in RANKS}
-    return spawn_local(tw.parallel_steps, max(RANKS), (jobs,), timeout_s=360)
+def parallel_results(world_spawn):
+    """Every group size's steps from one spawn of 3 processes (groups of the first 1, 2, 3):
+    the diffusers family's shared spawn of 3 ranks (tests/world_spawns.py)."""
+    return world_spawn("diffusers", max(RANKS), "test_training_clients:parallel steps")
 
 
-@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("ranks", [pytest.param(r, marks=on_world("diffusers", max(RANKS))) for r in RANKS])
 def test_parallel_step_equals_one_process(ranks, references, parallel_results):
     runs = parallel_runs(ranks)
     for i, (name, mode, checkpoint, planted) in enumerate(runs):
@@ -113,13 +113,10 @@ def test_parallel_step_equals_one_process(ranks, references, parallel_results):
 
 
 @pytest.fixture(scope="module")
-def fastvideo_strategy(tmp_path_factory):
+def fastvideo():
     from tests.fastvideo_support import skip_without_fastvideo
 
     skip_without_fastvideo()
-    path = str(tmp_path_factory.mktemp("strategy") / "mask_strategy.json")
-    tw.fastvideo_strategy(path)
-    return path
 
 
 def fastvideo_errors(grads: list, reference: list) -> list:
@@ -128,11 +125,12 @@ def fastvideo_errors(grads: list, reference: list) -> list:
     return [(max_error(t, r), error_bound(max_error(b, r), torch.float32, r)) for t, r, b in zip(total, ref, base)]
 
 
-def test_fastvideo_backward_equals_one_process(fastvideo_strategy):
+@shares("fastvideo", 2)
+def test_fastvideo_backward_equals_one_process(fastvideo, world_spawn):
     from tests import fastvideo_workers as fw
 
     world = 2
-    results = spawn_local(tw.fastvideo_grads, world, (fastvideo_strategy,), timeout_s=300)
+    results = world_spawn("fastvideo", world, "test_training_clients:fastvideo grads")
     refs = results[0]
     cases = {("tile", world, True): (fw.TILE_MODE_TILE, True), ("head", world, False): ((3, 4, 4), False),
              ("head", 1, True): ((3, 4, 4), True)}
@@ -144,3 +142,15 @@ def test_fastvideo_backward_equals_one_process(fastvideo_strategy):
     errors = fastvideo_errors([results[r][("tile planted", world, True)] for r in range(world)],
                               refs[("reference", fw.TILE_MODE_TILE, True)])
     assert any(err > 10 * bound for err, bound in errors), f"a gather summing over ranks passed: {errors}"
+
+
+def spawn_parts(family: str, world: int, workdir) -> list:
+    """This module's calls in the shared spawns (tests/world_spawns.py): the parallel steps of
+    every group size at 3 ranks; FastVideo's backward at 2 (its strategy file written here)."""
+    if (family, world) == ("diffusers", max(RANKS)):
+        return [("parallel steps", tw.parallel_steps, ({ranks: parallel_runs(ranks) for ranks in RANKS},))]
+    if (family, world) == ("fastvideo", 2):
+        path = str(workdir / "training_mask_strategy.json")
+        tw.fastvideo_strategy(path)
+        return [("fastvideo grads", tw.fastvideo_grads, (path,))]
+    return []

@@ -34,8 +34,13 @@ FAMILIES = {
     # sta_dist alone (no diffusers or FastVideo import in its ranks)
     "gloo": ("tests.test_distributed", "tests.test_distributed_backward", "tests.test_selection_dist",
              "tests.test_text_lengths"),
+    # tiny diffusers transformers: sta_dist's parallel=, training, and (last) diffusers' own
+    # context parallelism, which patches torch.accelerator.device_count in its ranks
+    "diffusers": ("tests.test_diffusers_selection", "tests.test_training_clients", "tests.test_diffusers_dist"),
+    # FastVideo 0.1.7's own layers and parallel state (its import: ~10 s a rank)
+    "fastvideo": ("tests.test_fastvideo", "tests.test_training_clients"),
 }
-DEADLINE_S = {"gloo": 400}
+DEADLINE_S = {"gloo": 400, "diffusers": 400, "fastvideo": 400}
 """Each family's spawn deadline (every part of a world size, on a loaded 2-core CI machine);
 the tests that read a shared spawn have a pytest timeout above it (:data:`TEST_TIMEOUT_S`)."""
 COLLECTIVE_TIMEOUT_S = 120
