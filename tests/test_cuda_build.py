@@ -3,7 +3,9 @@ compiler and a failing compiler leave ``library()`` empty with a reason, and a r
 ``nvcc`` (where this machine has one) builds once into the cache and reuses it; the one
 nvcc command, the key over the source's headers, and the host interface: the ctypes
 struct against ``sta_fwd_cuda_args.h`` (fields parsed from it, offsets from a C compiler),
-the loader's interface check and the struct a launch fills."""
+the loader's interface check and the struct a launch fills. The real build runs once
+(``python -m sta_dist.kernels.sta_fwd_cuda`` into an empty cache), and the cached-build test
+reuses what it built."""
 
 import ctypes
 import os
@@ -80,25 +82,59 @@ def test_cpu_tensors_are_not_supported():
     assert cuda_rule(call, device_facts(q.device)) == "needs a CUDA GPU, the tensors are on cpu"
 
 
-@pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
-def test_real_build_is_cached(fresh):
+needs_nvcc = pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
+
+
+@pytest.fixture(scope="module")
+def built_ahead(tmp_path_factory):
+    """The one real build of this module (nvcc takes tens of seconds): ``python -m
+    sta_dist.kernels.sta_fwd_cuda`` into an empty cache. Returns the cache and the finished
+    process."""
+    import sys
+
+    cache = tmp_path_factory.mktemp("cuda_cache")
+    done = subprocess.run([sys.executable, "-m", "sta_dist.kernels.sta_fwd_cuda"], capture_output=True, text=True,
+                          env=dict(os.environ, STA_DIST_CACHE=str(cache)), timeout=300)
+    return cache, done
+
+
+@pytest.fixture
+def built(built_ahead, monkeypatch):
+    """A cleared loader with its cache where the command line built the library."""
+    cache, done = built_ahead
+    monkeypatch.setenv("STA_DIST_CACHE", str(cache))
+    sta_fwd_cuda.library.cache_clear()
+    sta_fwd_cuda._errors.clear()
+    yield cache, done
+    sta_fwd_cuda.library.cache_clear()
+    sta_fwd_cuda._errors.clear()
+
+
+@needs_nvcc
+def test_build_ahead_of_time_from_the_command_line(built):
+    """From an empty cache the command line builds the library and prints its path."""
+    cache, done = built
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(sta_fwd_cuda.prebuilt())
+    assert sta_fwd_cuda.prebuilt().parent == cache / "cuda"
+
+
+@needs_nvcc
+def test_real_build_is_cached(built):
+    """The library the command line built is reused (in this process): build() returns it
+    without compiling again, it loads without a GPU, and it is what a machine without nvcc
+    would load."""
+    cache, done = built
+    assert done.returncode == 0, done.stderr
     compiler = sta_fwd_cuda.nvcc()
+    made = Path(done.stdout.strip())
+    stamp = os.stat(made).st_mtime_ns
     first = sta_fwd_cuda.build(compiler)
-    assert first.exists() and first.parent == fresh / "cuda"
-    stamp = os.stat(first).st_mtime_ns
+    assert first == made and first.exists() and first.parent == cache / "cuda"
+    assert os.stat(first).st_mtime_ns == stamp  # not compiled again
     assert sta_fwd_cuda.build(compiler) == first and os.stat(first).st_mtime_ns == stamp
     assert sta_fwd_cuda.library() is not None  # loads without a GPU (the launch needs one)
     assert sta_fwd_cuda.prebuilt() == first  # what a machine without nvcc would load
-
-
-@pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
-def test_build_ahead_of_time_from_the_command_line(fresh):
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "sta_dist.kernels.sta_fwd_cuda"], capture_output=True, text=True,
-                          env=dict(os.environ, STA_DIST_CACHE=str(fresh)), timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(sta_fwd_cuda.prebuilt())
 
 
 # --- the host interface: sta_fwd_cuda_args.h's struct and its ctypes twin ---------------------
