@@ -83,6 +83,7 @@ def test_cpu_tensors_are_not_supported():
 
 
 needs_nvcc = pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
+one_build = pytest.mark.xdist_group("nvcc build")  # both tests in one xdist worker: one build (built_ahead)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +112,7 @@ def built(built_ahead, monkeypatch):
 
 
 @needs_nvcc
+@one_build
 def test_build_ahead_of_time_from_the_command_line(built):
     """From an empty cache the command line builds the library and prints its path."""
     cache, done = built
@@ -120,6 +122,7 @@ def test_build_ahead_of_time_from_the_command_line(built):
 
 
 @needs_nvcc
+@one_build
 def test_real_build_is_cached(built):
     """The library the command line built is reused (in this process): build() returns it
     without compiling again, it loads without a GPU, and it is what a machine without nvcc
