@@ -83,7 +83,7 @@ def test_cpu_tensors_are_not_supported():
 
 
 needs_nvcc = pytest.mark.skipif(sta_fwd_cuda.nvcc() is None, reason="no nvcc on this machine")
-one_build = pytest.mark.xdist_group("nvcc build")  # both tests in one xdist worker: one build (built_ahead)
+one_build = pytest.mark.xdist_group("nvcc-build")  # both tests in one xdist worker: one build (built_ahead)
 
 
 @pytest.fixture(scope="module")
