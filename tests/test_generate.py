@@ -1,5 +1,7 @@
 """``sta-dist generate --pipeline tiny``: a fresh clone without a GPU or weights writes a
-video and its summary; misuse prints one line and exits non-zero."""
+video and its summary (the console entry point in a process of its own); misuse prints one
+line and exits non-zero (``cli.main`` in this process: no interpreter, torch and diffusers
+start-up per message)."""
 
 import io
 import json
@@ -46,12 +48,21 @@ def test_tiny_pipeline_writes_video_and_summary(tmp_path):
     (["--pipeline", "tiny", "--prompt", "x", "--tile", "0", "2", "2", "--out", "v.gif"],
      r"tile entries must all be >= 1, got tile=(0, 2, 2)"),
 ])
-def test_misuse_is_one_line(tmp_path, args, message):
-    result = generate(*args, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("sta-dist generate: error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+def test_misuse_is_one_line(tmp_path, monkeypatch, capfd, args, message):
+    from sta_dist import cli
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):  # one process, as run by hand
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # the tiny pipeline seeds torch's global generator
+        code = cli.main(["generate", *args])
+    stderr = capfd.readouterr().err
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.startswith("sta-dist generate: error:")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
 
 
 def test_progress_redraws_on_a_terminal():
