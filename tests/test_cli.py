@@ -251,19 +251,59 @@ def launch(env_overrides, timeout=60):
     return done, time.monotonic() - start
 
 
+RENDEZVOUS = pytest.mark.xdist_group("cli-rendezvous")  # the launches that wait: one worker starts both
+
+
+@pytest.fixture(scope="module")
+def rendezvous_launches():
+    """The two launches that wait out the 15 s rendezvous, started together (each a process of
+    its own, timed from its own start to its own exit): RANK -> a function giving
+    ``(finished process, seconds)``."""
+    import threading
+
+    results, threads = {}, {}
+    for rank in ("0", "1"):
+        env = dict(RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        threads[rank] = threading.Thread(target=lambda rank=rank, env=env: results.__setitem__(rank, launch(env)))
+        threads[rank].start()
+
+    def finished(rank):
+        threads[rank].join()
+        return results[rank]
+
+    yield finished
+    for thread in threads.values():
+        thread.join()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(RANK="3", WORLD_SIZE="2"), r"RANK must be in \[0, WORLD_SIZE=2\), got RANK=3"),
-    (dict(RANK="0", WORLD_SIZE="2"), r"rank 0 of 2 could not form the job at 127\.0\.0\.1:\d+ within 15 s: only "
-                                     r"some of the 2 ranks joined: start WORLD_SIZE=2 processes"),
-    (dict(RANK="1", WORLD_SIZE="2"), r"rank 1 of 2 could not form the job .* rank 0 did not answer at "),
+    pytest.param(dict(RANK="0", WORLD_SIZE="2"), r"rank 0 of 2 could not form the job at 127\.0\.0\.1:\d+ within 15 s: "
+                 r"only some of the 2 ranks joined: start WORLD_SIZE=2 processes", marks=RENDEZVOUS),
+    pytest.param(dict(RANK="1", WORLD_SIZE="2"), r"rank 1 of 2 could not form the job .* rank 0 did not answer at ",
+                 marks=RENDEZVOUS),
     (dict(RANK="x", WORLD_SIZE="2"), r"RANK must be an int, got RANK='x'"),
 ])
-def test_wrong_environment_fails_within_30_s(overrides, message):
-    done, seconds = launch(dict(overrides, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert done.returncode == cli.USAGE_ERROR and seconds < 30, (seconds, done.stderr)
-    assert len(lines) == 1 and lines[0].startswith("sta-dist run: error: "), done.stderr
-    assert re.search(message, lines[0]), done.stderr
+def test_wrong_environment_fails_within_30_s(request, monkeypatch, capfd, overrides, message):
+    """A launch environment that cannot form the job: exit 2 and one line within 30 s. Those
+    that meet no peer run ``python -m sta_dist`` in a process of their own (two together: they
+    wait out the rendezvous); the ones refused before any rendezvous (a RANK outside
+    WORLD_SIZE, or not an int) run ``cli.main`` in this process."""
+    if overrides["RANK"] in ("0", "1"):
+        done, seconds = request.getfixturevalue("rendezvous_launches")(overrides["RANK"])
+        code, stderr = done.returncode, done.stderr
+    else:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "TORCHELASTIC_USE_AGENT_STORE"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in dict(overrides, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+            monkeypatch.setenv(name, value)
+        start = time.monotonic()
+        code = cli.main(["run", "--steps", "1"])
+        seconds, stderr = time.monotonic() - start, capfd.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == cli.USAGE_ERROR and seconds < 30, (seconds, stderr)
+    assert len(lines) == 1 and lines[0].startswith("sta-dist run: error: "), stderr
+    assert re.search(message, lines[0]), stderr
 
 
 def test_a_spawned_job_past_its_deadline_says_what_to_do(capsys):
