@@ -3,17 +3,19 @@
 Starting a gloo rank costs more than most of the calls a test makes in it (the interpreter,
 torch and, for the diffusers and FastVideo families, those libraries' imports: seconds of
 CPU per rank), so the tests that need ranks of one kind at one world size share one spawn.
-Each test module of a family lists its *parts* for a world size (``spawn_parts(world,
-workdir)``: ``(name, fn, args)``, ``fn(rank, world, *args)`` importable by spawn, as for
-``spawn_local``); the first test that asks for a part (:func:`part`) spawns the world's
+Each test module of a family lists its *parts* for a world size (``spawn_parts(family,
+world, workdir)``: ``(name, fn, args)``, ``fn(rank, world, *args)`` importable by spawn, as
+for ``spawn_local``); the first test that asks for a part (:func:`part`) spawns the world's
 ranks once, and they run every part of every module of the family in turn. Each part's
 result is kept apart (a file per part and rank): a part that fails on some rank fails only
 the tests that read it, with that part's name and the ranks' errors; a spawn past its
 deadline fails only the parts it did not finish.
 
 A test that reads a shared spawn carries its ``xdist_group`` mark (:func:`on_world`), so that
-pytest-xdist (``--dist loadgroup``, set in pyproject.toml) runs the tests of one spawn in
-one worker process, where the spawn's results are kept.
+pytest-xdist (``--dist loadgroup``, set in pyproject.toml; tests/conftest.py mends the
+group suffix of the node ids under pytest 9.2) runs the tests of one spawn in one worker
+process, where the spawn's results are kept. Without it (or without xdist) every result
+is the same; a worker just may start its own copy of a spawn.
 
 Every spawn has a free port and a deadline (``spawn_local``); the collectives' own timeout is
 shorter than the deadline, so a rank left waiting by a part that failed on another rank gets
@@ -27,6 +29,7 @@ import io
 import os
 import traceback
 from pathlib import Path
+
 import pytest
 import torch
 
