@@ -6,17 +6,14 @@ Legend: ``_bshd`` = ``[batch, seq, heads, head_dim]``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional
 
 import torch
 
-from . import geometry
 from .config import WindowArg
-from .geometry import Triple
 from .autograd import Problem, attention, needs_grad
 from .dispatch import call_route, local_attention
-from .local import LocalHeads, LocalText, call_layout, sample_groups
+from .local import LocalHeads, LocalText, call_layout, natural_order, sample_groups, tiled_order
 from .route import Route
 from .validation import check_call, check_causal, check_layout
 
@@ -108,25 +105,15 @@ def _local_call(q, k, v, canvas, tile, window, text_length, scale, layout: str):
     return local, LocalHeads.build(windows, cfg.grid, hkv), LocalText.per_sample(text_length), scale
 
 
-@functools.lru_cache(maxsize=64)
-def _permutation(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
-    return geometry.tiled_permutation(canvas, tile).to(device)
-
-
-@functools.lru_cache(maxsize=64)
-def _inverse_permutation(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
-    return torch.argsort(_permutation(canvas, tile, device))
-
-
 def to_tiled(x: torch.Tensor, canvas, tile) -> torch.Tensor:
     """Reorder the video tokens of ``x [B, S, ...]`` from natural to tiled order; text
     tokens stay at the end."""
-    return _reorder(x, canvas, tile, _permutation)
+    return _reorder(x, canvas, tile, tiled_order)
 
 
 def to_natural(x: torch.Tensor, canvas, tile) -> torch.Tensor:
     """Inverse of :func:`to_tiled`."""
-    return _reorder(x, canvas, tile, _inverse_permutation)
+    return _reorder(x, canvas, tile, natural_order)
 
 
 def _reorder(x, canvas, tile, index_fn):

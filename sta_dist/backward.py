@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from . import geometry
-from .local import LocalHeads, LocalLayout, LocalText, sample_groups, tile_row_index
+from .local import LocalHeads, LocalLayout, LocalText, natural_order, sample_groups, tile_row_index, tiled_order
 from .torch_backend import _CHUNK_BYTES, _kept, _table_keys
 
 if TYPE_CHECKING:
@@ -205,13 +205,14 @@ def cuda_backward(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout: 
 
     if layout_facts(layout, q_bshd.device).whole_natural:
         tiled = LocalLayout.tiled(layout.canvas, layout.tile, layout.q_text)
-        order = geometry.tiled_permutation(layout.canvas, layout.tile).to(q_bshd.device)
-        there, back = _rows_in(order, q_bshd.shape[1]), _rows_in(torch.argsort(order), k_bshd.shape[1])
-        q, out, dout = (x[:, there] for x in (q_bshd, out_bshd, dout_bshd))
-        k, v = (x[:, _rows_in(order, k_bshd.shape[1])] for x in (k_bshd, v_bshd))
-        lse, dlse = (None if x is None else x[:, :, there] for x in (lse_bhs, dlse_bhs))
+        there, back = (order(layout.canvas, layout.tile, q_bshd.device) for order in (tiled_order, natural_order))
+        q_there, kv_there = _rows_in(there, q_bshd.shape[1]), _rows_in(there, k_bshd.shape[1])
+        q, out, dout = (x[:, q_there] for x in (q_bshd, out_bshd, dout_bshd))
+        k, v = (x[:, kv_there] for x in (k_bshd, v_bshd))
+        lse, dlse = (None if x is None else x[:, :, q_there] for x in (lse_bhs, dlse_bhs))
         dq, dk, dv = _cuda_packed(q, k, v, out, lse, dout, tiled, heads, text, scale, keys, dlse)
-        return dq[:, _rows_in(torch.argsort(order), q_bshd.shape[1])], dk[:, back], dv[:, back]
+        kv_back = _rows_in(back, k_bshd.shape[1])
+        return dq[:, _rows_in(back, q_bshd.shape[1])], dk[:, kv_back], dv[:, kv_back]
     return _cuda_packed(q_bshd, k_bshd, v_bshd, out_bshd, lse_bhs, dout_bshd, layout, heads, text, scale, keys,
                         dlse_bhs)
 

@@ -202,6 +202,19 @@ def sample_groups(per_sample: Sequence) -> list[tuple[object, object]]:
     return [(value, head_index(samples)) for value, samples in groups.items()]
 
 
+@functools.lru_cache(maxsize=64)
+def tiled_order(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
+    """The video rows of the natural canvas in tiled order, on ``device``:
+    ``x_tiled = x_natural[:, order]`` (cached)."""
+    return geometry.tiled_permutation(canvas, tile).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def natural_order(canvas: Triple, tile: Triple, device: torch.device) -> torch.Tensor:
+    """The inverse of :func:`tiled_order` (cached)."""
+    return torch.argsort(tiled_order(canvas, tile, device))
+
+
 def tile_row_index(
     layout_rows: Sequence[TileRows], tile_ids: Sequence[int], canvas: Triple, tile: Triple
 ) -> tuple[torch.Tensor, torch.Tensor]:
